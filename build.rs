@@ -1,0 +1,70 @@
+//! Build metadata for `gpuscale version` and the `gpuscale_build_info` metric:
+//! the git commit (when built from a checkout), the target triple, the build
+//! profile, and a fingerprint of the wire protocol (a hash of every `.proto`
+//! under `proto/`), so operators can tell whether an agent and a scaler were
+//! built from the same protocol.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into()));
+
+    let mut protos = Vec::new();
+    collect_protos(&root.join("proto"), &mut protos);
+    protos.sort();
+    // FNV-1a over (relative path, contents) of every proto file.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in &protos {
+        println!("cargo:rerun-if-changed={}", p.display());
+        let rel = p
+            .strip_prefix(&root)
+            .unwrap_or(p)
+            .to_string_lossy()
+            .into_owned();
+        for b in rel.bytes().chain(fs::read(p).unwrap_or_default()) {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rustc-env=GPUSCALE_PROTO_FINGERPRINT={hash:016x}");
+
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(&root)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned());
+    if root.join(".git/HEAD").exists() {
+        println!("cargo:rerun-if-changed=.git/HEAD");
+    }
+    println!("cargo:rustc-env=GPUSCALE_GIT_COMMIT={commit}");
+    println!(
+        "cargo:rustc-env=GPUSCALE_BUILD_TARGET={}",
+        std::env::var("TARGET").unwrap_or_default()
+    );
+    println!(
+        "cargo:rustc-env=GPUSCALE_BUILD_PROFILE={}",
+        std::env::var("PROFILE").unwrap_or_default()
+    );
+}
+
+fn collect_protos(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_protos(&path, out);
+        } else if path.extension().is_some_and(|e| e == "proto") {
+            out.push(path);
+        }
+    }
+}

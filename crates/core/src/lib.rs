@@ -1,0 +1,18 @@
+//! gpuscale's vocabulary.
+//!
+//! The types every other crate speaks: identifiers ([`ids`]), points in time
+//! ([`time`]), cumulative latency histograms ([`histogram`]) and what a node
+//! agent samples ([`sample`]).
+//!
+//! **Architecture invariant:** this crate is pure. It has no async code, does
+//! no I/O, never reads a clock or the environment, and does not log. Time is
+//! always a value passed in.
+
+pub mod histogram;
+pub mod ids;
+pub mod sample;
+pub mod time;
+
+pub use histogram::{Histogram, HistogramError};
+pub use ids::{GpuUuid, NodeName, PodRef, WorkloadRef};
+pub use time::Timestamp;

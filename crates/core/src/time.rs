@@ -1,0 +1,108 @@
+//! Points in time as plain values.
+//!
+//! A [`Timestamp`] is milliseconds since the Unix epoch. Pure code never reads
+//! a clock: the caller passes `now`. The simulator uses the same type with its
+//! own epoch (a configurable start date), so schedules with time zones work in
+//! simulation too.
+
+use std::fmt;
+use std::ops::{Add, Sub};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch (may be negative for dates before 1970).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    pub const EPOCH: Timestamp = Timestamp(0);
+
+    pub const fn from_millis(ms: i64) -> Self {
+        Self(ms)
+    }
+
+    /// From seconds; sub-millisecond parts are rounded to the nearest millisecond.
+    pub fn from_secs_f64(secs: f64) -> Self {
+        Self((secs * 1000.0).round() as i64)
+    }
+
+    pub const fn as_millis(self) -> i64 {
+        self.0
+    }
+
+    pub fn as_secs_f64(self) -> f64 {
+        self.0 as f64 / 1000.0
+    }
+
+    /// Seconds from `earlier` to `self` (negative if `earlier` is later).
+    pub fn secs_since(self, earlier: Timestamp) -> f64 {
+        (self.0 - earlier.0) as f64 / 1000.0
+    }
+
+    /// `self` moved by `secs` seconds (may be negative).
+    pub fn plus_secs(self, secs: f64) -> Self {
+        Self(self.0 + (secs * 1000.0).round() as i64)
+    }
+
+    pub fn saturating_sub_duration(self, d: Duration) -> Self {
+        Self(
+            self.0
+                .saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        )
+    }
+}
+
+impl Add<Duration> for Timestamp {
+    type Output = Timestamp;
+    fn add(self, rhs: Duration) -> Timestamp {
+        Timestamp(
+            self.0
+                .saturating_add(i64::try_from(rhs.as_millis()).unwrap_or(i64::MAX)),
+        )
+    }
+}
+
+impl Sub<Duration> for Timestamp {
+    type Output = Timestamp;
+    fn sub(self, rhs: Duration) -> Timestamp {
+        self.saturating_sub_duration(rhs)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}.{:03}s",
+            self.0.div_euclid(1000),
+            self.0.rem_euclid(1000)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secs_since_is_signed() {
+        let a = Timestamp::from_millis(1_500);
+        let b = Timestamp::from_millis(4_000);
+        assert_eq!(b.secs_since(a), 2.5);
+        assert_eq!(a.secs_since(b), -2.5);
+    }
+
+    #[test]
+    fn plus_secs_round_trips() {
+        let t = Timestamp::from_secs_f64(10.0).plus_secs(0.25);
+        assert_eq!(t.as_millis(), 10_250);
+        assert_eq!(
+            t + Duration::from_millis(750),
+            Timestamp::from_millis(11_000)
+        );
+    }
+}

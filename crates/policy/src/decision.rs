@@ -1,0 +1,113 @@
+//! A decision and the reasons behind it, as data.
+//!
+//! Every decision carries what it decided, which recommendation won, each
+//! recommendation's value and reason, the limits applied after combining, the
+//! inputs used and the performance model's confidence: enough to answer "why
+//! did it scale?" in one line ([`Decision::summary`]) and in full (serde).
+
+use gpuscale_core::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// What a decision does to the scale target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Hold,
+    ScaleUp,
+    ScaleDown,
+}
+
+/// Where a recommendation comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Sizing against the SLOs at the current offered load.
+    Reactive,
+    /// Short-window burst path: only scales up.
+    Panic,
+    /// SLO error feedback (measured TTFT/ITL against the SLO).
+    SloFeedback,
+    /// Forecast floor at the horizon of one cold start.
+    Predictive,
+    /// A schedule rule's min/max/desired.
+    Scheduled,
+    /// Missing or stale data: keep the current count.
+    Hold,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Reactive => "reactive",
+            Source::Panic => "panic",
+            Source::SloFeedback => "slo_feedback",
+            Source::Predictive => "predictive",
+            Source::Scheduled => "scheduled",
+            Source::Hold => "hold",
+        }
+    }
+}
+
+/// One recommendation: a replica count (or none) and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recommendation {
+    pub source: Source,
+    pub replicas: Option<u32>,
+    pub reason: String,
+}
+
+/// The result of one call to the policy for one workload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub at: Timestamp,
+    /// The target's replica count when the decision was made.
+    pub current_replicas: u32,
+    pub desired_replicas: u32,
+    /// Per-replica batch limit to publish (`max_num_seqs`-style).
+    pub batch_limit: Option<u32>,
+    pub action: Action,
+    /// The recommendation that set the desired count before limits.
+    pub winner: Source,
+    pub recommendations: Vec<Recommendation>,
+    /// Limits applied after combining, in order, as one line each
+    /// (bounds, stabilization, rate policies, consolidation, hold).
+    pub limits_applied: Vec<String>,
+    /// Replicas to remove on scale-in, best victim first (never protected ones).
+    pub victims: Vec<String>,
+    /// Confidence of the performance model behind the sizing, 0..=1.
+    pub model_confidence: f64,
+    /// Advisory mode: computed and published, never acted on.
+    pub advisory: bool,
+    /// The numbers the decision used, for the full explanation.
+    pub inputs: serde_json::Value,
+}
+
+impl Decision {
+    /// One line: what was decided and why.
+    pub fn summary(&self) -> String {
+        let what = match self.action {
+            Action::Hold => format!("hold at {}", self.current_replicas),
+            Action::ScaleUp | Action::ScaleDown => {
+                format!("{} -> {}", self.current_replicas, self.desired_replicas)
+            }
+        };
+        let reason = self
+            .recommendations
+            .iter()
+            .find(|r| r.source == self.winner)
+            .map(|r| r.reason.as_str())
+            .unwrap_or("");
+        let mut line = format!("{what}: {} ({reason})", self.winner.as_str());
+        if !self.limits_applied.is_empty() {
+            line.push_str("; ");
+            line.push_str(&self.limits_applied.join("; "));
+        }
+        if let Some(b) = self.batch_limit {
+            line.push_str(&format!("; batch limit {b}"));
+        }
+        if self.advisory {
+            line.push_str(" [advisory]");
+        }
+        line
+    }
+}

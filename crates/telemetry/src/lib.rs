@@ -1,0 +1,8 @@
+//! Node telemetry sources.
+//!
+//! Everything a node agent reads: GPUs through NVML (or a deterministic fake),
+//! inference engines through their Prometheus text or pushes, and the
+//! GPU-to-pod assignment through the kubelet PodResources API. Each source
+//! sits behind a trait so the agent's loop does not know which one it drives.
+//!
+//! Not for: sending anything anywhere (the agent's uplink does that).

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The project's test command (README: "Run the tests").
+#
+# Installs what the integration tests need when it is missing (Debian's
+# `prometheus`, Python's `grpcio-tools` for the example client), builds the
+# fake NVML library, then runs every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+if ((${#need_apt[@]})); then
+  echo "test.sh: installing ${need_apt[*]} (apt-get)" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if ! python3 -c 'import grpc_tools, grpc' >/dev/null 2>&1; then
+  echo "test.sh: installing grpcio-tools (pip)" >&2
+  python3 -m pip install -q --disable-pip-version-check 'grpcio-tools>=1.60,<2'
+fi
+
+# The fake libnvidia-ml.so.1 that the NVML tests load through nvml-wrapper.
+cargo build -q -p fake-nvml
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --all-targets --no-fail-fast "$@"
+  cargo test -q --workspace --doc
+else
+  cargo test --workspace --all-targets --no-fail-fast "$@"
+  cargo test -q --workspace --doc
+fi
