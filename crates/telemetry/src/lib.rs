@@ -6,3 +6,7 @@
 //! sits behind a trait so the agent's loop does not know which one it drives.
 //!
 //! Not for: sending anything anywhere (the agent's uplink does that).
+
+pub mod source;
+
+pub use source::{EngineSource, GpuSource, PodGpuSource, SourceError};
