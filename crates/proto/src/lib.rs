@@ -5,8 +5,15 @@
 //! ([`gpuscale_core`]): every conversion from the wire is a `TryFrom` whose
 //! error names the offending field.
 //!
+//! [`convert`] holds those conversions and the domain envelope of the agent
+//! stream ([`convert::AgentReport`], [`convert::Directive`]).
+//!
 //! Not for: transport setup, retries or state. Those live in the agent and the
 //! scaler.
+
+pub mod convert;
+
+pub use convert::{AgentReport, ConvertError, Directive, ReportBody};
 
 /// `gpuscale.v1`: the agent stream, the node-local serving API and the
 /// scaler's public API.
