@@ -7,6 +7,11 @@
 //!
 //! Not for: sending anything anywhere (the agent's uplink does that).
 
+pub mod error;
+pub mod fake;
+pub mod nvml;
 pub mod source;
 
+pub use error::TelemetryError;
+pub use nvml::{NvmlConfig, NvmlSource, NvmlStats};
 pub use source::{EngineSource, GpuSource, PodGpuSource, SourceError};
