@@ -22,6 +22,19 @@ pub struct Observation {
     pub latency: LatencyObservation,
 }
 
+impl Observation {
+    /// An observation with no telemetry, no replicas and every value unknown.
+    pub fn empty() -> Self {
+        Self {
+            telemetry_at: None,
+            replicas: ReplicaCounts::default(),
+            replica_samples: Vec::new(),
+            load: LoadObservation::default(),
+            latency: LatencyObservation::default(),
+        }
+    }
+}
+
 /// Replica counts of the scale target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ReplicaCounts {

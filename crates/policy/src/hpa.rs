@@ -1,0 +1,733 @@
+//! Kubernetes HPA behaviour, exactly, as a pure library.
+//!
+//! The Horizontal Pod Autoscaler's normalisation of a recommendation —
+//! stabilization windows, `Pods`/`Percent` rate policies per period,
+//! `selectPolicy`, per-direction tolerance, and the legacy path used when an
+//! HPA has no `behavior` — re-implemented from
+//! `kubernetes/kubernetes pkg/controller/podautoscaler/horizontal.go` and
+//! `replica_calculator.go` (v1.33+, see REFERENCE.md §1.2), with `now` as an
+//! argument and the state in a value ([`BehaviorState`]) instead of on a
+//! controller struct.
+//!
+//! gpuscale's own policy runs its combined recommendation through
+//! [`BehaviorState::normalize`]; the simulator's HPA and KEDA baselines use
+//! the same code on plain metric-ratio proposals ([`plain_metric_proposal`],
+//! [`external_average_value_proposal`]).
+//!
+//! ```
+//! use gpuscale_core::Timestamp;
+//! use gpuscale_policy::hpa::{plain_metric_proposal, Behavior, BehaviorState};
+//!
+//! let behavior = Behavior::hpa_default();
+//! let mut state = BehaviorState::default();
+//! let now = Timestamp::from_millis(0);
+//! // 4 ready pods at 90% CPU against a 50% target: proposal ceil(1.8 × 4) = 8.
+//! let proposal = plain_metric_proposal(90.0 / 50.0, 4, 4, 0.1, 0.1);
+//! let out = state.normalize(&behavior, now, 4, proposal, 1, 10);
+//! assert_eq!(out.desired, 8); // within max(4 pods, 100%) per 15 s
+//! state.record_scale_event(now, 4, out.desired);
+//! ```
+
+use std::collections::VecDeque;
+
+use gpuscale_core::Timestamp;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// How the policies of one direction combine (`selectPolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+pub enum SelectPolicy {
+    /// The policy allowing the largest change wins (HPA default).
+    #[default]
+    Max,
+    /// The policy allowing the smallest change wins.
+    Min,
+    /// No scaling in this direction.
+    Disabled,
+}
+
+/// The unit of a rate policy (`type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum ScalingPolicyKind {
+    /// An absolute number of pods per period.
+    Pods,
+    /// A percentage of the replicas at the start of the period.
+    Percent,
+}
+
+/// One rate policy: at most `value` pods (or percent) per `period_s` seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScalingPolicy {
+    pub kind: ScalingPolicyKind,
+    pub value: u32,
+    pub period_s: u32,
+}
+
+/// The rules of one direction (HPA `HPAScalingRules`), validated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScalingRules {
+    /// Stabilization window, seconds (0..=3600).
+    pub stabilization_window_s: u32,
+    pub select_policy: SelectPolicy,
+    pub policies: Vec<ScalingPolicy>,
+    /// Tolerance of this direction: a usage ratio within
+    /// `[1 − down.tolerance, 1 + up.tolerance]` proposes no change.
+    pub tolerance: f64,
+}
+
+/// Scale-up and scale-down rules (HPA `behavior`), validated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Behavior {
+    pub scale_up: ScalingRules,
+    pub scale_down: ScalingRules,
+}
+
+/// The HPA's default tolerance (`--horizontal-pod-autoscaler-tolerance`).
+pub const HPA_DEFAULT_TOLERANCE: f64 = 0.1;
+/// The legacy path's scale-down stabilization window (controller flag default).
+pub const HPA_DOWNSCALE_STABILIZATION_S: u32 = 300;
+/// Longest allowed `periodSeconds` of a policy.
+pub const MAX_PERIOD_S: u32 = 1800;
+/// Longest allowed `stabilizationWindowSeconds`.
+pub const MAX_STABILIZATION_WINDOW_S: u32 = 3600;
+
+impl ScalingRules {
+    /// HPA's default scale-up rules: no window; max of 4 pods and 100% per 15 s.
+    pub fn hpa_default_scale_up() -> Self {
+        Self {
+            stabilization_window_s: 0,
+            select_policy: SelectPolicy::Max,
+            policies: vec![
+                ScalingPolicy {
+                    kind: ScalingPolicyKind::Pods,
+                    value: 4,
+                    period_s: 15,
+                },
+                ScalingPolicy {
+                    kind: ScalingPolicyKind::Percent,
+                    value: 100,
+                    period_s: 15,
+                },
+            ],
+            tolerance: HPA_DEFAULT_TOLERANCE,
+        }
+    }
+
+    /// HPA's default scale-down rules: 300 s window; 100% per 15 s.
+    pub fn hpa_default_scale_down() -> Self {
+        Self {
+            stabilization_window_s: HPA_DOWNSCALE_STABILIZATION_S,
+            select_policy: SelectPolicy::Max,
+            policies: vec![ScalingPolicy {
+                kind: ScalingPolicyKind::Percent,
+                value: 100,
+                period_s: 15,
+            }],
+            tolerance: HPA_DEFAULT_TOLERANCE,
+        }
+    }
+
+    fn longest_period_s(&self) -> u32 {
+        self.policies.iter().map(|p| p.period_s).max().unwrap_or(0)
+    }
+}
+
+impl Behavior {
+    /// The behaviour an HPA gets when its `behavior` is present but empty:
+    /// the documented defaults (REFERENCE.md §1.2), tolerance 0.1 both ways.
+    pub fn hpa_default() -> Self {
+        Self {
+            scale_up: ScalingRules::hpa_default_scale_up(),
+            scale_down: ScalingRules::hpa_default_scale_down(),
+        }
+    }
+}
+
+/// Whether a usage ratio proposes no change: `1 − tol_down ≤ r ≤ 1 + tol_up`.
+pub fn within_tolerance(ratio: f64, tol_up: f64, tol_down: f64) -> bool {
+    (1.0 - tol_down) <= ratio && ratio <= 1.0 + tol_up
+}
+
+/// The HPA proposal for a `Resource`/`Pods` metric (or `Object`/`External`
+/// `Value`) with usage ratio `ratio = metric / target` measured over `ready`
+/// pods: `current` if the ratio is within tolerance, else `ceil(ratio × ready)`.
+/// At `current == 0` (scale-to-zero targets) the proposal is `ceil(ratio)`
+/// without tolerance. Non-finite or negative ratios propose `current`.
+///
+/// This is the plain path of `replica_calculator.go` without the correction
+/// for unready and missing pods (the caller groups pods and fills missing
+/// ones if it models them).
+pub fn plain_metric_proposal(
+    ratio: f64,
+    current: u32,
+    ready: u32,
+    tol_up: f64,
+    tol_down: f64,
+) -> u32 {
+    if !ratio.is_finite() || ratio < 0.0 {
+        return current;
+    }
+    if current == 0 {
+        return ceil_u32(ratio);
+    }
+    if within_tolerance(ratio, tol_up, tol_down) {
+        return current;
+    }
+    ceil_u32(ratio * f64::from(ready))
+}
+
+/// The HPA proposal for an `External` (or `Object`) metric with an
+/// `AverageValue` target, the path KEDA's triggers take: with
+/// `r = total / (target × status_replicas)`, `status_replicas` if `r` is within
+/// tolerance, else `ceil(total / target)`. Ignores readiness, as the HPA does.
+pub fn external_average_value_proposal(
+    total: f64,
+    target: f64,
+    status_replicas: u32,
+    tol_up: f64,
+    tol_down: f64,
+) -> u32 {
+    if !(total.is_finite() && target.is_finite() && target > 0.0 && total >= 0.0) {
+        return status_replicas;
+    }
+    if status_replicas > 0 {
+        let r = total / (target * f64::from(status_replicas));
+        if within_tolerance(r, tol_up, tol_down) {
+            return status_replicas;
+        }
+    }
+    ceil_u32(total / target)
+}
+
+fn ceil_u32(x: f64) -> u32 {
+    if x <= 0.0 {
+        0
+    } else if x >= f64::from(u32::MAX) {
+        u32::MAX
+    } else {
+        // Guard against 2.0000000000000004-style noise turning 2 into 3.
+        let r = x.round();
+        if (x - r).abs() < 1e-9 {
+            r as u32
+        } else {
+            x.ceil() as u32
+        }
+    }
+}
+
+/// Which limit decided the normalised count (HPA's `ScalingLimited` reasons
+/// and the stabilization reasons of `AbleToScale`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitReason {
+    /// Held up by the scale-down stabilization window.
+    ScaleDownStabilized,
+    /// Held down by the scale-up stabilization window.
+    ScaleUpStabilized,
+    /// A scale-up rate policy cut the increase.
+    ScaleUpLimit,
+    /// A scale-down rate policy cut the decrease.
+    ScaleDownLimit,
+    /// `maxReplicas` (or the legacy `max(2N, 4)` cap).
+    TooManyReplicas,
+    /// `minReplicas`.
+    TooFewReplicas,
+}
+
+impl LimitReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitReason::ScaleDownStabilized => "ScaleDownStabilized",
+            LimitReason::ScaleUpStabilized => "ScaleUpStabilized",
+            LimitReason::ScaleUpLimit => "ScaleUpLimit",
+            LimitReason::ScaleDownLimit => "ScaleDownLimit",
+            LimitReason::TooManyReplicas => "TooManyReplicas",
+            LimitReason::TooFewReplicas => "TooFewReplicas",
+        }
+    }
+}
+
+/// The result of one normalisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Normalized {
+    /// The recommendation handed in.
+    pub proposed: u32,
+    /// After the stabilization windows.
+    pub stabilized: u32,
+    /// After the rate policies and min/max: the count to set.
+    pub desired: u32,
+    /// The stabilization limit that applied, if any.
+    pub stabilization: Option<LimitReason>,
+    /// The rate or bound limit that applied, if any.
+    pub rate: Option<LimitReason>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TimedCount {
+    at: Timestamp,
+    count: u32,
+}
+
+/// Decision history one HPA keeps per target: recommendations for the
+/// stabilization windows and scale events for the rate policies.
+///
+/// Every method takes `now`. Entries stamped at or after `now` are replaced
+/// (not added to) by a call at `now`, so repeating a call at the same instant
+/// gives the same answer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BehaviorState {
+    recommendations: VecDeque<TimedCount>,
+    scale_up_events: VecDeque<TimedCount>,
+    scale_down_events: VecDeque<TimedCount>,
+}
+
+impl BehaviorState {
+    /// Normalise `proposed` with `behavior` (HPA `normalizeDesiredReplicasWithBehaviors`):
+    /// stabilization, then rate policies bounded by `[min, max]`. Stores the
+    /// raw proposal for later windows. Does not record a scale event: call
+    /// [`BehaviorState::record_scale_event`] when the count is applied.
+    pub fn normalize(
+        &mut self,
+        behavior: &Behavior,
+        now: Timestamp,
+        current: u32,
+        proposed: u32,
+        min: u32,
+        max: u32,
+    ) -> Normalized {
+        self.forget_from(now);
+        // maybeInitScaleDownStabilizationWindow: a fresh controller seeds the
+        // window with the current count, so it never scales in at start-up.
+        if self.recommendations.is_empty() && behavior.scale_down.stabilization_window_s > 0 {
+            self.recommendations.push_back(TimedCount {
+                at: now,
+                count: current,
+            });
+        }
+        let up_cutoff = now.plus_secs(-f64::from(behavior.scale_up.stabilization_window_s));
+        let down_cutoff = now.plus_secs(-f64::from(behavior.scale_down.stabilization_window_s));
+        let mut up_rec = proposed;
+        let mut down_rec = proposed;
+        for rec in &self.recommendations {
+            if rec.at > up_cutoff {
+                up_rec = up_rec.min(rec.count);
+            }
+            if rec.at > down_cutoff {
+                down_rec = down_rec.max(rec.count);
+            }
+        }
+        let mut stabilized = current;
+        let mut stabilization = None;
+        if stabilized < up_rec {
+            stabilized = up_rec;
+        }
+        if stabilized > down_rec {
+            stabilized = down_rec;
+        }
+        if proposed > current && stabilized < proposed {
+            stabilization = Some(LimitReason::ScaleUpStabilized);
+        } else if proposed < current && stabilized > proposed {
+            stabilization = Some(LimitReason::ScaleDownStabilized);
+        }
+        // Record the raw recommendation, dropping those older than both windows.
+        let oldest_needed = if up_cutoff < down_cutoff {
+            up_cutoff
+        } else {
+            down_cutoff
+        };
+        while self
+            .recommendations
+            .front()
+            .is_some_and(|r| r.at < oldest_needed)
+        {
+            self.recommendations.pop_front();
+        }
+        self.recommendations.push_back(TimedCount {
+            at: now,
+            count: proposed,
+        });
+
+        let (desired, rate) = self.limit_rate(behavior, now, current, stabilized, min, max);
+        Normalized {
+            proposed,
+            stabilized,
+            desired,
+            stabilization,
+            rate,
+        }
+    }
+
+    /// HPA `convertDesiredReplicasWithBehaviorRate`.
+    fn limit_rate(
+        &self,
+        behavior: &Behavior,
+        now: Timestamp,
+        current: u32,
+        desired: u32,
+        min: u32,
+        max: u32,
+    ) -> (u32, Option<LimitReason>) {
+        let current_i = i64::from(current);
+        if desired > current {
+            let mut limit = self.scale_up_limit(&behavior.scale_up, now, current_i);
+            if limit < current_i {
+                limit = current_i;
+            }
+            let (max_allowed, reason) = if i64::from(max) > limit {
+                (limit, LimitReason::ScaleUpLimit)
+            } else {
+                (i64::from(max), LimitReason::TooManyReplicas)
+            };
+            if i64::from(desired) > max_allowed {
+                return (clamp_u32(max_allowed), Some(reason));
+            }
+        } else if desired < current {
+            let mut limit = self.scale_down_limit(&behavior.scale_down, now, current_i);
+            if limit > current_i {
+                limit = current_i;
+            }
+            let (min_allowed, reason) = if i64::from(min) < limit {
+                (limit, LimitReason::ScaleDownLimit)
+            } else {
+                (i64::from(min), LimitReason::TooFewReplicas)
+            };
+            if i64::from(desired) < min_allowed {
+                return (clamp_u32(min_allowed), Some(reason));
+            }
+        }
+        (desired, None)
+    }
+
+    fn change_in_period(events: &VecDeque<TimedCount>, now: Timestamp, period_s: u32) -> i64 {
+        let cutoff = now.plus_secs(-f64::from(period_s));
+        events
+            .iter()
+            .filter(|e| e.at > cutoff)
+            .map(|e| i64::from(e.count))
+            .sum()
+    }
+
+    fn period_start(&self, now: Timestamp, current: i64, period_s: u32) -> i64 {
+        current - Self::change_in_period(&self.scale_up_events, now, period_s)
+            + Self::change_in_period(&self.scale_down_events, now, period_s)
+    }
+
+    fn scale_up_limit(&self, rules: &ScalingRules, now: Timestamp, current: i64) -> i64 {
+        if rules.select_policy == SelectPolicy::Disabled {
+            return current;
+        }
+        let min_change = rules.select_policy == SelectPolicy::Min;
+        let mut result = if min_change { i64::MAX } else { i64::MIN };
+        for p in &rules.policies {
+            let start = self.period_start(now, current, p.period_s);
+            let proposed = match p.kind {
+                ScalingPolicyKind::Pods => start + i64::from(p.value),
+                ScalingPolicyKind::Percent => {
+                    (start as f64 * (1.0 + f64::from(p.value) / 100.0)).ceil() as i64
+                }
+            };
+            result = if min_change {
+                result.min(proposed)
+            } else {
+                result.max(proposed)
+            };
+        }
+        if rules.policies.is_empty() {
+            // No policy: nothing limits the rate (only min/max).
+            return i64::MAX;
+        }
+        result
+    }
+
+    fn scale_down_limit(&self, rules: &ScalingRules, now: Timestamp, current: i64) -> i64 {
+        if rules.select_policy == SelectPolicy::Disabled {
+            return current;
+        }
+        let min_change = rules.select_policy == SelectPolicy::Min;
+        let mut result = if min_change { i64::MIN } else { i64::MAX };
+        for p in &rules.policies {
+            let start = self.period_start(now, current, p.period_s);
+            let proposed = match p.kind {
+                ScalingPolicyKind::Pods => start - i64::from(p.value),
+                // int32(float64(start) * (1 - value/100)): truncation.
+                ScalingPolicyKind::Percent => {
+                    (start as f64 * (1.0 - f64::from(p.value) / 100.0)).trunc() as i64
+                }
+            };
+            result = if min_change {
+                result.max(proposed)
+            } else {
+                result.min(proposed)
+            };
+        }
+        if rules.policies.is_empty() {
+            return i64::MIN;
+        }
+        result
+    }
+
+    /// Record that the target was scaled from `from` to `to` at `now` (HPA
+    /// `storeScaleEvent`); events older than the direction's longest policy
+    /// period are dropped.
+    pub fn record_scale_event(&mut self, now: Timestamp, from: u32, to: u32) {
+        self.record_scale_event_with(None, now, from, to);
+    }
+
+    /// As [`BehaviorState::record_scale_event`], pruning with `behavior`'s
+    /// longest policy periods.
+    pub fn record_scale_event_with(
+        &mut self,
+        behavior: Option<&Behavior>,
+        now: Timestamp,
+        from: u32,
+        to: u32,
+    ) {
+        // Replace an event already recorded at this instant.
+        self.scale_up_events.retain(|e| e.at < now);
+        self.scale_down_events.retain(|e| e.at < now);
+        if let Some(b) = behavior {
+            let up_cut = now.plus_secs(-f64::from(b.scale_up.longest_period_s()));
+            let down_cut = now.plus_secs(-f64::from(b.scale_down.longest_period_s()));
+            self.scale_up_events.retain(|e| e.at > up_cut);
+            self.scale_down_events.retain(|e| e.at > down_cut);
+        } else {
+            let cut = now.plus_secs(-f64::from(MAX_PERIOD_S));
+            self.scale_up_events.retain(|e| e.at > cut);
+            self.scale_down_events.retain(|e| e.at > cut);
+        }
+        if to > from {
+            self.scale_up_events.push_back(TimedCount {
+                at: now,
+                count: to - from,
+            });
+        } else if to < from {
+            self.scale_down_events.push_back(TimedCount {
+                at: now,
+                count: from - to,
+            });
+        }
+    }
+
+    /// The time of the newest recorded scale event, if any.
+    pub fn last_scale_event(&self) -> Option<Timestamp> {
+        let up = self.scale_up_events.back().map(|e| e.at);
+        let down = self.scale_down_events.back().map(|e| e.at);
+        up.max(down)
+    }
+
+    /// Legacy normalisation for an HPA without `behavior`
+    /// (`normalizeDesiredReplicas`): the maximum of the recommendations of the
+    /// last `window_s` seconds (300 by default), then clamped to
+    /// `[min, min(max, max(2 × current, 4))]`.
+    pub fn normalize_legacy(
+        &mut self,
+        now: Timestamp,
+        window_s: u32,
+        current: u32,
+        proposed: u32,
+        min: u32,
+        max: u32,
+    ) -> Normalized {
+        self.forget_from(now);
+        let cutoff = now.plus_secs(-f64::from(window_s));
+        let mut stabilized = proposed;
+        for rec in &self.recommendations {
+            if rec.at >= cutoff && rec.count > stabilized {
+                stabilized = rec.count;
+            }
+        }
+        while self.recommendations.front().is_some_and(|r| r.at < cutoff) {
+            self.recommendations.pop_front();
+        }
+        self.recommendations.push_back(TimedCount {
+            at: now,
+            count: proposed,
+        });
+        let stabilization = (stabilized > proposed).then_some(LimitReason::ScaleDownStabilized);
+        let scale_up_limit = (2.0 * f64::from(current)).max(4.0) as u32;
+        let (max_allowed, max_reason) = if max > scale_up_limit {
+            (scale_up_limit, LimitReason::ScaleUpLimit)
+        } else {
+            (max, LimitReason::TooManyReplicas)
+        };
+        let (desired, rate) = if stabilized < min {
+            (min, Some(LimitReason::TooFewReplicas))
+        } else if stabilized > max_allowed {
+            (max_allowed, Some(max_reason))
+        } else {
+            (stabilized, None)
+        };
+        Normalized {
+            proposed,
+            stabilized,
+            desired,
+            stabilization,
+            rate,
+        }
+    }
+
+    /// Drop every recommendation and scale event stamped at or after `now`:
+    /// a call repeated at `now` replaces, never adds. Every method taking
+    /// `now` does this first.
+    pub fn forget_from(&mut self, now: Timestamp) {
+        self.recommendations.retain(|r| r.at < now);
+        self.scale_up_events.retain(|e| e.at < now);
+        self.scale_down_events.retain(|e| e.at < now);
+    }
+
+    /// Number of stored recommendations and events (for memory accounting).
+    pub fn len(&self) -> usize {
+        self.recommendations.len() + self.scale_up_events.len() + self.scale_down_events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn clamp_u32(x: i64) -> u32 {
+    x.clamp(0, i64::from(u32::MAX)) as u32
+}
+
+/// The full HPA reconcile of one target at one sync, behaviour path
+/// (`reconcileAutoscaler` steps 1–5): handles `current == 0` with `min > 0`
+/// (scaling disabled), `current` outside `[min, max]`, then normalises the
+/// metric proposal. Returns the count to set and records a scale event when
+/// it differs from `current`.
+pub fn reconcile(
+    state: &mut BehaviorState,
+    behavior: Option<&Behavior>,
+    now: Timestamp,
+    current: u32,
+    proposal: u32,
+    min: u32,
+    max: u32,
+) -> Normalized {
+    let plain = |desired| Normalized {
+        proposed: proposal,
+        stabilized: desired,
+        desired,
+        stabilization: None,
+        rate: None,
+    };
+    let out = if current == 0 && min != 0 {
+        plain(0)
+    } else if current > max {
+        Normalized {
+            rate: Some(LimitReason::TooManyReplicas),
+            ..plain(max)
+        }
+    } else if current < min {
+        Normalized {
+            rate: Some(LimitReason::TooFewReplicas),
+            ..plain(min)
+        }
+    } else {
+        match behavior {
+            Some(b) => state.normalize(b, now, current, proposal, min, max),
+            None => state.normalize_legacy(
+                now,
+                HPA_DOWNSCALE_STABILIZATION_S,
+                current,
+                proposal,
+                min,
+                max,
+            ),
+        }
+    };
+    if out.desired != current && !(current == 0 && min != 0) && behavior.is_some() {
+        state.record_scale_event_with(behavior, now, current, out.desired);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_millis(s * 1000)
+    }
+
+    #[test]
+    fn tolerance_band_is_inclusive() {
+        assert!(within_tolerance(1.1, 0.1, 0.1));
+        assert!(within_tolerance(0.9, 0.1, 0.1));
+        assert!(!within_tolerance(1.1000001, 0.1, 0.1));
+        assert_eq!(plain_metric_proposal(1.05, 4, 4, 0.1, 0.1), 4);
+        assert_eq!(plain_metric_proposal(1.5, 4, 4, 0.1, 0.1), 6);
+        assert_eq!(plain_metric_proposal(0.5, 4, 4, 0.1, 0.1), 2);
+        assert_eq!(plain_metric_proposal(2.5, 0, 0, 0.1, 0.1), 3);
+    }
+
+    #[test]
+    fn external_average_value_uses_total_over_target() {
+        // KEDA: 23 waiting, threshold 5, 3 replicas: r = 23/15 > 1.1 → ceil(23/5) = 5.
+        assert_eq!(external_average_value_proposal(23.0, 5.0, 3, 0.1, 0.1), 5);
+        // 16 waiting, 3 replicas: r = 16/15 = 1.067 within tolerance → 3.
+        assert_eq!(external_average_value_proposal(16.0, 5.0, 3, 0.1, 0.1), 3);
+    }
+
+    #[test]
+    fn scale_up_is_limited_to_four_pods_or_double_per_period() {
+        let b = Behavior::hpa_default();
+        let mut s = BehaviorState::default();
+        let out = s.normalize(&b, t(0), 2, 20, 1, 100);
+        assert_eq!(out.desired, 6);
+        assert_eq!(out.rate, Some(LimitReason::ScaleUpLimit));
+        s.record_scale_event_with(Some(&b), t(0), 2, 6);
+        // Same period: the period started at 2, so the limit is still 6.
+        let out = s.normalize(&b, t(10), 6, 20, 1, 100);
+        assert_eq!(out.desired, 6);
+        // Next period: start 6 → max(10, 12) = 12.
+        let out = s.normalize(&b, t(16), 6, 20, 1, 100);
+        assert_eq!(out.desired, 12);
+    }
+
+    #[test]
+    fn scale_down_waits_for_the_stabilization_window() {
+        let b = Behavior::hpa_default();
+        let mut s = BehaviorState::default();
+        assert_eq!(s.normalize(&b, t(0), 10, 10, 1, 100).desired, 10);
+        assert_eq!(s.normalize(&b, t(15), 10, 4, 1, 100).desired, 10);
+        assert_eq!(s.normalize(&b, t(299), 10, 4, 1, 100).desired, 10);
+        // The 10 recorded at t=0 is exactly at the cutoff at t=300 and no longer counts.
+        assert_eq!(s.normalize(&b, t(300), 10, 4, 1, 100).desired, 4);
+    }
+
+    #[test]
+    fn percent_scale_down_truncates() {
+        let mut b = Behavior::hpa_default();
+        b.scale_down.stabilization_window_s = 0;
+        b.scale_down.policies = vec![ScalingPolicy {
+            kind: ScalingPolicyKind::Percent,
+            value: 50,
+            period_s: 60,
+        }];
+        let mut s = BehaviorState::default();
+        // int(5 × 0.5) = 2.
+        assert_eq!(s.normalize(&b, t(0), 5, 1, 1, 100).desired, 2);
+    }
+
+    #[test]
+    fn repeating_a_call_at_the_same_instant_gives_the_same_answer() {
+        let b = Behavior::hpa_default();
+        let mut s = BehaviorState::default();
+        s.normalize(&b, t(0), 10, 10, 1, 100);
+        let a = s.normalize(&b, t(30), 10, 3, 1, 100);
+        let again = s.normalize(&b, t(30), 10, 3, 1, 100);
+        assert_eq!(a, again);
+        s.record_scale_event_with(Some(&b), t(40), 10, 14);
+        s.record_scale_event_with(Some(&b), t(40), 10, 14);
+        let a = s.normalize(&b, t(45), 14, 40, 1, 100);
+        assert_eq!(a.desired, 20, "period start 10 → max(14, 20)");
+    }
+
+    #[test]
+    fn legacy_path_caps_scale_up_at_double_or_four() {
+        let mut s = BehaviorState::default();
+        assert_eq!(s.normalize_legacy(t(0), 300, 1, 10, 1, 100).desired, 4);
+        assert_eq!(s.normalize_legacy(t(15), 300, 4, 10, 1, 100).desired, 8);
+        assert_eq!(s.normalize_legacy(t(30), 300, 8, 2, 1, 100).desired, 10);
+    }
+}

@@ -1,0 +1,538 @@
+//! Sizing against the SLOs: the batch limit, what one replica sustains, and
+//! how many replicas an arrival rate needs, from a queueing model of a
+//! continuously batching engine.
+//!
+//! **Batch limit.** `B*` is the largest batch whose decode step at the
+//! observed mean context meets the ITL objective with the margin, within the
+//! KV capacity and the engine's ceiling ([`batch_limit`]).
+//!
+//! **One replica at arrival rate `x`** (requests/s), prompts of `I` tokens,
+//! outputs of `O` tokens, decode context `L`. Prefill of a new request
+//! interrupts decoding (or shares its steps, with chunked prefill — the
+//! time is the same), so a fraction `ρ_p = x·p(I)` of the replica's time is
+//! prefill. A request generating its tokens sees the mean gap
+//! `g = t(B, L) / (1 − ρ_p)` between tokens, and by Little's law the running
+//! batch is `B = x·O·g`; the two are solved together by bisection.
+//! A request's own mean ITL also counts the prefills of the requests that
+//! arrive while it decodes (`K ≈ B` of them): `ITL ≈ t(B, L) + K·p(I)/O`, so
+//! short outputs make prefill interference dominate. Quantiles: `B` and `K`
+//! are taken at their Poisson upper quantile (`m + z·√m`).
+//!
+//! **TTFT** = one decode step (the residual of the running one) + waiting for
+//! earlier prefills (M/G/1 on the prefill work, `P(wait) = ρ_p`,
+//! exponential tail) + waiting for a batch slot when all `N·B*` slots of the
+//! fleet are busy (Erlang C on `c = N·B*` slots with holding time `O·g`,
+//! Halfin–Whitt beyond 256 slots) + the request's own prefill at its
+//! quantile prompt (`I × (1 + ln(1/(1−q)))/2`, prompt lengths taken as
+//! roughly exponential, halved for their bounded tails).
+//!
+//! **Replicas needed** = the fewest `N` whose prediction meets both
+//! objectives with the margin. Every term falls as `N` grows, so a binary
+//! search finds it; no `ceil(demand / capacity)` rule-of-thumb is involved.
+//! When the objectives cannot be met at any `N` (an objective below one
+//! prefill, say), the count is sized at 70% prefill and slot utilisation and
+//! says so.
+
+use serde::{Deserialize, Serialize};
+
+use crate::perf::PerfModel;
+
+/// Largest batch meeting `itl_slo_s × (1 − margin)` at `context_tokens`
+/// (decode steps only), within KV capacity and `max_batch`; at least 1.
+pub fn batch_limit(model: &PerfModel, itl_slo_s: f64, context_tokens: f64, margin: f64) -> u32 {
+    model.largest_batch_within(itl_slo_s * (1.0 - margin), context_tokens)
+}
+
+/// The request mix the sizing assumes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RequestShape {
+    /// Mean prompt length, tokens.
+    pub input_tokens: f64,
+    /// Mean output length, tokens (at least 1).
+    pub output_tokens: f64,
+    /// Mean context of running requests, tokens.
+    pub context_tokens: f64,
+}
+
+impl Default for RequestShape {
+    /// 1,024 prompt and 256 output tokens (context 1,152) when nothing is known.
+    fn default() -> Self {
+        Self {
+            input_tokens: 1024.0,
+            output_tokens: 256.0,
+            context_tokens: 1152.0,
+        }
+    }
+}
+
+/// Latency targets (objectives already reduced by any margin) and quantiles.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Targets {
+    pub ttft_s: f64,
+    pub ttft_quantile: f64,
+    pub itl_s: f64,
+    pub itl_quantile: f64,
+}
+
+/// What the model predicts for `replicas` replicas at `arrival_rps`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub replicas: u32,
+    pub arrival_rps: f64,
+    /// Mean running batch per replica.
+    pub mean_batch: f64,
+    /// Fraction of a replica's time spent in prefill.
+    pub prefill_utilization: f64,
+    /// Busy fraction of the fleet's batch slots (`mean batch / B*`).
+    pub slot_utilization: f64,
+    /// Predicted ITL at its quantile, seconds (infinite when overloaded).
+    pub itl_s: f64,
+    /// Predicted TTFT at its quantile, seconds (infinite when overloaded).
+    pub ttft_s: f64,
+}
+
+impl Prediction {
+    /// Whether the prediction meets `targets`.
+    pub fn meets(&self, targets: &Targets) -> bool {
+        self.itl_s <= targets.itl_s && self.ttft_s <= targets.ttft_s
+    }
+}
+
+/// The sizing of one arrival rate.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sizing {
+    pub replicas: u32,
+    /// The objectives are attainable at some replica count.
+    pub attainable: bool,
+    pub prediction: Prediction,
+}
+
+/// The sizing model of one workload at one instant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sizer {
+    model: PerfModel,
+    shape: RequestShape,
+    batch_limit: u32,
+    prefill_mean_s: f64,
+    prefill_second_moment_s2: f64,
+    prefill_quantile_s: f64,
+    z_itl: f64,
+}
+
+/// Largest replica count the search considers.
+pub const MAX_SEARCH_REPLICAS: u32 = 1 << 20;
+
+impl Sizer {
+    /// A sizer for `model` (already refined), the request mix, the batch
+    /// limit `B*` and the objectives' quantiles.
+    pub fn new(
+        model: &PerfModel,
+        shape: RequestShape,
+        batch_limit: u32,
+        targets: &Targets,
+    ) -> Self {
+        let i = shape.input_tokens.max(1.0);
+        let p_mean = model.prefill_s(i);
+        // Prompt lengths roughly exponential: E[p²] ≈ 2 p̄².
+        let p_second = 2.0 * p_mean * p_mean;
+        let q_factor = (1.0 + (1.0 / (1.0 - targets.ttft_quantile)).ln()) / 2.0;
+        Self {
+            model: model.clone(),
+            shape: RequestShape {
+                input_tokens: i,
+                output_tokens: shape.output_tokens.max(1.0),
+                context_tokens: shape.context_tokens.max(1.0),
+            },
+            batch_limit: batch_limit.max(1),
+            prefill_mean_s: p_mean,
+            prefill_second_moment_s2: p_second,
+            prefill_quantile_s: model.prefill_s(i * q_factor.max(1.0)),
+            z_itl: normal_quantile(targets.itl_quantile),
+        }
+    }
+
+    pub fn batch_limit(&self) -> u32 {
+        self.batch_limit
+    }
+
+    pub fn shape(&self) -> RequestShape {
+        self.shape
+    }
+
+    /// Decode step time at batch `b` for the shape's context.
+    fn step(&self, b: f64) -> f64 {
+        self.model.decode_step_s(b, self.shape.context_tokens)
+    }
+
+    /// Predict latencies for `replicas` replicas sharing `arrival_rps`, the
+    /// TTFT at its `ttft_quantile`.
+    pub fn predict(&self, replicas: u32, arrival_rps: f64, ttft_quantile: f64) -> Prediction {
+        let idle_itl = self.step(1.0);
+        let mut p = Prediction {
+            replicas,
+            arrival_rps,
+            mean_batch: 0.0,
+            prefill_utilization: 0.0,
+            slot_utilization: 0.0,
+            itl_s: idle_itl,
+            ttft_s: self.prefill_quantile_s + idle_itl,
+        };
+        if arrival_rps.is_nan() || arrival_rps <= 0.0 {
+            return p;
+        }
+        if replicas == 0 {
+            p.itl_s = f64::INFINITY;
+            p.ttft_s = f64::INFINITY;
+            return p;
+        }
+        let n = f64::from(replicas);
+        let x = arrival_rps / n;
+        let o = self.shape.output_tokens;
+        let pbar = self.prefill_mean_s;
+        let rho = x * pbar;
+        p.prefill_utilization = rho;
+        let overloaded = |mut p: Prediction| {
+            p.itl_s = f64::INFINITY;
+            p.ttft_s = f64::INFINITY;
+            p
+        };
+        if rho >= 0.99 {
+            return overloaded(p);
+        }
+        // Mean gap g and batch B = x·O·g solve (1−ρ)·g = t(B), i.e.
+        // φ(B) = (1−ρ)·B/(x·O) − t(B) = 0. φ is concave (t is convex), so
+        // the stable operating point is its first root, below φ's maximum.
+        let xo = x * o;
+        let bstar = f64::from(self.batch_limit);
+        let slope = (1.0 - rho) / xo;
+        let l = self.shape.context_tokens;
+        let phi = |b: f64| slope * b - self.model.decode_step_s(b, l);
+        let dphi = |b: f64| slope - self.model.decode_step_slope_s(b, l);
+        let top = if dphi(bstar) >= 0.0 {
+            bstar
+        } else if dphi(0.0) <= 0.0 {
+            return overloaded(p);
+        } else {
+            bisect(0.0, bstar, |b| dphi(b) >= 0.0)
+        };
+        if phi(top) < 0.0 {
+            return overloaded(p);
+        }
+        let b_mean = bisect(0.0, top, |b| phi(b) < 0.0);
+        let g = b_mean / xo;
+        p.mean_batch = b_mean;
+        p.slot_utilization = b_mean / bstar;
+        if b_mean >= bstar {
+            return overloaded(p);
+        }
+        // ITL of a request at its quantile.
+        let z = self.z_itl;
+        let b_q = (b_mean + z * b_mean.sqrt()).min(bstar);
+        let k_q = b_mean + z * b_mean.sqrt();
+        p.itl_s = self.step(b_q.max(1.0)) + k_q * pbar / o;
+        // TTFT at its quantile.
+        let tail = 1.0 - ttft_quantile;
+        let wait_prefill = if rho > tail {
+            let cond_mean = self.prefill_second_moment_s2 / (2.0 * pbar * (1.0 - rho));
+            cond_mean * (rho / tail).ln()
+        } else {
+            0.0
+        };
+        let slots = n * bstar;
+        let offered = n * b_mean;
+        let hold = o * g;
+        let p_wait = erlang_c(slots, offered);
+        let wait_slot = if p_wait > tail {
+            hold / (slots - offered) * (p_wait / tail).ln()
+        } else {
+            0.0
+        };
+        p.ttft_s = self.step(b_mean.max(1.0)) + wait_prefill + wait_slot + self.prefill_quantile_s;
+        p
+    }
+
+    /// The fewest replicas meeting `targets` at `arrival_rps`.
+    pub fn replicas_needed(&self, arrival_rps: f64, targets: &Targets) -> Sizing {
+        let q = targets.ttft_quantile;
+        if arrival_rps.is_nan() || arrival_rps <= 0.0 {
+            return Sizing {
+                replicas: 0,
+                attainable: true,
+                prediction: self.predict(0, 0.0, q),
+            };
+        }
+        let meets = |n: u32| self.predict(n, arrival_rps, q).meets(targets);
+        match self.search(meets) {
+            Some(n) => Sizing {
+                replicas: n,
+                attainable: true,
+                prediction: self.predict(n, arrival_rps, q),
+            },
+            None => {
+                // Unattainable: size for 70% prefill and slot utilisation.
+                let ok = |n: u32| {
+                    let p = self.predict(n, arrival_rps, q);
+                    p.prefill_utilization <= 0.7 && p.slot_utilization <= 0.7 && p.itl_s.is_finite()
+                };
+                let n = self.search(ok).unwrap_or(MAX_SEARCH_REPLICAS);
+                Sizing {
+                    replicas: n,
+                    attainable: false,
+                    prediction: self.predict(n, arrival_rps, q),
+                }
+            }
+        }
+    }
+
+    /// Smallest `n` in `1..=MAX_SEARCH_REPLICAS` with `ok(n)`, for monotone `ok`.
+    fn search(&self, ok: impl Fn(u32) -> bool) -> Option<u32> {
+        let mut hi = 1u32;
+        while !ok(hi) {
+            if hi >= MAX_SEARCH_REPLICAS {
+                return None;
+            }
+            hi = (hi * 2).min(MAX_SEARCH_REPLICAS);
+        }
+        let mut lo = hi / 2; // ok(lo) is false (or lo == 0)
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if ok(mid) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        Some(hi)
+    }
+
+    /// The highest arrival rate `replicas` replicas sustain within `targets`.
+    pub fn capacity_rps(&self, replicas: u32, targets: &Targets) -> f64 {
+        if replicas == 0 {
+            return 0.0;
+        }
+        let q = targets.ttft_quantile;
+        let meets = |r: f64| self.predict(replicas, r, q).meets(targets);
+        let mut hi = f64::from(replicas) / self.prefill_mean_s.max(1e-6);
+        let mut lo = 0.0;
+        if meets(hi) {
+            return hi;
+        }
+        for _ in 0..50 {
+            let mid = 0.5 * (lo + hi);
+            if meets(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+}
+
+/// The boundary between where `below` holds (at `lo`) and where it does
+/// not (at `hi`), to within 1e-9 of the interval.
+fn bisect(mut lo: f64, mut hi: f64, below: impl Fn(f64) -> bool) -> f64 {
+    let tol = (hi - lo).abs() * 1e-9;
+    for _ in 0..64 {
+        if hi - lo <= tol {
+            break;
+        }
+        let mid = 0.5 * (lo + hi);
+        if below(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// Erlang C: probability that an arrival waits in an M/M/c queue with
+/// `c` servers and offered load `a` (erlangs). Exact recursion up to 256
+/// servers, the Halfin–Whitt approximation above. 1 when `a ≥ c`.
+pub fn erlang_c(c: f64, a: f64) -> f64 {
+    if a <= 0.0 {
+        return 0.0;
+    }
+    if a >= c {
+        return 1.0;
+    }
+    if c <= 256.0 {
+        let n = c.floor() as u32;
+        let mut b = 1.0; // Erlang B with 0 servers
+        for k in 1..=n {
+            b = a * b / (f64::from(k) + a * b);
+        }
+        let rho = a / c;
+        (b / (1.0 - rho * (1.0 - b))).clamp(0.0, 1.0)
+    } else {
+        let beta = (c - a) / a.sqrt();
+        let phi = (-0.5 * beta * beta).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        let cdf = normal_cdf(beta);
+        (1.0 / (1.0 + beta * cdf / phi)).clamp(0.0, 1.0)
+    }
+}
+
+fn normal_cdf(x: f64) -> f64 {
+    0.5 * erfc(-x / std::f64::consts::SQRT_2)
+}
+
+/// Complementary error function (Numerical Recipes' `erfcc`, |error| < 1.2e-7).
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
+    if x >= 0.0 { r } else { 2.0 - r }
+}
+
+/// The standard normal quantile (Acklam's rational approximation,
+/// relative error < 1.2e-9), for 0 < p < 1.
+pub fn normal_quantile(p: f64) -> f64 {
+    let p = p.clamp(1e-12, 1.0 - 1e-12);
+    const A: [f64; 6] = [
+        -3.969_683_028_665_376e1,
+        2.209_460_984_245_205e2,
+        -2.759_285_104_469_687e2,
+        1.383_577_518_672_69e2,
+        -3.066_479_806_614_716e1,
+        2.506_628_277_459_239,
+    ];
+    const B: [f64; 5] = [
+        -5.447_609_879_822_406e1,
+        1.615_858_368_580_409e2,
+        -1.556_989_798_598_866e2,
+        6.680_131_188_771_972e1,
+        -1.328_068_155_288_572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784_894_002_430_293e-3,
+        -3.223_964_580_411_365e-1,
+        -2.400_758_277_161_838,
+        -2.549_732_539_343_734,
+        4.374_664_141_464_968,
+        2.938_163_982_698_783,
+    ];
+    const D: [f64; 4] = [
+        7.784_695_709_041_462e-3,
+        3.224_671_290_700_398e-1,
+        2.445_134_137_142_996,
+        3.754_408_661_907_416,
+    ];
+    let low = 0.02425;
+    if p < low {
+        let q = (-2.0 * p.ln()).sqrt();
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    } else if p <= 1.0 - low {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    } else {
+        let q = (-2.0 * (1.0 - p).ln()).sqrt();
+        -(((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::perf;
+
+    fn targets() -> Targets {
+        Targets {
+            ttft_s: 2.0,
+            ttft_quantile: 0.95,
+            itl_s: 0.05,
+            itl_quantile: 0.95,
+        }
+    }
+
+    #[test]
+    fn batch_limit_brackets_the_measured_h200_steps() {
+        // data/profiles/h200_llama3-8b-shape_bf16_decode.csv at context 2048:
+        // 32 → 8.33 ms, 64 → 10.44 ms, 128 → 14.82 ms, 256 → 24.48 ms.
+        let m = perf::preset("h200-llama3-8b-bf16").unwrap();
+        let b10 = batch_limit(&m, 0.010, 2048.0, 0.0);
+        let b15 = batch_limit(&m, 0.015, 2048.0, 0.0);
+        let b25 = batch_limit(&m, 0.025, 2048.0, 0.0);
+        println!("B* at 10/15/25 ms: {b10} / {b15} / {b25}");
+        assert!((32..=64).contains(&b10), "{b10}");
+        assert!((128..=256).contains(&b15), "{b15}");
+        let kv_bound = (m.kv_capacity_tokens / 2048.0).floor() as u32;
+        assert!(b25 >= 256 || b25 == kv_bound, "{b25}");
+    }
+
+    #[test]
+    fn kv_capacity_binds_the_batch_limit() {
+        let mut m = perf::preset("h200-llama3-8b-bf16").unwrap();
+        m.kv_capacity_tokens = 100_000.0;
+        assert_eq!(batch_limit(&m, 1.0, 2048.0, 0.0), 48);
+    }
+
+    #[test]
+    fn erlang_c_matches_known_values() {
+        // M/M/2 at a = 1: C = 1/3.
+        assert!((erlang_c(2.0, 1.0) - 1.0 / 3.0).abs() < 1e-12);
+        // M/M/1: C = ρ.
+        assert!((erlang_c(1.0, 0.7) - 0.7).abs() < 1e-12);
+        // Halfin–Whitt agrees with the recursion near 256 servers.
+        let exact = erlang_c(256.0, 240.0);
+        let hw = erlang_c(257.0, 240.0 * 257.0 / 256.0);
+        assert!((exact - hw).abs() < 0.05, "{exact} vs {hw}");
+        assert!((normal_quantile(0.95) - 1.644_853_6).abs() < 1e-6);
+    }
+
+    #[test]
+    fn replicas_needed_is_monotone_in_load_and_meets_targets() {
+        let m = perf::preset("h200-llama3-8b-bf16").unwrap();
+        let shape = RequestShape {
+            input_tokens: 1000.0,
+            output_tokens: 200.0,
+            context_tokens: 1100.0,
+        };
+        let t = targets();
+        let b = batch_limit(&m, t.itl_s, shape.context_tokens, 0.1);
+        let s = Sizer::new(&m, shape, b, &t);
+        let mut prev = 0;
+        for k in 0..60 {
+            let rate = f64::from(k) * 5.0;
+            let z = s.replicas_needed(rate, &t);
+            assert!(z.replicas >= prev, "not monotone at {rate}");
+            assert!(z.attainable);
+            if rate > 0.0 {
+                assert!(z.prediction.meets(&t));
+                assert!(!s.predict(z.replicas - 1, rate, 0.95).meets(&t));
+            }
+            prev = z.replicas;
+        }
+        let cap = s.capacity_rps(1, &t);
+        println!("one H200 replica sustains {cap:.1} req/s at 1000/200 tokens, B* {b}");
+        assert!(cap > 5.0 && cap < 200.0);
+    }
+
+    #[test]
+    fn unattainable_objectives_still_size_the_fleet() {
+        let m = perf::preset("h100-llama2-70b-tp4").unwrap();
+        let shape = RequestShape::default();
+        let t = Targets {
+            itl_s: 0.001,
+            ..targets()
+        };
+        let s = Sizer::new(&m, shape, 1, &t);
+        let z = s.replicas_needed(10.0, &t);
+        assert!(!z.attainable);
+        assert!(z.replicas >= 1);
+    }
+}
