@@ -7,11 +7,14 @@
 //!
 //! Not for: sending anything anywhere (the agent's uplink does that).
 
+pub mod device_id;
 pub mod error;
 pub mod fake;
 pub mod nvml;
+pub mod pod_resources;
 pub mod source;
 
 pub use error::TelemetryError;
 pub use nvml::{NvmlConfig, NvmlSource, NvmlStats};
+pub use pod_resources::{PodResourcesConfig, PodResourcesSource, PodResourcesStats};
 pub use source::{EngineSource, GpuSource, PodGpuSource, SourceError};
