@@ -1,14 +1,14 @@
 //! The performance model of one model on one GPU type.
 //!
-//! Decode step time `t(B, L) = a + b·B + c·B·L + d·B² + e·ln(1 + B)` for a
-//! running batch of `B` sequences with mean context `L` tokens, and prefill
-//! time `p(T) = f + g·T + h·T²` for a prompt of `T` tokens. This is DESIGN.md
-//! §3's form with two terms added: `d·B²` because large models on A100/H100
-//! turn compute-bound at large batches (a straight line misses the
-//! Splitwise Llama2-70B batch-64 step by over 10%), and `e·ln(1 + B)` for
-//! the extra cost of a batch's first few sequences (with it the H200 8B data
-//! fits within 1.1% everywhere instead of 3.6%, which decides whether `B*`
-//! lands on the right side of a measured batch). All times are seconds.
+//! Decode step time `t(B, L) = a + b·B + c·B·L + d·B²` for a running batch of
+//! `B` sequences with mean context `L` tokens, and prefill time
+//! `p(T) = e + f·T + g·T²` for a prompt of `T` tokens, all in seconds. This is
+//! DESIGN.md §3's form with a quadratic batch term added: large models on
+//! A100/H100 turn compute-bound at large batches, and a straight line misses
+//! the Splitwise Llama2-70B batch-64 step by over 10%. Fits weigh relative
+//! errors by `√B`, so the large batches where ITL budgets bind are fitted
+//! best (within 1–2% on the H200 8B data there; the batch-1 steps, far below
+//! any budget, are over-predicted by up to 8%).
 //!
 //! Presets ([`preset`], [`PRESET_NAMES`]) are fitted from the measured
 //! profiles in `data/profiles`, compiled into the crate; users bring their
@@ -72,10 +72,6 @@ pub struct PerfModel {
     /// for a purely linear model).
     #[serde(default)]
     pub decode_per_seq_sq_s: f64,
-    /// Decode: seconds per `ln(1 + B)` (the extra cost of the first few
-    /// sequences of a batch; 0 for a polynomial model).
-    #[serde(default)]
-    pub decode_log_batch_s: f64,
 }
 
 impl PerfModel {
@@ -86,7 +82,6 @@ impl PerfModel {
             + self.decode_per_seq_s * b
             + self.decode_per_seq_token_s * b * context_tokens.max(0.0)
             + self.decode_per_seq_sq_s * b * b
-            + self.decode_log_batch_s * b.ln_1p()
     }
 
     /// Derivative of the decode step time with respect to the batch size.
@@ -95,7 +90,6 @@ impl PerfModel {
         self.decode_per_seq_s
             + self.decode_per_seq_token_s * context_tokens.max(0.0)
             + 2.0 * self.decode_per_seq_sq_s * b
-            + self.decode_log_batch_s / (1.0 + b)
     }
 
     /// Prefill time for one prompt of `prompt_tokens` tokens.
@@ -161,21 +155,14 @@ impl PerfModel {
         }
         let rows: Vec<Vec<f64>> = decode
             .iter()
-            .map(|p| {
-                vec![
-                    1.0,
-                    p.batch,
-                    p.batch * p.context_tokens,
-                    p.batch * p.batch,
-                    p.batch.ln_1p(),
-                ]
-            })
+            .map(|p| vec![1.0, p.batch, p.batch * p.context_tokens, p.batch * p.batch])
             .collect();
         let y: Vec<f64> = decode.iter().map(|p| p.step_s).collect();
-        // Weights 1/t: between absolute error (what an ITL budget feels) and
-        // relative error (fair to small steps).
-        let w: Vec<f64> = y.iter().map(|v| 1.0 / v).collect();
-        let d = fit::nnls(&rows, &y, &w, 5).ok_or_else(|| {
+        // Weights √B/t: relative error, tilted toward large batches, where
+        // ITL budgets bind (the first few sequences of a batch cost a little
+        // more than the polynomial says; it over-predicts them, harmlessly).
+        let w: Vec<f64> = decode.iter().map(|p| p.batch.sqrt() / p.step_s).collect();
+        let d = fit::nnls(&rows, &y, &w, 4).ok_or_else(|| {
             SpecError::ProfileFit("decode points do not determine a model".into())
         })?;
         let rows: Vec<Vec<f64>> = prefill
@@ -195,7 +182,6 @@ impl PerfModel {
             decode_per_seq_s: d[1],
             decode_per_seq_token_s: d[2],
             decode_per_seq_sq_s: d[3],
-            decode_log_batch_s: d[4],
             prefill_base_s: p[0],
             prefill_per_token_s: p[1],
             prefill_per_token_sq_s: p[2],
@@ -743,7 +729,7 @@ mod tests {
             let (m, r) = preset_with_report(name).unwrap_or_else(|| panic!("{name} missing"));
             println!(
                 "{name}: decode rms {:.1}% max {:.1}% ({} pts); prefill rms {:.1}% max {:.1}% ({} pts); \
-                 t = {:.3} + {:.5}·B + {:.3e}·B·L + {:.3e}·B² + {:.3}·ln(1+B) ms; p = {:.2} + {:.4}·T + {:.3e}·T² ms; kv {}",
+                 t = {:.3} + {:.5}·B + {:.3e}·B·L + {:.3e}·B² ms; p = {:.2} + {:.4}·T + {:.3e}·T² ms; kv {}",
                 100.0 * r.decode_rms_rel_error,
                 100.0 * r.decode_max_rel_error,
                 r.decode_points,
@@ -754,7 +740,6 @@ mod tests {
                 m.decode_per_seq_s * 1e3,
                 m.decode_per_seq_token_s * 1e3,
                 m.decode_per_seq_sq_s * 1e3,
-                m.decode_log_batch_s * 1e3,
                 m.prefill_base_s * 1e3,
                 m.prefill_per_token_s * 1e3,
                 m.prefill_per_token_sq_s * 1e3,

@@ -741,7 +741,6 @@ fn coefficients(c: &PerfCoefficientsSpec) -> Result<PerfModel, SpecError> {
         decode_per_seq_s: c.decode_per_seq_seconds,
         decode_per_seq_token_s: c.decode_per_seq_token_seconds,
         decode_per_seq_sq_s: c.decode_per_seq_squared_seconds,
-        decode_log_batch_s: 0.0,
         prefill_base_s: c.prefill_base_seconds,
         prefill_per_token_s: c.prefill_per_token_seconds,
         prefill_per_token_sq_s: c.prefill_per_token_squared_seconds,
