@@ -279,6 +279,8 @@ pub struct BehaviorState {
     recommendations: VecDeque<TimedCount>,
     scale_up_events: VecDeque<TimedCount>,
     scale_down_events: VecDeque<TimedCount>,
+    /// The scale-down window has been seeded (once, on the first call).
+    seeded: bool,
 }
 
 impl BehaviorState {
@@ -298,12 +300,14 @@ impl BehaviorState {
         self.forget_from(now);
         // maybeInitScaleDownStabilizationWindow: a fresh controller seeds the
         // window with the current count, so it never scales in at start-up.
-        if self.recommendations.is_empty() && behavior.scale_down.stabilization_window_s > 0 {
+        // Stamped a millisecond early so that a call repeated at `now` keeps it.
+        if !self.seeded && behavior.scale_down.stabilization_window_s > 0 {
             self.recommendations.push_back(TimedCount {
-                at: now,
+                at: Timestamp::from_millis(now.as_millis() - 1),
                 count: current,
             });
         }
+        self.seeded = true;
         let up_cutoff = now.plus_secs(-f64::from(behavior.scale_up.stabilization_window_s));
         let down_cutoff = now.plus_secs(-f64::from(behavior.scale_down.stabilization_window_s));
         let mut up_rec = proposed;

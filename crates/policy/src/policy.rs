@@ -24,8 +24,10 @@
 //! 5. **Combination**: the maximum of the acting recommendations, then the
 //!    bounds (schedules raise min or change max), the per-direction
 //!    tolerance, the consolidation check (scale in only to a count that
-//!    meets the SLOs with the extra consolidation margin at the higher of the
-//!    current and forecast load), the cooldown, then HPA-exact
+//!    meets the SLOs tightened by the consolidation margin at the higher of
+//!    the current and forecast load raised by the same margin — latency near
+//!    saturation is steep, so the load headroom is what makes the band), the
+//!    cooldown, then HPA-exact
 //!    stabilization and rate policies ([`crate::hpa`]).
 //! 6. **Victims** for a scale-in ([`crate::victim`]), and the decision record.
 //!
@@ -336,7 +338,7 @@ impl Policy {
                 replicas: Some(p.max_replicas),
                 reason: format!(
                     "{}; panicking since {:.0} s ago, holding {} (no scale-in)",
-                    panic_trigger.as_deref().unwrap_or("calm again"),
+                    panic_trigger.as_deref().unwrap_or("no new trigger"),
                     now.secs_since(p.since),
                     p.max_replicas
                 ),
@@ -462,11 +464,14 @@ impl Policy {
             .into_iter()
             .flatten()
             .fold(0.0, f64::max);
-            let keep = sizer.replicas_needed(load, &strict_targets).replicas;
+            let headroom = 1.0 + cfg.consolidation_margin;
+            let keep = sizer
+                .replicas_needed(load * headroom, &strict_targets)
+                .replicas;
             if keep > proposed {
                 let to = keep.min(current);
                 limits.push(format!(
-                    "consolidation: {proposed} would not meet the SLOs with {:.0}% margin at {load:.2} req/s; keep {to}",
+                    "consolidation: {proposed} would not meet the SLOs with {:.0}% margin at {load:.2} req/s × {headroom:.2}; keep {to}",
                     100.0 * (1.0 - strict)
                 ));
                 proposed = to.max(proposed);

@@ -86,8 +86,9 @@ pub struct WorkloadSpec {
     /// of both SLOs when sizing replicas (0 ≤ margin < 0.9). Default 0.1.
     #[serde(default = "default_batch_limit_margin")]
     pub batch_limit_margin: f64,
-    /// Extra fraction of the SLOs that `N − 1` replicas must leave free
-    /// before one is removed (scale-in hysteresis, 0 ≤ margin < 0.9). Default 0.15.
+    /// Scale-in hysteresis (0 ≤ margin < 0.9): replicas are removed only
+    /// down to a count that serves the load raised by this fraction within
+    /// the SLOs reduced by it (on top of `batchLimitMargin`). Default 0.15.
     #[serde(default = "default_consolidation_margin")]
     pub consolidation_margin: f64,
     /// Reactive control windows.
