@@ -1,0 +1,277 @@
+//! What a run records about its requests: SLO attainment, latency
+//! distributions and a time series for the chart.
+//!
+//! A request **meets the SLO** when its time to first token is within the
+//! TTFT SLO and its mean time per output token after the first (TPOT, the
+//! per-request inter-token latency) is within the ITL SLO. Dropped and
+//! aborted requests count as misses. Percentiles come from log-spaced
+//! histograms with 200 buckets per decade (about 1.2% resolution).
+
+use serde::Serialize;
+
+/// The latency SLOs a run is judged against.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Slo {
+    pub ttft_s: f64,
+    pub itl_s: f64,
+    /// The percentile the SLOs are stated at (e.g. 95), for the policy.
+    pub percentile: f64,
+}
+
+impl Slo {
+    #[inline]
+    pub fn met(&self, ttft: f64, tpot: f64) -> bool {
+        ttft <= self.ttft_s && tpot <= self.itl_s
+    }
+}
+
+/// A histogram with log-spaced buckets from 10 µs to 100,000 s.
+#[derive(Debug, Clone)]
+pub struct LogHistogram {
+    counts: Vec<u64>,
+    total: u64,
+}
+
+const LOG_MIN: f64 = -5.0;
+const LOG_DECADES: f64 = 10.0;
+const PER_DECADE: f64 = 200.0;
+
+impl Default for LogHistogram {
+    fn default() -> Self {
+        Self {
+            counts: vec![0; (LOG_DECADES * PER_DECADE) as usize + 2],
+            total: 0,
+        }
+    }
+}
+
+impl LogHistogram {
+    #[inline]
+    pub fn observe_n(&mut self, v: f64, n: u64) {
+        let idx = if v <= 1e-5 {
+            0
+        } else {
+            let x = (v.log10() - LOG_MIN) * PER_DECADE;
+            (x as usize + 1).min(self.counts.len() - 1)
+        };
+        self.counts[idx] += n;
+        self.total += n;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.total
+    }
+
+    /// The `q`-quantile (0..=1), interpolated geometrically inside a bucket.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.total == 0 {
+            return None;
+        }
+        let rank = (q.clamp(0.0, 1.0) * self.total as f64).max(1.0);
+        let mut seen = 0u64;
+        for (i, &c) in self.counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            if (seen + c) as f64 >= rank {
+                if i == 0 {
+                    return Some(0.0);
+                }
+                let frac = ((rank - seen as f64) / c as f64).clamp(0.0, 1.0);
+                let lo = LOG_MIN + (i - 1) as f64 / PER_DECADE;
+                return Some(10f64.powf(lo + frac / PER_DECADE));
+            }
+            seen += c;
+        }
+        None
+    }
+
+    pub fn merge(&mut self, other: &LogHistogram) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.total += other.total;
+    }
+}
+
+/// Everything a full run records.
+#[derive(Debug, Clone)]
+pub struct RunStats {
+    pub slo: Slo,
+    pub arrivals: u64,
+    pub completed: u64,
+    pub dropped: u64,
+    pub met_ttft: u64,
+    pub met_itl: u64,
+    pub met_both: u64,
+    pub ttft: LogHistogram,
+    pub tpot: LogHistogram,
+    /// Token-weighted inter-token gaps (each gap of each decode step).
+    pub itl: LogHistogram,
+    pub series: TimeSeries,
+}
+
+/// Per-interval counts for the chart, by arrival time.
+#[derive(Debug, Clone, Serialize)]
+pub struct TimeSeries {
+    pub bucket_s: f64,
+    pub arrivals: Vec<u32>,
+    /// Requests that met the SLO, by arrival bucket.
+    pub met: Vec<u32>,
+    /// Requests finished or dropped, by arrival bucket.
+    pub done: Vec<u32>,
+    /// (time, desired replicas, ready replicas) sampled at bucket ends.
+    pub replicas: Vec<(f64, u32, u32)>,
+}
+
+impl TimeSeries {
+    fn new(duration_s: f64, bucket_s: f64) -> Self {
+        let n = (duration_s / bucket_s).ceil() as usize + 1;
+        Self {
+            bucket_s,
+            arrivals: vec![0; n],
+            met: vec![0; n],
+            done: vec![0; n],
+            replicas: Vec::with_capacity(n),
+        }
+    }
+
+    #[inline]
+    fn idx(&self, t: f64) -> usize {
+        ((t / self.bucket_s) as usize).min(self.arrivals.len() - 1)
+    }
+}
+
+impl RunStats {
+    pub fn new(slo: Slo, duration_s: f64, bucket_s: f64) -> Self {
+        Self {
+            slo,
+            arrivals: 0,
+            completed: 0,
+            dropped: 0,
+            met_ttft: 0,
+            met_itl: 0,
+            met_both: 0,
+            ttft: LogHistogram::default(),
+            tpot: LogHistogram::default(),
+            itl: LogHistogram::default(),
+            series: TimeSeries::new(duration_s, bucket_s),
+        }
+    }
+
+    /// Fraction of arrived requests that met both SLOs.
+    pub fn attainment(&self) -> f64 {
+        if self.arrivals == 0 {
+            1.0
+        } else {
+            self.met_both as f64 / self.arrivals as f64
+        }
+    }
+}
+
+/// Counts SLO attainment of the requests that arrive from `from_s` on
+/// (the oracle's replay of one decision window).
+#[derive(Debug, Clone, Copy)]
+pub struct WindowCount {
+    pub slo: Slo,
+    pub from_s: f64,
+    pub total: u64,
+    pub met: u64,
+}
+
+/// Where the fleet reports request outcomes.
+#[derive(Debug, Clone)]
+pub enum Recorder {
+    Full(Box<RunStats>),
+    Window(WindowCount),
+}
+
+impl Recorder {
+    #[inline]
+    pub fn on_arrival(&mut self, arrival: f64) {
+        if let Recorder::Full(s) = self {
+            s.arrivals += 1;
+            let i = s.series.idx(arrival);
+            s.series.arrivals[i] += 1;
+        }
+    }
+
+    #[inline]
+    pub fn on_drop(&mut self, arrival: f64) {
+        match self {
+            Recorder::Full(s) => {
+                s.dropped += 1;
+                let i = s.series.idx(arrival);
+                s.series.done[i] += 1;
+            }
+            Recorder::Window(w) => {
+                if arrival >= w.from_s {
+                    w.total += 1;
+                }
+            }
+        }
+    }
+
+    #[inline]
+    pub fn on_complete(&mut self, arrival: f64, ttft: f64, tpot: f64) {
+        match self {
+            Recorder::Full(s) => {
+                s.completed += 1;
+                let ok_t = ttft <= s.slo.ttft_s;
+                let ok_i = tpot <= s.slo.itl_s;
+                s.met_ttft += u64::from(ok_t);
+                s.met_itl += u64::from(ok_i);
+                s.met_both += u64::from(ok_t && ok_i);
+                s.ttft.observe_n(ttft, 1);
+                s.tpot.observe_n(tpot, 1);
+                let i = s.series.idx(arrival);
+                s.series.done[i] += 1;
+                s.series.met[i] += u32::from(ok_t && ok_i);
+            }
+            Recorder::Window(w) => {
+                if arrival >= w.from_s {
+                    w.total += 1;
+                    w.met += u64::from(w.slo.met(ttft, tpot));
+                }
+            }
+        }
+    }
+
+    #[inline]
+    pub fn on_itl(&mut self, gap: f64, tokens: u64) {
+        if let Recorder::Full(s) = self {
+            s.itl.observe_n(gap, tokens);
+        }
+    }
+
+    pub fn stats(&self) -> Option<&RunStats> {
+        match self {
+            Recorder::Full(s) => Some(s),
+            Recorder::Window(_) => None,
+        }
+    }
+
+    pub fn stats_mut(&mut self) -> Option<&mut RunStats> {
+        match self {
+            Recorder::Full(s) => Some(s),
+            Recorder::Window(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_histogram_quantiles_are_within_two_percent() {
+        let mut h = LogHistogram::default();
+        for i in 1..=10_000 {
+            h.observe_n(i as f64 * 1e-3, 1);
+        }
+        for (q, want) in [(0.5, 5.0), (0.95, 9.5), (0.99, 9.9)] {
+            let got = h.quantile(q).unwrap();
+            assert!((got - want).abs() / want < 0.02, "q{q}: {got} vs {want}");
+        }
+    }
+}
