@@ -193,65 +193,68 @@ fn action_name(a: Action) -> &'static str {
 
 fn check(file: &str, t: f64, e: &Expect, d: &Decision) -> Result<(), String> {
     let ctx = || format!("{file} at t={t}s: {}", d.summary());
-    if let Some(x) = e.desired {
-        if d.desired_replicas != x {
-            return Err(format!("expected desired {x}; {}", ctx()));
-        }
+    if let Some(x) = e.desired
+        && d.desired_replicas != x
+    {
+        return Err(format!("expected desired {x}; {}", ctx()));
     }
-    if let Some(x) = e.desired_at_least {
-        if d.desired_replicas < x {
-            return Err(format!("expected desired >= {x}; {}", ctx()));
-        }
+    if let Some(x) = e.desired_at_least
+        && d.desired_replicas < x
+    {
+        return Err(format!("expected desired >= {x}; {}", ctx()));
     }
-    if let Some(x) = e.desired_at_most {
-        if d.desired_replicas > x {
-            return Err(format!("expected desired <= {x}; {}", ctx()));
-        }
+    if let Some(x) = e.desired_at_most
+        && d.desired_replicas > x
+    {
+        return Err(format!("expected desired <= {x}; {}", ctx()));
     }
-    if let Some(a) = &e.action {
-        if action_name(d.action) != a {
-            return Err(format!("expected action {a}; {}", ctx()));
-        }
+    if let Some(a) = &e.action
+        && action_name(d.action) != a
+    {
+        return Err(format!("expected action {a}; {}", ctx()));
     }
-    if let Some(w) = &e.winner {
-        if source_name(d.winner) != w {
-            return Err(format!("expected winner {w}; {}", ctx()));
-        }
+    if let Some(w) = &e.winner
+        && source_name(d.winner) != w
+    {
+        return Err(format!("expected winner {w}; {}", ctx()));
     }
-    if let Some(v) = &e.victims {
-        if &d.victims != v {
-            return Err(format!(
-                "expected victims {v:?}, got {:?}; {}",
-                d.victims,
-                ctx()
-            ));
-        }
+    if let Some(v) = &e.victims
+        && &d.victims != v
+    {
+        return Err(format!(
+            "expected victims {v:?}, got {:?}; {}",
+            d.victims,
+            ctx()
+        ));
     }
-    if let Some(v) = &e.not_victims {
-        if let Some(bad) = d.victims.iter().find(|x| v.contains(x)) {
-            return Err(format!("{bad} must never be a victim; {}", ctx()));
-        }
+    if let Some(v) = &e.not_victims
+        && let Some(bad) = d.victims.iter().find(|x| v.contains(x))
+    {
+        return Err(format!("{bad} must never be a victim; {}", ctx()));
     }
-    if let Some(s) = &e.limit_contains {
-        if !d.limits_applied.iter().any(|l| l.contains(s.as_str())) {
-            return Err(format!("expected a limit containing {s:?}; {}", ctx()));
-        }
+    if let Some(s) = &e.limit_contains
+        && !d.limits_applied.iter().any(|l| l.contains(s.as_str()))
+    {
+        return Err(format!("expected a limit containing {s:?}; {}", ctx()));
     }
-    if let Some(s) = &e.recommendation_from {
-        if !d.recommendations.iter().any(|r| source_name(r.source) == s) {
-            return Err(format!("expected a {s} recommendation; {}", ctx()));
-        }
+    if let Some(s) = &e.recommendation_from
+        && !d.recommendations.iter().any(|r| source_name(r.source) == s)
+    {
+        return Err(format!("expected a {s} recommendation; {}", ctx()));
     }
-    if let Some(s) = &e.no_recommendation_from {
-        if d.recommendations.iter().any(|r| source_name(r.source) == s) {
-            return Err(format!("expected no {s} recommendation; {}", ctx()));
-        }
+    if let Some(s) = &e.no_recommendation_from
+        && d.recommendations.iter().any(|r| source_name(r.source) == s)
+    {
+        return Err(format!("expected no {s} recommendation; {}", ctx()));
     }
     Ok(())
 }
 
 fn run_scenario(path: &Path) -> Result<usize, String> {
-    let file = path.file_name().unwrap().to_string_lossy().to_string();
+    let file = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let text = std::fs::read_to_string(path).map_err(|e| format!("{file}: {e}"))?;
     let sc: Scenario = serde_yaml::from_str(&text).map_err(|e| format!("{file}: {e}"))?;
     assert!(!sc.description.is_empty());
@@ -319,10 +322,10 @@ fn run_scenario(path: &Path) -> Result<usize, String> {
                 check(&file, t, e, &d)?;
             }
             if d.action != Action::Hold {
-                if let Some(prev) = last_direction {
-                    if prev != d.action {
-                        reversals += 1;
-                    }
+                if let Some(prev) = last_direction
+                    && prev != d.action
+                {
+                    reversals += 1;
                 }
                 last_direction = Some(d.action);
             }
@@ -335,12 +338,12 @@ fn run_scenario(path: &Path) -> Result<usize, String> {
             }
         }
     }
-    if let Some(max) = sc.max_reversals {
-        if reversals > max {
-            return Err(format!(
-                "{file}: {reversals} direction reversals, at most {max} allowed"
-            ));
-        }
+    if let Some(max) = sc.max_reversals
+        && reversals > max
+    {
+        return Err(format!(
+            "{file}: {reversals} direction reversals, at most {max} allowed"
+        ));
     }
     Ok(decisions)
 }
