@@ -8,12 +8,15 @@
 //! Not for: sending anything anywhere (the agent's uplink does that).
 
 pub mod device_id;
+pub mod engine;
 pub mod error;
 pub mod fake;
 pub mod nvml;
 pub mod pod_resources;
+pub mod prom_text;
 pub mod source;
 
+pub use engine::{EngineTarget, ScrapeConfig, ScrapeEngineSource, ScrapeStats};
 pub use error::TelemetryError;
 pub use nvml::{NvmlConfig, NvmlSource, NvmlStats};
 pub use pod_resources::{PodResourcesConfig, PodResourcesSource, PodResourcesStats};

@@ -1,0 +1,168 @@
+//! Each framework's exposition (fixtures written from REFERENCE §6) mapped
+//! to one engine model.
+
+use gpuscale_core::sample::Framework;
+use gpuscale_telemetry::engine::mapping::{EngineReading, map_exposition};
+use gpuscale_telemetry::prom_text::Exposition;
+
+fn map(framework: Framework, file: &str) -> EngineReading {
+    let path = format!("{}/tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let exp = Exposition::parse(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let r = map_exposition(framework, &exp, None);
+    assert!(
+        r.invalid_histograms.is_empty(),
+        "{file}: {:?}",
+        r.invalid_histograms
+    );
+    r
+}
+
+fn close(a: Option<f64>, b: f64) -> bool {
+    a.is_some_and(|a| (a - b).abs() < 1e-9 * b.abs().max(1.0))
+}
+
+#[test]
+fn vllm_0_33_sums_data_parallel_engines() {
+    let r = map(Framework::Vllm, "vllm-0.33.txt");
+    assert_eq!(r.model.as_deref(), Some("meta-llama/Llama-3.1-8B-Instruct"));
+    assert_eq!(r.requests_running, Some(22.0));
+    assert_eq!(r.requests_waiting, Some(5.0));
+    assert!(
+        close(r.kv_cache_usage_ratio, 0.42),
+        "{:?}",
+        r.kv_cache_usage_ratio
+    );
+    assert_eq!(r.kv_capacity_tokens, Some(2.0 * 27_000.0 * 16.0));
+    assert_eq!(r.preemptions_total, Some(5.0));
+    assert_eq!(r.prompt_tokens_total, Some(2_334_500.0));
+    assert_eq!(r.generation_tokens_total, Some(856_789.0));
+    assert_eq!(r.requests_finished_total, Some(5_500.0));
+    assert_eq!(
+        r.requests_arrived_total, None,
+        "vLLM exports no arrival counter"
+    );
+    let ttft = r.ttft_seconds.expect("TTFT");
+    assert_eq!(ttft.count(), 5_500);
+    assert!((ttft.sum() - 385.3).abs() < 1e-9);
+    assert_eq!(ttft.bounds().len(), 11);
+    let itl = r.itl_seconds.expect("ITL");
+    assert_eq!(itl.count(), 453_789 + 397_500);
+    assert_eq!(r.batch_limit, None);
+}
+
+#[test]
+fn vllm_0_10_legacy_names_are_read() {
+    let r = map(Framework::Vllm, "vllm-0.10-legacy.txt");
+    assert_eq!(r.model.as_deref(), Some("Qwen/Qwen2.5-7B-Instruct"));
+    assert_eq!(r.requests_running, Some(7.0));
+    assert_eq!(
+        r.requests_waiting,
+        Some(0.0),
+        "zero is a value, not missing"
+    );
+    assert_eq!(r.kv_cache_usage_ratio, Some(0.125), "gpu_cache_usage_perc");
+    let itl = r
+        .itl_seconds
+        .expect("ITL from time_per_output_token_seconds");
+    assert_eq!(itl.count(), 25_400);
+    assert_eq!(r.kv_capacity_tokens, Some(480_000.0));
+    assert_eq!(r.requests_finished_total, Some(200.0));
+}
+
+#[test]
+fn sglang_0_5_counts_tensor_parallel_rank_zero_only() {
+    let r = map(Framework::Sglang, "sglang-0.5.txt");
+    assert_eq!(r.model.as_deref(), Some("Qwen/Qwen3-32B"));
+    assert_eq!(r.requests_running, Some(24.0));
+    assert_eq!(r.requests_waiting, Some(6.0));
+    assert_eq!(r.kv_cache_usage_ratio, Some(0.61));
+    assert_eq!(r.kv_capacity_tokens, Some(330_000.0));
+    assert_eq!(r.prompt_tokens_total, Some(5.5e6));
+    assert_eq!(r.generation_tokens_total, Some(1.8e6));
+    assert_eq!(r.requests_finished_total, Some(9_100.0));
+    assert_eq!(r.ttft_seconds.expect("TTFT").count(), 9_100);
+    assert_eq!(r.itl_seconds.expect("ITL").count(), 1_790_000);
+    assert_eq!(
+        r.preemptions_total, None,
+        "retractions are a gauge, not a counter"
+    );
+}
+
+#[test]
+fn tgi_3_3_derives_kv_use_and_tokens_from_histograms() {
+    let r = map(Framework::Tgi, "tgi-3.3.txt");
+    assert_eq!(r.model, None, "TGI has no model label");
+    assert_eq!(r.requests_waiting, Some(9.0));
+    assert_eq!(r.requests_running, Some(32.0));
+    assert_eq!(r.kv_cache_usage_ratio, Some(61_440.0 / 163_840.0));
+    assert_eq!(r.kv_capacity_tokens, Some(163_840.0));
+    assert_eq!(r.prompt_tokens_total, Some(702_100.0));
+    assert_eq!(r.generation_tokens_total, Some(238_000.0));
+    assert_eq!(r.requests_arrived_total, Some(1_250.0));
+    assert_eq!(r.requests_finished_total, Some(1_190.0));
+    assert_eq!(r.ttft_seconds, None, "TGI has no TTFT histogram");
+    assert_eq!(r.itl_seconds.expect("mean time per token").count(), 1_190);
+}
+
+#[test]
+fn triton_with_trtllm_reads_the_ensemble_and_the_batcher() {
+    let r = map(Framework::TritonTrtllm, "triton-trtllm.txt");
+    assert_eq!(r.model.as_deref(), Some("ensemble"));
+    assert_eq!(r.requests_waiting, Some(4.0));
+    assert_eq!(r.requests_running, Some(30.0));
+    assert_eq!(r.batch_limit, Some(64));
+    assert_eq!(r.kv_cache_usage_ratio, Some(0.5));
+    assert_eq!(r.kv_capacity_tokens, Some(4_096.0 * 64.0));
+    assert_eq!(r.prompt_tokens_total, Some(2_150_400.0));
+    assert_eq!(r.generation_tokens_total, Some(537_600.0));
+    assert_eq!(
+        r.requests_finished_total,
+        Some(4_200.0),
+        "the ensemble's steps are not counted again"
+    );
+    let ttft = r.ttft_seconds.expect("first-response histogram");
+    assert_eq!(ttft.count(), 4_200);
+    assert_eq!(ttft.bounds(), &[0.1, 0.5, 2.0, f64::INFINITY]);
+    assert!((ttft.sum() - 336.0).abs() < 1e-9);
+    assert_eq!(r.itl_seconds, None);
+}
+
+#[test]
+fn trtllm_serve_maps_its_own_names() {
+    let r = map(Framework::TrtllmServe, "trtllm-serve.txt");
+    assert_eq!(
+        r.model.as_deref(),
+        Some("meta-llama/Llama-3.1-70B-Instruct")
+    );
+    assert_eq!(r.requests_running, Some(48.0));
+    assert_eq!(r.requests_waiting, Some(11.0));
+    assert_eq!(r.kv_cache_usage_ratio, Some(0.875));
+    assert_eq!(r.kv_capacity_tokens, Some(8_192.0 * 32.0));
+    assert_eq!(r.prompt_tokens_total, Some(9.8e6));
+    assert_eq!(r.generation_tokens_total, Some(2.45e6));
+    assert_eq!(r.requests_finished_total, Some(10_240.0));
+    assert_eq!(r.ttft_seconds.expect("TTFT").count(), 10_240);
+    assert_eq!(r.itl_seconds.expect("TPOT").count(), 10_240);
+}
+
+#[test]
+fn llama_cpp_reports_queue_batch_and_tokens_only() {
+    let r = map(Framework::LlamaCpp, "llamacpp.txt");
+    assert_eq!(r.requests_running, Some(4.0));
+    assert_eq!(r.requests_waiting, Some(1.0));
+    assert_eq!(r.prompt_tokens_total, Some(48_213.0));
+    assert_eq!(r.generation_tokens_total, Some(19_877.0));
+    assert_eq!(
+        r.kv_cache_usage_ratio, None,
+        "removed from llama.cpp in PR #13660"
+    );
+    assert_eq!(r.ttft_seconds, None);
+    assert_eq!(r.requests_finished_total, None);
+}
+
+#[test]
+fn a_framework_reads_nothing_from_another_frameworks_text() {
+    let r = map(Framework::Sglang, "vllm-0.33.txt");
+    assert_eq!(r, EngineReading::default());
+}
