@@ -114,6 +114,9 @@ struct DecisionInputs {
     min_replicas: u32,
     max_replicas: u32,
     schedules_open: Vec<String>,
+    /// The combined recommendation after bounds, tolerance, consolidation,
+    /// panic and cooldown: what the behaviour layer stabilized and limited.
+    proposed: u32,
     prediction_at_desired: Option<Prediction>,
 }
 
@@ -311,7 +314,7 @@ impl Policy {
             }
         }
         let short_rps = if fresh { arrival } else { None };
-        if let Some(trigger) = &panic_trigger {
+        if panic_trigger.is_some() {
             let drain = if in_flight == 0 {
                 waiting_now.unwrap_or(0.0) / (cfg.cold_start_s + cfg.ttft.threshold_s)
             } else {
@@ -326,7 +329,6 @@ impl Policy {
             });
             p.last_trigger = now;
             p.max_replicas = p.max_replicas.max(n);
-            let _ = trigger;
         } else if let Some(p) = self.panic
             && now.secs_since(p.last_trigger) > stable_window
         {
@@ -421,7 +423,6 @@ impl Policy {
                 effect.open.join(", ")
             ));
         }
-        let raw = proposed;
         if proposed < min_eff {
             limits.push(format!("minReplicas {min_eff} raises {proposed}"));
             proposed = min_eff;
@@ -495,6 +496,7 @@ impl Policy {
             }
         }
         // Behaviour: HPA-exact stabilization and rate policies.
+        let proposed_to_behavior = proposed;
         let mut desired = if current > max_eff {
             limits.push(format!("current {current} above maxReplicas {max_eff}"));
             max_eff
@@ -555,7 +557,6 @@ impl Policy {
         if !any {
             winner = Source::Hold;
         }
-        let _ = raw;
         let inputs = DecisionInputs {
             telemetry_age_s,
             current,
@@ -576,6 +577,7 @@ impl Policy {
             min_replicas: min_eff,
             max_replicas: max_eff,
             schedules_open: effect.open,
+            proposed: proposed_to_behavior,
             prediction_at_desired: stable_rps.map(|r| sizer.predict(desired, r, cfg.ttft.quantile)),
         };
         Decision {
