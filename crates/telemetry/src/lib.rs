@@ -14,10 +14,12 @@ pub mod fake;
 pub mod nvml;
 pub mod pod_resources;
 pub mod prom_text;
+pub mod push;
 pub mod source;
 
 pub use engine::{EngineTarget, ScrapeConfig, ScrapeEngineSource, ScrapeStats};
 pub use error::TelemetryError;
 pub use nvml::{NvmlConfig, NvmlSource, NvmlStats};
 pub use pod_resources::{PodResourcesConfig, PodResourcesSource, PodResourcesStats};
+pub use push::{LimitsHandle, PushConfig, PushEngineSource, PushService, push_source};
 pub use source::{EngineSource, GpuSource, PodGpuSource, SourceError};
