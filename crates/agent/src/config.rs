@@ -1,0 +1,317 @@
+//! The agent's configuration: command-line flags ([`AgentArgs`]) and the
+//! validated [`AgentConfig`] the library runs with.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gpuscale_core::NodeName;
+use gpuscale_telemetry::fake::FakeNodeConfig;
+
+use crate::backoff::BackoffConfig;
+use crate::error::AgentError;
+
+/// Shortest and longest sampling interval.
+pub const INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_millis(10), Duration::from_secs(3600));
+
+/// What an agent runs with. Build it with [`AgentConfig::new`] and adjust the
+/// public fields; [`crate::Agent::new`] validates it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// The scaler's gRPC endpoint, `http://host:port` or `https://host:port`.
+    pub scaler_url: String,
+    /// This node's name as the scaler will know it.
+    pub node_name: NodeName,
+    /// How often every source is sampled (the scaler may change it).
+    pub sample_interval: Duration,
+    /// Where to serve `/metrics` and `/healthz`; `None`: not served.
+    pub metrics_addr: Option<SocketAddr>,
+    pub backoff: BackoffConfig,
+    /// Longest wait for a TCP connection to the scaler.
+    pub connect_timeout: Duration,
+    /// Longest wait for one source in one round before it counts as failed.
+    pub source_timeout: Duration,
+    /// Reported in the agent's health: whether NVML was loaded.
+    pub nvml_available: bool,
+    /// Reported in the agent's health: whether the PodResources API answers.
+    pub pod_resources_available: bool,
+}
+
+impl AgentConfig {
+    /// Defaults: 1 s interval, no metrics endpoint, 250 ms → 30 s backoff,
+    /// 5 s connect timeout, 5 s source timeout.
+    pub fn new(scaler_url: impl Into<String>, node_name: impl Into<String>) -> Self {
+        Self {
+            scaler_url: scaler_url.into(),
+            node_name: NodeName::new(node_name),
+            sample_interval: Duration::from_secs(1),
+            metrics_addr: None,
+            backoff: BackoffConfig::default(),
+            connect_timeout: Duration::from_secs(5),
+            source_timeout: Duration::from_secs(5),
+            nvml_available: false,
+            pod_resources_available: false,
+        }
+    }
+
+    /// Checks every field; the error names the field, the value and what is allowed.
+    pub fn validate(&self) -> Result<(), AgentError> {
+        validate_url(&self.scaler_url, "--scaler")?;
+        let name = self.node_name.as_str();
+        if name.is_empty()
+            || name.len() > 253
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        {
+            return Err(AgentError::config(
+                "--node-name",
+                name,
+                "1..=253 characters of letters, digits, '-', '.', '_'",
+            ));
+        }
+        check_interval("--interval", self.sample_interval)?;
+        self.backoff.validate()?;
+        for (field, d) in [
+            ("connect_timeout", self.connect_timeout),
+            ("source_timeout", self.source_timeout),
+        ] {
+            if d.is_zero() || d > Duration::from_secs(600) {
+                return Err(AgentError::config(
+                    field,
+                    format!("{d:?}"),
+                    "more than 0 and at most 10m",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn check_interval(field: &str, d: Duration) -> Result<(), AgentError> {
+    if d < INTERVAL_RANGE.0 || d > INTERVAL_RANGE.1 {
+        return Err(AgentError::config(field, format!("{d:?}"), "10ms..=1h"));
+    }
+    Ok(())
+}
+
+fn validate_url(url: &str, flag: &str) -> Result<(), AgentError> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    let ok = match rest {
+        Some(rest) => {
+            let host_port = rest.trim_end_matches('/');
+            !host_port.is_empty() && !host_port.contains('/') && !host_port.contains(' ')
+        }
+        None => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::config(
+            flag,
+            url,
+            "an http:// or https:// URL with a host and optional port, e.g. http://gpuscale-scaler:7070",
+        ))
+    }
+}
+
+/// Parses durations such as `500ms`, `1s`, `1.5s`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration; use e.g. 500ms, 1s, 2m, 1h"))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => {
+            return Err(format!(
+                "`{s}` has no known unit; use ms, s, m or h (e.g. 500ms, 1s)"
+            ));
+        }
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(format!("`{s}` is too long"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `gpuscale agent` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// The scaler's gRPC endpoint, e.g. http://gpuscale-scaler:7070.
+    #[arg(long, value_name = "URL", env = "GPUSCALE_SCALER_URL")]
+    pub scaler: String,
+    /// This node's name; defaults to $NODE_NAME, then the host name.
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Sampling interval (10ms..=1h), e.g. 500ms, 1s, 2m.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration, env = "GPUSCALE_INTERVAL")]
+    pub interval: Duration,
+    /// Simulate the node from this YAML or JSON file (GPUs, engines, load
+    /// curve) instead of reading NVML and engines.
+    #[arg(long, value_name = "FILE", env = "GPUSCALE_FAKE_CONFIG")]
+    pub fake_config: Option<PathBuf>,
+    /// Serve /metrics and /healthz on this address; `off` disables it.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "0.0.0.0:9400",
+        env = "GPUSCALE_METRICS_ADDR"
+    )]
+    pub metrics_addr: String,
+    /// First reconnect delay; doubles per failed attempt up to --backoff-cap.
+    #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = parse_duration)]
+    pub backoff_base: Duration,
+    /// Longest reconnect delay.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub backoff_cap: Duration,
+}
+
+impl AgentArgs {
+    /// The validated configuration these flags describe, and the fake node
+    /// configuration when `--fake-config` is given.
+    pub fn to_config(&self) -> Result<(AgentConfig, Option<FakeNodeConfig>), AgentError> {
+        let node_name = match &self.node_name {
+            Some(n) => n.clone(),
+            None => host_name().ok_or_else(|| {
+                AgentError::config(
+                    "--node-name",
+                    "",
+                    "a node name: pass --node-name or set NODE_NAME (the host name could not be read)",
+                )
+            })?,
+        };
+        let mut config = AgentConfig::new(self.scaler.clone(), node_name);
+        config.sample_interval = self.interval;
+        config.metrics_addr = match self.metrics_addr.as_str() {
+            "off" | "" => None,
+            addr => Some(addr.parse().map_err(|_| {
+                AgentError::config(
+                    "--metrics-addr",
+                    addr,
+                    "an IP:port such as 0.0.0.0:9400, or `off`",
+                )
+            })?),
+        };
+        config.backoff.base = self.backoff_base;
+        config.backoff.cap = self.backoff_cap;
+        if config.backoff.base > config.backoff.cap {
+            return Err(AgentError::config(
+                "--backoff-base",
+                format!("{:?}", self.backoff_base),
+                format!("at most --backoff-cap ({:?})", self.backoff_cap),
+            ));
+        }
+        if config.backoff.cap > Duration::from_secs(3600) {
+            return Err(AgentError::config(
+                "--backoff-cap",
+                format!("{:?}", self.backoff_cap),
+                "at most 1h",
+            ));
+        }
+        if self.backoff_base.is_zero() {
+            return Err(AgentError::config("--backoff-base", "0s", "more than 0"));
+        }
+        config.validate()?;
+        let fake = self
+            .fake_config
+            .as_ref()
+            .map(|p| load_fake_config(p))
+            .transpose()?;
+        Ok((config, fake))
+    }
+}
+
+/// Reads a fake node configuration from YAML or JSON (JSON is YAML).
+pub fn load_fake_config(path: &std::path::Path) -> Result<FakeNodeConfig, AgentError> {
+    let text = std::fs::read_to_string(path).map_err(|e| AgentError::ConfigFile {
+        flag: "--fake-config",
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let config: FakeNodeConfig =
+        serde_yaml::from_str(&text).map_err(|e| AgentError::ConfigFile {
+            flag: "--fake-config",
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+    config.validate().map_err(|e| AgentError::ConfigFile {
+        flag: "--fake-config",
+        path: path.display().to_string(),
+        message: e.message,
+    })?;
+    Ok(config)
+}
+
+fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("10").expect_err("no unit").contains("unit"));
+        assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn bad_url_and_interval_name_the_flag() {
+        let mut c = AgentConfig::new("gpuscale-scaler:7070", "node-a");
+        let e = c.validate().expect_err("no scheme").to_string();
+        assert!(e.contains("--scaler") && e.contains("http://"), "{e}");
+        c.scaler_url = "http://scaler:7070".into();
+        c.sample_interval = Duration::from_millis(1);
+        let e = c.validate().expect_err("too short").to_string();
+        assert!(e.contains("--interval") && e.contains("10ms..=1h"), "{e}");
+        c.sample_interval = Duration::from_secs(1);
+        c.node_name = NodeName::new("bad name");
+        assert!(
+            c.validate()
+                .expect_err("space")
+                .to_string()
+                .contains("--node-name")
+        );
+    }
+
+    #[test]
+    fn fake_config_file_errors_name_the_flag_and_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.yaml");
+        std::fs::write(&path, "gpus: [{count: 0}]\n").expect("write");
+        let e = load_fake_config(&path).expect_err("zero GPUs").to_string();
+        assert!(
+            e.contains("--fake-config") && e.contains("gpus[0].count"),
+            "{e}"
+        );
+        std::fs::write(&path, "gpus: [{count: 2}]\nengines: [{pod: a, model: m}]\n")
+            .expect("write");
+        let c = load_fake_config(&path).expect("valid");
+        assert_eq!(c.gpus[0].count, 2);
+        std::fs::write(&path, "{\"gpus\": [{\"count\": 1}], \"extra\": 1}").expect("write");
+        let e = load_fake_config(&path)
+            .expect_err("unknown field")
+            .to_string();
+        assert!(e.contains("extra"), "{e}");
+    }
+}
