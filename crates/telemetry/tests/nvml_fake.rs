@@ -423,3 +423,28 @@ async fn mig_devices_share_the_health_of_their_parent() {
         }
     );
 }
+
+#[tokio::test]
+async fn an_error_mid_run_is_counted_and_the_metric_recovers() {
+    let fake = FakeNvml::new(&config(vec![h200()]));
+    let mut src = source(&fake);
+    src.sample_gpus(at(0.0)).await.unwrap();
+
+    let mut dev = h200();
+    dev["metrics"]["temperature_c"] = json!("UNKNOWN");
+    fake.set_config(&config(vec![dev]));
+    let gpus = src.sample_gpus(at(1.0)).await.unwrap();
+    assert_eq!(gpus[0].metrics.temperature_celsius, None);
+    assert_eq!(
+        gpus[0].metrics.power_watts,
+        Some(350.5),
+        "the rest still reads"
+    );
+    assert_eq!(gpus[0].metrics.health, GpuHealth::Healthy);
+    assert_eq!(src.stats().errors_by_kind.get("other"), Some(&1));
+
+    // Not remembered as unsupported: read again next tick.
+    fake.set_config(&config(vec![h200()]));
+    let gpus = src.sample_gpus(at(2.0)).await.unwrap();
+    assert_eq!(gpus[0].metrics.temperature_celsius, Some(45.0));
+}
