@@ -36,6 +36,10 @@ pub const ANNOTATION_HEALTH_PATH: &str = "gpuscale.dev/health-path";
 /// Pod annotation: the served model name, for frameworks whose metrics carry none.
 pub const ANNOTATION_MODEL: &str = "gpuscale.dev/model";
 
+/// The namespace of an engine given by a flag without a pod (the pod name is
+/// then the engine's `host:port`).
+pub const STATIC_TARGET_NAMESPACE: &str = "static";
+
 /// Framework names accepted in annotations and flags.
 pub const FRAMEWORK_NAMES: &str = "vllm, sglang, tgi, triton-trtllm, trtllm-serve, llama-cpp";
 
@@ -205,7 +209,8 @@ impl EngineTarget {
     /// A target from a flag: `[namespace/pod=]framework=url`, e.g.
     /// `vllm=http://127.0.0.1:8000/metrics` or
     /// `llm/vllm-0=vllm=http://10.0.0.5:8000/metrics`. Without a pod the
-    /// engine is named by its address (namespace empty). The health URL is
+    /// engine is named by its address, in namespace
+    /// [`STATIC_TARGET_NAMESPACE`]. The health URL is
     /// the framework's default on the same host and port.
     pub fn parse_flag(flag: &str) -> Result<EngineTarget, TelemetryError> {
         let field = "--engine";
@@ -230,7 +235,12 @@ impl EngineTarget {
         let url = url.trim();
         check_url(field, url)?;
         let origin = origin(url).ok_or_else(|| bad("an http:// URL"))?;
-        let pod = pod.unwrap_or_else(|| PodRef::new("", origin.trim_start_matches("http://")));
+        let pod = pod.unwrap_or_else(|| {
+            PodRef::new(
+                STATIC_TARGET_NAMESPACE,
+                origin.trim_start_matches("http://"),
+            )
+        });
         Ok(EngineTarget {
             pod,
             container: String::new(),
@@ -347,7 +357,10 @@ mod tests {
     #[test]
     fn flags_parse_with_and_without_a_pod() {
         let t = EngineTarget::parse_flag("vllm=http://127.0.0.1:8000/metrics").unwrap();
-        assert_eq!(t.pod, PodRef::new("", "127.0.0.1:8000"));
+        assert_eq!(
+            t.pod,
+            PodRef::new(STATIC_TARGET_NAMESPACE, "127.0.0.1:8000")
+        );
         assert_eq!(
             t.health_url.as_deref(),
             Some("http://127.0.0.1:8000/health")
