@@ -28,7 +28,11 @@ pub struct SourceError {
 }
 
 impl SourceError {
-    pub fn new(source_name: impl Into<String>, kind: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        source_name: impl Into<String>,
+        kind: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             source_name: source_name.into(),
             kind,
