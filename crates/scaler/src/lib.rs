@@ -2,5 +2,434 @@
 //!
 //! Ingests the agents' streams (handlers validate, convert and hand over to
 //! one task that owns all state), keeps short windows per node, GPU, pod and
-//! model, asks the policy for a decision per workload every tick, and
-//! publishes decisions on its gRPC APIs and as Prometheus metrics.
+//! model, asks a decider for each configured workload every tick, acts on
+//! non-advisory decisions through an [`Actuator`], and publishes a read-only
+//! [`StateView`] for every reader, plus `/metrics`, `/healthz`, `/readyz`,
+//! gRPC health and reflection.
+//!
+//! Not for: talking to Kubernetes (an [`Actuator`] implementation does),
+//! reading GPUs or engines (agents do), the decision math (the policy crate).
+//!
+//! # Running one in-process
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), gpuscale_scaler::ScalerError> {
+//! use gpuscale_scaler::{Scaler, ScalerConfig};
+//!
+//! let config = ScalerConfig::new("127.0.0.1:0".parse().expect("address"));
+//! let running = Scaler::new(config).start().await?;
+//! let url = format!("http://{}", running.grpc_addr()); // for agents
+//! let mut view = running.handle().view();              // watch::Receiver<Arc<StateView>>
+//! view.changed().await.ok();
+//! println!("{} nodes", view.borrow().nodes.len());
+//! running.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! **Architecture invariants.** One task owns all state ([`state`]); it
+//! applies commands from one bounded queue and never awaits an agent. gRPC
+//! stream tasks own only their stream ([`ingest`]). Readers get
+//! `Arc<StateView>` through a `watch` channel: no lock is held across an
+//! `.await`. Windows ([`window`]), observation assembly ([`observe`]) and the
+//! proportional decider are pure and take time as an argument.
+
+pub mod actuate;
+mod clock;
+pub mod config;
+pub mod decide;
+pub mod error;
+mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod observe;
+mod state;
+pub mod view;
+pub mod window;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use gpuscale_core::{NodeName, PodRef};
+use gpuscale_proto::Directive;
+use gpuscale_proto::v1::agent_service_server::AgentServiceServer;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tonic::service::Routes;
+use tonic::transport::server::TcpIncoming;
+
+pub use actuate::{ActuateFuture, Actuator, LoggingActuator};
+pub use clock::Clock;
+pub use config::{ScalerArgs, ScalerConfig, ScalerFile, WorkloadDef};
+pub use decide::{Decider, ProportionalDecider, build_decider};
+pub use error::ScalerError;
+pub use http::OPENMETRICS_CONTENT_TYPE;
+pub use metrics::ScalerMetrics;
+pub use view::{EngineView, GpuView, ModelView, NodeView, StateView, WorkloadView};
+
+use crate::ingest::Ingest;
+use crate::state::{Command, State, StateConfig};
+
+/// Adds extra gRPC services (the public APIs) to the scaler's port: gets the
+/// handle and the scaler's own routes, returns them with its services added
+/// (`routes.add_service(...)`).
+pub type ServiceBuilder = Box<dyn FnOnce(&ScalerHandle, Routes) -> Routes + Send>;
+
+/// A scaler to start: configuration, actuator, optional extra services.
+pub struct Scaler {
+    config: ScalerConfig,
+    actuator: Arc<dyn Actuator>,
+    clock: Option<Clock>,
+    services: Option<ServiceBuilder>,
+}
+
+impl std::fmt::Debug for Scaler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scaler")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Scaler {
+    /// A scaler acting through a [`LoggingActuator`] (standalone).
+    pub fn new(config: ScalerConfig) -> Self {
+        Self {
+            config,
+            actuator: Arc::new(LoggingActuator::new()),
+            clock: None,
+            services: None,
+        }
+    }
+
+    /// Act through `actuator` (the Kubernetes controller, the demo's fleet).
+    pub fn with_actuator(mut self, actuator: Arc<dyn Actuator>) -> Self {
+        self.actuator = actuator;
+        self
+    }
+
+    /// Use `clock` instead of the system clock (simulations).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Serve more gRPC services on the scaler's port: `build` gets the
+    /// handle (for the state view) and the scaler's [`Routes`], and returns
+    /// them with its own services added.
+    pub fn with_services(
+        mut self,
+        build: impl FnOnce(&ScalerHandle, Routes) -> Routes + Send + 'static,
+    ) -> Self {
+        self.services = Some(Box::new(build));
+        self
+    }
+
+    /// Binds the listeners and starts every task on the current runtime.
+    pub async fn start(self) -> Result<RunningScaler, ScalerError> {
+        let config = self.config;
+        config.validate()?;
+        let clock = self.clock.unwrap_or_else(Clock::start);
+        let metrics = Arc::new(ScalerMetrics::new());
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ScalerError::Bind {
+                what: "gRPC",
+                addr: config.listen,
+                source,
+            })?;
+        let grpc_addr = listener.local_addr().map_err(|source| ScalerError::Bind {
+            what: "gRPC",
+            addr: config.listen,
+            source,
+        })?;
+        let http_listener =
+            match config.metrics_addr {
+                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(
+                    |source| ScalerError::Bind {
+                        what: "metrics",
+                        addr,
+                        source,
+                    },
+                )?),
+                None => None,
+            };
+        let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+        let (commands_tx, commands_rx) = mpsc::channel(config.ingest_queue);
+        let (view_tx, view_rx) = watch::channel(Arc::new(StateView {
+            published_at: clock.now(),
+            ..StateView::default()
+        }));
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (serving_tx, serving_rx) = watch::channel(false);
+        let handle = ScalerHandle {
+            commands: commands_tx.clone(),
+            view: view_rx.clone(),
+            metrics: metrics.clone(),
+        };
+        let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
+
+        let state = State::new(
+            StateConfig {
+                window: config.window,
+                node_ttl: config.node_ttl,
+            },
+            metrics.clone(),
+            config
+                .workloads
+                .iter()
+                .map(|w| (w.workload.clone(), w.labels.clone())),
+        );
+        tasks.push((
+            "state",
+            tokio::spawn(state::run(
+                state,
+                commands_rx,
+                view_tx,
+                clock,
+                shutdown_rx.clone(),
+            )),
+        ));
+        let decide = decide::DecideLoop::new(
+            &config.workloads,
+            view_rx.clone(),
+            commands_tx.clone(),
+            self.actuator.clone(),
+            clock,
+            config.tick,
+            metrics.clone(),
+            shutdown_rx.clone(),
+        );
+        tasks.push(("decide", tokio::spawn(decide.run())));
+
+        let ingest = Ingest {
+            commands: commands_tx,
+            metrics: metrics.clone(),
+            ingest_wait: config.ingest_wait,
+            stream_outbound: config.stream_outbound,
+            max_message_bytes: config.max_message_bytes,
+            next_stream: Arc::new(AtomicU64::new(1)),
+            shutdown: shutdown_rx.clone(),
+        };
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<AgentServiceServer<Ingest>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(gpuscale_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ScalerError::Serve(format!("reflection: {e}")))?;
+        let mut routes = Routes::new(health_service)
+            .add_service(reflection)
+            .add_service(
+                AgentServiceServer::new(ingest).max_decoding_message_size(config.max_message_bytes),
+            );
+        if let Some(build) = self.services {
+            routes = build(&handle, routes);
+        }
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_routes(routes);
+        let mut stop = shutdown_rx.clone();
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        tasks.push((
+            "gRPC server",
+            tokio::spawn(async move {
+                let serve = router.serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                });
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "gRPC server failed");
+                }
+            }),
+        ));
+        serving_tx.send_replace(true);
+
+        if let Some(listener) = http_listener {
+            let router = http::router(http::HttpState {
+                metrics: metrics.clone(),
+                view: view_rx.clone(),
+                serving: serving_rx,
+                clock,
+            });
+            let mut stop = shutdown_rx.clone();
+            tasks.push((
+                "metrics server",
+                tokio::spawn(async move {
+                    let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    });
+                    if let Err(e) = serve.await {
+                        tracing::error!(error = %e, "metrics server failed");
+                    }
+                }),
+            ));
+        }
+        tracing::info!(grpc = %grpc_addr, metrics = ?http_addr, workloads = config.workloads.len(), node_ttl_s = config.node_ttl.as_secs_f64(), "scaler serving");
+        Ok(RunningScaler {
+            grpc_addr,
+            http_addr,
+            handle,
+            health,
+            serving: serving_tx,
+            shutdown: shutdown_tx,
+            tasks,
+        })
+    }
+}
+
+/// A started scaler.
+#[derive(Debug)]
+pub struct RunningScaler {
+    grpc_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    handle: ScalerHandle,
+    health: tonic_health::server::HealthReporter,
+    serving: watch::Sender<bool>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+/// How long shutdown waits for the servers to close their connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+impl RunningScaler {
+    /// The bound gRPC address (agents connect to `http://{grpc_addr}`).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+    /// The bound `/metrics` address, if served.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+    pub fn handle(&self) -> &ScalerHandle {
+        &self.handle
+    }
+    /// The state view: the current value, then every publication.
+    pub fn view(&self) -> watch::Receiver<Arc<StateView>> {
+        self.handle.view()
+    }
+
+    /// Ends every agent stream with `UNAVAILABLE`, stops the servers and the
+    /// tasks, and waits for them (servers at most a few seconds).
+    pub async fn shutdown(self) -> Result<(), ScalerError> {
+        self.serving.send_replace(false);
+        self.health
+            .set_not_serving::<AgentServiceServer<Ingest>>()
+            .await;
+        self.shutdown.send_replace(true);
+        let mut first_error = None;
+        for (task, mut join) in self.tasks {
+            let joined = match tokio::time::timeout(SHUTDOWN_GRACE, &mut join).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(task, "did not stop within the grace period; aborting");
+                    join.abort();
+                    join.await
+                }
+            };
+            if let Err(e) = joined
+                && !e.is_cancelled()
+            {
+                first_error.get_or_insert(ScalerError::Task {
+                    task,
+                    message: e.to_string(),
+                });
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone). Holds no
+/// borrow of the channel when it returns, so it can sit in a `select!`
+/// whose other branches await.
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// What readers and actuators use: the state view and requests to agents.
+#[derive(Debug, Clone)]
+pub struct ScalerHandle {
+    commands: mpsc::Sender<Command>,
+    view: watch::Receiver<Arc<StateView>>,
+    metrics: Arc<ScalerMetrics>,
+}
+
+impl ScalerHandle {
+    /// The state view: the current value, then every publication. Borrow
+    /// briefly (`view.borrow().clone()`); never hold the borrow across `.await`.
+    pub fn view(&self) -> watch::Receiver<Arc<StateView>> {
+        self.view.clone()
+    }
+    /// The newest published view.
+    pub fn current(&self) -> Arc<StateView> {
+        self.view.borrow().clone()
+    }
+    pub fn metrics(&self) -> &Arc<ScalerMetrics> {
+        &self.metrics
+    }
+
+    async fn directive(&self, pod: &PodRef, directive: Directive) -> Result<NodeName, ScalerError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Directive {
+                pod: pod.clone(),
+                directive,
+                reply: Some(tx),
+            })
+            .await
+            .map_err(|_| ScalerError::ShuttingDown)?;
+        rx.await.map_err(|_| ScalerError::ShuttingDown)?
+    }
+
+    /// Asks the agent of the node running `pod` to take it out of routing.
+    /// Returns the node. Standing: sent again whenever the agent reconnects.
+    pub async fn drain_pod(&self, pod: &PodRef, reason: &str) -> Result<NodeName, ScalerError> {
+        self.directive(
+            pod,
+            Directive::DrainPod {
+                pod: pod.clone(),
+                reason: reason.to_string(),
+            },
+        )
+        .await
+    }
+
+    /// Puts a drained pod back into routing.
+    pub async fn undrain_pod(&self, pod: &PodRef) -> Result<NodeName, ScalerError> {
+        self.directive(pod, Directive::UndrainPod { pod: pod.clone() })
+            .await
+    }
+
+    /// Publishes a batch limit to the pod's engine through its agent.
+    pub async fn set_batch_limit(
+        &self,
+        pod: &PodRef,
+        batch_limit: u32,
+    ) -> Result<NodeName, ScalerError> {
+        self.directive(
+            pod,
+            Directive::SetBatchLimit {
+                pod: pod.clone(),
+                batch_limit,
+            },
+        )
+        .await
+    }
+}
+
+/// `gpuscale scaler`: runs until `shutdown` completes.
+pub async fn run_from_args(
+    args: &ScalerArgs,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ScalerError> {
+    let config = args.to_config()?;
+    let running = Scaler::new(config).start().await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    running.shutdown().await
+}

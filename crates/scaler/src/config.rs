@@ -1,0 +1,693 @@
+//! The scaler's configuration: flags ([`ScalerArgs`]), the configuration file
+//! ([`ScalerFile`], YAML or JSON), and the validated [`ScalerConfig`].
+//!
+//! The file names the workloads the scaler decides for when it runs without
+//! Kubernetes (standalone), which engines belong to each, and how to decide:
+//!
+//! ```yaml
+//! tick: 2s            # how often every workload is decided (default 2s)
+//! window: 30s         # span of the rate and latency windows (default 30s)
+//! workloads:
+//!   - name: chat
+//!     namespace: default          # default "default"
+//!     labels: {tier: prod}        # for selectors of the public API
+//!     engines: {model: llama-3-8b, namespace: default}   # at least one of the two
+//!     # Either the full policy (the InferenceAutoscaler spec, camelCase):
+//!     policy:
+//!       target: {name: chat}
+//!       maxReplicas: 8
+//!       performanceModel: {preset: h200-llama3-8b-bf16}
+//!   - name: batch
+//!     engines: {model: mistral-7b}
+//!     # or a proportional rule on generated tokens per second:
+//!     proportional:
+//!       capacityTokensPerSecond: 2500    # per replica
+//!       targetUtilization: 0.8           # default 0.8
+//!       minReplicas: 1                   # default 1
+//!       maxReplicas: 8
+//!       scaleDownStabilization: 60s      # default 60s
+//!       tolerance: 0.1                   # default 0.1
+//!       staleAfter: 30s                  # default 30s
+//!       advisory: false                  # default false
+//! ```
+//!
+//! A `policy.performanceModel.profileFile` path is read relative to the
+//! configuration file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gpuscale_core::WorkloadRef;
+use gpuscale_policy::config::PerfModelSource;
+use gpuscale_policy::{PerfModel, WorkloadConfig, WorkloadSpec};
+use serde::{Deserialize, Deserializer};
+
+use crate::error::ScalerError;
+
+/// Largest agent report the scaler decodes, bytes. The largest realistic
+/// snapshot (8 GPUs as 56 MIG devices, 64 engines with two 26-bucket
+/// histograms each) encodes to about 100 KiB; 1 MiB leaves a tenfold margin
+/// and bounds what one stream can make the scaler allocate.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Everything the scaler runs with, validated.
+#[derive(Debug, Clone)]
+pub struct ScalerConfig {
+    /// gRPC listen address (agents, health, reflection, public APIs).
+    pub listen: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`; `None`: not served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// A node that has not reported for this long is forgotten.
+    pub node_ttl: Duration,
+    /// How often every workload is decided.
+    pub tick: Duration,
+    /// Span of the rate and latency windows.
+    pub window: Duration,
+    /// Capacity of the queue from the gRPC handlers to the state task.
+    pub ingest_queue: usize,
+    /// How long a stream waits for room in a full ingest queue before it is
+    /// ended with `UNAVAILABLE` (the agent backs off and coalesces).
+    pub ingest_wait: Duration,
+    /// Directives (and acknowledgements) queued per stream before the
+    /// scaler stops queuing for that agent.
+    pub stream_outbound: usize,
+    /// Largest report decoded, bytes.
+    pub max_message_bytes: usize,
+    /// The workloads decided in standalone mode.
+    pub workloads: Vec<WorkloadDef>,
+}
+
+impl ScalerConfig {
+    /// Defaults: node TTL 30 s, tick 2 s, window 30 s, ingest queue 1024,
+    /// 5 s ingest wait, 64 directives per stream, 1 MiB reports, no workloads.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            metrics_addr: None,
+            node_ttl: Duration::from_secs(30),
+            tick: Duration::from_secs(2),
+            window: Duration::from_secs(30),
+            ingest_queue: 1024,
+            ingest_wait: Duration::from_secs(5),
+            stream_outbound: 64,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            workloads: Vec::new(),
+        }
+    }
+
+    /// Checks every field; the error names the field, the value and what is allowed.
+    pub fn validate(&self) -> Result<(), ScalerError> {
+        let ranges: [(&str, Duration, Duration, Duration); 4] = [
+            (
+                "--node-ttl",
+                self.node_ttl,
+                Duration::from_millis(100),
+                Duration::from_secs(86_400),
+            ),
+            (
+                "tick",
+                self.tick,
+                Duration::from_millis(10),
+                Duration::from_secs(3600),
+            ),
+            (
+                "window",
+                self.window,
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            ),
+            (
+                "ingest_wait",
+                self.ingest_wait,
+                Duration::from_millis(1),
+                Duration::from_secs(600),
+            ),
+        ];
+        for (field, value, lo, hi) in ranges {
+            if value < lo || value > hi {
+                return Err(ScalerError::config(
+                    field,
+                    format!("{value:?}"),
+                    format!("{lo:?}..={hi:?}"),
+                ));
+            }
+        }
+        if !(1..=1_000_000).contains(&self.ingest_queue) {
+            return Err(ScalerError::config(
+                "ingest_queue",
+                self.ingest_queue.to_string(),
+                "1..=1000000",
+            ));
+        }
+        if !(1..=100_000).contains(&self.stream_outbound) {
+            return Err(ScalerError::config(
+                "stream_outbound",
+                self.stream_outbound.to_string(),
+                "1..=100000",
+            ));
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.max_message_bytes) {
+            return Err(ScalerError::config(
+                "max_message_bytes",
+                self.max_message_bytes.to_string(),
+                "1 KiB..=64 MiB",
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for w in &self.workloads {
+            if !seen.insert(w.workload.clone()) {
+                return Err(ScalerError::config(
+                    "workloads[].name",
+                    w.workload.to_string(),
+                    "each workload once",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which engines belong to a workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineSelector {
+    /// The engine's served model name, when set.
+    pub model: Option<String>,
+    /// The pod's namespace, when set.
+    pub namespace: Option<String>,
+}
+
+impl EngineSelector {
+    pub fn matches(&self, model: &str, namespace: &str) -> bool {
+        self.model.as_deref().is_none_or(|m| m == model)
+            && self.namespace.as_deref().is_none_or(|n| n == namespace)
+    }
+}
+
+/// A workload the scaler decides for in standalone mode.
+#[derive(Debug, Clone)]
+pub struct WorkloadDef {
+    pub workload: WorkloadRef,
+    pub labels: BTreeMap<String, String>,
+    pub selector: EngineSelector,
+    pub decider: DeciderConfig,
+}
+
+/// How a workload is decided.
+#[derive(Debug, Clone)]
+pub enum DeciderConfig {
+    /// The full policy (`gpuscale_policy::Policy`).
+    Policy {
+        config: Box<WorkloadConfig>,
+        model: Box<PerfModel>,
+    },
+    /// Replicas proportional to generated tokens per second.
+    Proportional(ProportionalConfig),
+}
+
+/// The proportional rule's parameters (validated).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProportionalConfig {
+    /// Generated tokens per second one replica sustains.
+    pub capacity_tokens_per_second: f64,
+    /// Fraction of the capacity to run at, 0 < t ≤ 1.
+    pub target_utilization: f64,
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    /// Scale-in follows the highest recommendation within this window.
+    pub scale_down_stabilization: Duration,
+    /// No change while desired/current is within 1 ± tolerance.
+    pub tolerance: f64,
+    /// Telemetry older than this holds the count.
+    pub stale_after: Duration,
+    pub advisory: bool,
+}
+
+// ---------------------------------------------------------------------------
+// The file.
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+/// The configuration file as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ScalerFile {
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub tick: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub window: Option<Duration>,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadFile {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub engines: EngineSelectorFile,
+    #[serde(default)]
+    pub policy: Option<Box<WorkloadSpec>>,
+    #[serde(default)]
+    pub proportional: Option<ProportionalFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EngineSelectorFile {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProportionalFile {
+    pub capacity_tokens_per_second: f64,
+    #[serde(default = "default_target_utilization")]
+    pub target_utilization: f64,
+    #[serde(default = "default_min_replicas")]
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    #[serde(default = "default_stabilization", deserialize_with = "duration")]
+    pub scale_down_stabilization: Duration,
+    #[serde(default = "default_tolerance")]
+    pub tolerance: f64,
+    #[serde(default = "default_stale_after", deserialize_with = "duration")]
+    pub stale_after: Duration,
+    #[serde(default)]
+    pub advisory: bool,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_target_utilization() -> f64 {
+    0.8
+}
+fn default_min_replicas() -> u32 {
+    1
+}
+fn default_stabilization() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_tolerance() -> f64 {
+    0.1
+}
+fn default_stale_after() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl ScalerFile {
+    /// Reads and parses a YAML or JSON file.
+    pub fn load(path: &Path) -> Result<Self, ScalerError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ScalerError::ConfigFile {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        serde_yaml::from_str(&text).map_err(|e| ScalerError::ConfigFile {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Validated workloads; profile files are read relative to `base_dir`.
+    pub fn workloads(&self, base_dir: &Path) -> Result<Vec<WorkloadDef>, ScalerError> {
+        self.workloads
+            .iter()
+            .enumerate()
+            .map(|(i, w)| w.validate(i, base_dir))
+            .collect()
+    }
+
+    /// Applies the file's settings to `config`.
+    pub fn apply(&self, config: &mut ScalerConfig, base_dir: &Path) -> Result<(), ScalerError> {
+        if let Some(t) = self.tick {
+            config.tick = t;
+        }
+        if let Some(w) = self.window {
+            config.window = w;
+        }
+        config.workloads = self.workloads(base_dir)?;
+        Ok(())
+    }
+}
+
+impl WorkloadFile {
+    fn validate(&self, i: usize, base_dir: &Path) -> Result<WorkloadDef, ScalerError> {
+        let at = |f: &str| format!("workloads[{i}].{f}");
+        if !is_dns_label(&self.name) {
+            return Err(ScalerError::config(
+                at("name"),
+                &self.name,
+                "a DNS label: 1..=63 lowercase letters, digits and '-'",
+            ));
+        }
+        if !is_dns_label(&self.namespace) {
+            return Err(ScalerError::config(
+                at("namespace"),
+                &self.namespace,
+                "a DNS label: 1..=63 lowercase letters, digits and '-'",
+            ));
+        }
+        let selector = EngineSelector {
+            model: self.engines.model.clone().filter(|m| !m.is_empty()),
+            namespace: self.engines.namespace.clone().filter(|n| !n.is_empty()),
+        };
+        if selector.model.is_none() && selector.namespace.is_none() {
+            return Err(ScalerError::config(
+                at("engines"),
+                "{}",
+                "at least one of `model` and `namespace`",
+            ));
+        }
+        let decider = match (&self.policy, &self.proportional) {
+            (Some(spec), None) => {
+                let config = spec
+                    .validate()
+                    .map_err(|e| ScalerError::config(at("policy"), "", e.to_string()))?;
+                let profile = match &config.perf_source {
+                    PerfModelSource::ProfileFile { path, .. } => {
+                        let file = base_dir.join(path);
+                        Some(std::fs::read_to_string(&file).map_err(|e| {
+                            ScalerError::config(
+                                at("policy.performanceModel.profileFile"),
+                                file.display().to_string(),
+                                format!("a readable profile file ({e})"),
+                            )
+                        })?)
+                    }
+                    _ => None,
+                };
+                let model = config
+                    .perf_model(profile.as_deref())
+                    .map_err(|e| ScalerError::config(at("policy"), "", e.to_string()))?;
+                DeciderConfig::Policy {
+                    config: Box::new(config),
+                    model: Box::new(model),
+                }
+            }
+            (None, Some(p)) => DeciderConfig::Proportional(p.validate(&at)?),
+            _ => {
+                return Err(ScalerError::config(
+                    at("policy"),
+                    if self.policy.is_some() {
+                        "policy and proportional"
+                    } else {
+                        "neither"
+                    },
+                    "exactly one of `policy` and `proportional`",
+                ));
+            }
+        };
+        Ok(WorkloadDef {
+            workload: WorkloadRef::new(self.namespace.clone(), self.name.clone()),
+            labels: self.labels.clone(),
+            selector,
+            decider,
+        })
+    }
+}
+
+impl ProportionalFile {
+    fn validate(&self, at: &dyn Fn(&str) -> String) -> Result<ProportionalConfig, ScalerError> {
+        let p = |f: &str| at(&format!("proportional.{f}"));
+        if !(self.capacity_tokens_per_second.is_finite()
+            && self.capacity_tokens_per_second > 0.0
+            && self.capacity_tokens_per_second <= 1e9)
+        {
+            return Err(ScalerError::config(
+                p("capacityTokensPerSecond"),
+                self.capacity_tokens_per_second.to_string(),
+                "more than 0 and at most 1e9",
+            ));
+        }
+        if !(self.target_utilization > 0.0 && self.target_utilization <= 1.0) {
+            return Err(ScalerError::config(
+                p("targetUtilization"),
+                self.target_utilization.to_string(),
+                "more than 0 and at most 1",
+            ));
+        }
+        if self.max_replicas == 0 || self.max_replicas > 10_000 {
+            return Err(ScalerError::config(
+                p("maxReplicas"),
+                self.max_replicas.to_string(),
+                "1..=10000",
+            ));
+        }
+        if self.min_replicas > self.max_replicas {
+            return Err(ScalerError::config(
+                p("minReplicas"),
+                self.min_replicas.to_string(),
+                format!("at most maxReplicas ({})", self.max_replicas),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.tolerance) {
+            return Err(ScalerError::config(
+                p("tolerance"),
+                self.tolerance.to_string(),
+                "0 <= tolerance < 1",
+            ));
+        }
+        if self.scale_down_stabilization > Duration::from_secs(3600) {
+            return Err(ScalerError::config(
+                p("scaleDownStabilization"),
+                format!("{:?}", self.scale_down_stabilization),
+                "at most 1h",
+            ));
+        }
+        if self.stale_after.is_zero() || self.stale_after > Duration::from_secs(3600) {
+            return Err(ScalerError::config(
+                p("staleAfter"),
+                format!("{:?}", self.stale_after),
+                "more than 0 and at most 1h",
+            ));
+        }
+        Ok(ProportionalConfig {
+            capacity_tokens_per_second: self.capacity_tokens_per_second,
+            target_utilization: self.target_utilization,
+            min_replicas: self.min_replicas,
+            max_replicas: self.max_replicas,
+            scale_down_stabilization: self.scale_down_stabilization,
+            tolerance: self.tolerance,
+            stale_after: self.stale_after,
+            advisory: self.advisory,
+        })
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Parses durations such as `500ms`, `1s`, `1.5s`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration; use e.g. 500ms, 1s, 2m, 1h"))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => {
+            return Err(format!(
+                "`{s}` has no known unit; use ms, s, m or h (e.g. 500ms, 1s)"
+            ));
+        }
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(format!("`{s}` is too long"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `gpuscale scaler` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScalerArgs {
+    /// gRPC listen address: the agents' stream, gRPC health and reflection.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "0.0.0.0:7070",
+        env = "GPUSCALE_LISTEN"
+    )]
+    pub listen: String,
+    /// Serve /metrics, /healthz and /readyz on this address; `off` disables it.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "0.0.0.0:9090",
+        env = "GPUSCALE_METRICS_ADDR"
+    )]
+    pub metrics_addr: String,
+    /// Forget a node that has not reported for this long (100ms..=24h).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, env = "GPUSCALE_NODE_TTL")]
+    pub node_ttl: Duration,
+    /// YAML or JSON file: tick, window, and the workloads to decide for.
+    #[arg(long, value_name = "FILE", env = "GPUSCALE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl ScalerArgs {
+    /// The validated configuration these flags (and the file) describe.
+    pub fn to_config(&self) -> Result<ScalerConfig, ScalerError> {
+        let listen = self.listen.parse().map_err(|_| {
+            ScalerError::config("--listen", &self.listen, "an IP:port such as 0.0.0.0:7070")
+        })?;
+        let mut config = ScalerConfig::new(listen);
+        config.metrics_addr = match self.metrics_addr.as_str() {
+            "off" | "" => None,
+            addr => Some(addr.parse().map_err(|_| {
+                ScalerError::config(
+                    "--metrics-addr",
+                    addr,
+                    "an IP:port such as 0.0.0.0:9090, or `off`",
+                )
+            })?),
+        };
+        config.node_ttl = self.node_ttl;
+        if let Some(path) = &self.config {
+            let file = ScalerFile::load(path)?;
+            let base = path.parent().unwrap_or(Path::new("."));
+            file.apply(&mut config, base).map_err(|e| match e {
+                ScalerError::Config {
+                    field,
+                    value,
+                    allowed,
+                } => ScalerError::ConfigFile {
+                    path: path.display().to_string(),
+                    message: format!("invalid {field} `{value}`: {allowed}"),
+                },
+                other => other,
+            })?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Vec<WorkloadDef>, ScalerError> {
+        let file: ScalerFile = serde_yaml::from_str(yaml).map_err(|e| ScalerError::ConfigFile {
+            path: "test".into(),
+            message: e.to_string(),
+        })?;
+        file.workloads(Path::new("."))
+    }
+
+    #[test]
+    fn documented_example_parses() {
+        let doc = include_str!("config.rs");
+        let start = doc.find("//! ```yaml").expect("example") + "//! ```yaml".len();
+        let end = start + doc[start..].find("//! ```").expect("end");
+        let yaml: String = doc[start..end]
+            .lines()
+            .map(|l| {
+                l.strip_prefix("//! ")
+                    .or_else(|| l.strip_prefix("//!"))
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let file: ScalerFile = serde_yaml::from_str(&yaml).expect("example parses");
+        assert_eq!(file.tick, Some(Duration::from_secs(2)));
+        let workloads = file.workloads(Path::new(".")).expect("example is valid");
+        assert_eq!(workloads.len(), 2);
+        assert!(matches!(workloads[0].decider, DeciderConfig::Policy { .. }));
+        match &workloads[1].decider {
+            DeciderConfig::Proportional(p) => {
+                assert_eq!(p.capacity_tokens_per_second, 2500.0);
+                assert_eq!(p.target_utilization, 0.8);
+                assert_eq!(p.scale_down_stabilization, Duration::from_secs(60));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field_and_what_is_allowed() {
+        let e = parse("workloads: [{name: Chat, engines: {model: m}, proportional: {capacityTokensPerSecond: 1, maxReplicas: 2}}]")
+            .expect_err("uppercase");
+        assert!(e.to_string().contains("workloads[0].name"), "{e}");
+        let e = parse("workloads: [{name: chat, engines: {}, proportional: {capacityTokensPerSecond: 1, maxReplicas: 2}}]")
+            .expect_err("no selector");
+        assert!(e.to_string().contains("workloads[0].engines"), "{e}");
+        let e = parse("workloads: [{name: chat, engines: {model: m}, proportional: {capacityTokensPerSecond: -1, maxReplicas: 2}}]")
+            .expect_err("negative capacity");
+        assert!(
+            e.to_string()
+                .contains("proportional.capacityTokensPerSecond"),
+            "{e}"
+        );
+        let e = parse("workloads: [{name: chat, engines: {model: m}}]").expect_err("no decider");
+        assert!(e.to_string().contains("exactly one of"), "{e}");
+        let e = parse("workloads: [{name: chat, engines: {model: m}, proportional: {capacityTokensPerSecond: 1, maxReplicas: 2, colour: red}}]")
+            .expect_err("unknown field");
+        assert!(e.to_string().contains("colour"), "{e}");
+        let e = parse("tick: soon").expect_err("bad duration");
+        assert!(e.to_string().contains("soon"), "{e}");
+    }
+
+    #[test]
+    fn bad_flags_name_the_flag() {
+        let args = ScalerArgs {
+            listen: "7070".into(),
+            metrics_addr: "off".into(),
+            node_ttl: Duration::from_secs(30),
+            config: None,
+        };
+        let e = args.to_config().expect_err("no host").to_string();
+        assert!(e.contains("--listen") && e.contains("IP:port"), "{e}");
+        let args = ScalerArgs {
+            listen: "127.0.0.1:0".into(),
+            metrics_addr: "off".into(),
+            node_ttl: Duration::from_millis(1),
+            config: None,
+        };
+        let e = args.to_config().expect_err("ttl").to_string();
+        assert!(e.contains("--node-ttl"), "{e}");
+    }
+
+    #[test]
+    fn selector_matches_model_and_namespace() {
+        let s = EngineSelector {
+            model: Some("m".into()),
+            namespace: None,
+        };
+        assert!(s.matches("m", "any"));
+        assert!(!s.matches("other", "any"));
+        let s = EngineSelector {
+            model: Some("m".into()),
+            namespace: Some("prod".into()),
+        };
+        assert!(!s.matches("m", "dev"));
+    }
+}

@@ -1,0 +1,725 @@
+//! The one task that owns all of the scaler's state.
+//!
+//! Everything that changes state arrives as a [`Command`] on one bounded
+//! queue: reports from the stream tasks, stream closures, directives asked
+//! for through the [`crate::ScalerHandle`], decisions and actuation results
+//! from the decide loop. The task applies commands in batches (one `recv`,
+//! then whatever is already queued, up to [`MAX_BATCH`]) and publishes one
+//! new [`StateView`] per batch, so publication is amortised under load and
+//! immediate when idle. It never awaits anything but its queue and its TTL
+//! timer: directives to agents are `try_send`s into bounded per-stream
+//! queues; when one is full, the node is marked and its standing directives
+//! are sent again with its next report.
+//!
+//! Per node: the GPUs (latest sample), the pods and their GPUs, and per
+//! engine its latest sample and a [`Window`] of its counters and histograms.
+//! A snapshot replaces the node's inventory wholesale (pods or GPUs that are
+//! gone disappear; windows of engines that persist are kept); a delta
+//! changes what it names and re-stamps every other engine with the delta's
+//! time. A node that reported nothing for the node TTL is forgotten.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpuscale_core::sample::{
+    AgentHealth, EngineSample, EngineState, GpuMetrics, NodeDelta, NodeSnapshot, PodGpus,
+};
+use gpuscale_core::{GpuUuid, Histogram, NodeName, PodRef, Timestamp, WorkloadRef};
+use gpuscale_policy::{Decision, Observation};
+use gpuscale_proto::v1;
+use gpuscale_proto::{AgentReport, Directive, ReportBody};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::clock::Clock;
+use crate::error::ScalerError;
+use crate::ingest::StreamId;
+use crate::metrics::ScalerMetrics;
+use crate::stopped;
+use crate::view::{
+    ActuationRecord, EngineView, EngineWindowStats, GpuView, ModelView, NodeView, StateView,
+    WorkloadView,
+};
+use crate::window::{self, Window};
+
+/// Most commands applied before a view is published.
+pub const MAX_BATCH: usize = 4096;
+
+/// The queue towards an agent.
+pub(crate) type StreamOut = mpsc::Sender<v1::ScalerDirective>;
+
+/// A change for the state task.
+pub(crate) enum Command {
+    /// A validated report of a stream; `out` comes with every snapshot.
+    Report {
+        stream: StreamId,
+        report: Box<AgentReport>,
+        out: Option<StreamOut>,
+    },
+    /// The stream ended.
+    StreamClosed { stream: StreamId },
+    /// Ask the node that runs `pod` for something.
+    Directive {
+        pod: PodRef,
+        directive: Directive,
+        reply: Option<oneshot::Sender<Result<NodeName, ScalerError>>>,
+    },
+    /// The decide loop's latest decision for a workload.
+    Decision {
+        workload: WorkloadRef,
+        observation: Box<Observation>,
+        decision: Box<Decision>,
+    },
+    /// What the actuator made of a decision.
+    Actuated {
+        workload: WorkloadRef,
+        record: ActuationRecord,
+    },
+}
+
+/// One point of an engine's window: its cumulative series at one time.
+#[derive(Debug, Clone)]
+struct EnginePoint {
+    prompt: Option<f64>,
+    generation: Option<f64>,
+    arrived: Option<f64>,
+    finished: Option<f64>,
+    preemptions: Option<f64>,
+    in_system: Option<f64>,
+    ttft: Option<Arc<Histogram>>,
+    itl: Option<Arc<Histogram>>,
+}
+
+impl EnginePoint {
+    fn of(s: &EngineSample) -> Self {
+        let in_system = match (s.requests_waiting, s.requests_running) {
+            (None, None) => None,
+            (w, r) => Some(w.unwrap_or(0.0) + r.unwrap_or(0.0)),
+        };
+        Self {
+            prompt: s.prompt_tokens_total,
+            generation: s.generation_tokens_total,
+            arrived: s.requests_arrived_total,
+            finished: s.requests_finished_total,
+            preemptions: s.preemptions_total,
+            in_system,
+            ttft: s.ttft_seconds.clone().map(Arc::new),
+            itl: s.itl_seconds.clone().map(Arc::new),
+        }
+    }
+}
+
+struct EngineEntry {
+    sample: Arc<EngineSample>,
+    point: EnginePoint,
+    window: Window<EnginePoint>,
+}
+
+impl EngineEntry {
+    fn stats(&self) -> EngineWindowStats {
+        let w = &self.window;
+        EngineWindowStats {
+            covered_seconds: w.covered_seconds(),
+            generation_tokens_per_second: window::rate(w, |p| p.generation),
+            prompt_tokens_per_second: window::rate(w, |p| p.prompt),
+            requests_arrived_per_second: window::rate(w, |p| p.arrived),
+            requests_finished_per_second: window::rate(w, |p| p.finished),
+            preemptions_per_second: window::rate(w, |p| p.preemptions),
+            in_system_change_per_second: window::gauge_change(w, |p| p.in_system),
+            ttft_seconds: window::histogram_delta(w, |p| p.ttft.as_deref()),
+            itl_seconds: window::histogram_delta(w, |p| p.itl.as_deref()),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Standing {
+    drains: BTreeMap<PodRef, String>,
+    batch_limits: BTreeMap<PodRef, u32>,
+}
+
+impl Standing {
+    fn directives(&self) -> impl Iterator<Item = Directive> + '_ {
+        self.drains
+            .iter()
+            .map(|(pod, reason)| Directive::DrainPod {
+                pod: pod.clone(),
+                reason: reason.clone(),
+            })
+            .chain(
+                self.batch_limits
+                    .iter()
+                    .map(|(pod, limit)| Directive::SetBatchLimit {
+                        pod: pod.clone(),
+                        batch_limit: *limit,
+                    }),
+            )
+    }
+}
+
+struct NodeState {
+    name: NodeName,
+    stream: StreamId,
+    connected: bool,
+    epoch: u64,
+    last_seq: u64,
+    last_report: Instant,
+    received_at: Timestamp,
+    agent_version: String,
+    sample_interval_ms: u32,
+    sampled_at: Timestamp,
+    gpus: BTreeMap<GpuUuid, GpuView>,
+    pods: BTreeMap<PodRef, PodGpus>,
+    engines: BTreeMap<PodRef, EngineEntry>,
+    agent: AgentHealth,
+    standing: Standing,
+    /// Standing directives must be sent again (a queue was full).
+    resend: bool,
+    view: Option<Arc<NodeView>>,
+}
+
+impl NodeState {
+    fn build_view(&self) -> Arc<NodeView> {
+        let mut gpus: Vec<GpuView> = self.gpus.values().cloned().collect();
+        gpus.sort_by_key(|g| g.info.index);
+        Arc::new(NodeView {
+            node: self.name.clone(),
+            boot_epoch: self.epoch,
+            last_seq: self.last_seq,
+            connected: self.connected,
+            agent_version: self.agent_version.clone(),
+            sample_interval_ms: self.sample_interval_ms,
+            sampled_at: self.sampled_at,
+            received_at: self.received_at,
+            gpus,
+            pods: self.pods.values().cloned().collect(),
+            engines: self
+                .engines
+                .values()
+                .map(|e| {
+                    Arc::new(EngineView {
+                        node: self.name.clone(),
+                        sample: e.sample.clone(),
+                        seen_at: self.sampled_at,
+                        window: e.stats(),
+                    })
+                })
+                .collect(),
+            agent: self.agent.clone(),
+        })
+    }
+}
+
+/// Parameters of the state.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StateConfig {
+    pub(crate) window: Duration,
+    pub(crate) node_ttl: Duration,
+}
+
+/// All of the scaler's state. Methods are synchronous and take the time as
+/// an argument; [`run`] drives them.
+pub(crate) struct State {
+    config: StateConfig,
+    metrics: Arc<ScalerMetrics>,
+    nodes: BTreeMap<NodeName, NodeState>,
+    streams: HashMap<StreamId, (StreamOut, Option<NodeName>)>,
+    workloads: BTreeMap<WorkloadRef, Arc<WorkloadView>>,
+    models: BTreeMap<String, Arc<ModelView>>,
+    models_dirty: bool,
+    changed: bool,
+    generation: u64,
+}
+
+/// Points kept per engine window: enough for a 100 ms interval over the
+/// default window, bounded whatever agents send.
+const MAX_WINDOW_POINTS: usize = 512;
+
+impl State {
+    pub(crate) fn new(
+        config: StateConfig,
+        metrics: Arc<ScalerMetrics>,
+        workloads: impl IntoIterator<Item = (WorkloadRef, BTreeMap<String, String>)>,
+    ) -> Self {
+        Self {
+            config,
+            metrics,
+            nodes: BTreeMap::new(),
+            streams: HashMap::new(),
+            workloads: workloads
+                .into_iter()
+                .map(|(w, labels)| {
+                    (
+                        w.clone(),
+                        Arc::new(WorkloadView {
+                            workload: w,
+                            labels,
+                            observation: None,
+                            decision: None,
+                            last_actuation: None,
+                        }),
+                    )
+                })
+                .collect(),
+            models: BTreeMap::new(),
+            models_dirty: false,
+            changed: true,
+            generation: 0,
+        }
+    }
+
+    fn window(&self) -> Window<EnginePoint> {
+        Window::new(
+            i64::try_from(self.config.window.as_millis()).unwrap_or(i64::MAX),
+            MAX_WINDOW_POINTS,
+        )
+    }
+
+    /// Applies one command at `now` (tokio clock) / `wall` (scaler clock).
+    pub(crate) fn apply(&mut self, command: Command, now: Instant, wall: Timestamp) {
+        match command {
+            Command::Report {
+                stream,
+                report,
+                out,
+            } => self.report(stream, *report, out, now, wall),
+            Command::StreamClosed { stream } => {
+                if let Some((_, Some(node))) = self.streams.remove(&stream)
+                    && let Some(n) = self.nodes.get_mut(&node)
+                    && n.stream == stream
+                {
+                    n.connected = false;
+                    n.view = None;
+                    self.changed = true;
+                }
+            }
+            Command::Directive {
+                pod,
+                directive,
+                reply,
+            } => {
+                let result = self.directive(&pod, directive);
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+            Command::Decision {
+                workload,
+                observation,
+                decision,
+            } => {
+                if let Some(w) = self.workloads.get_mut(&workload) {
+                    let w = Arc::make_mut(w);
+                    w.observation = Some(*observation);
+                    w.decision = Some(*decision);
+                    self.changed = true;
+                }
+            }
+            Command::Actuated { workload, record } => {
+                if let Some(w) = self.workloads.get_mut(&workload) {
+                    Arc::make_mut(w).last_actuation = Some(record);
+                    self.changed = true;
+                }
+            }
+        }
+    }
+
+    fn report(
+        &mut self,
+        stream: StreamId,
+        report: AgentReport,
+        out: Option<StreamOut>,
+        now: Instant,
+        wall: Timestamp,
+    ) {
+        let seq = report.seq;
+        let epoch = report.boot_epoch;
+        let gpu_samples = report.body.gpu_sample_count();
+        let (name, snapshot) = match report.body {
+            ReportBody::Snapshot(s) => {
+                let name = s.node.clone();
+                if let Some(out) = out {
+                    self.streams.insert(stream, (out, Some(name.clone())));
+                }
+                self.snapshot(stream, epoch, seq, s, now, wall);
+                (name, true)
+            }
+            ReportBody::Delta(d) => {
+                let Some(name) = self.streams.get(&stream).and_then(|(_, n)| n.clone()) else {
+                    self.metrics.superseded();
+                    return;
+                };
+                match self.nodes.get_mut(&name) {
+                    Some(node) if node.stream == stream => {
+                        node.apply_delta(d, &self.config, seq, now, wall);
+                    }
+                    _ => {
+                        // A newer stream of the node took over (or it expired).
+                        self.metrics.superseded();
+                        return;
+                    }
+                }
+                (name, false)
+            }
+        };
+        self.metrics.report(snapshot, gpu_samples);
+        self.models_dirty = true;
+        self.changed = true;
+        let Some(node) = self.nodes.get_mut(&name) else {
+            return;
+        };
+        let Some((out, _)) = self.streams.get(&stream) else {
+            return;
+        };
+        if send(out, Directive::Ack { seq }).is_err() {
+            self.metrics.directive_dropped();
+        }
+        if snapshot || node.resend {
+            node.resend = false;
+            for d in node.standing.directives() {
+                if send(out, d).is_err() {
+                    self.metrics.directive_dropped();
+                    node.resend = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn snapshot(
+        &mut self,
+        stream: StreamId,
+        epoch: u64,
+        seq: u64,
+        s: NodeSnapshot,
+        now: Instant,
+        wall: Timestamp,
+    ) {
+        let fresh_window = self.window();
+        let previous = self.nodes.remove(&s.node);
+        let (mut old_engines, standing) = match previous {
+            Some(p) => (p.engines, p.standing),
+            None => (BTreeMap::new(), Standing::default()),
+        };
+        let mut engines = BTreeMap::new();
+        for e in s.engines {
+            let mut entry = match old_engines.remove(&e.pod) {
+                Some(mut old) => {
+                    old.point = EnginePoint::of(&e);
+                    old.sample = Arc::new(e);
+                    old
+                }
+                None => EngineEntry {
+                    point: EnginePoint::of(&e),
+                    sample: Arc::new(e),
+                    window: fresh_window.clone(),
+                },
+            };
+            entry.window.push(s.sampled_at, entry.point.clone());
+            engines.insert(entry.sample.pod.clone(), entry);
+        }
+        // Standing directives for pods that are gone are dropped.
+        let mut standing = standing;
+        standing.drains.retain(|p, _| engines.contains_key(p));
+        standing.batch_limits.retain(|p, _| engines.contains_key(p));
+        let node = NodeState {
+            name: s.node.clone(),
+            stream,
+            connected: true,
+            epoch,
+            last_seq: seq,
+            last_report: now,
+            received_at: wall,
+            agent_version: s.agent_version,
+            sample_interval_ms: s.sample_interval_ms,
+            sampled_at: s.sampled_at,
+            gpus: s
+                .gpus
+                .into_iter()
+                .map(|g| {
+                    (
+                        g.info.uuid.clone(),
+                        GpuView {
+                            info: Arc::new(g.info),
+                            metrics: Arc::new(g.metrics),
+                        },
+                    )
+                })
+                .collect(),
+            pods: s.pods.into_iter().map(|p| (p.pod.clone(), p)).collect(),
+            engines,
+            agent: s.agent,
+            standing,
+            resend: false,
+            view: None,
+        };
+        self.nodes.insert(node.name.clone(), node);
+    }
+
+    fn directive(&mut self, pod: &PodRef, directive: Directive) -> Result<NodeName, ScalerError> {
+        let Some(node) = self
+            .nodes
+            .values_mut()
+            .find(|n| n.engines.contains_key(pod) || n.pods.contains_key(pod))
+        else {
+            return Err(ScalerError::UnknownPod(pod.clone()));
+        };
+        let changed = match &directive {
+            Directive::DrainPod { pod, reason } => {
+                node.standing
+                    .drains
+                    .insert(pod.clone(), reason.clone())
+                    .as_ref()
+                    != Some(reason)
+            }
+            Directive::UndrainPod { pod } => node.standing.drains.remove(pod).is_some(),
+            Directive::SetBatchLimit { pod, batch_limit } => {
+                node.standing.batch_limits.insert(pod.clone(), *batch_limit) != Some(*batch_limit)
+            }
+            Directive::Ack { .. } | Directive::SetSampleInterval { .. } => true,
+        };
+        if changed
+            && node.connected
+            && let Some((out, _)) = self.streams.get(&node.stream)
+            && send(out, directive).is_err()
+        {
+            self.metrics.directive_dropped();
+            node.resend = true;
+        }
+        Ok(node.name.clone())
+    }
+
+    /// Forgets nodes that reported nothing for the node TTL.
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<NodeName> {
+        let ttl = self.config.node_ttl;
+        let expired: Vec<NodeName> = self
+            .nodes
+            .values()
+            .filter(|n| now.saturating_duration_since(n.last_report) > ttl)
+            .map(|n| n.name.clone())
+            .collect();
+        for name in &expired {
+            self.nodes.remove(name);
+            self.metrics.node_expired();
+            tracing::info!(node = %name, ttl_s = ttl.as_secs_f64(), "node expired: no report within the node TTL");
+        }
+        if !expired.is_empty() {
+            self.models_dirty = true;
+            self.changed = true;
+        }
+        expired
+    }
+
+    /// Whether anything changed since the last publication.
+    pub(crate) fn changed(&self) -> bool {
+        self.changed
+    }
+
+    /// A new view: rebuilt nodes where they changed, shared otherwise.
+    pub(crate) fn publish(&mut self, wall: Timestamp) -> Arc<StateView> {
+        self.generation += 1;
+        self.changed = false;
+        let mut nodes = BTreeMap::new();
+        let mut gpus = 0usize;
+        for (name, n) in &mut self.nodes {
+            let view = match &n.view {
+                Some(v) => v.clone(),
+                None => {
+                    let v = n.build_view();
+                    n.view = Some(v.clone());
+                    v
+                }
+            };
+            gpus += view.gpus.len();
+            nodes.insert(name.clone(), view);
+        }
+        if self.models_dirty {
+            self.models_dirty = false;
+            let mut by_model: BTreeMap<&str, Vec<&Arc<EngineView>>> = BTreeMap::new();
+            for v in nodes.values() {
+                for e in &v.engines {
+                    by_model.entry(e.sample.model.as_str()).or_default().push(e);
+                }
+            }
+            self.models = by_model
+                .into_iter()
+                .map(|(m, engines)| (m.to_string(), Arc::new(ModelView::build(m, &engines))))
+                .collect();
+        }
+        let mut by_state: Vec<(&'static str, i64)> = [
+            EngineState::Unknown,
+            EngineState::Loading,
+            EngineState::Warm,
+            EngineState::Draining,
+            EngineState::Failed,
+        ]
+        .iter()
+        .map(|s| (s.as_str(), 0))
+        .collect();
+        for v in nodes.values() {
+            for e in &v.engines {
+                if let Some(slot) = by_state
+                    .iter_mut()
+                    .find(|(s, _)| *s == e.sample.state.as_str())
+                {
+                    slot.1 += 1;
+                }
+            }
+        }
+        self.metrics.inventory(nodes.len(), gpus, &by_state);
+        Arc::new(StateView {
+            generation: self.generation,
+            published_at: wall,
+            nodes,
+            models: self.models.clone(),
+            workloads: self.workloads.clone(),
+        })
+    }
+}
+
+fn send(out: &StreamOut, d: Directive) -> Result<(), ()> {
+    match out.try_send((&d).into()) {
+        Ok(()) => Ok(()),
+        // The stream is gone: nothing to resend to.
+        Err(TrySendError::Closed(_)) => Ok(()),
+        Err(TrySendError::Full(_)) => Err(()),
+    }
+}
+
+impl NodeState {
+    fn apply_delta(
+        &mut self,
+        d: NodeDelta,
+        config: &StateConfig,
+        seq: u64,
+        now: Instant,
+        wall: Timestamp,
+    ) {
+        let _ = config;
+        self.last_seq = seq;
+        self.last_report = now;
+        self.received_at = wall;
+        self.sampled_at = d.sampled_at;
+        self.connected = true;
+        self.view = None;
+        for u in &d.gpus_removed {
+            self.gpus.remove(u);
+        }
+        for info in d.gpus_upserted {
+            match self.gpus.get_mut(&info.uuid) {
+                Some(g) => g.info = Arc::new(info),
+                None => {
+                    let metrics = Arc::new(GpuMetrics {
+                        uuid: info.uuid.clone(),
+                        ..GpuMetrics::default()
+                    });
+                    self.gpus.insert(
+                        info.uuid.clone(),
+                        GpuView {
+                            info: Arc::new(info),
+                            metrics,
+                        },
+                    );
+                }
+            }
+        }
+        for m in d.gpu_metrics {
+            if let Some(g) = self.gpus.get_mut(&m.uuid) {
+                g.metrics = Arc::new(m);
+            }
+        }
+        for p in &d.pods_removed {
+            self.pods.remove(p);
+        }
+        for p in d.pods_upserted {
+            self.pods.insert(p.pod.clone(), p);
+        }
+        for p in &d.engines_removed {
+            self.engines.remove(p);
+            self.standing.drains.remove(p);
+            self.standing.batch_limits.remove(p);
+        }
+        let mut upserted: BTreeMap<PodRef, EngineSample> = d
+            .engines_upserted
+            .into_iter()
+            .map(|e| (e.pod.clone(), e))
+            .collect();
+        for (pod, entry) in &mut self.engines {
+            // Engines the delta does not name are unchanged as of its time.
+            if let Some(e) = upserted.remove(pod) {
+                entry.point = EnginePoint::of(&e);
+                entry.sample = Arc::new(e);
+            }
+            entry.window.push(d.sampled_at, entry.point.clone());
+        }
+        for (pod, e) in upserted {
+            let point = EnginePoint::of(&e);
+            let mut window = Window::new(
+                i64::try_from(config.window.as_millis()).unwrap_or(i64::MAX),
+                MAX_WINDOW_POINTS,
+            );
+            window.push(d.sampled_at, point.clone());
+            self.engines.insert(
+                pod,
+                EngineEntry {
+                    sample: Arc::new(e),
+                    point,
+                    window,
+                },
+            );
+        }
+        if let Some(a) = d.agent {
+            self.agent = a;
+        }
+    }
+}
+
+/// The state task: applies commands in batches, expires nodes, publishes.
+pub(crate) async fn run(
+    mut state: State,
+    mut commands: mpsc::Receiver<Command>,
+    view: watch::Sender<Arc<StateView>>,
+    clock: Clock,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let period =
+        (state.config.node_ttl / 4).clamp(Duration::from_millis(25), Duration::from_secs(1));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stopped(&mut shutdown) => break,
+            command = commands.recv() => {
+                let Some(command) = command else { break };
+                let now = Instant::now();
+                let wall = clock.now();
+                state.apply(command, now, wall);
+                let mut applied = 1;
+                while applied < MAX_BATCH {
+                    match commands.try_recv() {
+                        Ok(c) => {
+                            state.apply(c, now, wall);
+                            applied += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                state.metrics.applied_batch(applied);
+            }
+            _ = ticker.tick() => {
+                state.expire(Instant::now());
+                // Publish at least once per tick so readers see time pass.
+                state.changed = true;
+            }
+        }
+        if state.changed() {
+            view.send_replace(state.publish(clock.now()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

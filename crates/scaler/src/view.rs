@@ -1,0 +1,235 @@
+//! The read-only view of the scaler's state that readers share.
+//!
+//! The state task publishes a new [`StateView`] through a
+//! `tokio::sync::watch` channel after each batch of changes. Readers (the
+//! decide loop, HTTP, metrics, the public gRPC APIs) take an
+//! `Arc<StateView>` and read it at leisure: no lock is held while they do,
+//! and a slow reader only ever skips versions. Views are persistent: a node
+//! whose state did not change keeps the same `Arc<NodeView>` from one
+//! version to the next, so publishing costs O(changed nodes).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use gpuscale_core::sample::{
+    AgentHealth, EngineSample, EngineState, GpuInfo, GpuMetrics, GpuSample, PodGpus,
+};
+use gpuscale_core::{Histogram, NodeName, PodRef, Timestamp, WorkloadRef};
+use gpuscale_policy::{Decision, Observation};
+
+/// Everything the scaler knows, at one instant.
+#[derive(Debug, Clone, Default)]
+pub struct StateView {
+    /// +1 per publication.
+    pub generation: u64,
+    /// The scaler's clock when this view was published.
+    pub published_at: Timestamp,
+    pub nodes: BTreeMap<NodeName, Arc<NodeView>>,
+    /// Engines grouped by served model.
+    pub models: BTreeMap<String, Arc<ModelView>>,
+    /// Configured workloads with their latest decision.
+    pub workloads: BTreeMap<WorkloadRef, Arc<WorkloadView>>,
+}
+
+impl StateView {
+    /// Every GPU of every node.
+    pub fn gpus(&self) -> impl Iterator<Item = (&NodeName, &GpuView)> {
+        self.nodes
+            .iter()
+            .flat_map(|(n, v)| v.gpus.iter().map(move |g| (n, g)))
+    }
+
+    /// Every engine of every node.
+    pub fn engines(&self) -> impl Iterator<Item = &Arc<EngineView>> {
+        self.nodes.values().flat_map(|v| v.engines.iter())
+    }
+
+    /// The node that reports `pod`, if any.
+    pub fn node_of(&self, pod: &PodRef) -> Option<&NodeName> {
+        self.nodes
+            .iter()
+            .find(|(_, v)| v.pods.iter().any(|p| &p.pod == pod) || v.engine(pod).is_some())
+            .map(|(n, _)| n)
+    }
+}
+
+/// One node as its agent last reported it.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub node: NodeName,
+    pub boot_epoch: u64,
+    /// Highest sequence number applied.
+    pub last_seq: u64,
+    /// True while the node's stream is open.
+    pub connected: bool,
+    pub agent_version: String,
+    pub sample_interval_ms: u32,
+    /// When the agent sampled the newest state.
+    pub sampled_at: Timestamp,
+    /// When the scaler applied the newest report (scaler clock).
+    pub received_at: Timestamp,
+    /// By GPU index.
+    pub gpus: Vec<GpuView>,
+    pub pods: Vec<PodGpus>,
+    pub engines: Vec<Arc<EngineView>>,
+    pub agent: AgentHealth,
+}
+
+impl NodeView {
+    pub fn engine(&self, pod: &PodRef) -> Option<&Arc<EngineView>> {
+        self.engines.iter().find(|e| &e.sample.pod == pod)
+    }
+}
+
+/// One GPU: its description and latest metrics, shared between views
+/// until they change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuView {
+    pub info: Arc<GpuInfo>,
+    pub metrics: Arc<GpuMetrics>,
+}
+
+impl GpuView {
+    /// The GPU as the core type.
+    pub fn to_sample(&self) -> GpuSample {
+        GpuSample {
+            info: GpuInfo::clone(&self.info),
+            metrics: GpuMetrics::clone(&self.metrics),
+        }
+    }
+}
+
+/// One engine: its latest sample and what its window says.
+#[derive(Debug, Clone)]
+pub struct EngineView {
+    pub node: NodeName,
+    /// The sample as the agent last changed it.
+    pub sample: Arc<EngineSample>,
+    /// When the agent last confirmed the sample (the node's newest report;
+    /// a delta that does not name an engine says it is unchanged).
+    pub seen_at: Timestamp,
+    pub window: EngineWindowStats,
+}
+
+/// Rates and latencies of one engine over the scaler's window. Every value
+/// is `None` when the engine does not export what it needs or the window
+/// holds fewer than two samples.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineWindowStats {
+    /// Seconds between the oldest and newest sample in the window.
+    pub covered_seconds: f64,
+    pub generation_tokens_per_second: Option<f64>,
+    pub prompt_tokens_per_second: Option<f64>,
+    pub requests_arrived_per_second: Option<f64>,
+    pub requests_finished_per_second: Option<f64>,
+    pub preemptions_per_second: Option<f64>,
+    /// Change per second of waiting + running requests.
+    pub in_system_change_per_second: Option<f64>,
+    /// TTFT observations inside the window.
+    pub ttft_seconds: Option<Histogram>,
+    /// Inter-token latency observations inside the window.
+    pub itl_seconds: Option<Histogram>,
+}
+
+impl EngineWindowStats {
+    /// Offered load: the arrival counter's rate when the engine exports it,
+    /// else finished requests plus the growth of requests in the engine.
+    pub fn arrival_rate(&self) -> Option<f64> {
+        self.requests_arrived_per_second.or_else(|| {
+            let finished = self.requests_finished_per_second?;
+            let growth = self.in_system_change_per_second.unwrap_or(0.0);
+            Some((finished + growth).max(0.0))
+        })
+    }
+}
+
+/// All engines serving one model.
+#[derive(Debug, Clone, Default)]
+pub struct ModelView {
+    pub model: String,
+    /// Engines by state (`warm`, `loading`, ...).
+    pub engines_by_state: BTreeMap<&'static str, u32>,
+    pub generation_tokens_per_second: Option<f64>,
+    pub prompt_tokens_per_second: Option<f64>,
+    pub arrival_rate_rps: Option<f64>,
+    pub requests_waiting: Option<f64>,
+    pub requests_running: Option<f64>,
+    /// Window observations merged over the model's engines.
+    pub ttft_seconds: Option<Histogram>,
+    pub itl_seconds: Option<Histogram>,
+}
+
+impl ModelView {
+    pub(crate) fn build(model: &str, engines: &[&Arc<EngineView>]) -> Self {
+        let mut v = ModelView {
+            model: model.to_string(),
+            ..ModelView::default()
+        };
+        for e in engines {
+            *v.engines_by_state
+                .entry(e.sample.state.as_str())
+                .or_insert(0) += 1;
+            add(
+                &mut v.generation_tokens_per_second,
+                e.window.generation_tokens_per_second,
+            );
+            add(
+                &mut v.prompt_tokens_per_second,
+                e.window.prompt_tokens_per_second,
+            );
+            add(&mut v.arrival_rate_rps, e.window.arrival_rate());
+            add(&mut v.requests_waiting, e.sample.requests_waiting);
+            add(&mut v.requests_running, e.sample.requests_running);
+            merge(&mut v.ttft_seconds, e.window.ttft_seconds.as_ref());
+            merge(&mut v.itl_seconds, e.window.itl_seconds.as_ref());
+        }
+        v
+    }
+
+    /// Warm engines: the model's serving capacity.
+    pub fn warm(&self) -> u32 {
+        self.engines_by_state
+            .get(EngineState::Warm.as_str())
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// `acc + v`, where a missing `v` leaves `acc` as it is and a missing `acc`
+/// becomes `v`: a sum over the engines that export the value.
+pub(crate) fn add(acc: &mut Option<f64>, v: Option<f64>) {
+    if let Some(v) = v {
+        *acc = Some(acc.unwrap_or(0.0) + v);
+    }
+}
+
+/// Merges `h` into `acc`; histograms of another bucket layout are skipped.
+pub(crate) fn merge(acc: &mut Option<Histogram>, h: Option<&Histogram>) {
+    let Some(h) = h else { return };
+    match acc {
+        Some(a) => {
+            let _ = a.merge(h);
+        }
+        None => *acc = Some(h.clone()),
+    }
+}
+
+/// A configured workload, its latest decision and actuation.
+#[derive(Debug, Clone)]
+pub struct WorkloadView {
+    pub workload: WorkloadRef,
+    pub labels: BTreeMap<String, String>,
+    /// The observation the latest decision was made from.
+    pub observation: Option<Observation>,
+    pub decision: Option<Decision>,
+    pub last_actuation: Option<ActuationRecord>,
+}
+
+/// What the scaler last asked the actuator to do for a workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActuationRecord {
+    pub at: Timestamp,
+    pub replicas: u32,
+    /// `Err` holds the actuator's message.
+    pub result: Result<(), String>,
+}
