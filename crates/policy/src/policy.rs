@@ -16,9 +16,11 @@
 //!    window's mean arrival rate); *panic* (only when the queue grows with no
 //!    capacity in flight, the replicas are saturated, or an SLO is breached:
 //!    the short-window rate plus the queue's drain, ratcheted — no scale-in
-//!    while panicking, for at least one stable window); *SLO feedback*
-//!    (measured quantile over the objective scales the ready count, credited
-//!    with capacity in flight); *predictive* (forecast peak over the horizon,
+//!    while panicking, for at least one stable window); *SLO feedback* (a
+//!    demand factor learned from measured latency quantiles while nothing is
+//!    in flight, applied to the stable rate: it grows while the SLO is
+//!    breached and relaxes slowly while latency is well under it, so a
+//!    systematic model error is corrected once and kept); *predictive* (forecast peak over the horizon,
 //!    a floor; published only in `ForecastOnly`); *scheduled* (open rules'
 //!    desired count); *hold*.
 //! 5. **Combination**: the maximum of the acting recommendations, then the
@@ -58,8 +60,44 @@ use crate::victim;
 pub const MIN_SLO_SAMPLES: u64 = 20;
 /// The panic window is this fraction of the stable window (at least 6 s).
 pub const PANIC_WINDOW_FRACTION: f64 = 0.1;
-/// SLO feedback scales the ready count by at most this factor per decision.
-pub const MAX_FEEDBACK_FACTOR: f64 = 2.0;
+/// Largest demand factor SLO feedback may learn.
+pub const MAX_FEEDBACK_FACTOR: f64 = 3.0;
+/// Growth of the demand factor: `× (1 + 0.5·(e − 1))` per 30 s of a
+/// measured latency `e` times its objective.
+pub const FEEDBACK_GAIN_PER_S: f64 = 0.5 / 30.0;
+/// Decay of the demand factor toward 1 while latency is below
+/// [`FEEDBACK_RELAX_BELOW`] of its objective: a quarter per hour.
+pub const FEEDBACK_DECAY_PER_S: f64 = 0.25 / 3600.0;
+/// Latency, as a fraction of its objective, below which the factor relaxes.
+pub const FEEDBACK_RELAX_BELOW: f64 = 0.7;
+
+/// The SLO-feedback demand factor κ: grows while measured latency is over
+/// its objective in steady state, relaxes slowly while it is well under.
+/// A systematic model error (burstier arrivals than Poisson, a slower
+/// engine than profiled) is corrected once and kept, not re-learned at
+/// every breach.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct DemandFeedback {
+    factor: f64,
+    updated_at: Option<Timestamp>,
+}
+
+impl DemandFeedback {
+    fn update(&mut self, now: Timestamp, error: f64) {
+        let dt = match self.updated_at {
+            Some(t) if now > t => now.secs_since(t).min(60.0),
+            Some(_) => return,
+            None => 0.0,
+        };
+        self.updated_at = Some(now);
+        if error > 1.0 {
+            self.factor *= 1.0 + FEEDBACK_GAIN_PER_S * dt * (error - 1.0).min(2.0);
+        } else if error < FEEDBACK_RELAX_BELOW {
+            self.factor *= 1.0 - FEEDBACK_DECAY_PER_S * dt;
+        }
+        self.factor = self.factor.clamp(1.0, MAX_FEEDBACK_FACTOR);
+    }
+}
 /// KV-cache occupancy at which replicas count as saturated.
 pub const KV_SATURATION: f64 = 0.95;
 
@@ -90,6 +128,7 @@ pub struct Policy {
     shape: Option<RequestShape>,
     last_rate: Option<TimedValue>,
     panic: Option<PanicState>,
+    feedback: DemandFeedback,
 }
 
 /// The numbers behind a decision (serialised into [`Decision::inputs`]).
@@ -111,6 +150,7 @@ struct DecisionInputs {
     context_tokens: f64,
     batch_limit: u32,
     model_factor: f64,
+    slo_demand_factor: f64,
     min_replicas: u32,
     max_replicas: u32,
     schedules_open: Vec<String>,
@@ -139,6 +179,10 @@ impl Policy {
             shape: None,
             last_rate: None,
             panic: None,
+            feedback: DemandFeedback {
+                factor: 1.0,
+                updated_at: None,
+            },
         }
     }
 
@@ -346,17 +390,24 @@ impl Policy {
                 ),
             });
         }
-        if slo_error > 1.0 && ready > 0 {
-            let factor = slo_error.min(MAX_FEEDBACK_FACTOR);
-            let n = (f64::from(ready) * factor).ceil() as u32;
+        // SLO feedback: a demand factor learned from measured latency in
+        // steady state (nothing in flight), applied to the stable rate.
+        if fresh && in_flight == 0 && (measured_ttft.is_some() || measured_itl.is_some()) {
+            self.feedback.update(now, slo_error);
+        }
+        let kappa = self.feedback.factor;
+        if kappa > 1.0 + 1e-6
+            && let Some(rate) = stable_rps
+        {
+            let n = sizer.replicas_needed(rate * kappa, &targets).replicas;
             recs.push(Recommendation {
-                source: Source::SloFeedback,
-                replicas: Some(n),
-                reason: format!(
-                    "measured latency {:.2}× the SLO: {ready} ready × {factor:.2} = {n} (in flight {in_flight} counts toward it)",
-                    slo_error
-                ),
-            });
+                    source: Source::SloFeedback,
+                    replicas: Some(n),
+                    reason: format!(
+                        "measured latency has run over the SLO (now {slo_error:.2}× it): demand × {kappa:.2} = {:.2} req/s needs {n}",
+                        rate * kappa
+                    ),
+                });
         }
         // Predictive.
         let forecast_rps = self
@@ -574,6 +625,7 @@ impl Policy {
             context_tokens: shape.context_tokens,
             batch_limit,
             model_factor: self.refiner.factor(),
+            slo_demand_factor: kappa,
             min_replicas: min_eff,
             max_replicas: max_eff,
             schedules_open: effect.open,

@@ -1,0 +1,188 @@
+//! Targeted behaviours of `Policy::decide` that the scenario files do not
+//! pin down: SLO feedback, model refinement and confidence, advisory mode,
+//! throughput as a fallback demand signal, and the decision record.
+
+use gpuscale_core::{Histogram, Timestamp};
+use gpuscale_policy::{
+    Action, Observation, Policy, PredictiveMode, ReplicaObservation, ReplicaState, Source,
+    WorkloadSpec,
+};
+
+fn policy(edit: impl FnOnce(&mut WorkloadSpec)) -> Policy {
+    let mut spec = WorkloadSpec::new("llama", 40, "h200-llama3-8b-bf16");
+    spec.predictive.mode = PredictiveMode::Off;
+    edit(&mut spec);
+    let config = spec.validate().expect("valid spec");
+    let model = config.perf_model(None).expect("preset");
+    Policy::new(config, model)
+}
+
+fn obs(now: Timestamp, replicas: u32, rate: f64) -> Observation {
+    let mut o = Observation::empty();
+    o.telemetry_at = Some(now);
+    o.replicas.current = replicas;
+    o.replicas.ready = replicas;
+    o.load.arrival_rate_rps = Some(rate);
+    o.load.mean_input_tokens = Some(1000.0);
+    o.load.mean_output_tokens = Some(200.0);
+    o.load.requests_waiting = Some(0.0);
+    o
+}
+
+fn ttft(value: f64) -> Histogram {
+    let mut h = Histogram::ttft();
+    h.observe_n(value, 200);
+    h
+}
+
+#[test]
+fn slo_feedback_raises_demand_while_latency_breaches_in_steady_state() {
+    let mut p = policy(|_| {});
+    let t0 = Timestamp::from_millis(1_750_000_000_000);
+    let mut replicas = 0;
+    // Settle at 40 req/s.
+    for k in 0..60 {
+        let now = t0.plus_secs(f64::from(k) * 2.0);
+        let d = p.decide(now, &obs(now, replicas.max(1), 40.0));
+        replicas = d.desired_replicas;
+    }
+    let settled = replicas;
+    // The measured p95 TTFT is 1.5× the SLO for two minutes, fleet all ready.
+    let mut last = None;
+    for k in 60..120 {
+        let now = t0.plus_secs(f64::from(k) * 2.0);
+        let mut o = obs(now, replicas, 40.0);
+        o.latency.ttft_seconds = Some(ttft(3.0));
+        let d = p.decide(now, &o);
+        replicas = d.desired_replicas;
+        last = Some(d);
+    }
+    let d = last.expect("decisions made");
+    let fb = d
+        .recommendations
+        .iter()
+        .find(|r| r.source == Source::SloFeedback)
+        .expect("an SLO feedback recommendation");
+    assert!(fb.replicas.expect("a count") > settled, "{}", d.summary());
+    assert!(d.inputs["slo_demand_factor"].as_f64().expect("factor") > 1.5);
+    assert!(replicas > settled, "{}", d.summary());
+}
+
+#[test]
+fn consistent_replica_samples_refine_the_model_and_raise_confidence() {
+    let mut p = policy(|_| {});
+    let model = p.base_model().clone();
+    let t0 = Timestamp::from_millis(1_750_000_000_000);
+    let first = p.decide(t0, &obs(t0, 2, 20.0));
+    assert_eq!(first.model_confidence, 0.5);
+    let mut d = first;
+    for k in 1..900 {
+        let now = t0.plus_secs(f64::from(k) * 4.0);
+        let mut o = obs(now, 2, 20.0);
+        // The engine runs 20% slower than the profile says.
+        o.replica_samples = (0..2)
+            .map(|i| ReplicaObservation {
+                id: format!("pod-{i}"),
+                state: ReplicaState::Ready,
+                protected: false,
+                created_at: None,
+                requests_running: Some(40.0 + 10.0 * f64::from(i)),
+                requests_waiting: Some(0.0),
+                kv_cache_usage_ratio: Some(0.1),
+                mean_context_tokens: Some(1100.0),
+                itl_mean_seconds: Some(
+                    1.2 * model.decode_step_s(40.0 + 10.0 * f64::from(i), 1100.0),
+                ),
+                generation_tokens_per_second: None,
+                batch_limit: None,
+            })
+            .collect();
+        d = p.decide(now, &o);
+    }
+    let factor = d.inputs["model_factor"].as_f64().expect("factor");
+    assert!((factor - 1.2).abs() < 0.02, "factor {factor}");
+    assert!(
+        d.model_confidence > 0.8,
+        "confidence {}",
+        d.model_confidence
+    );
+    // A slower engine fits fewer sequences under the ITL budget.
+    assert!(d.batch_limit < Some(723), "{:?}", d.batch_limit);
+}
+
+#[test]
+fn advisory_decisions_are_computed_but_consume_no_rate_budget() {
+    let mut p = policy(|s| {
+        s.advisory = true;
+        s.behavior.scale_up = Some(gpuscale_policy::spec::ScalingRulesSpec {
+            policies: Some(vec![gpuscale_policy::spec::ScalingPolicySpec {
+                kind: gpuscale_policy::hpa::ScalingPolicyKind::Pods,
+                value: 2,
+                period_seconds: 600,
+            }]),
+            ..Default::default()
+        });
+    });
+    let t0 = Timestamp::from_millis(1_750_000_000_000);
+    for k in 0..5 {
+        let now = t0.plus_secs(f64::from(k) * 2.0);
+        let d = p.decide(now, &obs(now, 1, 200.0));
+        assert!(d.advisory);
+        assert_eq!(d.action, Action::ScaleUp);
+        // The target never moved, so the limit still allows 1 + 2 each time.
+        assert_eq!(d.desired_replicas, 3, "{}", d.summary());
+        assert!(d.summary().ends_with("[advisory]"));
+    }
+}
+
+#[test]
+fn throughput_stands_in_for_missing_arrivals_but_never_lowers() {
+    let mut p = policy(|s| {
+        s.behavior.scale_down = Some(gpuscale_policy::spec::ScalingRulesSpec {
+            stabilization_window_seconds: Some(0),
+            ..Default::default()
+        });
+    });
+    let now = Timestamp::from_millis(1_750_000_000_000);
+    let mut o = obs(now, 2, 0.0);
+    o.load.arrival_rate_rps = None;
+    o.load.generation_tokens_per_second = Some(200.0 * 120.0);
+    let d = p.decide(now, &o);
+    assert!(d.desired_replicas > 2, "{}", d.summary());
+    assert!(d.recommendations.iter().any(|r| r.source == Source::Hold));
+    let later = now.plus_secs(600.0);
+    let mut o = obs(later, 8, 0.0);
+    o.load.arrival_rate_rps = None;
+    o.load.generation_tokens_per_second = Some(10.0);
+    let d = p.decide(later, &o);
+    assert_eq!(d.desired_replicas, 8, "{}", d.summary());
+}
+
+#[test]
+fn the_decision_record_explains_itself() {
+    let mut p = policy(|_| {});
+    let now = Timestamp::from_millis(1_750_000_000_000);
+    let d = p.decide(now, &obs(now, 1, 60.0));
+    let line = d.summary();
+    assert!(line.starts_with("1 -> "), "{line}");
+    assert!(line.contains("reactive"), "{line}");
+    assert!(line.contains("batch limit"), "{line}");
+    for key in [
+        "arrival_rps",
+        "stable_arrival_rps",
+        "batch_limit",
+        "input_tokens",
+        "output_tokens",
+        "proposed",
+        "model_factor",
+        "prediction_at_desired",
+    ] {
+        assert!(
+            !d.inputs[key].is_null(),
+            "inputs.{key} missing: {}",
+            d.inputs
+        );
+    }
+    let json = serde_json::to_string(&d).expect("serialises");
+    assert!(json.contains("\"winner\":\"reactive\""));
+}
