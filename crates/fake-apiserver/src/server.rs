@@ -253,8 +253,9 @@ impl FakeApiServerHandle {
         self.shared.lock().rv
     }
 
-    /// Forgets the watch history, as etcd compaction does: every open watch
-    /// and every watch from an older resourceVersion gets 410 Gone.
+    /// Forgets the watch history, as etcd compaction does: every
+    /// resourceVersion handed out so far becomes too old, so every open watch
+    /// and every watch from such a version gets 410 Gone (clients relist).
     pub fn compact_watch_history(&self) {
         self.shared.mutate(State::compact);
     }

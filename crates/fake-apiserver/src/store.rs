@@ -248,8 +248,11 @@ impl State {
         }
     }
 
-    /// Forgets the whole change history: every watch from an older version gets 410 Gone.
+    /// Forgets the whole change history, as etcd compaction with a cold
+    /// watch cache does: every resourceVersion handed out so far becomes too
+    /// old, so open watches get an ERROR 410 and watches from them are refused.
     pub(crate) fn compact(&mut self) {
+        self.rv += 1;
         self.history.clear();
         self.compacted_rv = self.rv;
     }
