@@ -933,3 +933,60 @@ async fn deleting_a_deployment_collects_its_replicaset_and_pods() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn streaming_list_watcher_with_a_selector_sees_objects_enter_and_leave_it() {
+    let (_server, client) = server(SLOW).await;
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    pods.create(&PostParams::default(), &pod("in", json!({"app": "llm"})))
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &pod("out", json!({"app": "web"})))
+        .await
+        .unwrap();
+    let config = watcher::Config::default()
+        .streaming_lists()
+        .labels("app=llm");
+    let mut events = watcher(pods.clone(), config).boxed();
+    let mut initial = Vec::new();
+    loop {
+        match events.next().await.unwrap().unwrap() {
+            watcher::Event::Init => {}
+            watcher::Event::InitApply(p) => initial.push(p.name_any()),
+            watcher::Event::InitDone => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(initial, ["in"]);
+    let relabel = |app: &str| Patch::Merge(json!({"metadata": {"labels": {"app": app}}}));
+    pods.patch("out", &PatchParams::default(), &relabel("llm"))
+        .await
+        .unwrap();
+    match events.next().await.unwrap().unwrap() {
+        watcher::Event::Apply(p) => assert_eq!(p.name_any(), "out"),
+        other => panic!("expected the relabelled pod to enter, got {other:?}"),
+    }
+    pods.patch("in", &PatchParams::default(), &relabel("web"))
+        .await
+        .unwrap();
+    match events.next().await.unwrap().unwrap() {
+        watcher::Event::Delete(p) => assert_eq!(p.name_any(), "in"),
+        other => panic!("expected the relabelled pod to leave, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn metadata_only_requests_get_partial_object_metadata() {
+    let (_server, client) = server(SLOW).await;
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    pods.create(&PostParams::default(), &pod("m", json!({"app": "llm"})))
+        .await
+        .unwrap();
+    let meta = pods.get_metadata("m").await.unwrap();
+    assert_eq!(
+        meta.metadata.labels.unwrap().get("app").map(String::as_str),
+        Some("llm")
+    );
+    let list = pods.list_metadata(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+}
