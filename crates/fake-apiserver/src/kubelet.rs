@@ -119,6 +119,35 @@ fn host_ip(node: &str) -> String {
     )
 }
 
+/// Registers a Node object for each scheduler node that has none (Ready, with a GPU capacity).
+pub(crate) fn register_nodes(state: &mut State) {
+    let now = state.clock.now_rfc3339();
+    for name in state.sim.nodes.clone() {
+        let key = ObjectKey::new("", "nodes", "", &name);
+        if state.get(&key).is_some() {
+            continue;
+        }
+        let uid = state.uid();
+        let node = json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name, "uid": uid, "creationTimestamp": now, "generation": 1,
+                         "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+            "spec": {},
+            "status": {
+                "capacity": {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "8"},
+                "allocatable": {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "8"},
+                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                "message": "kubelet is posting ready status",
+                                "lastHeartbeatTime": now, "lastTransitionTime": now}],
+                "addresses": [{"type": "InternalIP", "address": host_ip(&name)},
+                              {"type": "Hostname", "address": name}],
+            },
+        });
+        state.commit(key, node);
+    }
+}
+
 /// The start delay has passed: the containers run and report ready.
 pub(crate) fn start_pod(state: &mut State, key: &ObjectKey, uid: &str) {
     let Some(mut pod) = state.get(key).cloned() else {

@@ -23,8 +23,9 @@ use crate::store::{Clock, ObjectKey, Shared, SimSettings, State};
 pub struct FakeApiServerConfig {
     /// Where to listen; `127.0.0.1:0` picks a free port.
     pub bind: SocketAddr,
-    /// Nodes the scheduler assigns pods to, round-robin. Empty: pods stay
-    /// unscheduled and Pending (capacity that never arrives).
+    /// Nodes the scheduler assigns pods to, round-robin; each gets a Ready
+    /// Node object. Empty: pods stay unscheduled and Pending (capacity that
+    /// never arrives).
     pub nodes: Vec<String>,
     /// How long a scheduled pod stays Pending before its containers run and
     /// report ready (tokio time, so paused-time tests control it).
@@ -124,6 +125,9 @@ impl FakeApiServer {
             config.seed,
         );
         let shared = Shared::new(state, config.bookmark_interval);
+        if config.kubelet {
+            shared.mutate(kubelet::register_nodes);
+        }
         let accept_shared = Arc::clone(&shared);
         let task = tokio::spawn(async move {
             let mut shutdown = accept_shared.shutdown.subscribe();
@@ -216,11 +220,16 @@ impl FakeApiServerHandle {
         self.shared.lock().sim.pod_start_delay = delay;
     }
 
-    /// Changes the nodes pods created from now on are scheduled to.
+    /// Changes the nodes pods created from now on are scheduled to (Node
+    /// objects are created for new names; existing ones are kept).
     pub fn set_nodes(&self, nodes: Vec<String>) {
-        let mut state = self.shared.lock();
-        state.sim.nodes = nodes;
-        state.sim.next_node = 0;
+        self.shared.mutate(|state| {
+            state.sim.nodes = nodes;
+            state.sim.next_node = 0;
+            if state.sim.kubelet {
+                kubelet::register_nodes(state);
+            }
+        });
     }
 
     /// The objects of a resource (`group` `""` for core; `resource` the

@@ -334,6 +334,10 @@ async fn label_and_field_selectors_filter_lists() {
         ),
         ["c"]
     );
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let node_list = nodes.list(&ListParams::default()).await.unwrap();
+    let node_names: Vec<String> = node_list.items.iter().map(ResourceExt::name_any).collect();
+    assert_eq!(node_names, ["node-a", "node-b"]);
     let on_a = pods
         .list(&ListParams::default().fields("spec.nodeName=node-a"))
         .await
