@@ -72,7 +72,8 @@
 //!   `<sts>-<ordinal>` (OrderedReady or Parallel; highest ordinal removed
 //!   first); status counts kept up to date. Pod deletion is immediate (no
 //!   graceful termination).
-//! * **Scheduler and kubelet**: pods are assigned to the configured nodes
+//! * **Scheduler and kubelet**: pods are assigned to the configured nodes (each
+//!   served as a Ready Node object)
 //!   round-robin, go Pending → Running after a configurable delay (tokio
 //!   time), report containers ready, and get `Ready` by the kubelet's rule:
 //!   all containers ready and every `spec.readinessGates` condition `"True"`
