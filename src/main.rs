@@ -23,6 +23,10 @@ struct Cli {
 enum Command {
     /// Print version, commit, target and wire-protocol fingerprint.
     Version,
+    /// Replay a request trace against a simulated GPU fleet driven by
+    /// gpuscale, a baseline autoscaler or the oracle; report SLO attainment
+    /// and GPU-hours (`--suite` runs the benchmark suite).
+    Sim(Box<gpuscale_sim::cli::SimArgs>),
 }
 
 fn main() -> ExitCode {
@@ -32,5 +36,12 @@ fn main() -> ExitCode {
             println!("{}", version::long());
             ExitCode::SUCCESS
         }
+        Command::Sim(args) => match gpuscale_sim::cli::run(*args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(if e.is_usage() { 2 } else { 1 })
+            }
+        },
     }
 }

@@ -17,15 +17,20 @@
 
 pub mod autoscaler;
 pub mod baselines;
+pub mod chart;
+pub mod cli;
+pub mod compare;
 pub mod error;
 pub mod fleet;
 pub mod gpuscale;
 pub mod oracle;
 pub mod profile;
 pub mod prometheus;
+pub mod report;
 pub mod rng;
 pub mod run;
 pub mod stats;
+pub mod suite;
 pub mod trace;
 
 pub use autoscaler::{Autoscaler, ClusterView, FixedReplicas, FleetSample, ScaleCommand};

@@ -724,9 +724,14 @@ impl Workload {
     /// The peak arrival rate over any sliding window of `window_s` seconds,
     /// requests per second (scans the whole stream once).
     pub fn peak_rate(&self, window_s: f64) -> f64 {
+        self.peak_rate_until(window_s, f64::INFINITY)
+    }
+
+    /// [`Workload::peak_rate`] over the arrivals before `until_s` only.
+    pub fn peak_rate_until(&self, window_s: f64, until_s: f64) -> f64 {
         let mut times = std::collections::VecDeque::new();
         let mut best = 0usize;
-        for r in self.stream() {
+        for r in self.stream().take_while(|r| r.arrival_s < until_s) {
             times.push_back(r.arrival_s);
             while let Some(&front) = times.front() {
                 if front <= r.arrival_s - window_s {

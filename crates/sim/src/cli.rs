@@ -1,0 +1,563 @@
+//! `gpuscale sim`: the command line of the simulator.
+//!
+//! Flag errors name the flag, the value and what is allowed
+//! ([`SimError::is_usage`] → exit code 2).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::Args;
+use gpuscale_policy::WorkloadSpec;
+
+use crate::baselines::{self, BASELINE_NAMES, BaselineContext};
+use crate::chart::{ChartSeries, render};
+use crate::compare::{Comparison, PolicyChoice};
+use crate::error::SimError;
+use crate::fleet::{ColdStart, FleetConfig, VictimOrder};
+use crate::gpuscale::{GpuscaleOptions, default_spec};
+use crate::profile::{default_cold_start_s, resolve_profile};
+use crate::report;
+use crate::run::RunConfig;
+use crate::stats::Slo;
+use crate::suite::{SuiteOptions, run_suite};
+use crate::trace::{self, ArrivalProcess, SizePool, Trace, TraceFormat, Workload, WorkloadOptions};
+
+/// Replay a request trace against a simulated GPU fleet, driven by gpuscale,
+/// a baseline autoscaler or the oracle; report SLO attainment and GPU-hours.
+#[derive(Debug, Clone, Args)]
+pub struct SimArgs {
+    /// Request trace: Azure 2023 CSV, JSONL (timestamp ms, input_length,
+    /// output_length) or a rate series (window_start_s,total_rate_rps,...).
+    #[arg(long, value_name = "FILE", required_unless_present = "suite")]
+    pub trace: Option<PathBuf>,
+    /// Trace format, detected from the file when not given: azure, jsonl, rate.
+    #[arg(long, value_name = "FORMAT")]
+    pub trace_format: Option<String>,
+    /// Request sizes to draw from when the trace is a rate series (Azure CSV or JSONL).
+    #[arg(long, value_name = "FILE")]
+    pub sizes: Option<PathBuf>,
+    /// Arrivals inside rate-series windows: poisson, or gamma (the series' CV).
+    #[arg(long, default_value = "poisson", value_name = "PROCESS")]
+    pub arrivals: String,
+    /// Largest inter-arrival CV used for gamma arrivals.
+    #[arg(long, default_value_t = 4.0, value_name = "CV")]
+    pub max_cv: f64,
+    /// Performance profile: a preset name, a JSON model or a gpuscale profile CSV.
+    #[arg(
+        long,
+        default_value = "h200-llama3-8b-bf16",
+        value_name = "PRESET|FILE"
+    )]
+    pub profile: String,
+    /// Policies, comma-separated: gpuscale, oracle, all, or baselines by name
+    /// (static, hpa-gpu-util, keda-waiting, kserve-running, knative-kpa,
+    /// aibrix-kpa-mean, aibrix-kpa-total, aibrix-apa, wva, llmd-slo,
+    /// dynamo-sla-c, dynamo-sla-nc, dynamo-load, dynamo-easy-throughput,
+    /// dynamo-easy-latency, aws).
+    #[arg(long, default_value = "gpuscale,oracle", value_name = "LIST")]
+    pub policy: String,
+    /// Run each baseline over its sweep of targets instead of its default.
+    #[arg(long)]
+    pub sweep: bool,
+    /// Target of the baseline(s) (meaning per baseline; see docs/simulator.md).
+    #[arg(long, value_name = "X")]
+    pub target: Option<f64>,
+    /// gpuscale's workload spec (YAML or JSON, the custom resource's `spec`).
+    #[arg(long, value_name = "FILE")]
+    pub spec: Option<PathBuf>,
+    /// TTFT SLO (e.g. 2s, 500ms).
+    #[arg(long, default_value = "2s", value_name = "DURATION")]
+    pub ttft_slo: String,
+    /// Inter-token latency SLO (e.g. 50ms).
+    #[arg(long, default_value = "50ms", value_name = "DURATION")]
+    pub itl_slo: String,
+    /// Percentile the SLOs are stated at (for gpuscale's spec).
+    #[arg(long, default_value_t = 95.0, value_name = "P")]
+    pub slo_percentile: f64,
+    /// Multiply the arrival rate, keeping the duration.
+    #[arg(long, default_value_t = 1.0, value_name = "X")]
+    pub rate_scale: f64,
+    /// Stretch the timeline (2 = twice as long at half the rate).
+    #[arg(long, default_value_t = 1.0, value_name = "X")]
+    pub time_scale: f64,
+    /// Replay only the first part of the trace (e.g. 2h).
+    #[arg(long, value_name = "DURATION")]
+    pub duration: Option<String>,
+    /// Replica cold start (default: 90s for one-GPU profiles, 240s for multi-GPU).
+    #[arg(long, value_name = "DURATION")]
+    pub cold_start: Option<String>,
+    /// Extra cold-start spread: each replica draws uniformly in [cold start, cold start + spread].
+    #[arg(long, value_name = "DURATION")]
+    pub cold_start_spread: Option<String>,
+    /// Time a new replica waits for a GPU node before loading.
+    #[arg(long, default_value = "0s", value_name = "DURATION")]
+    pub pending: String,
+    /// Lower replica bound of every policy.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub min_replicas: u32,
+    /// Upper replica bound (default: 4 × the static peak count).
+    #[arg(long, value_name = "N")]
+    pub max_replicas: Option<u32>,
+    /// Replicas ready at time 0 (default: sized for the first minutes).
+    #[arg(long, value_name = "N")]
+    pub initial_replicas: Option<u32>,
+    /// Attainment the oracle plans each 10 s window for.
+    #[arg(long, default_value_t = 0.99, value_name = "FRACTION")]
+    pub oracle_target: f64,
+    /// Seed of every random draw (arrivals, scaling, cold starts).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Report format: table, json, csv.
+    #[arg(long, default_value = "table", value_name = "FORMAT")]
+    pub report: String,
+    /// Write the report (or, with --suite, the results) here instead of stdout.
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+    /// Write an SVG chart of arrivals, replicas and attainment over time.
+    #[arg(long, value_name = "FILE.svg")]
+    pub chart: Option<PathBuf>,
+    /// Run the benchmark suite (Azure code, Azure conversation, ServeGen 14 days).
+    #[arg(long)]
+    pub suite: bool,
+    /// The suite's workloads, comma-separated (code, conv, servegen; default all).
+    #[arg(long, value_name = "LIST")]
+    pub suite_only: Option<String>,
+    /// Limit the suite's ServeGen series to this many days.
+    #[arg(long, value_name = "DAYS")]
+    pub suite_days: Option<f64>,
+    /// The repository's data directory (traces and profiles) for the suite.
+    #[arg(long, default_value = "data", value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Runs in parallel (default: available cores).
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
+}
+
+/// Parse `2s`, `50ms`, `1.5m`, `2h`, `1d` or a plain number of seconds.
+pub fn parse_duration(flag: &str, s: &str) -> Result<f64, SimError> {
+    let t = s.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix("min") {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else if let Some(n) = t.strip_suffix('d') {
+        (n, 86_400.0)
+    } else {
+        (t, 1.0)
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v * mult),
+        _ => Err(SimError::config(
+            flag,
+            s,
+            "a duration >= 0 such as 2s, 50ms, 1.5m, 2h or 1d",
+        )),
+    }
+}
+
+fn progress_line(msg: &str) {
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[2K{msg}");
+    }
+}
+
+fn bar(frac: f64) -> String {
+    let n = (frac.clamp(0.0, 1.0) * 30.0).round() as usize;
+    format!(
+        "[{}{}] {:3.0}%",
+        "#".repeat(n),
+        "-".repeat(30 - n),
+        frac * 100.0
+    )
+}
+
+fn emit(text: &str, out: Option<&PathBuf>) -> Result<(), SimError> {
+    match out {
+        Some(p) => std::fs::write(p, text).map_err(|source| SimError::Io {
+            path: p.clone(),
+            source,
+        }),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}
+
+/// Run `gpuscale sim`.
+pub fn run(args: SimArgs) -> Result<(), SimError> {
+    let jobs = match args.jobs {
+        Some(0) => return Err(SimError::config("--jobs", 0, "at least 1")),
+        Some(j) => j,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let format = args.report.as_str();
+    if !matches!(format, "table" | "json" | "csv") {
+        return Err(SimError::config("--report", format, "table, json, csv"));
+    }
+    if args.suite {
+        return run_suite_command(&args, jobs);
+    }
+    let slo = Slo {
+        ttft_s: parse_duration("--ttft-slo", &args.ttft_slo)?,
+        itl_s: parse_duration("--itl-slo", &args.itl_slo)?,
+        percentile: args.slo_percentile,
+    };
+    if slo.ttft_s <= 0.0 {
+        return Err(SimError::config(
+            "--ttft-slo",
+            &args.ttft_slo,
+            "a duration > 0",
+        ));
+    }
+    if slo.itl_s <= 0.0 {
+        return Err(SimError::config(
+            "--itl-slo",
+            &args.itl_slo,
+            "a duration > 0",
+        ));
+    }
+    if !(args.slo_percentile > 0.0 && args.slo_percentile < 100.0) {
+        return Err(SimError::config(
+            "--slo-percentile",
+            args.slo_percentile,
+            "a percentile strictly between 0 and 100",
+        ));
+    }
+    if !(args.oracle_target > 0.0 && args.oracle_target <= 1.0) {
+        return Err(SimError::config(
+            "--oracle-target",
+            args.oracle_target,
+            "a fraction in (0, 1]",
+        ));
+    }
+    let arrivals = match args.arrivals.as_str() {
+        "poisson" => ArrivalProcess::Poisson,
+        "gamma" if args.max_cv.is_finite() && args.max_cv > 0.0 => ArrivalProcess::Gamma {
+            max_cv: args.max_cv,
+        },
+        "gamma" => return Err(SimError::config("--max-cv", args.max_cv, "a number > 0")),
+        other => return Err(SimError::config("--arrivals", other, "poisson, gamma")),
+    };
+    let trace_format = args
+        .trace_format
+        .as_deref()
+        .map(TraceFormat::parse)
+        .transpose()?;
+    let Some(trace_path) = args.trace.as_ref() else {
+        return Err(SimError::config("--trace", "(none)", "a trace file"));
+    };
+    let perf = resolve_profile(&args.profile)?;
+    let tr = trace::read_trace(trace_path, trace_format)?;
+    let sizes = match (&tr, &args.sizes) {
+        (_, Some(p)) => match trace::read_trace(p, None)? {
+            Trace::Requests { requests, .. } => Some(SizePool::from_requests(&requests)),
+            Trace::Rate { .. } => {
+                return Err(SimError::config(
+                    "--sizes",
+                    p.display(),
+                    "a trace of requests (Azure CSV or JSONL), not a rate series",
+                ));
+            }
+        },
+        (Trace::Requests { .. }, None) => None,
+        (Trace::Rate { .. }, None) => {
+            return Err(SimError::config(
+                "--sizes",
+                "(none)",
+                "a request-size trace (Azure CSV or JSONL) to expand a rate series",
+            ));
+        }
+    };
+    let horizon_s = args
+        .duration
+        .as_deref()
+        .map(|d| parse_duration("--duration", d))
+        .transpose()?;
+    let workload = Workload::new(
+        &tr,
+        sizes,
+        &WorkloadOptions {
+            rate_scale: args.rate_scale,
+            time_scale: args.time_scale,
+            horizon_s,
+            arrivals,
+            seed: args.seed,
+        },
+    )?;
+    let cold = match &args.cold_start {
+        Some(c) => parse_duration("--cold-start", c)?,
+        None => default_cold_start_s(&perf),
+    };
+    let cold_start = match &args.cold_start_spread {
+        Some(s) => {
+            let spread = parse_duration("--cold-start-spread", s)?;
+            ColdStart::Uniform(cold, cold + spread)
+        }
+        None => ColdStart::Fixed(cold),
+    };
+    let pending_s = parse_duration("--pending", &args.pending)?;
+    let (mean_in, mean_out) = workload.mean_sizes();
+    let mut ctx = BaselineContext {
+        perf: perf.clone(),
+        slo,
+        min_replicas: args.min_replicas.max(1),
+        max_replicas: 1,
+        peak_rps: workload.peak_rate(60.0),
+        mean_input: mean_in,
+        mean_output: mean_out,
+    };
+    ctx.max_replicas = match args.max_replicas {
+        Some(0) => return Err(SimError::config("--max-replicas", 0, "at least 1")),
+        Some(m) if m < ctx.min_replicas => {
+            return Err(SimError::config(
+                "--max-replicas",
+                m,
+                format!("at least --min-replicas ({})", ctx.min_replicas),
+            ));
+        }
+        Some(m) => m,
+        None => (4 * ctx.static_peak_replicas())
+            .max(8)
+            .max(ctx.min_replicas),
+    };
+    let lead = pending_s + cold_start.max_s();
+    let initial = match args.initial_replicas {
+        Some(n) => n.clamp(ctx.min_replicas, ctx.max_replicas),
+        None => Comparison::initial_replicas(&workload, &ctx, lead),
+    };
+    let duration = workload.duration_s();
+    let cmp = Comparison {
+        run: RunConfig {
+            slo,
+            fleet: FleetConfig {
+                perf: perf.clone(),
+                prefill_token_budget: 8192,
+                pending_s,
+                cold_start,
+                drain_grace_s: Some(30.0),
+                victim_order: VictimOrder::Kubernetes,
+                horizon_s: duration,
+                seed: args.seed,
+            },
+            initial_replicas: initial,
+            chart_bucket_s: (duration / 400.0).max(10.0),
+        },
+        baselines: ctx.clone(),
+        workload,
+    };
+    let choices = policy_choices(&args, &ctx, &perf, slo, cold)?;
+    let trace_name = cmp.workload.name().to_string();
+    let outcomes = if choices.len() == 1 {
+        let label = choices[0].label();
+        let mut cb = |f: f64| progress_line(&format!("{} {label}", bar(f)));
+        let out = cmp.run_one(&choices[0], Some(&mut cb))?;
+        vec![out]
+    } else {
+        cmp.run_all(&choices, jobs, &|d, t, label| {
+            progress_line(&format!(
+                "{} {d}/{t} runs (last: {label})",
+                bar(d as f64 / t as f64)
+            ));
+        })?
+    };
+    progress_line("");
+    let reports = cmp.reports(&trace_name, &choices, &outcomes);
+    let text = match format {
+        "json" => report::json(&reports)? + "\n",
+        "csv" => report::csv(&reports),
+        _ => report::table(&reports),
+    };
+    emit(&text, args.out.as_ref())?;
+    if let Some(path) = &args.chart {
+        let series: Vec<ChartSeries<'_>> = reports
+            .iter()
+            .zip(&outcomes)
+            .take(10)
+            .map(|(r, o)| ChartSeries {
+                label: format!(
+                    "{} ({:.1}%, {:.1} GPU-h)",
+                    r.label(),
+                    100.0 * r.slo_attainment,
+                    r.gpu_hours
+                ),
+                series: &o.stats.series,
+            })
+            .collect();
+        let svg = render(&trace_name, duration, &series);
+        std::fs::write(path, svg).map_err(|source| SimError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn policy_choices(
+    args: &SimArgs,
+    ctx: &BaselineContext,
+    perf: &gpuscale_policy::PerfModel,
+    slo: Slo,
+    cold: f64,
+) -> Result<Vec<PolicyChoice>, SimError> {
+    let mut names: Vec<String> = Vec::new();
+    for p in args
+        .policy
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        if p == "all" {
+            names.push("gpuscale".into());
+            names.push("oracle".into());
+            names.extend(BASELINE_NAMES.iter().map(|s| (*s).to_string()));
+        } else {
+            names.push(p.to_string());
+        }
+    }
+    if names.is_empty() {
+        return Err(SimError::config(
+            "--policy",
+            &args.policy,
+            "gpuscale, oracle, all, or baseline names, comma-separated",
+        ));
+    }
+    let mut out = Vec::new();
+    for n in names {
+        match n.as_str() {
+            "gpuscale" => {
+                let spec = match &args.spec {
+                    Some(path) => load_spec(path)?,
+                    None => default_spec(
+                        &args.profile,
+                        &slo,
+                        ctx.min_replicas,
+                        ctx.max_replicas,
+                        cold,
+                        perf.gpus_per_replica,
+                    ),
+                };
+                out.push(PolicyChoice::Gpuscale {
+                    spec: Box::new(spec),
+                    model: Box::new(perf.clone()),
+                    options: GpuscaleOptions::default(),
+                });
+            }
+            "oracle" => out.push(PolicyChoice::Oracle {
+                target: args.oracle_target,
+            }),
+            name => {
+                // Validates the name (and target) now, with the flag in the message.
+                baselines::baseline(name, args.target, ctx)?;
+                if args.sweep && args.target.is_none() {
+                    for t in baselines::sweep_targets(name, ctx) {
+                        out.push(PolicyChoice::Baseline {
+                            name: name.to_string(),
+                            target: Some(t),
+                        });
+                    }
+                } else {
+                    out.push(PolicyChoice::Baseline {
+                        name: name.to_string(),
+                        target: args.target,
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Read gpuscale's workload spec from YAML or JSON.
+pub fn load_spec(path: &PathBuf) -> Result<WorkloadSpec, SimError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SimError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let spec: WorkloadSpec = serde_yaml::from_str(&text)
+        .map_err(|e| SimError::PolicySpec(format!("{}: {e}", path.display())))?;
+    spec.validate()
+        .map_err(|e| SimError::PolicySpec(format!("{}: {e}", path.display())))?;
+    Ok(spec)
+}
+
+fn run_suite_command(args: &SimArgs, jobs: usize) -> Result<(), SimError> {
+    let only = args
+        .suite_only
+        .as_deref()
+        .map(|s| {
+            s.split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    for o in &only {
+        if !matches!(o.as_str(), "code" | "conv" | "servegen") {
+            return Err(SimError::config("--suite-only", o, "code, conv, servegen"));
+        }
+    }
+    if let Some(d) = args.suite_days
+        && !(d.is_finite() && d > 0.0)
+    {
+        return Err(SimError::config("--suite-days", d, "a number of days > 0"));
+    }
+    let opts = SuiteOptions {
+        data_dir: args.data_dir.clone(),
+        out_dir: args
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("target/sim-suite")),
+        jobs,
+        seed: args.seed,
+        servegen_days: args.suite_days,
+        only,
+    };
+    let result = run_suite(&opts, &|trace, d, t, label| {
+        progress_line(&format!(
+            "{} {trace}: {d}/{t} runs (last: {label})",
+            bar(d as f64 / t as f64)
+        ));
+    })?;
+    progress_line("");
+    let all: Vec<report::PolicyReport> = result
+        .traces
+        .iter()
+        .flat_map(|t| t.reports.clone())
+        .collect();
+    match args.report.as_str() {
+        "json" => println!("{}", report::json(&all)?),
+        "csv" => print!("{}", report::csv(&all)),
+        _ => print!("{}", crate::suite::summary_markdown(&result)),
+    }
+    eprintln!(
+        "suite: results in {} ({:.2} M simulated requests/s per core)",
+        opts.out_dir.display(),
+        result.requests_per_core_s / 1e6
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_units_and_name_the_flag_on_error() {
+        assert_eq!(parse_duration("--x", "2s").unwrap(), 2.0);
+        assert!((parse_duration("--x", "50ms").unwrap() - 0.05).abs() < 1e-12);
+        assert_eq!(parse_duration("--x", "1.5m").unwrap(), 90.0);
+        assert_eq!(parse_duration("--x", "2h").unwrap(), 7200.0);
+        assert_eq!(parse_duration("--x", "3").unwrap(), 3.0);
+        let e = parse_duration("--ttft-slo", "fast").unwrap_err();
+        assert!(e.is_usage());
+        let msg = e.to_string();
+        assert!(msg.contains("--ttft-slo") && msg.contains("fast"), "{msg}");
+    }
+}
