@@ -119,6 +119,8 @@ struct PanicState {
 pub struct Policy {
     config: WorkloadConfig,
     base_model: PerfModel,
+    /// `base_model` as refined, rewritten in place each decision.
+    model: PerfModel,
     refiner: ModelRefiner,
     forecaster: Option<Forecaster>,
     behavior: BehaviorState,
@@ -169,7 +171,8 @@ impl Policy {
             .then(|| Forecaster::new(config.predictive.bucket_s, config.predictive.min_history_s));
         Policy {
             config,
-            base_model: model,
+            base_model: model.clone(),
+            model,
             refiner: ModelRefiner::default(),
             forecaster,
             behavior: BehaviorState::default(),
@@ -250,12 +253,13 @@ impl Policy {
         }
         let cfg = &self.config;
         let shape = self.shape.unwrap_or_default();
-        let model = self.refiner.refined(&self.base_model);
+        self.refiner.refine_into(&self.base_model, &mut self.model);
+        let model = &self.model;
 
         // 3. Sizing.
         let margin = cfg.batch_limit_margin;
         let batch_limit =
-            sizing::batch_limit(&model, cfg.itl.threshold_s, shape.context_tokens, margin);
+            sizing::batch_limit(model, cfg.itl.threshold_s, shape.context_tokens, margin);
         let targets = Targets {
             ttft_s: cfg.ttft.threshold_s * (1.0 - margin),
             ttft_quantile: cfg.ttft.quantile,
@@ -268,7 +272,7 @@ impl Policy {
             itl_s: cfg.itl.threshold_s * strict,
             ..targets
         };
-        let sizer = Sizer::new(&model, shape, batch_limit, &targets);
+        let sizer = Sizer::new(model, shape, batch_limit, &targets);
 
         // 4. Recommendations.
         let mut recs: Vec<Recommendation> = Vec::with_capacity(6);

@@ -32,7 +32,7 @@ use crate::perf::PerfModel;
 /// Samples older than this are forgotten, seconds.
 pub const WINDOW_S: f64 = 600.0;
 /// Most samples kept.
-pub const MAX_SAMPLES: usize = 256;
+pub const MAX_SAMPLES: usize = 128;
 /// Largest change of `ln k` per hour.
 pub const MAX_DRIFT_PER_HOUR: f64 = 0.405_465_108_108_164_4; // ln 1.5
 /// Bounds of the applied factor.
@@ -96,13 +96,19 @@ impl ModelRefiner {
 
     /// `base` with its decode coefficients scaled by the current factor.
     pub fn refined(&self, base: &PerfModel) -> PerfModel {
-        let k = self.factor();
         let mut m = base.clone();
-        m.decode_base_s *= k;
-        m.decode_per_seq_s *= k;
-        m.decode_per_seq_token_s *= k;
-        m.decode_per_seq_sq_s *= k;
+        self.refine_into(base, &mut m);
         m
+    }
+
+    /// Write `base`'s decode coefficients scaled by the current factor into
+    /// `out` (whose other fields are left as they are): no allocation.
+    pub fn refine_into(&self, base: &PerfModel, out: &mut PerfModel) {
+        let k = self.factor();
+        out.decode_base_s = base.decode_base_s * k;
+        out.decode_per_seq_s = base.decode_per_seq_s * k;
+        out.decode_per_seq_token_s = base.decode_per_seq_token_s * k;
+        out.decode_per_seq_sq_s = base.decode_per_seq_sq_s * k;
     }
 
     /// Take the samples of `replicas` observed at `now` and update the
@@ -171,11 +177,15 @@ impl ModelRefiner {
         }
         let mut v: Vec<f64> = self.samples.iter().map(|s| s.log_ratio).collect();
         let med = median(&mut v);
-        let mut dev: Vec<f64> = v.iter().map(|x| (x - med).abs()).collect();
-        let mad = median(&mut dev);
+        for x in v.iter_mut() {
+            *x = (*x - med).abs();
+        }
+        let mad = median(&mut v);
         let sigma = (1.4826 * mad).max(0.01);
-        let (sum, n) = v
+        let (sum, n) = self
+            .samples
             .iter()
+            .map(|s| s.log_ratio)
             .filter(|x| (*x - med).abs() <= 3.0 * sigma)
             .fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
         let est = if n > 0 { sum / n as f64 } else { med };
@@ -197,15 +207,20 @@ fn blend_confidence(n: usize, spread: f64, lag: f64) -> f64 {
     (PRIOR_CONFIDENCE * (1.0 - w) + agreement * w).clamp(0.0, 1.0)
 }
 
+/// Median by selection (O(n)); reorders `v`.
 fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
     let n = v.len();
     if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        v[n / 2]
+        return 0.0;
+    }
+    let (_, upper, _) = v.select_nth_unstable_by(n / 2, f64::total_cmp);
+    let upper = *upper;
+    if n % 2 == 1 {
+        upper
     } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
+        // The lower middle is the largest of the lower half.
+        let lower = v[..n / 2].iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        0.5 * (lower + upper)
     }
 }
 

@@ -109,8 +109,8 @@ pub struct Sizing {
 
 /// The sizing model of one workload at one instant.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Sizer {
-    model: PerfModel,
+pub struct Sizer<'m> {
+    model: &'m PerfModel,
     shape: RequestShape,
     batch_limit: u32,
     prefill_mean_s: f64,
@@ -122,11 +122,11 @@ pub struct Sizer {
 /// Largest replica count the search considers.
 pub const MAX_SEARCH_REPLICAS: u32 = 1 << 20;
 
-impl Sizer {
+impl<'m> Sizer<'m> {
     /// A sizer for `model` (already refined), the request mix, the batch
     /// limit `B*` and the objectives' quantiles.
     pub fn new(
-        model: &PerfModel,
+        model: &'m PerfModel,
         shape: RequestShape,
         batch_limit: u32,
         targets: &Targets,
@@ -137,7 +137,7 @@ impl Sizer {
         let p_second = 2.0 * p_mean * p_mean;
         let q_factor = (1.0 + (1.0 / (1.0 - targets.ttft_quantile)).ln()) / 2.0;
         Self {
-            model: model.clone(),
+            model,
             shape: RequestShape {
                 input_tokens: i,
                 output_tokens: shape.output_tokens.max(1.0),
@@ -330,9 +330,10 @@ impl Sizer {
 }
 
 /// The boundary between where `below` holds (at `lo`) and where it does
-/// not (at `hi`), to within 1e-9 of the interval.
+/// not (at `hi`), to within 1e-6 of the interval (a millionth of a batch
+/// slot is far below anything the sizing resolves).
 fn bisect(mut lo: f64, mut hi: f64, below: impl Fn(f64) -> bool) -> f64 {
-    let tol = (hi - lo).abs() * 1e-9;
+    let tol = (hi - lo).abs() * 1e-6;
     for _ in 0..64 {
         if hi - lo <= tol {
             break;
