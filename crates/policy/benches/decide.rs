@@ -40,7 +40,7 @@ struct Fleet {
 
 fn spec(i: usize) -> WorkloadSpec {
     let mut s = WorkloadSpec::new(&format!("model-{i}"), 64, "h200-llama3-8b-bf16");
-    if i % 10 == 0 {
+    if i.is_multiple_of(10) {
         s.schedules.push(ScheduleSpec {
             name: "office".into(),
             start: "0 8 * * MON-FRI".into(),
