@@ -749,4 +749,55 @@ mod tests {
             assert!(r.prefill_rms_rel_error < 0.15, "{name} prefill fit");
         }
     }
+
+    const PROFILE: &str = "# name: my-model-h100\n# gpu: H100\n# gpus_per_replica: 1\n\
+# kv_capacity_tokens: 500000\nphase,batch,tokens,milliseconds\n\
+decode,1,512,5.56\ndecode,64,512,7.65\ndecode,64,2048,10.4\ndecode,256,2048,24.5\n\
+prefill,1,128,12.1\nprefill,1,1024,27.6\nprefill,1,4096,111.6\n";
+
+    #[test]
+    fn a_gpuscale_profile_file_reads_and_fits() {
+        let (m, r) =
+            PerfModel::from_profile_csv_with_report(PROFILE, &ProfileFormat::Gpuscale).unwrap();
+        assert_eq!(m.name, "my-model-h100");
+        assert_eq!(m.gpu, "H100");
+        assert_eq!(m.kv_capacity_tokens, 500_000.0);
+        assert_eq!(m.max_batch, 256);
+        assert!(r.decode_max_rel_error < 0.1, "{r:?}");
+        assert!((m.decode_step_s(64.0, 2048.0) - 0.0104).abs() < 0.001);
+    }
+
+    #[test]
+    fn profile_errors_name_line_and_column() {
+        let bad = PROFILE.replace("decode,64,2048,10.4", "decode,64,2048,ten");
+        match PerfModel::from_profile_csv(&bad, &ProfileFormat::Gpuscale) {
+            Err(SpecError::Profile {
+                line,
+                column,
+                message,
+            }) => {
+                assert_eq!((line, column), (8, 4), "{message}");
+                assert!(message.contains("ten"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let bad = PROFILE.replace("prefill,1,128,12.1", "warmup,1,128,12.1");
+        assert!(matches!(
+            PerfModel::from_profile_csv(&bad, &ProfileFormat::Gpuscale),
+            Err(SpecError::Profile {
+                line: 10,
+                column: 1,
+                ..
+            })
+        ));
+        let bad = PROFILE.replace("# kv_capacity_tokens: 500000\n", "");
+        assert!(
+            PerfModel::from_profile_csv(&bad, &ProfileFormat::Gpuscale)
+                .unwrap_err()
+                .to_string()
+                .contains("kv_capacity_tokens")
+        );
+        let bad = PROFILE.replace("phase,batch,tokens,milliseconds", "phase,batch");
+        assert!(PerfModel::from_profile_csv(&bad, &ProfileFormat::Gpuscale).is_err());
+    }
 }

@@ -186,3 +186,27 @@ fn the_decision_record_explains_itself() {
     let json = serde_json::to_string(&d).expect("serialises");
     assert!(json.contains("\"winner\":\"reactive\""));
 }
+
+#[test]
+fn scale_to_zero_and_back_from_zero() {
+    let mut p = policy(|s| {
+        s.min_replicas = 0;
+        s.behavior.scale_down = Some(gpuscale_policy::spec::ScalingRulesSpec {
+            stabilization_window_seconds: Some(0),
+            ..Default::default()
+        });
+    });
+    let t0 = Timestamp::from_millis(1_750_000_000_000);
+    let mut current = 2;
+    // A real zero, fresh: down to zero once the stable window has seen it.
+    for k in 0..40 {
+        let now = t0.plus_secs(f64::from(k) * 2.0);
+        current = p.decide(now, &obs(now, current, 0.0)).desired_replicas;
+    }
+    assert_eq!(current, 0);
+    // The first arrival wakes it in one decision.
+    let now = t0.plus_secs(100.0);
+    let d = p.decide(now, &obs(now, 0, 3.0));
+    assert_eq!(d.action, Action::ScaleUp, "{}", d.summary());
+    assert!(d.desired_replicas >= 1);
+}
