@@ -15,14 +15,91 @@ mod version;
 #[derive(Debug, Parser)]
 #[command(name = "gpuscale", version = version::SHORT, about, long_about = None)]
 struct Cli {
+    /// Log line format on stderr (the level comes from RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "GPUSCALE_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logging for every subcommand, set up once: stderr, level from RUST_LOG.
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// Runs `f` on a multi-threaded runtime; exit code 2 for configuration
+/// errors, 1 for runtime failures.
+fn serve<E: std::fmt::Display>(
+    is_config: impl Fn(&E) -> bool,
+    f: impl std::future::Future<Output = Result<(), E>>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(if is_config(&e) { 2 } else { 1 })
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Print version, commit, target and wire-protocol fingerprint.
     Version,
+    /// Run the node agent: sample GPUs, pods and engines every interval and
+    /// stream them to the scaler (snapshot, then deltas), reconnecting with
+    /// backoff; serve /metrics and /healthz.
+    Agent(gpuscale_agent::AgentArgs),
+    /// Run the scaler: ingest the agents' streams, keep windows per node, GPU,
+    /// pod and model, decide per workload every tick; serve gRPC (agents,
+    /// health, reflection) and /metrics, /healthz, /readyz.
+    Scaler(gpuscale_scaler::ScalerArgs),
     /// Replay a request trace against a simulated GPU fleet driven by
     /// gpuscale, a baseline autoscaler or the oracle; report SLO attainment
     /// and GPU-hours (`--suite` runs the benchmark suite).
@@ -31,7 +108,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_tracing(cli.log_format);
     match cli.command {
+        Command::Agent(args) => serve(gpuscale_agent::AgentError::is_config, async move {
+            gpuscale_agent::run_from_args(&args, shutdown_signal()).await
+        }),
+        Command::Scaler(args) => serve(gpuscale_scaler::ScalerError::is_config, async move {
+            gpuscale_scaler::run_from_args(&args, shutdown_signal()).await
+        }),
         Command::Version => {
             println!("{}", version::long());
             ExitCode::SUCCESS

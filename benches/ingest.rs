@@ -1,0 +1,444 @@
+//! Scaler ingest benchmark: GPU samples per second on one core, and the
+//! delay from a sample's send to its visibility in the scaler's state.
+//!
+//! Setup, per number of concurrent agent streams N (1, 8, 64; each node has
+//! 8 GPUs and every report after the snapshot is a delta carrying all 8 GPUs'
+//! metrics):
+//!
+//! * **scaler**: the real `gpuscale_scaler::Scaler` (gRPC server, stream
+//!   tasks, the state task, view publication) on a `current_thread` tokio
+//!   runtime in its own thread: one core;
+//! * **bare**: a tonic server on the same kind of runtime whose
+//!   `AgentService.Report` only decodes the messages and counts them;
+//! * **clients**: N real gRPC clients (one HTTP/2 connection each) on a
+//!   separate one-worker runtime, sending over loopback as fast as flow
+//!   control allows (throughput), then paced at half the measured rate
+//!   (delay). The delay is measured from the moment the client queued a
+//!   report to the moment a reader of the published `StateView` sees its
+//!   sequence number.
+//!
+//! Run: `cargo bench --bench ingest` (`INGEST_BENCH_SECONDS` sets the
+//! measured seconds per case, default 3).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use gpuscale_core::sample::{
+    AgentHealth, GpuHealth, GpuInfo, GpuMetrics, GpuSample, NodeDelta, NodeSnapshot,
+};
+use gpuscale_core::{GpuUuid, NodeName, Timestamp};
+use gpuscale_proto::v1;
+use gpuscale_proto::v1::agent_service_client::AgentServiceClient;
+use gpuscale_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
+use gpuscale_proto::{AgentReport, ReportBody};
+use gpuscale_scaler::{Scaler, ScalerConfig, StateView};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+
+const GPUS: usize = 8;
+const TEMPLATES: usize = 16;
+
+fn gpu(node: usize, i: usize, util: f64) -> GpuSample {
+    let uuid = GpuUuid::new(format!("GPU-{node:08x}-0000-0000-0000-{i:012x}"));
+    GpuSample {
+        info: GpuInfo {
+            uuid: uuid.clone(),
+            index: i as u32,
+            model_name: "NVIDIA H100 80GB HBM3".into(),
+            memory_total_bytes: 80 << 30,
+            pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + i),
+            parent_uuid: None,
+            mig_gpu_instance_id: None,
+            gpm_supported: true,
+            driver_version: "570.86.15".into(),
+        },
+        metrics: GpuMetrics {
+            uuid,
+            memory_used_bytes: Some(70 << 30),
+            memory_free_bytes: Some(10 << 30),
+            utilization_gpu_ratio: Some(util),
+            utilization_memory_ratio: Some(util / 2.0),
+            power_watts: Some(300.0 + 300.0 * util),
+            power_limit_watts: Some(700.0),
+            temperature_celsius: Some(40.0 + 30.0 * util),
+            sm_clock_mhz: Some(1980),
+            throttle_reasons: Some(0),
+            ecc_uncorrected_total: Some(0),
+            energy_joules_total: Some(1e6),
+            gpm: None,
+            health: GpuHealth::Healthy,
+            xid_totals: Default::default(),
+        },
+    }
+}
+
+fn snapshot(node: usize) -> v1::NodeReport {
+    (&AgentReport {
+        boot_epoch: 1 + node as u64,
+        seq: 1,
+        sent_at: Timestamp(0),
+        body: ReportBody::Snapshot(NodeSnapshot {
+            node: NodeName::new(format!("bench-{node}")),
+            agent_version: "bench".into(),
+            sampled_at: Timestamp(0),
+            sample_interval_ms: 1000,
+            gpus: (0..GPUS).map(|i| gpu(node, i, 0.5)).collect(),
+            pods: vec![],
+            engines: vec![],
+            agent: AgentHealth::default(),
+        }),
+    })
+        .into()
+}
+
+fn deltas(node: usize) -> Vec<v1::NodeReport> {
+    (0..TEMPLATES)
+        .map(|k| {
+            (&AgentReport {
+                boot_epoch: 1 + node as u64,
+                seq: 0,
+                sent_at: Timestamp(0),
+                body: ReportBody::Delta(NodeDelta {
+                    sampled_at: Timestamp(k as i64),
+                    gpu_metrics: (0..GPUS)
+                        .map(|i| gpu(node, i, (k as f64 + i as f64) / 32.0).metrics)
+                        .collect(),
+                    ..NodeDelta::default()
+                }),
+            })
+                .into()
+        })
+        .collect()
+}
+
+/// When each sequence number was queued, in nanoseconds since the bench started.
+struct SendLog(Vec<AtomicU64>);
+
+impl SendLog {
+    fn new(n: usize) -> Self {
+        Self((0..n).map(|_| AtomicU64::new(0)).collect())
+    }
+    fn record(&self, seq: u64, at: u64) {
+        if let Some(slot) = self.0.get(seq as usize) {
+            slot.store(at, Ordering::Relaxed);
+        }
+    }
+    fn get(&self, seq: u64) -> Option<u64> {
+        self.0
+            .get(seq as usize)
+            .map(|s| s.load(Ordering::Relaxed))
+            .filter(|v| *v > 0)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    Scaler,
+    Bare,
+}
+
+#[derive(Clone, Copy)]
+enum Pace {
+    Max,
+    /// Reports per second, all clients together.
+    Rate(f64),
+}
+
+struct Outcome {
+    gpu_samples_per_second: f64,
+    delays_ms: Vec<f64>,
+}
+
+/// The bare server: decode and count.
+#[derive(Clone)]
+struct Bare(Arc<AtomicU64>);
+
+type Empty = Pin<Box<dyn Stream<Item = Result<v1::ScalerDirective, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for Bare {
+    type ReportStream = Empty;
+    async fn report(
+        &self,
+        request: tonic::Request<tonic::Streaming<v1::NodeReport>>,
+    ) -> Result<tonic::Response<Empty>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let count = self.0.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(r)) = inbound.message().await {
+                let n = match r.body {
+                    Some(v1::node_report::Body::Snapshot(s)) => s.gpus.len(),
+                    Some(v1::node_report::Body::Delta(d)) => d.gpu_metrics.len(),
+                    None => 0,
+                };
+                count.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(tokio_stream::pending())))
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    view: Option<watch::Receiver<Arc<StateView>>>,
+    bare_count: Arc<AtomicU64>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts the target on a current_thread runtime in its own thread.
+    fn start(target: Target) -> Server {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let bare_count = Arc::new(AtomicU64::new(0));
+        let count = bare_count.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                match target {
+                    Target::Scaler => {
+                        let mut config = ScalerConfig::new("127.0.0.1:0".parse().expect("addr"));
+                        config.node_ttl = Duration::from_secs(600);
+                        let running = Scaler::new(config).start().await.expect("scaler");
+                        ready_tx
+                            .send((running.grpc_addr(), Some(running.view())))
+                            .expect("ready");
+                        let _ = stop_rx.await;
+                        let _ = running.shutdown().await;
+                    }
+                    Target::Bare => {
+                        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                            .await
+                            .expect("bind");
+                        ready_tx
+                            .send((listener.local_addr().expect("addr"), None))
+                            .expect("ready");
+                        let server = tonic::transport::Server::builder()
+                            .tcp_nodelay(true)
+                            .add_service(AgentServiceServer::new(Bare(count)))
+                            .serve_with_incoming_shutdown(
+                                TcpListenerStream::new(listener),
+                                async move {
+                                    let _ = stop_rx.await;
+                                },
+                            );
+                        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+                    }
+                }
+            });
+        });
+        let (addr, view) = ready_rx.recv().expect("server ready");
+        Server {
+            addr,
+            view,
+            bare_count,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn client(
+    url: String,
+    node: usize,
+    log: Arc<SendLog>,
+    epoch: Instant,
+    stop: Arc<AtomicBool>,
+    pace: Option<f64>,
+) {
+    let mut client = AgentServiceClient::connect(url).await.expect("connects");
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(snapshot(node)).await.expect("queued");
+    log.record(1, epoch.elapsed().as_nanos() as u64);
+    let response = client
+        .report(ReceiverStream::new(rx))
+        .await
+        .expect("stream opens");
+    let mut inbound = response.into_inner();
+    tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
+    let templates = deltas(node);
+    let started = Instant::now();
+    let mut seq = 1u64;
+    let mut ticker = tokio::time::interval(Duration::from_millis(1));
+    while !stop.load(Ordering::Relaxed) {
+        let due = match pace {
+            None => seq + 1,
+            Some(rate) => {
+                ticker.tick().await;
+                1 + (started.elapsed().as_secs_f64() * rate) as u64
+            }
+        };
+        while seq < due && !stop.load(Ordering::Relaxed) {
+            seq += 1;
+            let mut msg = templates[seq as usize % TEMPLATES].clone();
+            msg.seq = seq;
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+            log.record(seq, epoch.elapsed().as_nanos() as u64);
+        }
+    }
+}
+
+fn run_case(
+    clients_rt: &tokio::runtime::Runtime,
+    target: Target,
+    n: usize,
+    pace: Pace,
+    seconds: f64,
+) -> Outcome {
+    let server = Server::start(target);
+    let url = format!("http://{}", server.addr);
+    let epoch = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let per_client = (2_000_000 / n).max(10_000);
+    let logs: Vec<Arc<SendLog>> = (0..n).map(|_| Arc::new(SendLog::new(per_client))).collect();
+    let pace_each = match pace {
+        Pace::Max => None,
+        Pace::Rate(r) => Some(r / n as f64),
+    };
+    let outcome = clients_rt.block_on(async {
+        let mut tasks = Vec::new();
+        for (i, log) in logs.iter().enumerate() {
+            tasks.push(tokio::spawn(client(
+                url.clone(),
+                i,
+                log.clone(),
+                epoch,
+                stop.clone(),
+                pace_each,
+            )));
+        }
+        let warmup = Duration::from_secs_f64((seconds / 3.0).max(0.5));
+        tokio::time::sleep(warmup).await;
+        let measure = Duration::from_secs_f64(seconds);
+        let outcome = match &server.view {
+            None => {
+                let before = server.bare_count.load(Ordering::Relaxed);
+                let t0 = Instant::now();
+                tokio::time::sleep(measure).await;
+                let after = server.bare_count.load(Ordering::Relaxed);
+                Outcome {
+                    gpu_samples_per_second: (after - before) as f64 / t0.elapsed().as_secs_f64(),
+                    delays_ms: Vec::new(),
+                }
+            }
+            Some(view) => {
+                let mut view = view.clone();
+                let names: Vec<NodeName> = (0..n)
+                    .map(|i| NodeName::new(format!("bench-{i}")))
+                    .collect();
+                let seqs = |v: &StateView| -> Vec<u64> {
+                    names
+                        .iter()
+                        .map(|nm| v.nodes.get(nm).map_or(0, |x| x.last_seq))
+                        .collect()
+                };
+                let mut prev = seqs(&view.borrow_and_update());
+                let start_seqs = prev.clone();
+                let t0 = Instant::now();
+                let mut delays = Vec::new();
+                let mut last = prev.clone();
+                while t0.elapsed() < measure {
+                    let left = measure.saturating_sub(t0.elapsed());
+                    if tokio::time::timeout(left, view.changed()).await.is_err() {
+                        break;
+                    }
+                    let seen = epoch.elapsed().as_nanos() as u64;
+                    let v = view.borrow_and_update().clone();
+                    last = seqs(&v);
+                    for (i, (&p, &l)) in prev.iter().zip(&last).enumerate() {
+                        for s in p + 1..=l {
+                            if let Some(sent) = logs[i].get(s) {
+                                delays.push(seen.saturating_sub(sent) as f64 / 1e6);
+                            }
+                        }
+                    }
+                    prev = last.clone();
+                }
+                let applied: u64 = last.iter().zip(&start_seqs).map(|(l, s)| l - s).sum();
+                Outcome {
+                    gpu_samples_per_second: (applied * GPUS as u64) as f64
+                        / t0.elapsed().as_secs_f64(),
+                    delays_ms: delays,
+                }
+            }
+        };
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        outcome
+    });
+    server.stop();
+    outcome
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn main() {
+    let seconds: f64 = std::env::var("INGEST_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let clients_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    println!(
+        "ingest: {GPUS} GPUs per node, every report after the snapshot a delta with all {GPUS} GPUs' metrics; \
+         server on a current_thread runtime (one core), clients on a 1-worker runtime; {seconds} s per case"
+    );
+    println!(
+        "| streams | scaler GPU samples/s | bare tonic GPU samples/s | scaler/bare | paced at | delay p50 | delay p99 |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for n in [1usize, 8, 64] {
+        let scaler = run_case(&clients_rt, Target::Scaler, n, Pace::Max, seconds);
+        let bare = run_case(&clients_rt, Target::Bare, n, Pace::Max, seconds);
+        let rate = scaler.gpu_samples_per_second / GPUS as f64 * 0.5;
+        let paced = run_case(&clients_rt, Target::Scaler, n, Pace::Rate(rate), seconds);
+        let mut d = paced.delays_ms;
+        d.sort_by(f64::total_cmp);
+        println!(
+            "| {n} | {:.0} | {:.0} | {:.2} | {:.0} samples/s | {:.2} ms | {:.2} ms |",
+            scaler.gpu_samples_per_second,
+            bare.gpu_samples_per_second,
+            scaler.gpu_samples_per_second / bare.gpu_samples_per_second,
+            rate * GPUS as f64,
+            percentile(&d, 0.5),
+            percentile(&d, 0.99),
+        );
+        let mut s = scaler.delays_ms;
+        s.sort_by(f64::total_cmp);
+        println!(
+            "|   | (at full load: delay p50 {:.2} ms, p99 {:.2} ms) | | | | | |",
+            percentile(&s, 0.5),
+            percentile(&s, 0.99)
+        );
+    }
+}
