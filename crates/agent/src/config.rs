@@ -149,9 +149,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// `gpuscale agent` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
-    /// The scaler's gRPC endpoint, e.g. http://gpuscale-scaler:7070.
-    #[arg(long, value_name = "URL", env = "GPUSCALE_SCALER_URL")]
-    pub scaler: String,
+    /// The scaler's gRPC endpoint, e.g. http://gpuscale-scaler:7070
+    /// (required unless --once).
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "GPUSCALE_SCALER_URL",
+        required_unless_present = "once"
+    )]
+    pub scaler: Option<String>,
     /// This node's name; defaults to $NODE_NAME, then the host name.
     #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -176,6 +182,9 @@ pub struct AgentArgs {
     /// Longest reconnect delay.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub backoff_cap: Duration,
+    /// The node's sources (NVML, PodResources, engines, Kubernetes), `--once`.
+    #[command(flatten)]
+    pub node: crate::node::NodeArgs,
 }
 
 impl AgentArgs {
@@ -192,7 +201,14 @@ impl AgentArgs {
                 )
             })?,
         };
-        let mut config = AgentConfig::new(self.scaler.clone(), node_name);
+        let Some(scaler) = self.scaler.clone() else {
+            return Err(AgentError::config(
+                "--scaler",
+                "(not given)",
+                "the scaler's URL, e.g. http://gpuscale-scaler:7070 (only --once runs without one)",
+            ));
+        };
+        let mut config = AgentConfig::new(scaler, node_name);
         config.sample_interval = self.interval;
         config.metrics_addr = match self.metrics_addr.as_str() {
             "off" | "" => None,
@@ -230,6 +246,27 @@ impl AgentArgs {
             .map(|p| load_fake_config(p))
             .transpose()?;
         Ok((config, fake))
+    }
+}
+
+impl AgentArgs {
+    /// This node's name (`--node-name`, `$NODE_NAME`, else the host name),
+    /// checked with the sampling interval, for modes without a scaler (`--once`).
+    pub fn resolved_node_name(&self) -> Result<gpuscale_core::NodeName, AgentError> {
+        let name = match &self.node_name {
+            Some(n) => n.clone(),
+            None => host_name().ok_or_else(|| {
+                AgentError::config(
+                    "--node-name",
+                    "",
+                    "a node name: pass --node-name or set NODE_NAME (the host name could not be read)",
+                )
+            })?,
+        };
+        let mut check = AgentConfig::new("http://localhost", name);
+        check.sample_interval = self.interval;
+        check.validate()?;
+        Ok(check.node_name)
     }
 }
 

@@ -27,6 +27,14 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// A node-local server (the ServingService) could not listen.
+    #[error("cannot listen on {addr} for {what}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// A server task failed.
     #[error("{task} failed: {message}")]
     Task { task: &'static str, message: String },

@@ -40,10 +40,15 @@ pub mod backoff;
 pub mod config;
 pub mod diff;
 pub mod directives;
+pub mod discovery;
 pub mod error;
+pub mod exporter;
 mod http;
 pub mod metrics;
+pub mod node;
+pub mod readiness;
 mod sampler;
+pub mod sources;
 mod uplink;
 
 use std::future::Future;
@@ -62,8 +67,11 @@ pub use backoff::BackoffConfig;
 pub use config::{AgentArgs, AgentConfig, load_fake_config, parse_duration};
 pub use directives::NodeDirectives;
 pub use error::AgentError;
+pub use exporter::{NodeExporter, NodeStats};
 pub use http::OPENMETRICS_CONTENT_TYPE;
 pub use metrics::AgentMetrics;
+pub use node::{NodeArgs, NodeConfig, RunningNode, sample_once, start_node};
+pub use readiness::{ReadinessConfig, WarmupConfig, WarmupMode};
 pub use sampler::Sampled;
 pub use uplink::LinkStatus;
 
@@ -220,6 +228,20 @@ where
         self
     }
 
+    /// Serve `metrics` instead of a fresh [`AgentMetrics`] (to register
+    /// collectors such as the [`NodeExporter`] first). Call it before
+    /// [`handle`](Agent::handle): handles taken earlier keep the old metrics.
+    pub fn with_metrics(mut self, metrics: AgentMetrics) -> Self {
+        self.metrics = Arc::new(metrics);
+        self
+    }
+
+    /// Every sampled state as it is produced (only the newest is kept),
+    /// available before the agent starts (for collectors).
+    pub fn samples(&self) -> watch::Receiver<Option<Arc<Sampled>>> {
+        self.latest.subscribe()
+    }
+
     pub fn handle(&self) -> AgentHandle {
         AgentHandle {
             config: self.config.clone(),
@@ -346,38 +368,11 @@ impl RunningAgent {
 }
 
 /// `gpuscale agent`: builds the sources the flags name and runs until
-/// `shutdown` completes.
+/// `shutdown` completes; with `--once`, prints one node snapshot to stdout
+/// and returns (see [`node`]).
 pub async fn run_from_args(
     args: &AgentArgs,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
-    let (config, fake) = args.to_config()?;
-    let Some(fake) = fake else {
-        return Err(AgentError::config(
-            "--fake-config",
-            "(not given)",
-            "a fake node file: this build's agent reads simulated GPUs and engines only; pass --fake-config FILE",
-        ));
-    };
-    let node =
-        gpuscale_telemetry::fake::FakeNode::new(&fake, config.node_name.as_str()).map_err(|e| {
-            AgentError::ConfigFile {
-                flag: "--fake-config",
-                path: args
-                    .fake_config
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                message: e.message,
-            }
-        })?;
-    tracing::warn!("GPU and engine telemetry is simulated (--fake-config)");
-    Agent::new(
-        config,
-        node.gpu_source(),
-        node.pod_source(),
-        node.engine_source(),
-    )?
-    .run(shutdown)
-    .await
+    node::run(args, shutdown).await
 }

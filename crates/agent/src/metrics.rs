@@ -145,6 +145,15 @@ impl AgentMetrics {
         &self.registry
     }
 
+    /// Adds a collector, rendered on every scrape after the metrics above
+    /// (the [`crate::NodeExporter`]: per-GPU and per-engine series).
+    pub fn register_collector(
+        &mut self,
+        collector: Box<dyn prometheus_client::collector::Collector>,
+    ) {
+        self.registry.register_collector(collector);
+    }
+
     /// OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();

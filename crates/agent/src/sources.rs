@@ -1,0 +1,347 @@
+//! The node's sources as the sampling loop drives them: real (NVML, kubelet
+//! PodResources, scraped and pushed engines) or simulated (`--fake-config`),
+//! behind one type per trait.
+//!
+//! * [`NodeGpuSource`]: NVML or the fake node's GPUs. After each round it
+//!   publishes the GPU inventory when it changed, for the PodResources
+//!   mapping (device IDs → UUIDs, MIG devices included).
+//! * [`NodePodSource`]: the kubelet's PodResources API (or the fake node's
+//!   assignment, or nothing). It takes each new inventory and refreshes at
+//!   once when a pod it has not seen appears on the node.
+//! * [`NodeEngineSource`]: engines scraped (static `--engine` flags, and pod
+//!   annotations when the Kubernetes API is available), engines pushing to
+//!   the node-local `ServingService`, and the fake node's engines. A pod the
+//!   scaler drains is reported `Draining` (unless it failed).
+//!
+//! Each keeps the crate-level invariant: a source reports problems inside
+//! its samples and counts them in [`NodeStats`]; only the fake node returns
+//! whole-source errors (its failure injection).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use gpuscale_core::sample::{EngineSample, EngineState, GpuInfo, GpuSample, PodGpus};
+use gpuscale_core::{PodRef, Timestamp};
+use gpuscale_telemetry::fake::{FakeEngineSource, FakeGpuSource, FakePodGpuSource};
+use gpuscale_telemetry::{
+    EngineSource, EngineTarget, GpuSource, LimitsHandle, NvmlSource, PodGpuSource,
+    PodResourcesSource, PushEngineSource, ScrapeEngineSource, SourceError,
+};
+use tokio::sync::watch;
+
+use crate::discovery::NodePods;
+use crate::exporter::{NodeStats, source};
+
+/// Where GPUs come from.
+#[derive(Debug)]
+pub enum GpuBackend {
+    Nvml(Box<NvmlSource>),
+    Fake(FakeGpuSource),
+}
+
+/// GPUs of the node; see the module docs.
+#[derive(Debug)]
+pub struct NodeGpuSource {
+    backend: GpuBackend,
+    inventory: watch::Sender<Arc<Vec<GpuInfo>>>,
+    stats: Arc<NodeStats>,
+}
+
+impl NodeGpuSource {
+    pub fn new(backend: GpuBackend, stats: Arc<NodeStats>) -> Self {
+        let initial = match &backend {
+            GpuBackend::Nvml(n) => n.inventory(),
+            GpuBackend::Fake(_) => Vec::new(),
+        };
+        let s = Self {
+            backend,
+            inventory: watch::channel(Arc::new(initial)).0,
+            stats,
+        };
+        s.count();
+        s
+    }
+
+    /// The GPU inventory: the current value, then every change.
+    pub fn inventory(&self) -> watch::Receiver<Arc<Vec<GpuInfo>>> {
+        self.inventory.subscribe()
+    }
+
+    /// Whether NVML is loaded (false in no-GPU mode and for the fake node).
+    pub fn nvml_available(&self) -> bool {
+        matches!(&self.backend, GpuBackend::Nvml(n) if n.nvml_available())
+    }
+
+    /// Why NVML is not available, when it is not.
+    pub fn unavailable_reason(&self) -> Option<String> {
+        match &self.backend {
+            GpuBackend::Nvml(n) => n.unavailable_reason().map(str::to_string),
+            GpuBackend::Fake(_) => None,
+        }
+    }
+
+    fn count(&self) {
+        if let GpuBackend::Nvml(n) = &self.backend {
+            self.stats
+                .set_errors(source::NVML, &n.stats().errors_by_kind);
+            self.stats.set_up(source::NVML, n.nvml_available());
+        }
+    }
+
+    fn publish(&self, samples: &[GpuSample]) {
+        self.inventory.send_if_modified(|inv| {
+            let same =
+                inv.len() == samples.len() && inv.iter().zip(samples).all(|(a, b)| *a == b.info);
+            if !same {
+                *inv = Arc::new(samples.iter().map(|s| s.info.clone()).collect());
+            }
+            !same
+        });
+    }
+}
+
+impl GpuSource for NodeGpuSource {
+    async fn sample_gpus(&mut self, now: Timestamp) -> Result<Vec<GpuSample>, SourceError> {
+        let result = match &mut self.backend {
+            GpuBackend::Nvml(n) => n.sample_now(now),
+            GpuBackend::Fake(f) => f.sample_gpus(now).await,
+        };
+        self.count();
+        if let Ok(samples) = &result {
+            self.publish(samples);
+        }
+        result
+    }
+}
+
+/// Where the GPU-to-pod assignment comes from.
+#[derive(Debug)]
+pub enum PodBackend {
+    Kubelet(Box<PodResourcesSource>),
+    Fake(FakePodGpuSource),
+    /// `--pod-resources-socket off`: no attribution.
+    Off,
+}
+
+/// Which pods hold which GPUs; see the module docs.
+#[derive(Debug)]
+pub struct NodePodSource {
+    backend: PodBackend,
+    inventory: watch::Receiver<Arc<Vec<GpuInfo>>>,
+    node_pods: Option<watch::Receiver<Arc<NodePods>>>,
+    seen: BTreeSet<PodRef>,
+    stats: Arc<NodeStats>,
+}
+
+impl NodePodSource {
+    pub fn new(
+        mut backend: PodBackend,
+        mut inventory: watch::Receiver<Arc<Vec<GpuInfo>>>,
+        node_pods: Option<watch::Receiver<Arc<NodePods>>>,
+        stats: Arc<NodeStats>,
+    ) -> Self {
+        if let PodBackend::Kubelet(k) = &mut backend {
+            k.set_inventory(&inventory.borrow_and_update());
+        }
+        Self {
+            backend,
+            inventory,
+            node_pods,
+            seen: BTreeSet::new(),
+            stats,
+        }
+    }
+
+    /// Whether the kubelet answered the last call (false when off or fake).
+    pub fn available(&self) -> bool {
+        matches!(&self.backend, PodBackend::Kubelet(k) if k.available())
+    }
+
+    /// True when a pod appeared on the node that was not there before.
+    fn new_pod_appeared(&mut self) -> bool {
+        let Some(rx) = self.node_pods.as_mut() else {
+            return false;
+        };
+        if !rx.has_changed().unwrap_or(false) {
+            return false;
+        }
+        let pods = rx.borrow_and_update().clone();
+        if !pods.synced {
+            return false;
+        }
+        let first = self.seen.is_empty();
+        let now: BTreeSet<PodRef> = pods.pods.keys().cloned().collect();
+        let appeared = now.iter().any(|p| !self.seen.contains(p));
+        self.seen = now;
+        appeared && !first
+    }
+}
+
+impl PodGpuSource for NodePodSource {
+    async fn list_pod_gpus(&mut self, now: Timestamp) -> Result<Vec<PodGpus>, SourceError> {
+        let appeared = self.new_pod_appeared();
+        match &mut self.backend {
+            PodBackend::Kubelet(k) => {
+                if self.inventory.has_changed().unwrap_or(false) {
+                    let inventory = self.inventory.borrow_and_update().clone();
+                    k.set_inventory(&inventory);
+                }
+                if appeared {
+                    k.invalidate();
+                }
+                let pods = k.refresh(now).await.to_vec();
+                self.stats
+                    .set_errors(source::POD_RESOURCES, &k.stats().errors_by_kind);
+                self.stats.set_up(source::POD_RESOURCES, k.available());
+                Ok(pods)
+            }
+            PodBackend::Fake(f) => f.list_pod_gpus(now).await,
+            PodBackend::Off => Ok(Vec::new()),
+        }
+    }
+}
+
+/// Engines of the node; see the module docs.
+#[derive(Debug)]
+pub struct NodeEngineSource {
+    scrape: ScrapeEngineSource,
+    push: PushEngineSource,
+    fake: Option<FakeEngineSource>,
+    static_targets: Vec<EngineTarget>,
+    node_pods: Option<watch::Receiver<Arc<NodePods>>>,
+    targets: watch::Sender<Arc<Vec<EngineTarget>>>,
+    limits: LimitsHandle,
+    /// Pods whose annotations are invalid, with the error last logged.
+    bad_annotations: BTreeMap<PodRef, String>,
+    stats: Arc<NodeStats>,
+}
+
+impl NodeEngineSource {
+    /// `static_targets` are scraped always; `node_pods` adds the annotated
+    /// pods; `limits` tells which pods are drained.
+    pub fn new(
+        mut scrape: ScrapeEngineSource,
+        push: PushEngineSource,
+        fake: Option<FakeEngineSource>,
+        static_targets: Vec<EngineTarget>,
+        node_pods: Option<watch::Receiver<Arc<NodePods>>>,
+        limits: LimitsHandle,
+        stats: Arc<NodeStats>,
+    ) -> Self {
+        scrape.set_targets(static_targets.clone());
+        let targets = watch::channel(Arc::new(static_targets.clone())).0;
+        let mut s = Self {
+            scrape,
+            push,
+            fake,
+            static_targets,
+            node_pods,
+            targets,
+            limits,
+            bad_annotations: BTreeMap::new(),
+            stats,
+        };
+        s.refresh_targets(true);
+        s
+    }
+
+    /// The scrape targets: the current list, then every change (the
+    /// readiness-gate writer sends warm-ups to them).
+    pub fn targets(&self) -> watch::Receiver<Arc<Vec<EngineTarget>>> {
+        self.targets.subscribe()
+    }
+
+    /// The HTTP client engines are scraped with (shared with warm-ups).
+    pub fn http_client(&self) -> gpuscale_telemetry::engine::EngineHttpClient {
+        self.scrape.client().clone()
+    }
+
+    /// Rebuilds the target list when the node's pods changed.
+    fn refresh_targets(&mut self, force: bool) {
+        let Some(rx) = self.node_pods.as_mut() else {
+            return;
+        };
+        if !force && !rx.has_changed().unwrap_or(false) {
+            return;
+        }
+        let pods = rx.borrow_and_update().clone();
+        let (discovered, errors) = pods.engine_targets();
+        let mut all = self.static_targets.clone();
+        for t in discovered {
+            if !all.iter().any(|s| s.pod == t.pod) {
+                all.push(t);
+            }
+        }
+        let mut still_bad = BTreeMap::new();
+        for (pod, e) in errors {
+            let message = e.to_string();
+            if self.bad_annotations.get(&pod) != Some(&message) {
+                tracing::warn!(pod = %pod, error = %message,
+                    "engine annotations are invalid: this pod is not scraped until they are fixed");
+                self.stats.count_error(source::DISCOVERY, "bad_annotation");
+            }
+            still_bad.insert(pod, message);
+        }
+        for pod in self.bad_annotations.keys() {
+            if !still_bad.contains_key(pod) && pods.pods.contains_key(pod) {
+                tracing::info!(pod = %pod, "engine annotations are valid again");
+            }
+        }
+        self.bad_annotations = still_bad;
+        let changed = self.targets.send_if_modified(|current| {
+            if current.as_slice() == all.as_slice() {
+                false
+            } else {
+                *current = Arc::new(all.clone());
+                true
+            }
+        });
+        if changed {
+            self.scrape.set_targets(all);
+        }
+    }
+}
+
+impl EngineSource for NodeEngineSource {
+    async fn sample_engines(
+        &mut self,
+        now: Timestamp,
+        pods: &[PodGpus],
+    ) -> Result<Vec<EngineSample>, SourceError> {
+        self.refresh_targets(false);
+        let mut engines = self.scrape.scrape_all(now, pods).await;
+        let stats = self.scrape.stats();
+        self.stats
+            .set_errors(source::ENGINE_SCRAPE, &stats.errors_by_kind);
+        self.stats
+            .set_engine_scrapes(stats.scrapes_total, self.scrape.targets().count() as u64);
+        for e in self.push.collect(now, pods) {
+            if !engines.iter().any(|s| s.pod == e.pod) {
+                engines.push(e);
+            }
+        }
+        let push = self.push.stats();
+        self.stats
+            .set_error_total(source::ENGINE_PUSH, "invalid_value", push.rejected_total);
+        self.stats
+            .set_error_total(source::ENGINE_PUSH, "channel_full", push.dropped_full_total);
+        self.stats.set_error_total(
+            source::ENGINE_PUSH,
+            "watcher_dropped",
+            push.watchers_dropped_total,
+        );
+        if let Some(fake) = self.fake.as_mut() {
+            for e in fake.sample_engines(now, pods).await? {
+                if !engines.iter().any(|s| s.pod == e.pod) {
+                    engines.push(e);
+                }
+            }
+        }
+        for e in &mut engines {
+            if e.state != EngineState::Failed && self.limits.limits(&e.pod).draining {
+                e.state = EngineState::Draining;
+            }
+        }
+        Ok(engines)
+    }
+}
