@@ -129,7 +129,9 @@ pub struct NodePodSource {
     backend: PodBackend,
     inventory: watch::Receiver<Arc<Vec<GpuInfo>>>,
     node_pods: Option<watch::Receiver<Arc<NodePods>>>,
+    /// The pods of the last complete listing, and whether there was one.
     seen: BTreeSet<PodRef>,
+    synced: bool,
     stats: Arc<NodeStats>,
 }
 
@@ -148,6 +150,7 @@ impl NodePodSource {
             inventory,
             node_pods,
             seen: BTreeSet::new(),
+            synced: false,
             stats,
         }
     }
@@ -169,10 +172,12 @@ impl NodePodSource {
         if !pods.synced {
             return false;
         }
-        let first = self.seen.is_empty();
         let now: BTreeSet<PodRef> = pods.pods.keys().cloned().collect();
         let appeared = now.iter().any(|p| !self.seen.contains(p));
         self.seen = now;
+        // The first listing is what the first refresh reads anyway.
+        let first = !self.synced;
+        self.synced = true;
         appeared && !first
     }
 }
