@@ -82,6 +82,7 @@ pub use uplink::LinkStatus;
 pub struct Clock {
     wall_at_start: Timestamp,
     started: tokio::time::Instant,
+    speed: f64,
 }
 
 impl Clock {
@@ -99,11 +100,29 @@ impl Clock {
         Self {
             wall_at_start: wall,
             started: tokio::time::Instant::now(),
+            speed: 1.0,
         }
     }
 
+    /// Runs `speed` times faster than tokio's clock (a simulation that
+    /// compresses hours into minutes). Non-finite or non-positive: 1.
+    pub fn with_speed(mut self, speed: f64) -> Self {
+        self.speed = if speed.is_finite() && speed > 0.0 {
+            speed
+        } else {
+            1.0
+        };
+        self
+    }
+
     pub fn now(&self) -> Timestamp {
-        self.wall_at_start + self.started.elapsed()
+        let elapsed = self.started.elapsed();
+        if self.speed == 1.0 {
+            self.wall_at_start + elapsed
+        } else {
+            self.wall_at_start
+                .plus_secs(elapsed.as_secs_f64() * self.speed)
+        }
     }
 }
 
