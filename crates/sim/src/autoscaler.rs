@@ -107,6 +107,11 @@ pub trait Autoscaler {
     fn observe(&mut self, sample: FleetSample);
     /// Decide at `view.now`.
     fn decide(&mut self, view: &ClusterView) -> ScaleCommand;
+    /// Decision records kept during the run (one line each), if the
+    /// autoscaler keeps any; taken once at the end.
+    fn take_decision_log(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A constant replica count (static provisioning; also the simplest test double).

@@ -116,6 +116,9 @@ pub struct SimArgs {
     /// Write an SVG chart of arrivals, replicas and attainment over time.
     #[arg(long, value_name = "FILE.svg")]
     pub chart: Option<PathBuf>,
+    /// Write gpuscale's decisions as JSON lines (every change, and one a minute).
+    #[arg(long, value_name = "FILE")]
+    pub decision_log: Option<PathBuf>,
     /// Run the benchmark suite (Azure code, Azure conversation, ServeGen 14 days).
     #[arg(long)]
     pub suite: bool,
@@ -375,6 +378,19 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
         _ => report::table(&reports),
     };
     emit(&text, args.out.as_ref())?;
+    if let Some(path) = &args.decision_log {
+        let mut text = String::new();
+        for o in &outcomes {
+            for line in &o.decision_log {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        std::fs::write(path, text).map_err(|source| SimError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
     if let Some(path) = &args.chart {
         let series: Vec<ChartSeries<'_>> = reports
             .iter()
@@ -446,7 +462,10 @@ fn policy_choices(
                 out.push(PolicyChoice::Gpuscale {
                     spec: Box::new(spec),
                     model: Box::new(perf.clone()),
-                    options: GpuscaleOptions::default(),
+                    options: GpuscaleOptions {
+                        record_decisions: args.decision_log.is_some(),
+                        ..GpuscaleOptions::default()
+                    },
                 });
             }
             "oracle" => out.push(PolicyChoice::Oracle {

@@ -47,6 +47,9 @@ pub struct GpuscaleOptions {
     pub latency_window_s: f64,
     /// Window of request sizes (completions), seconds.
     pub size_window_s: f64,
+    /// Keep a JSON line per decision that changes the replica count or the
+    /// batch limit (and one per minute otherwise), for `--decision-log`.
+    pub record_decisions: bool,
 }
 
 impl Default for GpuscaleOptions {
@@ -57,6 +60,7 @@ impl Default for GpuscaleOptions {
             rate_window_s: 5.0,
             latency_window_s: 30.0,
             size_window_s: 60.0,
+            record_decisions: false,
         }
     }
 }
@@ -71,6 +75,8 @@ pub struct GpuscaleAutoscaler {
     decisions: u64,
     wins: [u64; 6],
     last: Option<Decision>,
+    log: Vec<String>,
+    last_logged_at: f64,
 }
 
 impl GpuscaleAutoscaler {
@@ -91,6 +97,8 @@ impl GpuscaleAutoscaler {
             decisions: 0,
             wins: [0; 6],
             last: None,
+            log: Vec::new(),
+            last_logged_at: f64::NEG_INFINITY,
         })
     }
 
@@ -413,7 +421,31 @@ impl Autoscaler for GpuscaleAutoscaler {
                     .collect(),
             }
         };
+        if self.opts.record_decisions {
+            let changed = cmd.replicas != view.spec_replicas
+                || self.last.as_ref().and_then(|l| l.batch_limit) != d.batch_limit;
+            if changed || view.now - self.last_logged_at >= 60.0 {
+                self.last_logged_at = view.now;
+                self.log.push(
+                    json!({
+                        "t_s": view.now,
+                        "ready": view.ready,
+                        "in_flight": view.pending + view.loading,
+                        "current": view.spec_replicas,
+                        "desired": cmd.replicas,
+                        "batch_limit": d.batch_limit,
+                        "winner": d.winner.as_str(),
+                        "summary": d.summary(),
+                        "inputs": d.inputs,
+                    })
+                    .to_string(),
+                );
+            }
+        }
         self.last = Some(d);
         cmd
+    }
+    fn take_decision_log(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.log)
     }
 }

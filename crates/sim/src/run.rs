@@ -42,6 +42,8 @@ pub struct RunOutcome {
     pub replicas_created: u32,
     /// Wall-clock seconds the run took (for the speed figure, not a result).
     pub wall_s: f64,
+    /// The autoscaler's decision records, if it kept any.
+    pub decision_log: Vec<String>,
 }
 
 impl RunOutcome {
@@ -150,6 +152,7 @@ pub fn run_policy(
         max_queue,
         replicas_created,
         wall_s: started.elapsed().as_secs_f64(),
+        decision_log: policy.take_decision_log(),
     }
 }
 

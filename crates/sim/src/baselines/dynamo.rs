@@ -237,6 +237,13 @@ impl DynamoSlaPlanner {
         }
     }
 
+    /// Feed one interval's observations to the predictors.
+    pub fn observe_interval(&mut self, obs: &IntervalObservation) {
+        self.count.observe(obs.count);
+        self.isl.observe(obs.isl);
+        self.osl.observe(obs.osl);
+    }
+
     /// The Gen-1 sizing for one interval's observations; `None` to skip.
     pub fn size(&self, obs: &IntervalObservation, engines: u32) -> Option<u32> {
         let (n_req, isl, osl) = (
@@ -345,9 +352,7 @@ impl Autoscaler for DynamoSlaPlanner {
         let Some(obs) = interval_observation(&self.store, view.now) else {
             return ScaleCommand::replicas(self.desired.unwrap_or(current));
         };
-        self.count.observe(obs.count);
-        self.isl.observe(obs.isl);
-        self.osl.observe(obs.osl);
+        self.observe_interval(&obs);
         if let Some(n) = self.size(&obs, view.ready) {
             self.desired = Some(n);
         }
