@@ -22,13 +22,36 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 
-use gpuscale_core::{PodRef, WorkloadRef};
-use gpuscale_policy::Decision;
+use gpuscale_core::{PodRef, Timestamp, WorkloadRef};
+use gpuscale_policy::{Decision, ReplicaState};
 
 use crate::error::ScalerError;
 
 /// A boxed future returned by [`Actuator`] methods.
 pub type ActuateFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, ScalerError>> + Send + 'a>>;
+
+/// One replica of the scale target as the cluster sees it (the Kubernetes
+/// controller: pod phase, readiness gate, drain record, annotations).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterReplica {
+    pub pod: PodRef,
+    /// Pending (not scheduled or not running), loading (running, gate not
+    /// True), ready (gate True: capacity) or draining (on its way out).
+    pub state: ReplicaState,
+    /// Annotated `gpuscale.dev/scale-in-protection: "true"`: never a victim.
+    pub protected: bool,
+    pub created_at: Option<Timestamp>,
+}
+
+/// What the actuator knows of a workload's scale target at one tick.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TargetObservation {
+    /// The count to decide from (`None`: count the workload's engines).
+    pub current: Option<u32>,
+    /// The target's replicas (`None`: the engines the workload's selector
+    /// matches are its replicas, in the state their agents report).
+    pub replicas: Option<Vec<ClusterReplica>>,
+}
 
 /// Applies decisions to the scale target. Implementations must be cheap to
 /// call concurrently for different workloads.
@@ -39,6 +62,21 @@ pub trait Actuator: Send + Sync + 'static {
     fn current_replicas<'a>(&'a self, workload: &'a WorkloadRef) -> ActuateFuture<'a, Option<u32>> {
         let _ = workload;
         Box::pin(async { Ok(None) })
+    }
+
+    /// The target at this tick: the count to decide from and, when the
+    /// actuator knows them, the target's replicas. The default asks
+    /// [`Actuator::current_replicas`] and knows no replicas.
+    fn observe_target<'a>(
+        &'a self,
+        workload: &'a WorkloadRef,
+    ) -> ActuateFuture<'a, TargetObservation> {
+        Box::pin(async move {
+            Ok(TargetObservation {
+                current: self.current_replicas(workload).await?,
+                replicas: None,
+            })
+        })
     }
 
     /// Set the target's replica count to `replicas`, for `decision`.

@@ -8,6 +8,19 @@
 //! to the [`Actuator`] in a task of their own (one at a time per workload;
 //! a slow actuator delays nothing else).
 //!
+//! Each tick first asks the actuator for the target
+//! ([`Actuator::observe_target`]): the count to decide from and, when it
+//! knows them (Kubernetes), the target's replicas and their states. A
+//! workload whose target cannot be read this tick is not decided for.
+//!
+//! The workloads come from the registry ([`crate::ScalerHandle::register_workload`]):
+//! the configured ones at start, then whatever is registered or removed at
+//! run time (the Kubernetes controller registers one per
+//! InferenceAutoscaler). A re-registered workload gets a new decider. While
+//! the scaler is not active (a standby replica, see
+//! [`crate::Scaler::with_active`]) nothing is decided and in-flight
+//! actuations are stopped.
+//!
 //! **The decider seam.** [`Decider`] is the one interface between the loop
 //! and the decision logic; [`build_decider`] is the one place that picks an
 //! implementation: the full policy ([`gpuscale_policy::Policy`]) when the
@@ -27,7 +40,7 @@ use gpuscale_proto::Directive;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::actuate::Actuator;
+use crate::actuate::{Actuator, TargetObservation};
 use crate::clock::Clock;
 use crate::config::{DeciderConfig, EngineSelector, ProportionalConfig, WorkloadDef};
 use crate::metrics::ScalerMetrics;
@@ -244,17 +257,40 @@ fn victims(obs: &Observation, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// The workloads the decide loop decides for, by reference.
+pub(crate) type WorkloadRegistry = BTreeMap<WorkloadRef, Arc<WorkloadDef>>;
+
 struct WorkloadRuntime {
     workload: WorkloadRef,
+    def: Arc<WorkloadDef>,
     selector: EngineSelector,
+    /// The target as the actuator last described it.
+    target: TargetObservation,
     decider: Box<dyn Decider>,
     actuating: Option<JoinHandle<()>>,
     last_summary: Option<(u32, Action)>,
     limits_sent: BTreeMap<PodRef, u32>,
 }
 
+impl WorkloadRuntime {
+    fn new(def: Arc<WorkloadDef>) -> Self {
+        Self {
+            workload: def.workload.clone(),
+            selector: def.selector.clone(),
+            decider: build_decider(&def.decider),
+            def,
+            target: TargetObservation::default(),
+            actuating: None,
+            last_summary: None,
+            limits_sent: BTreeMap::new(),
+        }
+    }
+}
+
 pub(crate) struct DecideLoop {
     workloads: Vec<WorkloadRuntime>,
+    registry: watch::Receiver<Arc<WorkloadRegistry>>,
+    active: Option<watch::Receiver<bool>>,
     view: watch::Receiver<Arc<StateView>>,
     commands: mpsc::Sender<Command>,
     actuator: Arc<dyn Actuator>,
@@ -270,7 +306,8 @@ const CURRENT_REPLICAS_TIMEOUT: Duration = Duration::from_secs(2);
 impl DecideLoop {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        workloads: &[WorkloadDef],
+        mut registry: watch::Receiver<Arc<WorkloadRegistry>>,
+        active: Option<watch::Receiver<bool>>,
         view: watch::Receiver<Arc<StateView>>,
         commands: mpsc::Sender<Command>,
         actuator: Arc<dyn Actuator>,
@@ -279,18 +316,15 @@ impl DecideLoop {
         metrics: Arc<ScalerMetrics>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let workloads = registry
+            .borrow_and_update()
+            .values()
+            .map(|def| WorkloadRuntime::new(def.clone()))
+            .collect();
         Self {
-            workloads: workloads
-                .iter()
-                .map(|w| WorkloadRuntime {
-                    workload: w.workload.clone(),
-                    selector: w.selector.clone(),
-                    decider: build_decider(&w.decider),
-                    actuating: None,
-                    last_summary: None,
-                    limits_sent: BTreeMap::new(),
-                })
-                .collect(),
+            workloads,
+            registry,
+            active,
             view,
             commands,
             actuator,
@@ -302,9 +336,6 @@ impl DecideLoop {
     }
 
     pub(crate) async fn run(mut self) {
-        if self.workloads.is_empty() {
-            return;
-        }
         let mut ticker = tokio::time::interval(self.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shutdown.clone();
@@ -322,27 +353,87 @@ impl DecideLoop {
         }
     }
 
+    /// Applies registry changes: new workloads get a runtime, removed ones
+    /// lose theirs (and their in-flight actuation), re-registered ones get a
+    /// new decider and keep their in-flight actuation.
+    async fn sync_workloads(&mut self) {
+        if !self.registry.has_changed().unwrap_or(false) {
+            return;
+        }
+        let registry = self.registry.borrow_and_update().clone();
+        let mut old: BTreeMap<WorkloadRef, WorkloadRuntime> = std::mem::take(&mut self.workloads)
+            .into_iter()
+            .map(|w| (w.workload.clone(), w))
+            .collect();
+        for (workload, def) in registry.iter() {
+            let runtime = match old.remove(workload) {
+                Some(w) if Arc::ptr_eq(&w.def, def) => w,
+                previous => {
+                    let mut fresh = WorkloadRuntime::new(def.clone());
+                    if let Some(p) = previous {
+                        fresh.actuating = p.actuating;
+                        fresh.limits_sent = p.limits_sent;
+                    }
+                    let _ = self
+                        .commands
+                        .send(Command::WorkloadRegistered {
+                            workload: workload.clone(),
+                            labels: def.labels.clone(),
+                        })
+                        .await;
+                    fresh
+                }
+            };
+            self.workloads.push(runtime);
+        }
+        for (workload, mut gone) in old {
+            if let Some(task) = gone.actuating.take() {
+                task.abort();
+            }
+            let _ = self
+                .commands
+                .send(Command::WorkloadUnregistered { workload })
+                .await;
+        }
+    }
+
     async fn tick_once(&mut self) {
+        if let Some(active) = &self.active
+            && !*active.borrow()
+        {
+            for w in &mut self.workloads {
+                if let Some(task) = w.actuating.take() {
+                    task.abort();
+                }
+                w.last_summary = None;
+            }
+            return;
+        }
+        self.sync_workloads().await;
         let view = self.view.borrow().clone();
         for i in 0..self.workloads.len() {
             let workload = self.workloads[i].workload.clone();
-            let current = match tokio::time::timeout(
+            let target = match tokio::time::timeout(
                 CURRENT_REPLICAS_TIMEOUT,
-                self.actuator.current_replicas(&workload),
+                self.actuator.observe_target(&workload),
             )
             .await
             {
-                Ok(Ok(n)) => n,
+                Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
-                    tracing::debug!(%workload, error = %e, "actuator could not read the current replica count");
-                    None
+                    tracing::debug!(%workload, error = %e, "actuator could not read the target; not deciding this tick");
+                    continue;
                 }
-                Err(_) => None,
+                Err(_) => {
+                    tracing::debug!(%workload, "actuator did not describe the target in time; not deciding this tick");
+                    continue;
+                }
             };
             let now = self.clock.now();
             let started = std::time::Instant::now();
             let w = &mut self.workloads[i];
-            let observation = observe::assemble(&view, &w.selector, current);
+            w.target = target;
+            let observation = observe::assemble_target(&view, &w.selector, &w.target);
             let decision = w.decider.decide(now, &observation);
             self.metrics.decided(
                 &workload,
@@ -383,7 +474,8 @@ impl DecideLoop {
         let Some(limit) = decision.batch_limit else {
             return;
         };
-        let pods = observe::pods(view, &self.workloads[i].selector);
+        let w = &self.workloads[i];
+        let pods = observe::member_pods(view, &w.selector, &w.target);
         for pod in pods {
             if self.workloads[i].limits_sent.get(&pod) == Some(&limit) {
                 continue;
@@ -411,7 +503,7 @@ impl DecideLoop {
         if w.actuating.as_ref().is_some_and(|t| !t.is_finished()) {
             return;
         }
-        let pods: BTreeMap<String, PodRef> = observe::pods(view, &w.selector)
+        let pods: BTreeMap<String, PodRef> = observe::member_pods(view, &w.selector, &w.target)
             .into_iter()
             .map(|p| (p.name.clone(), p))
             .collect();

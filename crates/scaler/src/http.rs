@@ -1,6 +1,7 @@
 //! The scaler's HTTP endpoint: `/metrics` (OpenMetrics text), `/healthz`
 //! (the state task is alive: it publishes at least once a second) and
-//! `/readyz` (healthy and serving gRPC, not shutting down).
+//! `/readyz` (healthy, serving gRPC, not shutting down, and active: a
+//! standby replica is not ready, so the Service routes to the leader).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,8 @@ pub(crate) struct HttpState {
     pub(crate) metrics: Arc<ScalerMetrics>,
     pub(crate) view: watch::Receiver<Arc<StateView>>,
     pub(crate) serving: watch::Receiver<bool>,
+    /// `None`: always active; else ready only while true (the leader).
+    pub(crate) active: Option<watch::Receiver<bool>>,
     pub(crate) clock: Clock,
 }
 
@@ -66,6 +69,14 @@ async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     if let Err(e) = live(&state) {
         return (StatusCode::SERVICE_UNAVAILABLE, e);
+    }
+    if let Some(active) = &state.active
+        && !*active.borrow()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standby: not the leader\n".to_string(),
+        );
     }
     if *state.serving.borrow() {
         (StatusCode::OK, "ready\n".to_string())

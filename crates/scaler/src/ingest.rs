@@ -289,6 +289,26 @@ pub(crate) struct Ingest {
     pub(crate) max_message_bytes: usize,
     pub(crate) next_stream: Arc<AtomicU64>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// `None`: always active; else streams are served only while true.
+    pub(crate) active: Option<watch::Receiver<bool>>,
+}
+
+/// Resolves once `active` turns false; never when there is no gate.
+async fn standby(active: &mut Option<watch::Receiver<bool>>) {
+    match active {
+        Some(rx) => {
+            let _ = rx.wait_for(|a| !*a).await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+fn standby_status() -> Rejection {
+    Rejection {
+        code: Code::Unavailable,
+        reason: "standby",
+        message: "this scaler is a standby (not the leader); reconnect through the Service".into(),
+    }
 }
 
 #[tonic::async_trait]
@@ -299,6 +319,11 @@ impl AgentService for Ingest {
         &self,
         request: Request<Streaming<v1::NodeReport>>,
     ) -> Result<Response<Self::ReportStream>, Status> {
+        if let Some(active) = &self.active
+            && !*active.borrow()
+        {
+            return Err(Status::new(Code::Unavailable, standby_status().message));
+        }
         let peer = request.remote_addr();
         let inbound = request.into_inner();
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
@@ -341,6 +366,7 @@ impl StreamTask {
         self.ingest.metrics.stream_opened();
         tracing::debug!(stream = self.id, peer = ?self.peer, "agent stream opened");
         let mut shutdown = self.ingest.shutdown.clone();
+        let mut active = self.ingest.active.clone();
         loop {
             let next = tokio::select! {
                 biased;
@@ -349,6 +375,7 @@ impl StreamTask {
                     reason: "shutdown",
                     message: "the scaler is shutting down; reconnect with backoff".into(),
                 }),
+                _ = standby(&mut active) => Next::Reject(standby_status()),
                 _ = self.terminal.closed() => Next::End,
                 msg = inbound.message() => match msg {
                     Ok(Some(wire)) => match AgentReport::try_from(wire) {

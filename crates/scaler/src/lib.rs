@@ -52,7 +52,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use gpuscale_core::{NodeName, PodRef};
+use gpuscale_core::{NodeName, PodRef, WorkloadRef};
 use gpuscale_proto::Directive;
 use gpuscale_proto::v1::agent_service_server::AgentServiceServer;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -60,7 +60,7 @@ use tokio::task::JoinHandle;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 
-pub use actuate::{ActuateFuture, Actuator, LoggingActuator};
+pub use actuate::{ActuateFuture, Actuator, ClusterReplica, LoggingActuator, TargetObservation};
 pub use clock::Clock;
 pub use config::{ScalerArgs, ScalerConfig, ScalerFile, WorkloadDef};
 pub use decide::{Decider, ProportionalDecider, build_decider};
@@ -69,6 +69,7 @@ pub use http::OPENMETRICS_CONTENT_TYPE;
 pub use metrics::ScalerMetrics;
 pub use view::{EngineView, GpuView, ModelView, NodeView, StateView, WorkloadView};
 
+use crate::decide::WorkloadRegistry;
 use crate::ingest::Ingest;
 use crate::state::{Command, State, StateConfig};
 
@@ -83,6 +84,7 @@ pub struct Scaler {
     actuator: Arc<dyn Actuator>,
     clock: Option<Clock>,
     services: Option<ServiceBuilder>,
+    active: Option<watch::Receiver<bool>>,
 }
 
 impl std::fmt::Debug for Scaler {
@@ -101,7 +103,19 @@ impl Scaler {
             actuator: Arc::new(LoggingActuator::new()),
             clock: None,
             services: None,
+            active: None,
         }
+    }
+
+    /// Act only while `active` is true (leader election: only the leader
+    /// acts). While it is false the scaler is a standby: nothing is decided
+    /// and in-flight actuations stop, `/readyz` answers 503 (so a Service
+    /// routes agents to the active replica only), new agent streams are
+    /// refused and open ones are ended with `UNAVAILABLE` (the agents
+    /// reconnect, through the Service, to the active replica).
+    pub fn with_active(mut self, active: watch::Receiver<bool>) -> Self {
+        self.active = Some(active);
+        self
     }
 
     /// Act through `actuator` (the Kubernetes controller, the demo's fleet).
@@ -165,10 +179,17 @@ impl Scaler {
         }));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (serving_tx, serving_rx) = watch::channel(false);
+        let registry: WorkloadRegistry = config
+            .workloads
+            .iter()
+            .map(|w| (w.workload.clone(), Arc::new(w.clone())))
+            .collect();
+        let (registry_tx, registry_rx) = watch::channel(Arc::new(registry));
         let handle = ScalerHandle {
             commands: commands_tx.clone(),
             view: view_rx.clone(),
             metrics: metrics.clone(),
+            registry: Arc::new(registry_tx),
         };
         let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
 
@@ -194,7 +215,8 @@ impl Scaler {
             )),
         ));
         let decide = decide::DecideLoop::new(
-            &config.workloads,
+            registry_rx,
+            self.active.clone(),
             view_rx.clone(),
             commands_tx.clone(),
             self.actuator.clone(),
@@ -204,6 +226,25 @@ impl Scaler {
             shutdown_rx.clone(),
         );
         tasks.push(("decide", tokio::spawn(decide.run())));
+        match self.active.clone() {
+            None => metrics.set_active(true),
+            Some(mut active) => {
+                let metrics = metrics.clone();
+                let mut stop = shutdown_rx.clone();
+                tasks.push((
+                    "active gauge",
+                    tokio::spawn(async move {
+                        loop {
+                            metrics.set_active(*active.borrow_and_update());
+                            tokio::select! {
+                                _ = stopped(&mut stop) => break,
+                                changed = active.changed() => if changed.is_err() { break },
+                            }
+                        }
+                    }),
+                ));
+            }
+        }
 
         let ingest = Ingest {
             commands: commands_tx,
@@ -213,6 +254,7 @@ impl Scaler {
             max_message_bytes: config.max_message_bytes,
             next_stream: Arc::new(AtomicU64::new(1)),
             shutdown: shutdown_rx.clone(),
+            active: self.active.clone(),
         };
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AgentServiceServer<Ingest>>().await;
@@ -253,6 +295,7 @@ impl Scaler {
                 metrics: metrics.clone(),
                 view: view_rx.clone(),
                 serving: serving_rx,
+                active: self.active.clone(),
                 clock,
             });
             let mut stop = shutdown_rx.clone();
@@ -351,15 +394,42 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
-/// What readers and actuators use: the state view and requests to agents.
+/// What readers and actuators use: the state view, requests to agents and
+/// the workload registry.
 #[derive(Debug, Clone)]
 pub struct ScalerHandle {
     commands: mpsc::Sender<Command>,
     view: watch::Receiver<Arc<StateView>>,
     metrics: Arc<ScalerMetrics>,
+    registry: Arc<watch::Sender<Arc<WorkloadRegistry>>>,
 }
 
 impl ScalerHandle {
+    /// Decide for `def` from the next tick on. Registering a workload that
+    /// is already registered replaces its definition and gives it a new
+    /// decider (its history starts again).
+    pub fn register_workload(&self, def: WorkloadDef) {
+        let def = Arc::new(def);
+        self.registry.send_modify(|r| {
+            Arc::make_mut(r).insert(def.workload.clone(), def);
+        });
+    }
+
+    /// Stop deciding for `workload`; returns whether it was registered.
+    pub fn unregister_workload(&self, workload: &WorkloadRef) -> bool {
+        let mut removed = false;
+        self.registry.send_if_modified(|r| {
+            removed = Arc::make_mut(r).remove(workload).is_some();
+            removed
+        });
+        removed
+    }
+
+    /// The registered workloads.
+    pub fn workloads(&self) -> Vec<WorkloadRef> {
+        self.registry.borrow().keys().cloned().collect()
+    }
+
     /// The state view: the current value, then every publication. Borrow
     /// briefly (`view.borrow().clone()`); never hold the borrow across `.await`.
     pub fn view(&self) -> watch::Receiver<Arc<StateView>> {

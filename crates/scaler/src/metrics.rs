@@ -68,6 +68,7 @@ pub struct ScalerMetrics {
     gpu_samples: Counter,
     superseded: Counter,
     streams: Gauge,
+    active: Gauge,
     ingest_queue_full: Counter,
     directives_dropped: Counter,
     nodes: Gauge,
@@ -121,6 +122,12 @@ impl ScalerMetrics {
         );
         let streams = Gauge::default();
         r.register("agent_streams", "Open agent streams", streams.clone());
+        let active = Gauge::default();
+        r.register(
+            "active",
+            "1 while this scaler acts (the leader, or no leader election), 0 while it is a standby",
+            active.clone(),
+        );
         let ingest_queue_full = Counter::default();
         r.register(
             "ingest_queue_full",
@@ -223,6 +230,7 @@ impl ScalerMetrics {
             gpu_samples,
             superseded,
             streams,
+            active,
             ingest_queue_full,
             directives_dropped,
             nodes,
@@ -264,6 +272,9 @@ impl ScalerMetrics {
     }
     pub(crate) fn superseded(&self) {
         self.superseded.inc();
+    }
+    pub(crate) fn set_active(&self, active: bool) {
+        self.active.set(i64::from(active));
     }
     pub(crate) fn stream_opened(&self) {
         self.streams.inc();

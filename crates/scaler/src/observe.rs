@@ -7,7 +7,9 @@
 //! * **replicas**: engines by state — `Warm` is ready (capacity), `Loading`
 //!   (and `Unknown`) is loading, `Draining` is draining; `Failed` engines are
 //!   not replicas. Pending pods are invisible to agents (no GPU yet), so
-//!   `pending` is 0 here; the Kubernetes controller knows better.
+//!   `pending` is 0 here; the Kubernetes controller knows better:
+//!   [`assemble_target`] takes the replicas and their states from the
+//!   actuator ([`TargetObservation`]) and only the load from the engines.
 //! * **arrival rate**: per engine, the arrival counter's rate when exported,
 //!   else finished requests per second plus the growth of requests in the
 //!   engine (waiting + running) over the window; summed over engines.
@@ -21,6 +23,8 @@
 //!
 //! A value no engine exports stays `None`; it is never read as zero.
 
+use std::collections::HashMap;
+
 use gpuscale_core::sample::EngineState;
 use gpuscale_core::{PodRef, Timestamp};
 use gpuscale_policy::{
@@ -28,6 +32,7 @@ use gpuscale_policy::{
     ReplicaState,
 };
 
+use crate::actuate::TargetObservation;
 use crate::config::EngineSelector;
 use crate::view::{EngineView, StateView, add, merge};
 
@@ -44,32 +49,118 @@ pub fn select<'a>(
 /// The observation of the workload whose engines `selector` matches, with
 /// the target's current replica count `current` (`None`: count the engines).
 pub fn assemble(view: &StateView, selector: &EngineSelector, current: Option<u32>) -> Observation {
-    let engines: Vec<&EngineView> = select(view, selector).collect();
+    let members: Vec<Member<'_>> = select(view, selector)
+        .filter_map(|e| {
+            let state = match e.sample.state {
+                EngineState::Warm => ReplicaState::Ready,
+                EngineState::Loading | EngineState::Unknown => ReplicaState::Loading,
+                EngineState::Draining => ReplicaState::Draining,
+                EngineState::Failed => return None,
+            };
+            Some(Member {
+                id: &e.sample.pod.name,
+                state,
+                protected: false,
+                created_at: None,
+                engine: Some(e),
+            })
+        })
+        .collect();
+    build(members, current)
+}
+
+/// The observation of a workload whose actuator knows the target: with
+/// `target.replicas`, the replicas are exactly those (their state from the
+/// cluster: a pod counts as ready only when the cluster says so, e.g. its
+/// readiness gate is True), and their engines, wherever an agent reports
+/// them, give the load and latencies; without, as [`assemble`].
+pub fn assemble_target(
+    view: &StateView,
+    selector: &EngineSelector,
+    target: &TargetObservation,
+) -> Observation {
+    let Some(replicas) = &target.replicas else {
+        return assemble(view, selector, target.current);
+    };
+    let engines: HashMap<&PodRef, &EngineView> = view
+        .engines()
+        .map(|e| (&e.sample.pod, e.as_ref()))
+        .collect();
+    let members: Vec<Member<'_>> = replicas
+        .iter()
+        .map(|r| Member {
+            id: &r.pod.name,
+            state: r.state,
+            protected: r.protected,
+            created_at: r.created_at,
+            engine: engines
+                .get(&r.pod)
+                .copied()
+                .filter(|e| e.sample.state != EngineState::Failed),
+        })
+        .collect();
+    build(members, target.current)
+}
+
+/// The pods of the workload: the target's replicas when the actuator knows
+/// them, else the engines `selector` matches.
+pub fn member_pods(
+    view: &StateView,
+    selector: &EngineSelector,
+    target: &TargetObservation,
+) -> Vec<PodRef> {
+    match &target.replicas {
+        Some(replicas) => replicas.iter().map(|r| r.pod.clone()).collect(),
+        None => pods(view, selector),
+    }
+}
+
+/// One replica of the workload, with its engine when an agent reports it.
+struct Member<'a> {
+    id: &'a str,
+    state: ReplicaState,
+    protected: bool,
+    created_at: Option<Timestamp>,
+    engine: Option<&'a EngineView>,
+}
+
+fn build(members: Vec<Member<'_>>, current: Option<u32>) -> Observation {
     let mut replicas = ReplicaCounts::default();
     let mut load = LoadObservation::default();
     let mut latency = LatencyObservation::default();
     let mut telemetry_at: Option<Timestamp> = None;
-    let mut replica_samples = Vec::with_capacity(engines.len());
+    let mut replica_samples = Vec::with_capacity(members.len());
     let mut finished_rate: Option<f64> = None;
     let mut kv_sum = 0.0;
     let mut kv_n = 0u32;
     let mut context_weighted = 0.0;
     let mut context_weight = 0.0;
 
-    for e in &engines {
-        let s = &e.sample;
-        let state = match s.state {
-            EngineState::Warm => ReplicaState::Ready,
-            EngineState::Loading | EngineState::Unknown => ReplicaState::Loading,
-            EngineState::Draining => ReplicaState::Draining,
-            EngineState::Failed => continue,
-        };
+    for m in &members {
+        let state = m.state;
         match state {
             ReplicaState::Ready => replicas.ready += 1,
             ReplicaState::Loading => replicas.loading += 1,
             ReplicaState::Draining => replicas.draining += 1,
             ReplicaState::Pending => replicas.pending += 1,
         }
+        let Some(e) = m.engine else {
+            replica_samples.push(ReplicaObservation {
+                id: m.id.to_string(),
+                state,
+                protected: m.protected,
+                created_at: m.created_at,
+                requests_running: None,
+                requests_waiting: None,
+                kv_cache_usage_ratio: None,
+                mean_context_tokens: None,
+                itl_mean_seconds: None,
+                generation_tokens_per_second: None,
+                batch_limit: None,
+            });
+            continue;
+        };
+        let s = &e.sample;
         telemetry_at = Some(telemetry_at.map_or(e.seen_at, |t| t.max(e.seen_at)));
         let w = &e.window;
         add(&mut load.arrival_rate_rps, w.arrival_rate());
@@ -100,10 +191,10 @@ pub fn assemble(view: &StateView, selector: &EngineSelector, current: Option<u32
         merge(&mut latency.ttft_seconds, w.ttft_seconds.as_ref());
         merge(&mut latency.itl_seconds, w.itl_seconds.as_ref());
         replica_samples.push(ReplicaObservation {
-            id: s.pod.name.clone(),
+            id: m.id.to_string(),
             state,
-            protected: false,
-            created_at: None,
+            protected: m.protected,
+            created_at: m.created_at,
             requests_running: s.requests_running,
             requests_waiting: s.requests_waiting,
             kv_cache_usage_ratio: s.kv_cache_usage_ratio,

@@ -77,6 +77,13 @@ pub(crate) enum Command {
         workload: WorkloadRef,
         record: ActuationRecord,
     },
+    /// A workload registered at run time (or re-registered with new labels).
+    WorkloadRegistered {
+        workload: WorkloadRef,
+        labels: BTreeMap<String, String>,
+    },
+    /// A workload removed at run time.
+    WorkloadUnregistered { workload: WorkloadRef },
 }
 
 /// One point of an engine's window: its cumulative series at one time.
@@ -320,6 +327,29 @@ impl State {
             Command::Actuated { workload, record } => {
                 if let Some(w) = self.workloads.get_mut(&workload) {
                     Arc::make_mut(w).last_actuation = Some(record);
+                    self.changed = true;
+                }
+            }
+            Command::WorkloadRegistered { workload, labels } => {
+                match self.workloads.get_mut(&workload) {
+                    Some(w) => Arc::make_mut(w).labels = labels,
+                    None => {
+                        self.workloads.insert(
+                            workload.clone(),
+                            Arc::new(WorkloadView {
+                                workload,
+                                labels,
+                                observation: None,
+                                decision: None,
+                                last_actuation: None,
+                            }),
+                        );
+                    }
+                }
+                self.changed = true;
+            }
+            Command::WorkloadUnregistered { workload } => {
+                if self.workloads.remove(&workload).is_some() {
                     self.changed = true;
                 }
             }
