@@ -286,9 +286,11 @@ pub fn run_suite(
             continue;
         }
         let (cmp, choices, description) = prepare(&w, opts)?;
-        let outcomes = cmp.run_all(&choices, opts.jobs, &|d, t, label| {
+        let mut choices = choices;
+        let mut outcomes = cmp.run_all(&choices, opts.jobs, &|d, t, label| {
             on_done(w.key, d, t, label)
         })?;
+        tune_static(&cmp, &mut choices, &mut outcomes)?;
         for o in &outcomes {
             total_requests += o.stats.arrivals;
             total_wall += o.wall_s;
@@ -313,6 +315,62 @@ pub fn run_suite(
     };
     write(&opts.out_dir.join("summary.md"), &summary_markdown(&result))?;
     Ok(result)
+}
+
+/// Static provisioning tuned to gpuscale's attainment: bisect the replica
+/// count between the sweep's bracketing points, so the static frontier is
+/// exact where the comparison is made (a static fleet's attainment grows
+/// with its size).
+fn tune_static(
+    cmp: &Comparison,
+    choices: &mut Vec<PolicyChoice>,
+    outcomes: &mut Vec<RunOutcome>,
+) -> Result<(), SimError> {
+    let Some(ours) = choices
+        .iter()
+        .zip(outcomes.iter())
+        .find(|(c, _)| matches!(c, PolicyChoice::Gpuscale { .. }))
+        .map(|(_, o)| o.stats.attainment())
+    else {
+        return Ok(());
+    };
+    let base = f64::from(cmp.baselines.static_peak_replicas());
+    let mut lo = 0u32; // largest count known to miss
+    let mut hi = u32::MAX; // smallest count known to reach
+    for (c, o) in choices.iter().zip(outcomes.iter()) {
+        if let PolicyChoice::Baseline {
+            name,
+            target: Some(t),
+        } = c
+            && name == "static"
+        {
+            let n = ((base * t).round() as u32).max(1);
+            if o.stats.attainment() >= ours {
+                hi = hi.min(n);
+            } else {
+                lo = lo.max(n);
+            }
+        }
+    }
+    if hi == u32::MAX {
+        return Ok(());
+    }
+    while hi > lo + 1 {
+        let mid = lo + (hi - lo) / 2;
+        let choice = PolicyChoice::Baseline {
+            name: "static".into(),
+            target: Some(f64::from(mid) / base),
+        };
+        let out = cmp.run_one(&choice, None)?;
+        if out.stats.attainment() >= ours {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+        choices.push(choice);
+        outcomes.push(out);
+    }
+    Ok(())
 }
 
 fn write(path: &Path, text: &str) -> Result<(), SimError> {

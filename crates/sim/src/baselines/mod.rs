@@ -10,7 +10,7 @@
 //!
 //! | name | baseline | swept target |
 //! |---|---|---|
-//! | `static` | B11 static peak | replicas, as a multiple of the B11 count |
+//! | `static` | B11 static peak | replicas, as a multiple of the B11 count (the suite also bisects the count that reaches gpuscale's attainment) |
 //! | `hpa-gpu-util` | B12 HPA on NVML utilization | utilization % (80) |
 //! | `keda-waiting` | B1 production-stack KEDA | waiting per pod (5) |
 //! | `kserve-running` | B3 KServe KEDA | running per pod (2) |
@@ -112,7 +112,7 @@ pub fn default_target(name: &str, ctx: &BaselineContext) -> Option<f64> {
 pub fn sweep_targets(name: &str, ctx: &BaselineContext) -> Vec<f64> {
     let cap = ctx.capacity_rps();
     match name {
-        "static" => vec![0.8, 0.9, 1.0, 1.1, 1.25],
+        "static" => vec![0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0],
         "hpa-gpu-util" => vec![40.0, 60.0, 80.0, 90.0],
         "keda-waiting" => vec![1.0, 2.0, 5.0, 10.0, 20.0],
         "kserve-running" => vec![2.0, 16.0, 32.0, 64.0, 128.0],
