@@ -1,0 +1,531 @@
+//! The InferenceAutoscaler's `status`: composed (pure) from the latest
+//! decision, what `/scale` last said and the controller's conditions, and
+//! written by one task with a JSON merge patch on the `status` subresource
+//! (strategic merge is not served for custom resources).
+//!
+//! Conditions (`metav1.Condition`, with `observedGeneration`):
+//! * `Ready`: the spec is valid and the target resolved (`TargetResolved`),
+//!   or why not (`InvalidSpec`, `UnknownPerformanceModel`,
+//!   `TargetKindUnknown`, `TargetNotScalable`, `TargetNotFound`,
+//!   `TargetHasNoSelector`).
+//! * `ScalingActive`: decisions are made from fresh telemetry
+//!   (`TelemetryFresh`), or held for missing or stale data (`MissingTelemetry`).
+//! * `AbleToScale`: `/scale` can be read and written (`ReadyForNewScale`,
+//!   `SucceededRescale`, `ExternalChangeAdopted`), or not
+//!   (`FailedGetScale`, `FailedUpdateScale`).
+//! * `Advisory`: `True` (`AdvisoryMode`) when decisions are published but
+//!   never applied.
+//!
+//! A status that differs only in the decision's wording (rates move every
+//! tick) is written at most every [`REWORDING_INTERVAL`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpuscale_core::Timestamp;
+use gpuscale_policy::spec::{LatencySloSpec, SloSpec};
+use gpuscale_policy::{Decision, Observation, Source};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::context::Shared;
+use crate::crd::{InferenceAutoscaler, InferenceAutoscalerStatus, SloStatus};
+use crate::drain::one_line;
+use crate::error::KubeError;
+use crate::events::{EventSpec, EventType};
+use crate::workload::{Cond, WorkloadEntry};
+
+/// A status that changed only in its wording is written at most this often.
+pub const REWORDING_INTERVAL: Duration = Duration::from_secs(15);
+/// Latency objectives need this many observations in the window to count.
+const MIN_SLO_SAMPLES: u64 = 20;
+
+pub const READY: &str = "Ready";
+pub const SCALING_ACTIVE: &str = "ScalingActive";
+pub const ABLE_TO_SCALE: &str = "AbleToScale";
+pub const ADVISORY: &str = "Advisory";
+
+/// Everything a status is made of.
+#[derive(Debug, Clone)]
+pub(crate) struct StatusInputs<'a> {
+    pub(crate) generation: i64,
+    pub(crate) ready: Cond,
+    pub(crate) able: Cond,
+    pub(crate) advisory: bool,
+    pub(crate) selector: Option<&'a str>,
+    pub(crate) spec_replicas: Option<u32>,
+    pub(crate) last_scale_time: Option<Timestamp>,
+    pub(crate) decision: Option<&'a Decision>,
+    pub(crate) observation: Option<&'a Observation>,
+    pub(crate) slo: &'a SloSpec,
+}
+
+pub(crate) fn time(t: Timestamp) -> Time {
+    Time(
+        k8s_openapi::jiff::Timestamp::from_millisecond(t.as_millis())
+            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    )
+}
+
+/// A condition, keeping `lastTransitionTime` when the status did not change.
+pub(crate) fn condition(
+    prev: &[Condition],
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: i64,
+    now: Timestamp,
+) -> Condition {
+    let since = prev
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| time(now), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: one_line(message, 1000),
+        observed_generation: Some(generation),
+        last_transition_time: since,
+    }
+}
+
+fn bool_status(b: bool) -> &'static str {
+    if b { "True" } else { "False" }
+}
+
+fn advisory_condition(
+    prev: &[Condition],
+    advisory: bool,
+    generation: i64,
+    now: Timestamp,
+) -> Condition {
+    if advisory {
+        condition(
+            prev,
+            ADVISORY,
+            "True",
+            "AdvisoryMode",
+            "decisions are computed and published, never applied to the target",
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            prev,
+            ADVISORY,
+            "False",
+            "Acting",
+            "decisions are applied to the target",
+            generation,
+            now,
+        )
+    }
+}
+
+/// The status of an autoscaler being acted on.
+pub(crate) fn compose(
+    prev: Option<&InferenceAutoscalerStatus>,
+    i: &StatusInputs<'_>,
+    now: Timestamp,
+) -> InferenceAutoscalerStatus {
+    let prev_conditions: &[Condition] = prev.map_or(&[], |p| &p.conditions);
+    let g = i.generation;
+    let scaling = match i.decision {
+        None => ("Unknown", "AwaitingDecision", "no decision yet".to_string()),
+        Some(d) if d.winner == Source::Hold => (
+            "False",
+            "MissingTelemetry",
+            d.recommendations
+                .iter()
+                .find(|r| r.source == Source::Hold)
+                .map_or_else(|| d.summary(), |r| r.reason.clone()),
+        ),
+        Some(d) => (
+            "True",
+            "TelemetryFresh",
+            format!(
+                "deciding from fresh telemetry; last winner: {}",
+                d.winner.as_str()
+            ),
+        ),
+    };
+    let conditions = vec![
+        condition(
+            prev_conditions,
+            READY,
+            bool_status(i.ready.status),
+            i.ready.reason,
+            &i.ready.message,
+            g,
+            now,
+        ),
+        condition(
+            prev_conditions,
+            SCALING_ACTIVE,
+            scaling.0,
+            scaling.1,
+            &scaling.2,
+            g,
+            now,
+        ),
+        condition(
+            prev_conditions,
+            ABLE_TO_SCALE,
+            bool_status(i.able.status),
+            i.able.reason,
+            &i.able.message,
+            g,
+            now,
+        ),
+        advisory_condition(prev_conditions, i.advisory, g, now),
+    ];
+    let n = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+    InferenceAutoscalerStatus {
+        observed_generation: Some(g),
+        desired_replicas: i.decision.map(|d| n(d.desired_replicas)),
+        current_replicas: i.spec_replicas.map(n),
+        ready_replicas: i.observation.map(|o| n(o.replicas.ready)),
+        batch_limit: i.decision.and_then(|d| d.batch_limit).map(n),
+        last_scale_time: i
+            .last_scale_time
+            .map(time)
+            .or_else(|| prev.and_then(|p| p.last_scale_time.clone())),
+        last_decision: i.decision.map(|d| one_line(&d.summary(), 1000)),
+        slo_status: Some(
+            i.observation
+                .map_or(SloStatus::Unknown, |o| slo_status(o, i.slo)),
+        ),
+        selector: i.selector.map(str::to_string),
+        conditions,
+    }
+}
+
+/// The status of an autoscaler that cannot act: every condition says why.
+pub(crate) fn invalid(
+    prev: Option<&InferenceAutoscalerStatus>,
+    generation: i64,
+    reason: &str,
+    message: &str,
+    advisory: bool,
+    now: Timestamp,
+) -> InferenceAutoscalerStatus {
+    let prev_conditions: &[Condition] = prev.map_or(&[], |p| &p.conditions);
+    let mut status = prev.cloned().unwrap_or_default();
+    status.observed_generation = Some(generation);
+    status.conditions = vec![
+        condition(
+            prev_conditions,
+            READY,
+            "False",
+            reason,
+            message,
+            generation,
+            now,
+        ),
+        condition(
+            prev_conditions,
+            SCALING_ACTIVE,
+            "False",
+            reason,
+            "nothing is decided until the autoscaler is valid",
+            generation,
+            now,
+        ),
+        condition(
+            prev_conditions,
+            ABLE_TO_SCALE,
+            "False",
+            reason,
+            "nothing is applied until the autoscaler is valid",
+            generation,
+            now,
+        ),
+        advisory_condition(prev_conditions, advisory, generation, now),
+    ];
+    status
+}
+
+/// Met when every objective with enough observations holds at its
+/// percentile, Violated when one does not, Unknown without enough data.
+pub(crate) fn slo_status(obs: &Observation, slo: &SloSpec) -> SloStatus {
+    let check = |h: Option<&gpuscale_core::Histogram>, s: &LatencySloSpec| -> Option<bool> {
+        let h = h.filter(|h| h.count() >= MIN_SLO_SAMPLES)?;
+        let within = h.fraction_at_or_below(s.threshold_seconds)?;
+        Some(within + 1e-9 >= s.percentile / 100.0)
+    };
+    let results = [
+        check(obs.latency.ttft_seconds.as_ref(), &slo.ttft),
+        check(obs.latency.itl_seconds.as_ref(), &slo.itl),
+    ];
+    if results.contains(&Some(false)) {
+        SloStatus::Violated
+    } else if results.iter().any(Option::is_some) {
+        SloStatus::Met
+    } else {
+        SloStatus::Unknown
+    }
+}
+
+/// Whether `a` and `b` differ in more than the decision's wording.
+fn differs_materially(a: &InferenceAutoscalerStatus, b: &InferenceAutoscalerStatus) -> bool {
+    let strip = |s: &InferenceAutoscalerStatus| {
+        let mut s = s.clone();
+        s.last_decision = None;
+        for c in &mut s.conditions {
+            if c.type_ == SCALING_ACTIVE {
+                c.message.clear();
+            }
+        }
+        s
+    };
+    strip(a) != strip(b)
+}
+
+/// Writes `status` (merge patch on `/status`).
+pub(crate) async fn patch_status(
+    shared: &Shared,
+    namespace: &str,
+    name: &str,
+    status: &InferenceAutoscalerStatus,
+) -> Result<(), KubeError> {
+    let api: Api<InferenceAutoscaler> = Api::namespaced(shared.client.clone(), namespace);
+    let params = PatchParams {
+        field_manager: Some(shared.config.field_manager.clone()),
+        ..PatchParams::default()
+    };
+    let patch = json!({"status": status});
+    shared
+        .write("writing status", async {
+            api.patch_status(name, &params, &Patch::Merge(&patch))
+                .await
+                .map(|_| ())
+                .map_err(|e| KubeError::api(format!("writing the status of {namespace}/{name}"), e))
+        })
+        .await
+}
+
+/// Writes the status of every autoscaler being acted on, when it changed:
+/// on every new view of the scaler, when woken, and every sync period.
+pub(crate) async fn run_writer(shared: Arc<Shared>, store: Store<InferenceAutoscaler>) {
+    let Some(handle) = shared.scaler().cloned() else {
+        return;
+    };
+    let mut view = handle.view();
+    let mut written: std::collections::HashMap<
+        gpuscale_core::WorkloadRef,
+        (i64, InferenceAutoscalerStatus, Instant),
+    > = std::collections::HashMap::new();
+    loop {
+        tokio::select! {
+            changed = view.changed() => if changed.is_err() { return },
+            _ = shared.status_wake.notified() => {}
+            _ = tokio::time::sleep(shared.config.sync_period) => {}
+        }
+        let current = view.borrow_and_update().clone();
+        let entries = shared.entries();
+        written.retain(|w, _| entries.iter().any(|e| &e.workload == w));
+        for entry in entries {
+            let wv = current.workloads.get(&entry.workload);
+            let last = written.get(&entry.workload);
+            let prev = match last {
+                Some((g, s, _)) if *g == entry.generation => Some(s.clone()),
+                _ => store
+                    .get(&ObjectRef::new(&entry.workload.name).within(&entry.workload.namespace))
+                    .and_then(|o| o.status.clone()),
+            };
+            let (able, spec_replicas, last_scale_time) = {
+                let st = entry.state();
+                (
+                    st.able.clone(),
+                    st.last.as_ref().map(|r| r.spec_replicas),
+                    st.last_scale_time,
+                )
+            };
+            let inputs = StatusInputs {
+                generation: entry.generation,
+                ready: ready_condition(&entry),
+                able,
+                advisory: entry.advisory(),
+                selector: Some(&entry.selector),
+                spec_replicas,
+                last_scale_time,
+                decision: wv.and_then(|w| w.decision.as_ref()),
+                observation: wv.and_then(|w| w.observation.as_ref()),
+                slo: &entry.spec.workload.slo,
+            };
+            let status = compose(prev.as_ref(), &inputs, shared.clock.now());
+            let due = match last {
+                None => true,
+                Some((g, s, at)) => {
+                    *g != entry.generation
+                        || differs_materially(s, &status)
+                        || (s.last_decision != status.last_decision
+                            && at.elapsed() >= REWORDING_INTERVAL)
+                }
+            };
+            if !due {
+                continue;
+            }
+            let result = {
+                let _writes = shared.status_lock.lock().await;
+                // Only while this entry is still the one acted on.
+                let current_entry = shared
+                    .entry(&entry.workload)
+                    .is_some_and(|e| Arc::ptr_eq(&e, &entry));
+                if !current_entry {
+                    continue;
+                }
+                patch_status(
+                    &shared,
+                    &entry.workload.namespace,
+                    &entry.workload.name,
+                    &status,
+                )
+                .await
+            };
+            match result {
+                Ok(()) => {
+                    written.insert(
+                        entry.workload.clone(),
+                        (entry.generation, status, Instant::now()),
+                    );
+                }
+                Err(e) => {
+                    tracing::debug!(workload = %entry.workload, error = %e, "status write failed; retrying")
+                }
+            }
+            if let Some(d) = wv.and_then(|w| w.decision.as_ref()) {
+                announce_advisory(&shared, &entry, d).await;
+            }
+        }
+    }
+}
+
+fn ready_condition(entry: &WorkloadEntry) -> Cond {
+    let how = if entry.advisory() {
+        "advisory: decisions are published, never applied"
+    } else {
+        "acting through /scale"
+    };
+    Cond::new(
+        true,
+        "TargetResolved",
+        format!(
+            "{} (pods: {}); {how}",
+            entry.target.describe(),
+            entry.selector
+        ),
+    )
+}
+
+/// In advisory mode, an Event each time the recommendation changes.
+async fn announce_advisory(shared: &Shared, entry: &WorkloadEntry, d: &Decision) {
+    if !d.advisory || d.desired_replicas == d.current_replicas {
+        return;
+    }
+    let key = (d.current_replicas, d.desired_replicas);
+    {
+        let mut st = entry.state();
+        if st.advisory_announced == Some(key) {
+            return;
+        }
+        st.advisory_announced = Some(key);
+    }
+    shared
+        .events
+        .publish(
+            &entry.ias,
+            EventSpec {
+                type_: EventType::Normal,
+                reason: "AdvisoryRecommendation",
+                action: "Recommend",
+                note: format!("would scale {}: {}", entry.target.describe(), d.summary()),
+                related: Some(entry.target.reference()),
+            },
+        )
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use gpuscale_core::Histogram;
+
+    use super::*;
+
+    fn obs_with(ttft: &[(f64, u64)]) -> Observation {
+        let mut o = Observation::empty();
+        let mut h = Histogram::ttft();
+        for (v, n) in ttft {
+            h.observe_n(*v, *n);
+        }
+        o.latency.ttft_seconds = Some(h);
+        o
+    }
+
+    #[test]
+    fn slo_status_needs_enough_observations() {
+        let slo = SloSpec::default();
+        assert_eq!(slo_status(&obs_with(&[(0.1, 5)]), &slo), SloStatus::Unknown);
+        assert_eq!(slo_status(&obs_with(&[(0.1, 100)]), &slo), SloStatus::Met);
+        assert_eq!(
+            slo_status(&obs_with(&[(0.1, 90), (5.0, 10)]), &slo),
+            SloStatus::Violated
+        );
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_the_status_flips() {
+        let t0 = Timestamp::from_millis(1_000_000);
+        let t1 = Timestamp::from_millis(2_000_000);
+        let first = condition(&[], READY, "True", "TargetResolved", "a", 1, t0);
+        let same = condition(
+            std::slice::from_ref(&first),
+            READY,
+            "True",
+            "TargetResolved",
+            "b",
+            2,
+            t1,
+        );
+        assert_eq!(same.last_transition_time, first.last_transition_time);
+        assert_eq!(same.observed_generation, Some(2));
+        let flipped = condition(
+            std::slice::from_ref(&first),
+            READY,
+            "False",
+            "InvalidSpec",
+            "c",
+            2,
+            t1,
+        );
+        assert_eq!(flipped.last_transition_time, time(t1));
+    }
+
+    #[test]
+    fn an_invalid_autoscaler_says_why_in_every_condition() {
+        let s = invalid(
+            None,
+            3,
+            "InvalidSpec",
+            "spec.minReplicas: 5 is not allowed",
+            false,
+            Timestamp::from_millis(0),
+        );
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(s.conditions.len(), 4);
+        for c in &s.conditions[..3] {
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str()),
+                ("False", "InvalidSpec")
+            );
+        }
+        assert!(s.conditions[0].message.contains("spec.minReplicas"));
+        assert_eq!(s.conditions[3].type_, ADVISORY);
+    }
+}

@@ -1,0 +1,569 @@
+//! The controller against the fake API server: the real kube-rs code
+//! paths, the real scaler, simulated engines streaming over real gRPC.
+//! Paused tokio time: minutes of cluster time run in seconds.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use gpuscale_fake_apiserver::{Fault, FaultKind, Verb};
+use serde_json::json;
+use support::rbac;
+use support::*;
+
+/// Offered loads and what the H200 Llama-3 8B preset sizes for them
+/// (500 prompt and 200 generated tokens per request).
+const LOW_RPS: f64 = 2.0; // 1 replica
+const TWO_RPS: f64 = 50.0; // 2 replicas
+const THREE_RPS: f64 = 80.0; // 3 replicas
+const HIGH_RPS: f64 = 120.0; // more than 3
+
+fn url(s: &gpuscale_kube::RunningKubeScaler) -> String {
+    format!("http://{}", s.scaler().grpc_addr())
+}
+
+async fn ready(cluster: &Cluster, name: &str) {
+    eventually(&format!("{name} Ready"), Duration::from_secs(60), || {
+        cluster
+            .condition(name, "Ready")
+            .is_some_and(|c| c.0 == "True")
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_load_step_scales_up_and_new_pods_count_only_once_warm() {
+    let cluster = Cluster::start(&["node-a", "node-b"], Duration::from_secs(5)).await;
+    cluster.create_deployment("llama", 1).await;
+    cluster
+        .create_ias("llama", spec("llama", 1, 6, json!({})))
+        .await;
+    let scaler = start_scaler(&cluster, "a").await;
+    let fleet = Fleet::start(
+        &cluster,
+        &["node-a", "node-b"],
+        vec![url(&scaler)],
+        LOW_RPS,
+        Duration::from_secs(60),
+    );
+    ready(&cluster, "llama").await;
+    eventually("one warm replica", Duration::from_secs(120), || {
+        cluster.status_i64("llama", "readyReplicas") == Some(1)
+    })
+    .await;
+    assert_eq!(cluster.spec_replicas("llama"), 1);
+    assert!(cluster.scale_writes().is_empty());
+
+    fleet.set_rps(HIGH_RPS);
+    eventually("a scale-up", Duration::from_secs(60), || {
+        cluster.spec_replicas("llama") > 1
+    })
+    .await;
+    // The new pods start, load their model (60 s here) and only then count:
+    // meanwhile they are capacity in flight, and the shortfall they meet is
+    // not requested again.
+    run_for(Duration::from_secs(20)).await;
+    let scaled_to = cluster.spec_replicas("llama");
+    assert!(scaled_to > 1);
+    assert_eq!(
+        cluster.pods("llama").len() as i64,
+        scaled_to,
+        "the new pods exist"
+    );
+    assert_eq!(cluster.warm_pods("llama").len(), 1);
+    assert_eq!(cluster.status_i64("llama", "readyReplicas"), Some(1));
+    let writes = cluster.scale_writes().len();
+    run_for(Duration::from_secs(25)).await;
+    assert_eq!(cluster.warm_pods("llama").len(), 1, "still loading");
+    assert_eq!(cluster.spec_replicas("llama"), scaled_to, "no cascade");
+    assert_eq!(cluster.scale_writes().len(), writes);
+
+    eventually(
+        "the new pods warm and counted",
+        Duration::from_secs(60),
+        || cluster.status_i64("llama", "readyReplicas") == Some(scaled_to),
+    )
+    .await;
+    let events = cluster.events("llama", "ScaledUp");
+    let first = events
+        .iter()
+        .find(|e| {
+            e["note"]
+                .as_str()
+                .unwrap()
+                .starts_with("Deployment/llama: 1 -> ")
+        })
+        .unwrap_or_else(|| panic!("no event for the first scale-up: {events:?}"));
+    // The reason, in one line.
+    let note = first["note"].as_str().unwrap();
+    assert!(note.contains("reactive") && !note.contains('\n'), "{note}");
+    assert_eq!(first["reportingController"], "gpuscale.dev/scaler");
+    assert_eq!(first["type"], "Normal");
+    assert_eq!(
+        cluster.condition("llama", "AbleToScale").unwrap().1,
+        "SucceededRescale"
+    );
+    assert_eq!(
+        cluster.condition("llama", "ScalingActive").unwrap().0,
+        "True"
+    );
+    assert!(
+        cluster.ias("llama")["status"]["lastDecision"]
+            .as_str()
+            .is_some()
+    );
+    rbac::assert_allowed(&cluster.server.request_log());
+    scaler.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_scale_in_drains_the_chosen_pod_and_the_replicaset_removes_exactly_it() {
+    let cluster = Cluster::start(&["node-a", "node-b"], Duration::from_secs(2)).await;
+    cluster.create_deployment("llama", 3).await;
+    let scaler = start_scaler(&cluster, "a").await;
+    let fleet = Fleet::start(
+        &cluster,
+        &["node-a", "node-b"],
+        vec![url(&scaler)],
+        THREE_RPS,
+        Duration::from_secs(5),
+    );
+    eventually("three warm pods", Duration::from_secs(60), || {
+        cluster.warm_pods("llama").len() == 3
+    })
+    .await;
+    // A full window of steady load before the autoscaler looks.
+    run_for(Duration::from_secs(40)).await;
+    let pods: Vec<String> = cluster.pod_names("llama").into_iter().collect();
+    // The least busy pod is the one to go.
+    fleet.set_running(&pods[0], 10.0);
+    fleet.set_running(&pods[1], 1.0);
+    fleet.set_running(&pods[2], 20.0);
+    cluster
+        .create_ias("llama", spec("llama", 1, 3, json!({})))
+        .await;
+    ready(&cluster, "llama").await;
+    run_for(Duration::from_secs(20)).await;
+    assert_eq!(
+        cluster.spec_replicas("llama"),
+        3,
+        "high load keeps three: {}",
+        cluster.ias("llama")["status"]["lastDecision"]
+    );
+    cluster.server.clear_request_log();
+
+    fleet.set_rps(TWO_RPS);
+    eventually("one pod draining", Duration::from_secs(60), || {
+        !cluster.events("llama", "DrainStarted").is_empty()
+    })
+    .await;
+    let victim = pods[1].clone();
+    assert_eq!(fleet.drained(), BTreeSet::from([victim.clone()]));
+    // Out of routing first: the agent set its gate False; still there while busy.
+    eventually("the victim's gate is down", Duration::from_secs(5), || {
+        cluster
+            .pods("llama")
+            .get(&victim)
+            .and_then(|p| gate_of(p).map(str::to_string))
+            == Some("False".into())
+    })
+    .await;
+    assert_eq!(cluster.spec_replicas("llama"), 3);
+    assert!(cluster.pod_names("llama").contains(&victim));
+
+    eventually(
+        "exactly the victim removed",
+        Duration::from_secs(90),
+        || cluster.spec_replicas("llama") == 2,
+    )
+    .await;
+    let left = cluster.pod_names("llama");
+    assert_eq!(
+        left,
+        BTreeSet::from([pods[0].clone(), pods[2].clone()]),
+        "the ReplicaSet removed exactly the drained pod"
+    );
+    // The deletion cost was set on the victim before /scale was lowered.
+    let log = cluster.scaler_requests();
+    let cost = log
+        .iter()
+        .position(|r| {
+            r.resource == "pods"
+                && r.name.as_deref() == Some(victim.as_str())
+                && r.verb == Verb::Patch
+        })
+        .expect("the victim was annotated");
+    let lowered = log
+        .iter()
+        .position(|r| r.subresource.as_deref() == Some("scale") && r.verb == Verb::Patch)
+        .expect("/scale was written");
+    assert!(cost < lowered);
+    let note = cluster.events("llama", "ScaledDown")[0]["note"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(note.contains("3 -> 2") && note.contains(&victim), "{note}");
+    rbac::assert_allowed(&cluster.server.request_log());
+    scaler.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_protected_pod_survives_scale_in() {
+    let cluster = Cluster::start(&["node-a"], Duration::from_secs(2)).await;
+    cluster.create_deployment("llama", 3).await;
+    let scaler = start_scaler(&cluster, "a").await;
+    let fleet = Fleet::start(
+        &cluster,
+        &["node-a"],
+        vec![url(&scaler)],
+        THREE_RPS,
+        Duration::from_secs(5),
+    );
+    eventually("three warm pods", Duration::from_secs(60), || {
+        cluster.warm_pods("llama").len() == 3
+    })
+    .await;
+    run_for(Duration::from_secs(40)).await;
+    let pods: Vec<String> = cluster.pod_names("llama").into_iter().collect();
+    // The idlest pod is protected: the best victim that may never be one.
+    fleet.set_running(&pods[0], 0.0);
+    fleet.set_running(&pods[1], 5.0);
+    fleet.set_running(&pods[2], 9.0);
+    cluster
+        .annotate_pod(&pods[0], "gpuscale.dev/scale-in-protection", "true")
+        .await;
+    cluster
+        .create_ias("llama", spec("llama", 1, 3, json!({})))
+        .await;
+    ready(&cluster, "llama").await;
+    fleet.set_rps(0.5);
+    eventually("scaled in to one", Duration::from_secs(180), || {
+        cluster.spec_replicas("llama") == 1 && cluster.pods("llama").len() == 1
+    })
+    .await;
+    assert_eq!(
+        cluster.pod_names("llama"),
+        BTreeSet::from([pods[0].clone()])
+    );
+    assert!(!fleet.drained().contains(&pods[0]));
+    rbac::assert_allowed(&cluster.server.request_log());
+    scaler.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_manual_edit_of_replicas_is_adopted_with_an_event() {
+    let cluster = Cluster::start(&["node-a"], Duration::from_secs(2)).await;
+    cluster.create_deployment("llama", 2).await;
+    let scaler = start_scaler(&cluster, "a").await;
+    let _fleet = Fleet::start(
+        &cluster,
+        &["node-a"],
+        vec![url(&scaler)],
+        TWO_RPS,
+        Duration::from_secs(5),
+    );
+    // Default scale-down stabilization (300 s): no fighting over minutes.
+    cluster
+        .create_ias(
+            "llama",
+            spec(
+                "llama",
+                1,
+                6,
+                json!({"behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}}}),
+            ),
+        )
+        .await;
+    ready(&cluster, "llama").await;
+    run_for(Duration::from_secs(20)).await;
+    let writes_before = cluster.scale_writes().len();
+
+    cluster.user_scales("llama", 4).await;
+    eventually("the edit adopted", Duration::from_secs(30), || {
+        !cluster.events("llama", "ReplicasAdopted").is_empty()
+    })
+    .await;
+    let note = cluster.events("llama", "ReplicasAdopted")[0]["note"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(note.contains("from 2 to 4"), "{note}");
+    eventually("the condition says so", Duration::from_secs(10), || {
+        cluster
+            .condition("llama", "AbleToScale")
+            .is_some_and(|c| c.1 == "ExternalChangeAdopted" && c.2.contains("from 2 to 4"))
+    })
+    .await;
+    run_for(Duration::from_secs(60)).await;
+    assert_eq!(cluster.spec_replicas("llama"), 4, "not reverted");
+    assert_eq!(cluster.scale_writes().len(), writes_before);
+    assert_eq!(cluster.status_i64("llama", "currentReplicas"), Some(4));
+    rbac::assert_allowed(&cluster.server.request_log());
+    scaler.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn advisory_mode_never_patches() {
+    let cluster = Cluster::start(&["node-a"], Duration::from_secs(2)).await;
+    cluster.create_deployment("llama", 1).await;
+    cluster
+        .create_ias("llama", spec("llama", 1, 6, json!({"advisory": true})))
+        .await;
+    let scaler = start_scaler(&cluster, "a").await;
+    let _fleet = Fleet::start(
+        &cluster,
+        &["node-a"],
+        vec![url(&scaler)],
+        HIGH_RPS,
+        Duration::from_secs(5),
+    );
+    ready(&cluster, "llama").await;
+    eventually(
+        "a recommendation above the current count",
+        Duration::from_secs(90),
+        || {
+            cluster
+                .status_i64("llama", "desiredReplicas")
+                .is_some_and(|d| d > 1)
+        },
+    )
+    .await;
+    run_for(Duration::from_secs(30)).await;
+    assert_eq!(cluster.spec_replicas("llama"), 1);
+    let writes: Vec<_> = cluster
+        .scaler_requests()
+        .into_iter()
+        .filter(|r| {
+            r.subresource.as_deref() == Some("scale")
+                || (r.resource == "pods" && r.verb != Verb::List && r.verb != Verb::Watch)
+        })
+        .filter(|r| r.verb != Verb::Get)
+        .collect();
+    assert!(writes.is_empty(), "advisory mode wrote: {writes:?}");
+    assert_eq!(cluster.condition("llama", "Advisory").unwrap().0, "True");
+    assert!(!cluster.events("llama", "AdvisoryRecommendation").is_empty());
+    assert!(
+        cluster.ias("llama")["status"]["lastDecision"]
+            .as_str()
+            .unwrap()
+            .contains("[advisory]")
+    );
+    rbac::assert_allowed(&cluster.server.request_log());
+    scaler.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_bad_input_yields_its_condition_and_event_and_nothing_is_scaled() {
+    let cluster = Cluster::start(&["node-a"], Duration::from_secs(2)).await;
+    cluster.create_deployment("llama", 1).await;
+    // A kind without /scale.
+    let cm: k8s_openapi::api::core::v1::ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "settings", "namespace": NS}})).unwrap();
+    kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(cluster.client.clone(), NS)
+        .create(&post(), &cm)
+        .await
+        .unwrap();
+    let cases = [
+        (
+            "missing",
+            spec("absent", 1, 4, json!({})),
+            "TargetNotFound",
+            "does not exist",
+        ),
+        (
+            "noscale",
+            spec(
+                "settings",
+                1,
+                4,
+                json!({"target": {"apiVersion": "v1", "kind": "ConfigMap", "name": "settings"}}),
+            ),
+            "TargetNotScalable",
+            "no /scale",
+        ),
+        (
+            "minmax",
+            spec("llama", 5, 2, json!({})),
+            "InvalidSpec",
+            "spec.minReplicas",
+        ),
+        (
+            "profile",
+            spec(
+                "llama",
+                1,
+                4,
+                json!({"performanceModel": {"preset": "tpu-v9-llama"}}),
+            ),
+            "UnknownPerformanceModel",
+            "tpu-v9-llama",
+        ),
+        (
+            "nokind",
+            spec(
+                "x",
+                1,
+                4,
+                json!({"target": {"apiVersion": "example.com/v1", "kind": "Widget", "name": "x"}}),
+            ),
+            "TargetKindUnknown",
+            "Widget",
+        ),
+    ];
+    for (name, s, _, _) in &cases {
+        cluster.create_ias(name, s.clone()).await;
+    }
+    let scaler = start_scaler(&cluster, "a").await;
+    let _fleet = Fleet::start(
+        &cluster,
+        &["node-a"],
+        vec![url(&scaler)],
+        HIGH_RPS,
+        Duration::from_secs(5),
+    );
+    for (name, _, reason, words) in &cases {
+        eventually(
+            &format!("{name}: Ready=False {reason}"),
+            Duration::from_secs(30),
+            || {
+                cluster
+                    .condition(name, "Ready")
+                    .is_some_and(|c| c.0 == "False" && c.1 == *reason && c.2.contains(words))
+            },
+        )
+        .await;
+        assert_eq!(cluster.condition(name, "AbleToScale").unwrap().0, "False");
+        let events = cluster.events(name, reason);
+        assert_eq!(events.len(), 1, "{name}: {events:?}");
+        assert_eq!(events[0]["type"], "Warning");
+    }
+    // No crash loop: minutes later nothing repeats and nothing was scaled.
+    run_for(Duration::from_secs(120)).await;
+    for (name, _, reason, _) in &cases {
+        assert_eq!(cluster.events(name, reason).len(), 1, "{name}");
+    }
+    assert!(cluster.scale_writes().is_empty());
+    let status_writes = cluster
+        .scaler_requests()
+        .iter()
+        .filter(|r| r.subresource.as_deref() == Some("status"))
+        .count();
+    assert_eq!(
+        status_writes,
+        cases.len(),
+        "one status write per bad autoscaler"
+    );
+
+    // Fixing one makes it act.
+    cluster.patch_ias("minmax", json!({"minReplicas": 1})).await;
+    ready(&cluster, "minmax").await;
+    rbac::assert_allowed(&cluster.server.request_log());
+    scaler.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn api_errors_are_retried_and_a_conflict_rereads() {
+    let cluster = Cluster::start(&["node-a", "node-b"], Duration::from_secs(2)).await;
+    cluster.create_deployment("llama", 1).await;
+    // Discovery and the first /scale reads fail: the reconcile backs off.
+    cluster.server.inject_fault(
+        Fault::new(FaultKind::Status(503))
+            .resource("deployments/scale")
+            .verb(Verb::Get)
+            .times(3),
+    );
+    cluster
+        .create_ias("llama", spec("llama", 1, 6, json!({})))
+        .await;
+    let scaler = start_scaler(&cluster, "a").await;
+    let fleet = Fleet::start(
+        &cluster,
+        &["node-a", "node-b"],
+        vec![url(&scaler)],
+        LOW_RPS,
+        Duration::from_secs(5),
+    );
+    ready(&cluster, "llama").await;
+    eventually("a warm replica", Duration::from_secs(60), || {
+        cluster.status_i64("llama", "readyReplicas") == Some(1)
+    })
+    .await;
+    // The scale-up's write conflicts twice and is throttled once: re-read, retried.
+    cluster.server.inject_fault(
+        Fault::new(FaultKind::Status(409))
+            .resource("deployments/scale")
+            .verb(Verb::Patch)
+            .times(2),
+    );
+    cluster.server.inject_fault(
+        Fault::new(FaultKind::Status(429))
+            .resource("deployments/scale")
+            .verb(Verb::Patch)
+            .times(1),
+    );
+    fleet.set_rps(HIGH_RPS);
+    eventually(
+        "scaled up despite the errors",
+        Duration::from_secs(60),
+        || cluster.spec_replicas("llama") > 1,
+    )
+    .await;
+    let statuses: Vec<u16> = cluster.scale_writes().iter().map(|r| r.status).collect();
+    assert!(
+        statuses.contains(&409) && statuses.contains(&429),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.last(), Some(&200));
+    rbac::assert_allowed(&cluster.server.request_log());
+    scaler.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_watch_relists_and_the_controller_keeps_up() {
+    let cluster = Cluster::start(&["node-a"], Duration::from_secs(2)).await;
+    cluster.create_deployment("llama", 1).await;
+    cluster.create_deployment("mistral", 1).await;
+    cluster
+        .create_ias("llama", spec("llama", 1, 6, json!({})))
+        .await;
+    let scaler = start_scaler(&cluster, "a").await;
+    let _fleet = Fleet::start(
+        &cluster,
+        &["node-a"],
+        vec![url(&scaler)],
+        LOW_RPS,
+        Duration::from_secs(5),
+    );
+    ready(&cluster, "llama").await;
+    cluster.server.compact_watch_history();
+    cluster
+        .create_ias(
+            "mistral",
+            spec(
+                "mistral",
+                1,
+                6,
+                json!({"behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}}}),
+            ),
+        )
+        .await;
+    ready(&cluster, "mistral").await;
+    // The pod watch relisted too: the new pods of a scale-up are seen.
+    cluster.server.compact_watch_history();
+    cluster.user_scales("mistral", 2).await;
+    eventually(
+        "mistral's second replica counted",
+        Duration::from_secs(60),
+        || cluster.status_i64("mistral", "readyReplicas") == Some(2),
+    )
+    .await;
+    let relists = cluster
+        .scaler_requests()
+        .iter()
+        .filter(|r| r.resource == "inferenceautoscalers" && r.verb == Verb::List)
+        .count();
+    assert!(relists >= 2, "the controller relisted after 410 Gone");
+    rbac::assert_allowed(&cluster.server.request_log());
+    scaler.shutdown().await.unwrap();
+}

@@ -1,0 +1,73 @@
+//! The shipped RBAC grants exactly what the scaler uses: a tour through
+//! every code path that talks to the API server (leader election, the
+//! controller's watches, status, Events, /scale of a Deployment and a
+//! StatefulSet, a scale-in with drain), then every request in the fake API
+//! server's log is allowed by deploy/base/rbac.yaml, and every rule there
+//! was used.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::json;
+use support::rbac::{Grant, assert_allowed, scaler_grants, used};
+use support::*;
+
+#[tokio::test(start_paused = true)]
+async fn the_shipped_rbac_grants_exactly_what_the_scaler_uses() {
+    let cluster = Cluster::start(&["node-a", "node-b"], Duration::from_secs(2)).await;
+    cluster.create_deployment("llama", 1).await;
+    cluster.create_statefulset("qwen", 1).await;
+    cluster
+        .create_ias("llama", spec("llama", 1, 4, json!({})))
+        .await;
+    cluster
+        .create_ias(
+            "qwen",
+            spec(
+                "qwen",
+                1,
+                2,
+                json!({"target": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "qwen"}}),
+            ),
+        )
+        .await;
+    let scaler = start_scaler(&cluster, "a").await;
+    let fleet = Fleet::start(
+        &cluster,
+        &["node-a", "node-b"],
+        vec![format!("http://{}", scaler.scaler().grpc_addr())],
+        // Shared by both workloads' warm pods.
+        240.0,
+        Duration::from_secs(5),
+    );
+    eventually("both scaled up", Duration::from_secs(120), || {
+        cluster.spec_replicas("llama") > 1
+            && cluster
+                .server
+                .object("apps", "statefulsets", NS, "qwen")
+                .and_then(|s| {
+                    s.pointer("/spec/replicas")
+                        .and_then(serde_json::Value::as_i64)
+                })
+                == Some(2)
+    })
+    .await;
+    eventually("all warm", Duration::from_secs(60), || {
+        cluster.warm_pods("llama").len() as i64 == cluster.spec_replicas("llama")
+    })
+    .await;
+    fleet.set_rps(1.0);
+    eventually("a drained scale-in", Duration::from_secs(180), || {
+        !cluster.events("llama", "DrainStarted").is_empty() && cluster.spec_replicas("llama") == 1
+    })
+    .await;
+    let log = cluster.server.request_log();
+    assert_allowed(&log);
+    let used = used(&log);
+    let granted = scaler_grants();
+    let unused: BTreeSet<&Grant> = granted.difference(&used).collect();
+    assert!(unused.is_empty(), "granted but never used: {unused:#?}");
+    scaler.shutdown().await.unwrap();
+}
