@@ -74,6 +74,12 @@ pub fn assemble(view: &StateView, selector: &EngineSelector, current: Option<u32
 /// cluster: a pod counts as ready only when the cluster says so, e.g. its
 /// readiness gate is True), and their engines, wherever an agent reports
 /// them, give the load and latencies; without, as [`assemble`].
+///
+/// A ready replica whose engine no agent reports, or whose window has no
+/// arrival rate yet (its agent is not connected, or only just reconnected,
+/// e.g. after a change of scaler leader), makes the load incomplete:
+/// `telemetry_at` is then `None`, so the policy holds rather than size the
+/// fleet from part of it.
 pub fn assemble_target(
     view: &StateView,
     selector: &EngineSelector,
@@ -99,7 +105,15 @@ pub fn assemble_target(
                 .filter(|e| e.sample.state != EngineState::Failed),
         })
         .collect();
-    build(members, target.current)
+    let incomplete = members.iter().any(|m| {
+        m.state == ReplicaState::Ready
+            && m.engine.is_none_or(|e| e.window.arrival_rate().is_none())
+    });
+    let mut observation = build(members, target.current);
+    if incomplete {
+        observation.telemetry_at = None;
+    }
+    observation
 }
 
 /// The pods of the workload: the target's replicas when the actuator knows
