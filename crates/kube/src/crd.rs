@@ -345,7 +345,10 @@ mod tests {
         let crd = serde_json::to_value(crd()).unwrap();
         let v = &crd["spec"]["versions"][0];
         let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"];
-        assert_eq!(spec["properties"]["maxReplicas"]["minimum"].as_f64(), Some(1.0));
+        assert_eq!(
+            spec["properties"]["maxReplicas"]["minimum"].as_f64(),
+            Some(1.0)
+        );
         assert_eq!(
             spec["properties"]["slo"]["properties"]["ttft"]["properties"]["percentile"]["exclusiveMaximum"],
             true

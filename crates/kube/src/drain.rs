@@ -57,6 +57,10 @@ pub struct DrainRecord {
     /// Why (the decision's one-line summary), for people reading the pod.
     #[serde(default)]
     pub reason: String,
+    /// The replica was serving (ready) when the drain started: its engine
+    /// must report idle. One that never served has nothing to finish.
+    #[serde(default)]
+    pub served: bool,
     /// When the record became `Removing` (unix milliseconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removing_since_ms: Option<i64>,
@@ -88,13 +92,15 @@ pub enum DrainStep {
 }
 
 impl DrainRecord {
-    /// A new drain starting at `now`, ending at the latest after `timeout_s`.
-    pub fn start(now: Timestamp, timeout_s: u32, reason: &str) -> Self {
+    /// A new drain of a replica that was `served`ing (or not), starting at
+    /// `now`, ending at the latest after `timeout_s`.
+    pub fn start(now: Timestamp, timeout_s: u32, reason: &str, served: bool) -> Self {
         Self {
             phase: DrainPhase::Draining,
             started_at_ms: now.as_millis(),
             deadline_ms: now.as_millis() + i64::from(timeout_s) * 1000,
             reason: one_line(reason, 200),
+            served,
             removing_since_ms: None,
         }
     }
@@ -111,8 +117,10 @@ impl DrainRecord {
     }
 
     /// For a `Draining` record: done when the gate is down (the pod is out of
-    /// the endpoints) and the engine is idle or unreported, or when the
-    /// deadline passed. `Removing` records never step.
+    /// the endpoints) and the engine is idle, or when the deadline passed.
+    /// An engine no agent reports is idle only for a replica that never
+    /// served: after a restart or a change of leader the agents may not have
+    /// reconnected yet. `Removing` records never step.
     pub fn step(&self, now: Timestamp, gate_down: bool, engine: EngineDrain) -> DrainStep {
         if self.phase != DrainPhase::Draining {
             return DrainStep::Wait;
@@ -120,7 +128,11 @@ impl DrainRecord {
         if now.as_millis() >= self.deadline_ms {
             return DrainStep::Remove { timed_out: true };
         }
-        let idle = matches!(engine, EngineDrain::Idle | EngineDrain::NotReported);
+        let idle = match engine {
+            EngineDrain::Idle => true,
+            EngineDrain::NotReported => !self.served,
+            EngineDrain::Serving | EngineDrain::Busy | EngineDrain::Unknown => false,
+        };
         if gate_down && idle {
             DrainStep::Remove { timed_out: false }
         } else {
@@ -163,7 +175,7 @@ mod tests {
 
     #[test]
     fn a_drain_ends_when_the_gate_is_down_and_the_engine_idle() {
-        let r = DrainRecord::start(t(100), 60, "4 -> 3");
+        let r = DrainRecord::start(t(100), 60, "4 -> 3", true);
         assert_eq!(r.step(t(101), false, EngineDrain::Idle), DrainStep::Wait);
         assert_eq!(r.step(t(101), true, EngineDrain::Busy), DrainStep::Wait);
         assert_eq!(r.step(t(101), true, EngineDrain::Serving), DrainStep::Wait);
@@ -172,15 +184,22 @@ mod tests {
             r.step(t(101), true, EngineDrain::Idle),
             DrainStep::Remove { timed_out: false }
         );
+        // A serving replica whose agent is not (yet) connected: wait.
         assert_eq!(
             r.step(t(101), true, EngineDrain::NotReported),
+            DrainStep::Wait
+        );
+        // One that never served (pending, loading) has nothing to finish.
+        let cold = DrainRecord::start(t(100), 60, "4 -> 3", false);
+        assert_eq!(
+            cold.step(t(101), true, EngineDrain::NotReported),
             DrainStep::Remove { timed_out: false }
         );
     }
 
     #[test]
     fn the_deadline_ends_a_drain_whatever_the_engine_says() {
-        let r = DrainRecord::start(t(100), 60, "4 -> 3");
+        let r = DrainRecord::start(t(100), 60, "4 -> 3", true);
         assert_eq!(r.step(t(159), false, EngineDrain::Busy), DrainStep::Wait);
         assert_eq!(
             r.step(t(160), false, EngineDrain::Busy),
@@ -190,7 +209,7 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_foreign_values_are_ignored() {
-        let mut r = DrainRecord::start(t(100), 300, "4 -> 3: reactive (x)\nsecond line");
+        let mut r = DrainRecord::start(t(100), 300, "4 -> 3: reactive (x)\nsecond line", true);
         assert!(!r.reason.contains('\n'));
         assert_eq!(DrainRecord::parse(&r.render()), Some(r.clone()));
         r.phase = DrainPhase::Removing { scale_to: 3 };
@@ -204,6 +223,6 @@ mod tests {
         assert_eq!(r.step(t(1000), true, EngineDrain::Idle), DrainStep::Wait);
         assert!(r.counted_in(4));
         assert!(!r.counted_in(3));
-        assert!(DrainRecord::start(t(0), 1, "").counted_in(0));
+        assert!(DrainRecord::start(t(0), 1, "", false).counted_in(0));
     }
 }

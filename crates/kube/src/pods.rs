@@ -170,7 +170,7 @@ mod tests {
 
     #[test]
     fn protection_and_drain_records_come_from_annotations() {
-        let mut record = DrainRecord::start(Timestamp::from_millis(0), 60, "x");
+        let mut record = DrainRecord::start(Timestamp::from_millis(0), 60, "x", true);
         let p = running(
             "False",
             json!({PROTECTION_ANNOTATION: "true", DRAIN_ANNOTATION: record.render()}),

@@ -26,7 +26,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use gpuscale_core::sample::EngineState;
 use gpuscale_core::{PodRef, Timestamp, WorkloadRef};
-use gpuscale_policy::{Action, Decision};
+use gpuscale_policy::{Action, Decision, ReplicaState};
 use gpuscale_scaler::{ClusterReplica, StateView, TargetObservation};
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::Api;
@@ -511,7 +511,12 @@ impl WorkloadEntry {
             tracing::debug!(workload = %self.workload, pod = %pod.name, "no drain while a count set outside gpuscale is kept");
             return Ok(());
         }
-        let record = DrainRecord::start(shared.clock.now(), self.drain_timeout_s, reason);
+        let record = DrainRecord::start(
+            shared.clock.now(),
+            self.drain_timeout_s,
+            reason,
+            facts.lifecycle == ReplicaState::Ready,
+        );
         self.write_drain(shared, pod, Some(&record), false).await?;
         self.state().drain_directives.insert(pod.name.clone());
         tracing::info!(workload = %self.workload, pod = %pod.name, timeout_s = self.drain_timeout_s, "draining a replica before scale-in");

@@ -186,6 +186,108 @@ async fn a_leader_that_cannot_renew_stops_acting_before_its_lease_can_be_taken()
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_drain_in_progress_is_finished_by_the_next_leader() {
+    let cluster = Cluster::start(&["node-a", "node-b"], Duration::from_secs(2)).await;
+    cluster.create_deployment("llama", 3).await;
+    let a = start_scaler(&cluster, "a").await;
+    eventually("a leads", Duration::from_secs(10), || a.is_leading()).await;
+    let b = start_scaler(&cluster, "b").await;
+    let fleet = Fleet::start(
+        &cluster,
+        &["node-a", "node-b"],
+        vec![url(&a), url(&b)],
+        80.0,
+        Duration::from_secs(5),
+    );
+    // The victim's engine keeps requests running for 40 s after its drain.
+    fleet.set_drain_work(3.0, Duration::from_secs(40));
+    eventually("three warm pods", Duration::from_secs(60), || {
+        cluster.warm_pods("llama").len() == 3
+    })
+    .await;
+    run_for(Duration::from_secs(40)).await;
+    let pods: Vec<String> = cluster.pod_names("llama").into_iter().collect();
+    fleet.set_running(&pods[0], 10.0);
+    fleet.set_running(&pods[1], 1.0);
+    fleet.set_running(&pods[2], 20.0);
+    cluster
+        .create_ias(
+            "llama",
+            spec("llama", 1, 3, json!({"drainTimeoutSeconds": 300})),
+        )
+        .await;
+    eventually("a acts", Duration::from_secs(60), || {
+        cluster
+            .condition("llama", "Ready")
+            .is_some_and(|c| c.0 == "True")
+    })
+    .await;
+    fleet.set_rps(50.0);
+    eventually("a starts draining", Duration::from_secs(60), || {
+        !cluster.events("llama", "DrainStarted").is_empty()
+    })
+    .await;
+    let victim = pods[1].clone();
+    let record = cluster.pods("llama")[&victim]["metadata"]["annotations"]["gpuscale.dev/drain"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(record.contains(r#""phase":"Draining""#), "{record}");
+    a.kill().await;
+
+    eventually("b takes over", Duration::from_secs(30), || b.is_leading()).await;
+    // Still busy: b keeps the drain, neither removes the pod nor starts another.
+    run_for(Duration::from_secs(5)).await;
+    assert_eq!(cluster.spec_replicas("llama"), 3);
+    assert!(cluster.pod_names("llama").contains(&victim));
+    eventually(
+        "b removes exactly the drained pod",
+        Duration::from_secs(60),
+        || cluster.spec_replicas("llama") == 2 && cluster.pods("llama").len() == 2,
+    )
+    .await;
+    let notes = |reason: &str| {
+        cluster
+            .events("llama", reason)
+            .iter()
+            .map(|e| format!("{}: {}", e["reportingInstance"], e["note"]))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        cluster.pod_names("llama"),
+        [pods[0].clone(), pods[2].clone()].into_iter().collect(),
+        "victim {victim}: {:?} {:?} {:?} {:?}",
+        notes("DrainStarted"),
+        notes("DrainCancelled"),
+        notes("ScaledDown"),
+        notes("ReplicasAdopted"),
+    );
+    let drains = cluster.events("llama", "DrainStarted");
+    assert_eq!(
+        drains.len(),
+        1,
+        "one drain, not two: {:?} {:?}",
+        drains
+            .iter()
+            .map(|e| (&e["note"], &e["reportingInstance"]))
+            .collect::<Vec<_>>(),
+        cluster
+            .events("llama", "DrainCancelled")
+            .iter()
+            .map(|e| &e["note"])
+            .collect::<Vec<_>>()
+    );
+    let lowered_by_b = cluster.scaler_requests().iter().any(|r| {
+        r.subresource.as_deref() == Some("scale")
+            && r.verb == Verb::Patch
+            && r.field_manager.as_deref() == Some("gpuscale-scaler-b")
+    });
+    assert!(lowered_by_b);
+    support::rbac::assert_allowed(&cluster.server.request_log());
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_graceful_shutdown_releases_the_lease_at_once() {
     let cluster = Cluster::start(&["node-a"], Duration::from_secs(2)).await;
     let a = start_scaler(&cluster, "a").await;

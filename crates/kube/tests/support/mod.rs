@@ -495,6 +495,11 @@ impl Fleet {
             .insert(pod.to_string(), running);
     }
 
+    /// A draining engine keeps `running` requests for `busy_for` after the drain.
+    pub fn set_drain_work(&self, running: f64, busy_for: Duration) {
+        self.state.lock().unwrap().drain_work = (running, busy_for);
+    }
+
     pub fn events(&self) -> Vec<AgentEvent> {
         self.state.lock().unwrap().log.clone()
     }
