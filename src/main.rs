@@ -98,12 +98,26 @@ enum Command {
     Agent(gpuscale_agent::AgentArgs),
     /// Run the scaler: ingest the agents' streams, keep windows per node, GPU,
     /// pod and model, decide per workload every tick; serve gRPC (agents,
-    /// health, reflection) and /metrics, /healthz, /readyz.
-    Scaler(gpuscale_scaler::ScalerArgs),
+    /// health, reflection) and /metrics, /healthz, /readyz. With
+    /// --kubernetes: act on InferenceAutoscalers (leader election, /scale
+    /// with readiness gating and drain, status, Events).
+    Scaler(ScalerCommand),
+    /// Print the InferenceAutoscaler CustomResourceDefinition (YAML), as
+    /// deploy/base/crd.yaml holds it.
+    Crd,
     /// Replay a request trace against a simulated GPU fleet driven by
     /// gpuscale, a baseline autoscaler or the oracle; report SLO attainment
     /// and GPU-hours (`--suite` runs the benchmark suite).
     Sim(Box<gpuscale_sim::cli::SimArgs>),
+}
+
+/// `gpuscale scaler` flags: the scaler's, and the Kubernetes mode's.
+#[derive(Debug, clap::Args)]
+struct ScalerCommand {
+    #[command(flatten)]
+    scaler: gpuscale_scaler::ScalerArgs,
+    #[command(flatten)]
+    kube: gpuscale_kube::KubeArgs,
 }
 
 fn main() -> ExitCode {
@@ -113,9 +127,18 @@ fn main() -> ExitCode {
         Command::Agent(args) => serve(gpuscale_agent::AgentError::is_config, async move {
             gpuscale_agent::run_from_args(&args, shutdown_signal()).await
         }),
+        Command::Scaler(args) if args.kube.kubernetes => {
+            serve(gpuscale_kube::KubeError::is_config, async move {
+                gpuscale_kube::run_from_args(&args.scaler, &args.kube, shutdown_signal()).await
+            })
+        }
         Command::Scaler(args) => serve(gpuscale_scaler::ScalerError::is_config, async move {
-            gpuscale_scaler::run_from_args(&args, shutdown_signal()).await
+            gpuscale_scaler::run_from_args(&args.scaler, shutdown_signal()).await
         }),
+        Command::Crd => {
+            print!("{}", gpuscale_kube::crd_yaml());
+            ExitCode::SUCCESS
+        }
         Command::Version => {
             println!("{}", version::long());
             ExitCode::SUCCESS
