@@ -950,6 +950,75 @@ impl Fleet {
         }
     }
 
+    /// Add one replica for a pod that a caller's cluster created (the
+    /// demo's fake Kubernetes): pending for `pending_s`, then loading for a
+    /// drawn cold start, then ready; or ready at once when `ready_now`.
+    /// Returns its id. The per-replica calls ([`Fleet::add_replica`],
+    /// [`Fleet::drain_replica`], [`Fleet::undrain_replica`],
+    /// [`Fleet::remove_replica`]) leave `spec_replicas` and the scale events
+    /// to the caller; they do not mix with [`Fleet::scale_to`].
+    pub fn add_replica(&mut self, now: f64, ready_now: bool) -> u32 {
+        let id = self.create_replica(now, ready_now);
+        if ready_now {
+            // Requests held at the router go to the new capacity.
+            while let Some(slot) = self.router_queue.pop_front() {
+                self.waiting_total -= 1;
+                self.route_slot(slot, now);
+            }
+        }
+        id
+    }
+
+    /// Take replica `id` out of routing: a ready one finishes what it holds
+    /// and is then gone (at once when it holds nothing); a pending or
+    /// loading one is gone at once. Returns whether anything changed.
+    pub fn drain_replica(&mut self, id: u32, now: f64) -> bool {
+        match self.replicas.get(id as usize).map(|r| r.state) {
+            Some(Lifecycle::Ready) => {
+                self.start_drain(id, now);
+                true
+            }
+            Some(Lifecycle::Pending | Lifecycle::Loading) => {
+                self.set_gone(id, now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Put draining replica `id` back into routing. Returns false when it
+    /// is not draining (never drained, or already gone).
+    pub fn undrain_replica(&mut self, id: u32, now: f64) -> bool {
+        let Some(r) = self.replicas.get_mut(id as usize) else {
+            return false;
+        };
+        if r.state != Lifecycle::Draining {
+            return false;
+        }
+        r.state = Lifecycle::Ready;
+        r.drain_at = f64::NAN;
+        self.ready_ids.push(id);
+        while let Some(slot) = self.router_queue.pop_front() {
+            self.waiting_total -= 1;
+            self.route_slot(slot, now);
+        }
+        true
+    }
+
+    /// Remove replica `id` now (its pod was deleted): requests it still
+    /// holds are aborted and recorded as dropped. Returns how many.
+    pub fn remove_replica(&mut self, id: u32, now: f64) -> u64 {
+        match self.replicas.get(id as usize).map(|r| r.state) {
+            None | Some(Lifecycle::Gone) => 0,
+            Some(_) => {
+                let held = self.replicas[id as usize].outstanding() as u64;
+                self.abort_all(id, now);
+                self.set_gone(id, now);
+                held
+            }
+        }
+    }
+
     fn start_drain(&mut self, id: u32, now: f64) {
         self.ready_ids.retain(|&x| x != id);
         let r = &mut self.replicas[id as usize];
@@ -1167,6 +1236,85 @@ fn observe_itl_n(c: &mut EngineCounters, gap: f64, n: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fleet() -> Fleet {
+        let perf = gpuscale_policy::perf::preset("h200-llama3-8b-bf16").expect("preset");
+        let cfg = FleetConfig {
+            perf,
+            prefill_token_budget: 8192,
+            pending_s: 0.0,
+            cold_start: ColdStart::Fixed(60.0),
+            drain_grace_s: None,
+            victim_order: VictimOrder::LeastWork,
+            horizon_s: 1000.0,
+            seed: 3,
+        };
+        let stats = crate::stats::RunStats::new(
+            crate::stats::Slo {
+                ttft_s: 2.0,
+                itl_s: 0.05,
+                percentile: 95.0,
+            },
+            1000.0,
+            10.0,
+        );
+        Fleet::new(cfg, 0, Recorder::Full(Box::new(stats)))
+    }
+
+    fn request(at: f64) -> Request {
+        Request {
+            arrival_s: at,
+            input_tokens: 500,
+            output_tokens: 200,
+        }
+    }
+
+    #[test]
+    fn a_replica_added_for_a_pod_serves_after_its_cold_start_and_drains_without_drops() {
+        let mut f = fleet();
+        let a = f.add_replica(0.0, true);
+        let b = f.add_replica(0.0, false);
+        f.advance_to(1.0);
+        assert_eq!(f.replicas()[b as usize].state, Lifecycle::Loading);
+        f.advance_to(61.0);
+        assert_eq!(f.ready_count(), 2);
+        for i in 0..20 {
+            f.arrive(&request(61.0 + 0.01 * f64::from(i)));
+        }
+        assert!(f.replicas()[a as usize].outstanding() > 0);
+        assert!(f.drain_replica(a, 61.5));
+        assert_eq!(f.replicas()[a as usize].state, Lifecycle::Draining);
+        f.arrive(&request(61.6));
+        assert_eq!(f.replicas()[b as usize].counters.received, 11);
+        f.advance_to(200.0);
+        assert_eq!(f.replicas()[a as usize].state, Lifecycle::Gone);
+        assert!(!f.undrain_replica(a, 200.0), "a gone replica stays gone");
+        let stats = f.recorder.stats().expect("full recorder");
+        assert_eq!(
+            (stats.arrivals, stats.completed, stats.dropped),
+            (21, 21, 0)
+        );
+    }
+
+    #[test]
+    fn removing_a_busy_replica_drops_what_it_holds_and_undrain_restores_routing() {
+        let mut f = fleet();
+        let a = f.add_replica(0.0, true);
+        let b = f.add_replica(0.0, true);
+        for i in 0..6 {
+            f.arrive(&request(0.01 * f64::from(i)));
+        }
+        assert!(f.drain_replica(b, 0.1));
+        assert!(f.undrain_replica(b, 0.1));
+        assert_eq!(f.ready_count(), 2);
+        let held = f.replicas()[a as usize].outstanding() as u64;
+        assert_eq!(f.remove_replica(a, 0.2), held);
+        assert_eq!(f.remove_replica(a, 0.3), 0, "already gone");
+        f.run_to_completion();
+        let stats = f.recorder.stats().expect("full recorder");
+        assert_eq!(stats.dropped, held);
+        assert_eq!(stats.completed + stats.dropped, 6);
+    }
 
     #[test]
     fn steps_within_inverts_run_time() {
