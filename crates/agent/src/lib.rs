@@ -48,6 +48,7 @@ pub mod metrics;
 pub mod node;
 pub mod readiness;
 mod sampler;
+pub mod simulated;
 pub mod sources;
 mod uplink;
 
@@ -73,6 +74,7 @@ pub use metrics::AgentMetrics;
 pub use node::{NodeArgs, NodeConfig, RunningNode, sample_once, start_node};
 pub use readiness::{ReadinessConfig, WarmupConfig, WarmupMode};
 pub use sampler::Sampled;
+pub use simulated::{RunningSimulatedNode, start_simulated_node};
 pub use uplink::LinkStatus;
 
 /// Wall-clock time that advances with tokio's clock: one reading of the
