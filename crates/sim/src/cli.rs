@@ -83,7 +83,8 @@ pub struct SimArgs {
     /// Replay only the first part of the trace (e.g. 2h).
     #[arg(long, value_name = "DURATION")]
     pub duration: Option<String>,
-    /// Replica cold start (default: 90s for one-GPU profiles, 240s for multi-GPU).
+    /// Replica cold start (default: the spec's `coldStartSeconds` with --spec,
+    /// else 90s for one-GPU profiles and 240s for multi-GPU ones).
     #[arg(long, value_name = "DURATION")]
     pub cold_start: Option<String>,
     /// Extra cold-start spread: each replica draws uniformly in [cold start, cold start + spread].
@@ -294,9 +295,12 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
             seed: args.seed,
         },
     )?;
-    let cold = match &args.cold_start {
-        Some(c) => parse_duration("--cold-start", c)?,
-        None => default_cold_start_s(&perf),
+    // The fleet's cold start: the flag, else the spec's estimate, else the profile's default.
+    let spec_file = args.spec.as_ref().map(load_spec).transpose()?;
+    let cold = match (&args.cold_start, &spec_file) {
+        (Some(c), _) => parse_duration("--cold-start", c)?,
+        (None, Some(spec)) => spec.cold_start_seconds,
+        (None, None) => default_cold_start_s(&perf),
     };
     let cold_start = match &args.cold_start_spread {
         Some(s) => {
@@ -355,7 +359,7 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
         baselines: ctx.clone(),
         workload,
     };
-    let choices = policy_choices(&args, &ctx, &perf, slo, cold)?;
+    let choices = policy_choices(&args, spec_file, &ctx, &perf, slo, cold)?;
     let trace_name = cmp.workload.name().to_string();
     let outcomes = if choices.len() == 1 {
         let label = choices[0].label();
@@ -417,6 +421,7 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
 
 fn policy_choices(
     args: &SimArgs,
+    spec_file: Option<WorkloadSpec>,
     ctx: &BaselineContext,
     perf: &gpuscale_policy::PerfModel,
     slo: Slo,
@@ -448,8 +453,8 @@ fn policy_choices(
     for n in names {
         match n.as_str() {
             "gpuscale" => {
-                let spec = match &args.spec {
-                    Some(path) => load_spec(path)?,
+                let spec = match &spec_file {
+                    Some(spec) => spec.clone(),
                     None => default_spec(
                         &args.profile,
                         &slo,
