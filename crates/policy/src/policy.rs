@@ -98,6 +98,10 @@ impl DemandFeedback {
         self.factor = self.factor.clamp(1.0, MAX_FEEDBACK_FACTOR);
     }
 }
+/// A burst recommendation is made only when the burst rate exceeds the
+/// stable mean by more than this fraction (steady traffic's own noise
+/// stays with the reactive recommendation and its queueing model).
+pub const BURST_MIN_EXCESS: f64 = 0.25;
 /// KV-cache occupancy at which replicas count as saturated.
 pub const KV_SATURATION: f64 = 0.95;
 
@@ -126,6 +130,8 @@ pub struct Policy {
     behavior: BehaviorState,
     schedule: ScheduleEvaluator,
     rates: VecDeque<TimedValue>,
+    /// Short-window arrival rates over the burst window.
+    bursts: VecDeque<TimedValue>,
     waiting: VecDeque<TimedValue>,
     shape: Option<RequestShape>,
     last_rate: Option<TimedValue>,
@@ -178,6 +184,7 @@ impl Policy {
             behavior: BehaviorState::default(),
             schedule: ScheduleEvaluator::default(),
             rates: VecDeque::new(),
+            bursts: VecDeque::new(),
             waiting: VecDeque::new(),
             shape: None,
             last_rate: None,
@@ -319,6 +326,32 @@ impl Policy {
                 });
             }
         }
+        // Bursts: the short-window rate at which the burst window's
+        // requests arrived (the burst window is the scale-down stabilization
+        // window), at the SLO quantile (request-weighted), when it is well
+        // above the stable mean: bursty traffic needs capacity for its
+        // bursts, not for its mean, and bursts that recur within the window
+        // then find it ready instead of waiting a cold start each time. The
+        // newest panic window is left to the panic recommendation.
+        let burst_quantile = cfg.ttft.quantile.max(cfg.itl.quantile);
+        let mut burst_rec: Option<Recommendation> = None;
+        if let Some(rate) = stable_rps
+            && let Some(burst) = self.burst_rate(now, burst_quantile)
+            && burst > rate * (1.0 + BURST_MIN_EXCESS)
+        {
+            let s = sizer.replicas_needed(burst, &targets);
+            burst_rec = Some(Recommendation {
+                source: Source::Reactive,
+                replicas: Some(s.replicas),
+                reason: format!(
+                    "bursts: p{} of the short-window arrival rate over {:.0} s is {burst:.2} req/s ({:.1}× the mean {rate:.2}) and needs {}",
+                    pct(burst_quantile),
+                    self.burst_window_s(),
+                    burst / rate.max(1e-9),
+                    s.replicas
+                ),
+            });
+        }
         // Panic and SLO feedback.
         let measured_ttft = obs
             .latency
@@ -393,6 +426,10 @@ impl Policy {
                     p.max_replicas
                 ),
             });
+        }
+        // After panic: a tie goes to the panic recommendation.
+        if let Some(r) = burst_rec {
+            recs.push(r);
         }
         // SLO feedback: a demand factor learned from measured latency in
         // steady state (nothing in flight), applied to the stable rate.
@@ -657,6 +694,8 @@ impl Policy {
         let window = self.config.reactive.stable_window_s;
         if let Some(rate) = arrival {
             replace_at(&mut self.rates, now, rate, window);
+            let burst_window = self.burst_window_s();
+            replace_at(&mut self.bursts, now, rate, burst_window);
             if let Some(f) = &mut self.forecaster {
                 let from = match self.last_rate {
                     Some(prev) if prev.at < now => {
@@ -733,6 +772,45 @@ impl Policy {
         } else {
             self.rates.back().filter(|s| s.at <= now).map(|s| s.value)
         }
+    }
+
+    /// The burst window: the scale-down stabilization window, at least the
+    /// stable window.
+    fn burst_window_s(&self) -> f64 {
+        f64::from(self.config.behavior.scale_down.stabilization_window_s)
+            .max(self.config.reactive.stable_window_s)
+    }
+
+    /// The request-weighted `quantile` of the short-window arrival rates
+    /// over the burst window, the newest panic window left out: the rate
+    /// at or below which that fraction of those requests arrived.
+    fn burst_rate(&self, now: Timestamp, quantile: f64) -> Option<f64> {
+        let start = now.plus_secs(-self.burst_window_s());
+        let panic_window = (self.config.reactive.stable_window_s * PANIC_WINDOW_FRACTION).max(6.0);
+        let end = now.plus_secs(-panic_window);
+        let mut samples: Vec<(f64, f64)> = Vec::with_capacity(self.bursts.len());
+        let mut prev: Option<Timestamp> = None;
+        for s in self.bursts.iter().filter(|s| s.at >= start && s.at < end) {
+            let dt = prev.map_or(0.0, |p| s.at.secs_since(p));
+            prev = Some(s.at);
+            if dt > 0.0 && s.value > 0.0 {
+                // Requests that arrived in the sample's span.
+                samples.push((s.value, s.value * dt));
+            }
+        }
+        let total: f64 = samples.iter().map(|(_, w)| w).sum();
+        if samples.len() < 2 || total <= 0.0 {
+            return None;
+        }
+        samples.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut seen = 0.0;
+        for (rate, w) in &samples {
+            seen += w;
+            if seen >= quantile * total {
+                return Some(*rate);
+            }
+        }
+        samples.last().map(|(r, _)| *r)
     }
 
     /// A reason if the queue grew over the panic window.
