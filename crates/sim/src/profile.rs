@@ -144,9 +144,70 @@ pub fn replica_capacity_rps(perf: &PerfModel, input: f64, output: f64, itl_s: f6
     1.0 / per_request
 }
 
+/// Requests per second one replica sustains with the mean request's
+/// inter-token latency within `itl_s`, prefill interference included (B11's
+/// capacity "at the SLO"). Prefills take a fraction `ρ = λ·p(input)` of the
+/// replica's time and stall the decode steps they share an iteration with,
+/// so a decoding request sees the gap `g = t(B, L) / (1 − ρ)`, with the
+/// running batch `B = λ·output·g` (Little's law). The capacity is the
+/// largest `λ` with `g ≤ itl_s`, i.e. `t(λ·output·itl_s, L) ≤ itl_s·(1 − ρ)`,
+/// within the engine's batch ceiling and KV capacity. It is below
+/// [`replica_capacity_rps`] (which lets decode steps alone reach the SLO and
+/// so counts the prefill time twice over as throughput) and matters most
+/// for long prompts with short outputs.
+pub fn slo_capacity_rps(perf: &PerfModel, input: f64, output: f64, itl_s: f64) -> f64 {
+    let ctx = input + 0.5 * output;
+    let p = perf.prefill_s(input).max(1e-9);
+    let feasible = |lambda: f64| {
+        let rho = lambda * p;
+        let batch = lambda * output.max(1.0) * itl_s;
+        rho < 1.0
+            && batch <= f64::from(perf.max_batch.max(1))
+            && batch * (input + output) <= perf.kv_capacity_tokens
+            && perf.decode_step_s(batch.max(1.0), ctx) <= itl_s * (1.0 - rho)
+    };
+    let (mut lo, mut hi) = (0.0, 1.0 / p);
+    if !feasible(1e-6) {
+        // Not even a lone request meets the SLO: fall back to the throughput bound.
+        return replica_capacity_rps(perf, input, output, itl_s);
+    }
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if feasible(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slo_capacity_counts_prefill_stalls_and_meets_the_slo_at_its_rate() {
+        let m = resolve_profile("h200-llama3-8b-bf16").unwrap();
+        for (input, output) in [(2048.0, 28.0), (1155.0, 211.0)] {
+            let slo = slo_capacity_rps(&m, input, output, 0.05);
+            let bound = replica_capacity_rps(&m, input, output, 0.05);
+            assert!(
+                slo > 0.0 && slo < bound,
+                "{input}/{output}: {slo} vs {bound}"
+            );
+            // At the capacity, the gap t(B)/(1 − ρ) with B = λ·O·SLO is the SLO.
+            let rho = slo * m.prefill_s(input);
+            let gap = m.decode_step_s(slo * output * 0.05, input + 0.5 * output) / (1.0 - rho);
+            assert!((gap - 0.05).abs() < 1e-3, "{input}/{output}: gap {gap}");
+        }
+        // Long prompts with short outputs lose the most to prefill stalls.
+        let code =
+            slo_capacity_rps(&m, 2048.0, 28.0, 0.05) / replica_capacity_rps(&m, 2048.0, 28.0, 0.05);
+        let conv = slo_capacity_rps(&m, 1155.0, 211.0, 0.05)
+            / replica_capacity_rps(&m, 1155.0, 211.0, 0.05);
+        assert!(code < conv, "code {code} conv {conv}");
+    }
 
     #[test]
     fn coefficients_reproduce_the_model_everywhere() {

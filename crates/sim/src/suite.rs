@@ -27,6 +27,7 @@ use crate::compare::{Comparison, PolicyChoice};
 use crate::error::SimError;
 use crate::fleet::{ColdStart, FleetConfig, VictimOrder};
 use crate::gpuscale::{GpuscaleOptions, default_spec};
+use crate::oracle::{self, WINDOW_S as ORACLE_WINDOW_S};
 use crate::profile::resolve_profile;
 use crate::report::{self, PolicyReport};
 use crate::run::{RunConfig, RunOutcome};
@@ -47,9 +48,12 @@ pub struct SuiteOptions {
     pub only: Vec<String>,
 }
 
+/// The attainment the suite's oracle plans each window for.
+const SUITE_ORACLE_TARGET: f64 = 0.99;
+
 #[derive(Debug, Clone, Copy)]
 enum Scaling {
-    /// Rate-scale so the busiest minute needs this many replicas.
+    /// Rate-scale so the oracle's busiest window needs this many ready replicas.
     PeakReplicas(f64),
     /// Rate-scale so the busiest window has this rate.
     PeakRps(f64),
@@ -168,16 +172,35 @@ fn prepare(
         mean_output: mean_out,
     };
     let cap = probe.capacity_rps();
+    let horizon_s = match w.scaling {
+        Scaling::PeakRps(_) => opts.servegen_days.map(|d| d * 86_400.0),
+        Scaling::PeakReplicas(_) => None,
+    };
+    let mut fleet = FleetConfig {
+        perf: perf.clone(),
+        prefill_token_budget: 8192,
+        pending_s: 0.0,
+        cold_start: ColdStart::Fixed(w.cold_start_s),
+        drain_grace_s: Some(30.0),
+        victim_order: VictimOrder::Kubernetes,
+        horizon_s: unscaled.duration_s(),
+        seed: opts.seed,
+    };
+    let mut oracle_peak = None;
     let rate_scale = match (w.scaling, &tr) {
-        (Scaling::PeakReplicas(n), _) => n * cap / unscaled.peak_rate(60.0),
+        (Scaling::PeakReplicas(n), _) => {
+            // Start from the capacity estimate over the oracle's window,
+            // then let the oracle say what the busiest window needs.
+            let start = n * cap / unscaled.peak_rate(ORACLE_WINDOW_S);
+            let (scale, peak) =
+                calibrate_scale(&tr, sizes.as_ref(), opts.seed, &fleet, slo, n, start)?;
+            oracle_peak = Some(peak);
+            scale
+        }
         (Scaling::PeakRps(rps), Trace::Rate { windows, .. }) => {
             rps / windows.iter().map(|x| x.rate_rps).fold(0.0, f64::max)
         }
         (Scaling::PeakRps(rps), Trace::Requests { .. }) => rps / unscaled.peak_rate(60.0),
-    };
-    let horizon_s = match w.scaling {
-        Scaling::PeakRps(_) => opts.servegen_days.map(|d| d * 86_400.0),
-        Scaling::PeakReplicas(_) => None,
     };
     let workload = Workload::new(
         &tr,
@@ -199,16 +222,7 @@ fn prepare(
     // High enough that no policy (and not the oracle, through the code
     // trace's ten-second bursts) is capped by the pool.
     ctx.max_replicas = (10 * static_n).max(8);
-    let fleet = FleetConfig {
-        perf: perf.clone(),
-        prefill_token_budget: 8192,
-        pending_s: 0.0,
-        cold_start: ColdStart::Fixed(w.cold_start_s),
-        drain_grace_s: Some(30.0),
-        victim_order: VictimOrder::Kubernetes,
-        horizon_s: workload.duration_s(),
-        seed: opts.seed,
-    };
+    fleet.horizon_s = workload.duration_s();
     let initial = Comparison::initial_replicas(&workload, &ctx, w.cold_start_s);
     let duration = workload.duration_s();
     let cmp = Comparison {
@@ -230,7 +244,9 @@ fn prepare(
         perf.gpus_per_replica,
     );
     let mut choices = vec![
-        PolicyChoice::Oracle { target: 0.99 },
+        PolicyChoice::Oracle {
+            target: SUITE_ORACLE_TARGET,
+        },
         PolicyChoice::Gpuscale {
             spec: Box::new(spec),
             model: Box::new(perf.clone()),
@@ -245,14 +261,20 @@ fn prepare(
             });
         }
     }
+    let scaled_by = match oracle_peak {
+        Some(n) => format!(" (the oracle's busiest 10 s window needs {n} ready replicas)"),
+        None => String::new(),
+    };
     let description = format!(
-        "{:.0} requests over {:.1} h, rate ×{:.3}, busiest minute {:.1} req/s, mean prompt {:.0} / output {:.0} tokens; \
+        "{:.0} requests over {:.1} h, rate ×{:.3}{}, busiest minute {:.1} req/s, busiest 10 s {:.1} req/s, mean prompt {:.0} / output {:.0} tokens; \
          profile `{}`; SLOs p95 TTFT {:.1} s, p95 ITL {:.0} ms; cold start {:.0} s; B11 capacity {:.2} req/s per replica, \
          static peak {} replicas; bounds 1–{}; every policy starts with {} ready replicas",
         cmp.workload.expected_requests(),
         duration / 3600.0,
         rate_scale,
+        scaled_by,
         peak,
+        cmp.workload.peak_rate(ORACLE_WINDOW_S),
         mean_in,
         mean_out,
         w.profile,
@@ -265,6 +287,55 @@ fn prepare(
         initial
     );
     Ok((cmp, choices, description))
+}
+
+/// The rate scale at which the oracle's busiest decision window needs
+/// `target` ready replicas (within one), and that peak. Starts from
+/// `start` and rescales proportionally; the need grows about linearly with
+/// the rate, so two or three plans usually settle it.
+fn calibrate_scale(
+    tr: &Trace,
+    sizes: Option<&SizePool>,
+    seed: u64,
+    fleet: &FleetConfig,
+    slo: Slo,
+    target: f64,
+    start: f64,
+) -> Result<(f64, u32), SimError> {
+    let mut scale = start;
+    let mut tried: Vec<(f64, u32)> = Vec::new();
+    for _ in 0..6 {
+        let workload = Workload::new(
+            tr,
+            sizes.cloned(),
+            &WorkloadOptions {
+                rate_scale: scale,
+                seed,
+                ..Default::default()
+            },
+        )?;
+        let mut cfg = fleet.clone();
+        cfg.horizon_s = workload.duration_s();
+        let max = (4.0 * target).ceil() as u32 * 4;
+        let plan = oracle::plan(&workload, &cfg, slo, SUITE_ORACLE_TARGET, 1, max);
+        let peak = plan.ready.iter().copied().max().unwrap_or(1);
+        tried.push((scale, peak));
+        if (f64::from(peak) - target).abs() <= 1.0 {
+            break;
+        }
+        scale *= target / f64::from(peak.max(1));
+    }
+    // The closest try (the last on ties).
+    Ok(tried
+        .iter()
+        .copied()
+        .rev()
+        .min_by(|a, b| {
+            (f64::from(a.1) - target)
+                .abs()
+                .total_cmp(&(f64::from(b.1) - target).abs())
+        })
+        .unwrap_or((start, 0)))
 }
 
 /// Run the suite; writes `results.json`, `results.csv`, `summary.md` and
@@ -507,7 +578,7 @@ pub fn summary_markdown(result: &SuiteResult) -> String {
         let row = |out: &mut String, p: &PolicyReport, note: &str| {
             let _ = writeln!(
                 out,
-                "| {}{} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+                "| {}{} | {} | {} | {} / {} | {:.1} | {} | {} | {} | {} | {} |",
                 p.policy,
                 note,
                 p.target.map_or_else(
@@ -518,6 +589,8 @@ pub fn summary_markdown(result: &SuiteResult) -> String {
                         .to_string()
                 ),
                 pct(p.slo_attainment),
+                pct(p.ttft_attainment),
+                pct(p.itl_attainment),
                 p.gpu_hours,
                 p.gpu_hours_vs_oracle
                     .map_or_else(|| "–".into(), |x| format!("{x:.2}")),

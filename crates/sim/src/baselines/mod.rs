@@ -37,7 +37,7 @@ use gpuscale_policy::PerfModel;
 
 use crate::autoscaler::{Autoscaler, FixedReplicas};
 use crate::error::SimError;
-use crate::profile::replica_capacity_rps;
+use crate::profile::slo_capacity_rps;
 use crate::stats::Slo;
 
 /// What every baseline may be sized from.
@@ -55,9 +55,10 @@ pub struct BaselineContext {
 }
 
 impl BaselineContext {
-    /// Requests/s one replica sustains at the ITL SLO for the mean request.
+    /// Requests/s one replica sustains at the ITL SLO for the mean request
+    /// ([`slo_capacity_rps`]: prefill interference included).
     pub fn capacity_rps(&self) -> f64 {
-        replica_capacity_rps(
+        slo_capacity_rps(
             &self.perf,
             self.mean_input,
             self.mean_output,
@@ -112,7 +113,7 @@ pub fn default_target(name: &str, ctx: &BaselineContext) -> Option<f64> {
 pub fn sweep_targets(name: &str, ctx: &BaselineContext) -> Vec<f64> {
     let cap = ctx.capacity_rps();
     match name {
-        "static" => vec![0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0],
+        "static" => vec![0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0],
         "hpa-gpu-util" => vec![40.0, 60.0, 80.0, 90.0],
         "keda-waiting" => vec![1.0, 2.0, 5.0, 10.0, 20.0],
         "kserve-running" => vec![2.0, 16.0, 32.0, 64.0, 128.0],
