@@ -769,12 +769,12 @@ pub async fn run(
     args: &AgentArgs,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
-    let fake = args
-        .fake_config
-        .as_ref()
-        .map(|p| crate::config::load_fake_config(p))
-        .transpose()?;
     if args.node.once {
+        let fake = args
+            .fake_config
+            .as_ref()
+            .map(|p| crate::config::load_fake_config(p))
+            .transpose()?;
         let node_name = args.resolved_node_name()?;
         let node = args.node.to_node_config(fake)?;
         let kube = connect_kubernetes(node.kubernetes).await;
@@ -795,7 +795,7 @@ pub async fn run(
                 message: e.to_string(),
             });
     }
-    let (config, _) = args.to_config()?;
+    let (config, fake) = args.to_config()?;
     let node = args.node.to_node_config(fake)?;
     let kube = connect_kubernetes(node.kubernetes).await;
     let running = start_node(config, node, kube).await?;

@@ -277,6 +277,24 @@ fn optional_name(s: String, at: At<'_>) -> Result<String, ConvertError> {
     Ok(s)
 }
 
+/// The index of the first item whose key equals an earlier item's key,
+/// without copying keys (a quadratic scan for the usual handful of items).
+fn first_duplicate<T, K: Eq + std::hash::Hash>(
+    items: &[T],
+    key: impl Fn(&T) -> &K,
+) -> Option<usize> {
+    if items.len() <= 32 {
+        (1..items.len()).find(|&i| {
+            items[..i]
+                .iter()
+                .any(|earlier| key(earlier) == key(&items[i]))
+        })
+    } else {
+        let mut seen = HashSet::with_capacity(items.len());
+        items.iter().position(|t| !seen.insert(key(t)))
+    }
+}
+
 fn at_most<T>(items: &[T], max: usize, at: At<'_>) -> Result<(), ConvertError> {
     if items.len() > max {
         Err(at.invalid(format!(
@@ -462,7 +480,6 @@ fn snapshot(w: v1::NodeSnapshot, at: At<'_>) -> Result<NodeSnapshot, ConvertErro
     let sampled_at = timestamp(w.sampled_at_unix_ms, at.field("sampled_at_unix_ms"))?;
 
     let gpus_at = at.field("gpus");
-    let mut seen = HashSet::with_capacity(w.gpus.len());
     let mut gpus = Vec::with_capacity(w.gpus.len());
     for (i, g) in w.gpus.into_iter().enumerate() {
         let at = gpus_at.index(i);
@@ -488,12 +505,14 @@ fn snapshot(w: v1::NodeSnapshot, at: At<'_>) -> Result<NodeSnapshot, ConvertErro
             )));
         }
         check_memory(&metrics, info.memory_total_bytes, metrics_at)?;
-        if !seen.insert(info.uuid.clone()) {
-            return Err(info_at
-                .field("uuid")
-                .invalid(format!("{:?} appears twice", info.uuid.as_str())));
-        }
         gpus.push(GpuSample { info, metrics });
+    }
+    if let Some(i) = first_duplicate(&gpus, |g| &g.info.uuid) {
+        return Err(gpus_at
+            .index(i)
+            .field("info")
+            .field("uuid")
+            .invalid(format!("{:?} appears twice", gpus[i].info.uuid.as_str())));
     }
 
     let pods = pod_list(w.pods, at.field("pods"))?;
@@ -539,16 +558,14 @@ fn delta(w: v1::NodeDelta, at: At<'_>) -> Result<NodeDelta, ConvertError> {
 
     let up_at = at.field("gpus_upserted");
     let mut gpus_upserted = Vec::with_capacity(w.gpus_upserted.len());
-    let mut seen = HashSet::with_capacity(w.gpus_upserted.len());
     for (i, g) in w.gpus_upserted.into_iter().enumerate() {
-        let info = gpu_info(g, up_at.index(i))?;
-        if !seen.insert(info.uuid.clone()) {
-            return Err(up_at
-                .index(i)
-                .field("uuid")
-                .invalid(format!("{:?} appears twice", info.uuid.as_str())));
-        }
-        gpus_upserted.push(info);
+        gpus_upserted.push(gpu_info(g, up_at.index(i))?);
+    }
+    if let Some(i) = first_duplicate(&gpus_upserted, |g| &g.uuid) {
+        return Err(up_at.index(i).field("uuid").invalid(format!(
+            "{:?} appears twice",
+            gpus_upserted[i].uuid.as_str()
+        )));
     }
     let rm_at = at.field("gpus_removed");
     let gpus_removed = w
@@ -560,19 +577,19 @@ fn delta(w: v1::NodeDelta, at: At<'_>) -> Result<NodeDelta, ConvertError> {
 
     let m_at = at.field("gpu_metrics");
     let mut gpu_metrics_out = Vec::with_capacity(w.gpu_metrics.len());
-    let mut seen_metrics = HashSet::with_capacity(w.gpu_metrics.len());
     for (i, m) in w.gpu_metrics.into_iter().enumerate() {
         let at = m_at.index(i);
         let metrics = gpu_metrics(m, at)?;
         if let Some(info) = gpus_upserted.iter().find(|g| g.uuid == metrics.uuid) {
             check_memory(&metrics, info.memory_total_bytes, at)?;
         }
-        if !seen_metrics.insert(metrics.uuid.clone()) {
-            return Err(at
-                .field("uuid")
-                .invalid(format!("{:?} appears twice", metrics.uuid.as_str())));
-        }
         gpu_metrics_out.push(metrics);
+    }
+    if let Some(i) = first_duplicate(&gpu_metrics_out, |m| &m.uuid) {
+        return Err(m_at.index(i).field("uuid").invalid(format!(
+            "{:?} appears twice",
+            gpu_metrics_out[i].uuid.as_str()
+        )));
     }
 
     let pods_upserted = pod_list(w.pods_upserted, at.field("pods_upserted"))?;
@@ -733,7 +750,6 @@ fn pod_ref(w: v1::PodRef, at: At<'_>) -> Result<PodRef, ConvertError> {
 }
 
 fn pod_list(w: Vec<v1::PodGpus>, at: At<'_>) -> Result<Vec<PodGpus>, ConvertError> {
-    let mut seen = HashSet::with_capacity(w.len());
     let mut out = Vec::with_capacity(w.len());
     for (i, p) in w.into_iter().enumerate() {
         let at = at.index(i);
@@ -761,26 +777,27 @@ fn pod_list(w: Vec<v1::PodGpus>, at: At<'_>) -> Result<Vec<PodGpus>, ConvertErro
                     .collect::<Result<_, _>>()?,
             });
         }
-        if !seen.insert(pod.clone()) {
-            return Err(pod_at.invalid(format!("{pod} appears twice")));
-        }
         out.push(PodGpus { pod, containers });
+    }
+    if let Some(i) = first_duplicate(&out, |p| &p.pod) {
+        return Err(at
+            .index(i)
+            .field("pod")
+            .invalid(format!("{} appears twice", out[i].pod)));
     }
     Ok(out)
 }
 
 fn engine_list(w: Vec<v1::EngineSample>, at: At<'_>) -> Result<Vec<EngineSample>, ConvertError> {
-    let mut seen = HashSet::with_capacity(w.len());
     let mut out = Vec::with_capacity(w.len());
     for (i, e) in w.into_iter().enumerate() {
-        let at = at.index(i);
-        let engine = engine(e, at)?;
-        if !seen.insert(engine.pod.clone()) {
-            return Err(at
-                .field("pod")
-                .invalid(format!("{} appears twice", engine.pod)));
-        }
-        out.push(engine);
+        out.push(engine(e, at.index(i))?);
+    }
+    if let Some(i) = first_duplicate(&out, |e| &e.pod) {
+        return Err(at
+            .index(i)
+            .field("pod")
+            .invalid(format!("{} appears twice", out[i].pod)));
     }
     Ok(out)
 }

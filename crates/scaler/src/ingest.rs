@@ -177,13 +177,23 @@ impl StreamValidator {
     }
 
     fn check_delta_gpus(&mut self, d: &NodeDelta) -> Result<(), Rejection> {
-        let mut gpus = self.gpus.clone();
-        for u in &d.gpus_removed {
-            gpus.remove(u);
-        }
-        for g in &d.gpus_upserted {
-            gpus.insert(g.uuid.clone(), g.memory_total_bytes);
-        }
+        // Most deltas change no inventory: check against the known GPUs
+        // without copying them.
+        let changed;
+        let gpus = if d.gpus_upserted.is_empty() && d.gpus_removed.is_empty() {
+            changed = None;
+            &self.gpus
+        } else {
+            let mut gpus = self.gpus.clone();
+            for u in &d.gpus_removed {
+                gpus.remove(u);
+            }
+            for g in &d.gpus_upserted {
+                gpus.insert(g.uuid.clone(), g.memory_total_bytes);
+            }
+            changed = Some(gpus);
+            changed.as_ref().unwrap_or(&self.gpus)
+        };
         for (i, m) in d.gpu_metrics.iter().enumerate() {
             let Some(total) = gpus.get(&m.uuid) else {
                 return Err(Rejection::invalid(
@@ -210,10 +220,9 @@ impl StreamValidator {
                 }
             }
         }
-        if d.gpus_upserted.is_empty() && d.gpus_removed.is_empty() {
-            return Ok(());
+        if let Some(gpus) = changed {
+            self.gpus = gpus;
         }
-        self.gpus = gpus;
         Ok(())
     }
 }

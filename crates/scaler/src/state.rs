@@ -219,6 +219,18 @@ impl NodeState {
     }
 }
 
+/// One open agent stream.
+struct StreamEntry {
+    out: StreamOut,
+    /// The node its snapshot named.
+    node: Option<NodeName>,
+    /// When it was last acknowledged.
+    acked_at: Option<Instant>,
+}
+
+/// Deltas are acknowledged at most this often per stream (snapshots at once).
+const ACK_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Parameters of the state.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StateConfig {
@@ -232,7 +244,7 @@ pub(crate) struct State {
     config: StateConfig,
     metrics: Arc<ScalerMetrics>,
     nodes: BTreeMap<NodeName, NodeState>,
-    streams: HashMap<StreamId, (StreamOut, Option<NodeName>)>,
+    streams: HashMap<StreamId, StreamEntry>,
     workloads: BTreeMap<WorkloadRef, Arc<WorkloadView>>,
     models: BTreeMap<String, Arc<ModelView>>,
     models_dirty: bool,
@@ -293,7 +305,9 @@ impl State {
                 out,
             } => self.report(stream, *report, out, now, wall),
             Command::StreamClosed { stream } => {
-                if let Some((_, Some(node))) = self.streams.remove(&stream)
+                if let Some(StreamEntry {
+                    node: Some(node), ..
+                }) = self.streams.remove(&stream)
                     && let Some(n) = self.nodes.get_mut(&node)
                     && n.stream == stream
                 {
@@ -367,23 +381,32 @@ impl State {
         let seq = report.seq;
         let epoch = report.boot_epoch;
         let gpu_samples = report.body.gpu_sample_count();
-        let (name, snapshot) = match report.body {
+        let snapshot = matches!(report.body, ReportBody::Snapshot(_));
+        let node = match report.body {
             ReportBody::Snapshot(s) => {
-                let name = s.node.clone();
                 if let Some(out) = out {
-                    self.streams.insert(stream, (out, Some(name.clone())));
+                    self.streams.insert(
+                        stream,
+                        StreamEntry {
+                            out,
+                            node: Some(s.node.clone()),
+                            acked_at: None,
+                        },
+                    );
                 }
-                self.snapshot(stream, epoch, seq, s, now, wall);
-                (name, true)
+                let window = self.window();
+                snapshot_node(&mut self.nodes, window, stream, epoch, seq, s, now, wall)
             }
             ReportBody::Delta(d) => {
-                let Some(name) = self.streams.get(&stream).and_then(|(_, n)| n.clone()) else {
-                    self.metrics.superseded();
-                    return;
-                };
-                match self.nodes.get_mut(&name) {
+                let node = self
+                    .streams
+                    .get(&stream)
+                    .and_then(|e| e.node.as_ref())
+                    .and_then(|name| self.nodes.get_mut(name));
+                match node {
                     Some(node) if node.stream == stream => {
                         node.apply_delta(d, &self.config, seq, now, wall);
+                        node
                     }
                     _ => {
                         // A newer stream of the node took over (or it expired).
@@ -391,25 +414,32 @@ impl State {
                         return;
                     }
                 }
-                (name, false)
             }
         };
         self.metrics.report(snapshot, gpu_samples);
-        self.models_dirty = true;
+        self.models_dirty |= !node.engines.is_empty() || snapshot;
         self.changed = true;
-        let Some(node) = self.nodes.get_mut(&name) else {
+        let Some(entry) = self.streams.get_mut(&stream) else {
             return;
         };
-        let Some((out, _)) = self.streams.get(&stream) else {
-            return;
-        };
-        if send(out, Directive::Ack { seq }).is_err() {
-            self.metrics.directive_dropped();
+        // Acknowledge a snapshot at once, deltas at most every ACK_INTERVAL:
+        // an ack says "everything up to seq is applied", so the newest one
+        // is all an agent needs, and one write per report would cost the
+        // ingest path as much as decoding it.
+        let ack_due = snapshot
+            || entry
+                .acked_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= ACK_INTERVAL);
+        if ack_due {
+            if send(&entry.out, Directive::Ack { seq }).is_err() {
+                self.metrics.directive_dropped();
+            }
+            entry.acked_at = Some(now);
         }
         if snapshot || node.resend {
             node.resend = false;
             for d in node.standing.directives() {
-                if send(out, d).is_err() {
+                if send(&entry.out, d).is_err() {
                     self.metrics.directive_dropped();
                     node.resend = true;
                     break;
@@ -418,75 +448,6 @@ impl State {
         }
     }
 
-    fn snapshot(
-        &mut self,
-        stream: StreamId,
-        epoch: u64,
-        seq: u64,
-        s: NodeSnapshot,
-        now: Instant,
-        wall: Timestamp,
-    ) {
-        let fresh_window = self.window();
-        let previous = self.nodes.remove(&s.node);
-        let (mut old_engines, standing) = match previous {
-            Some(p) => (p.engines, p.standing),
-            None => (BTreeMap::new(), Standing::default()),
-        };
-        let mut engines = BTreeMap::new();
-        for e in s.engines {
-            let mut entry = match old_engines.remove(&e.pod) {
-                Some(mut old) => {
-                    old.point = EnginePoint::of(&e);
-                    old.sample = Arc::new(e);
-                    old
-                }
-                None => EngineEntry {
-                    point: EnginePoint::of(&e),
-                    sample: Arc::new(e),
-                    window: fresh_window.clone(),
-                },
-            };
-            entry.window.push(s.sampled_at, entry.point.clone());
-            engines.insert(entry.sample.pod.clone(), entry);
-        }
-        // Standing directives for pods that are gone are dropped.
-        let mut standing = standing;
-        standing.drains.retain(|p, _| engines.contains_key(p));
-        standing.batch_limits.retain(|p, _| engines.contains_key(p));
-        let node = NodeState {
-            name: s.node.clone(),
-            stream,
-            connected: true,
-            epoch,
-            last_seq: seq,
-            last_report: now,
-            received_at: wall,
-            agent_version: s.agent_version,
-            sample_interval_ms: s.sample_interval_ms,
-            sampled_at: s.sampled_at,
-            gpus: s
-                .gpus
-                .into_iter()
-                .map(|g| {
-                    (
-                        g.info.uuid.clone(),
-                        GpuView {
-                            info: Arc::new(g.info),
-                            metrics: Arc::new(g.metrics),
-                        },
-                    )
-                })
-                .collect(),
-            pods: s.pods.into_iter().map(|p| (p.pod.clone(), p)).collect(),
-            engines,
-            agent: s.agent,
-            standing,
-            resend: false,
-            view: None,
-        };
-        self.nodes.insert(node.name.clone(), node);
-    }
 
     fn directive(&mut self, pod: &PodRef, directive: Directive) -> Result<NodeName, ScalerError> {
         let Some(node) = self
@@ -512,8 +473,8 @@ impl State {
         };
         if changed
             && node.connected
-            && let Some((out, _)) = self.streams.get(&node.stream)
-            && send(out, directive).is_err()
+            && let Some(entry) = self.streams.get(&node.stream)
+            && send(&entry.out, directive).is_err()
         {
             self.metrics.directive_dropped();
             node.resend = true;
@@ -542,6 +503,34 @@ impl State {
         expired
     }
 
+    /// Sets the inventory gauges (nodes, GPUs, engines by state). Called on
+    /// the TTL tick, not per publication: gauges may lag by a tick.
+    pub(crate) fn update_inventory(&self) {
+        let mut by_state: Vec<(&'static str, i64)> = [
+            EngineState::Unknown,
+            EngineState::Loading,
+            EngineState::Warm,
+            EngineState::Draining,
+            EngineState::Failed,
+        ]
+        .iter()
+        .map(|s| (s.as_str(), 0))
+        .collect();
+        let mut gpus = 0;
+        for n in self.nodes.values() {
+            gpus += n.gpus.len();
+            for e in n.engines.values() {
+                if let Some(slot) = by_state
+                    .iter_mut()
+                    .find(|(s, _)| *s == e.sample.state.as_str())
+                {
+                    slot.1 += 1;
+                }
+            }
+        }
+        self.metrics.inventory(self.nodes.len(), gpus, &by_state);
+    }
+
     /// Whether anything changed since the last publication.
     pub(crate) fn changed(&self) -> bool {
         self.changed
@@ -552,7 +541,6 @@ impl State {
         self.generation += 1;
         self.changed = false;
         let mut nodes = BTreeMap::new();
-        let mut gpus = 0usize;
         for (name, n) in &mut self.nodes {
             let view = match &n.view {
                 Some(v) => v.clone(),
@@ -562,7 +550,6 @@ impl State {
                     v
                 }
             };
-            gpus += view.gpus.len();
             nodes.insert(name.clone(), view);
         }
         if self.models_dirty {
@@ -578,27 +565,6 @@ impl State {
                 .map(|(m, engines)| (m.to_string(), Arc::new(ModelView::build(m, &engines))))
                 .collect();
         }
-        let mut by_state: Vec<(&'static str, i64)> = [
-            EngineState::Unknown,
-            EngineState::Loading,
-            EngineState::Warm,
-            EngineState::Draining,
-            EngineState::Failed,
-        ]
-        .iter()
-        .map(|s| (s.as_str(), 0))
-        .collect();
-        for v in nodes.values() {
-            for e in &v.engines {
-                if let Some(slot) = by_state
-                    .iter_mut()
-                    .find(|(s, _)| *s == e.sample.state.as_str())
-                {
-                    slot.1 += 1;
-                }
-            }
-        }
-        self.metrics.inventory(nodes.len(), gpus, &by_state);
         Arc::new(StateView {
             generation: self.generation,
             published_at: wall,
@@ -606,6 +572,85 @@ impl State {
             models: self.models.clone(),
             workloads: self.workloads.clone(),
         })
+    }
+}
+
+/// Replaces the node of snapshot `s` wholesale, keeping the windows of
+/// engines that persist and the standing directives of pods that remain.
+#[allow(clippy::too_many_arguments)]
+fn snapshot_node(
+    nodes: &mut BTreeMap<NodeName, NodeState>,
+    fresh_window: Window<EnginePoint>,
+    stream: StreamId,
+    epoch: u64,
+    seq: u64,
+    s: NodeSnapshot,
+    now: Instant,
+    wall: Timestamp,
+) -> &mut NodeState {
+    let previous = nodes.remove(&s.node);
+    let (mut old_engines, standing) = match previous {
+        Some(p) => (p.engines, p.standing),
+        None => (BTreeMap::new(), Standing::default()),
+    };
+    let mut engines = BTreeMap::new();
+    for e in s.engines {
+        let mut entry = match old_engines.remove(&e.pod) {
+            Some(mut old) => {
+                old.point = EnginePoint::of(&e);
+                old.sample = Arc::new(e);
+                old
+            }
+            None => EngineEntry {
+                point: EnginePoint::of(&e),
+                sample: Arc::new(e),
+                window: fresh_window.clone(),
+            },
+        };
+        entry.window.push(s.sampled_at, entry.point.clone());
+        engines.insert(entry.sample.pod.clone(), entry);
+    }
+    // Standing directives for pods that are gone are dropped.
+    let mut standing = standing;
+    standing.drains.retain(|p, _| engines.contains_key(p));
+    standing.batch_limits.retain(|p, _| engines.contains_key(p));
+    let node = NodeState {
+        name: s.node.clone(),
+        stream,
+        connected: true,
+        epoch,
+        last_seq: seq,
+        last_report: now,
+        received_at: wall,
+        agent_version: s.agent_version,
+        sample_interval_ms: s.sample_interval_ms,
+        sampled_at: s.sampled_at,
+        gpus: s
+            .gpus
+            .into_iter()
+            .map(|g| {
+                (
+                    g.info.uuid.clone(),
+                    GpuView {
+                        info: Arc::new(g.info),
+                        metrics: Arc::new(g.metrics),
+                    },
+                )
+            })
+            .collect(),
+        pods: s.pods.into_iter().map(|p| (p.pod.clone(), p)).collect(),
+        engines,
+        agent: s.agent,
+        standing,
+        resend: false,
+        view: None,
+    };
+    match nodes.entry(node.name.clone()) {
+        std::collections::btree_map::Entry::Vacant(v) => v.insert(node),
+        std::collections::btree_map::Entry::Occupied(mut o) => {
+            o.insert(node);
+            o.into_mut()
+        }
     }
 }
 
@@ -741,6 +786,7 @@ pub(crate) async fn run(
             }
             _ = ticker.tick() => {
                 state.expire(Instant::now());
+                state.update_inventory();
                 // Publish at least once per tick so readers see time pass.
                 state.changed = true;
             }
