@@ -77,6 +77,8 @@ pub struct ScalerConfig {
     pub max_message_bytes: usize,
     /// The workloads decided in standalone mode.
     pub workloads: Vec<WorkloadDef>,
+    /// Limits of the public APIs (streams open at once, buffer per stream).
+    pub api: crate::api::ApiConfig,
 }
 
 impl ScalerConfig {
@@ -94,6 +96,7 @@ impl ScalerConfig {
             stream_outbound: 64,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             workloads: Vec::new(),
+            api: crate::api::ApiConfig::default(),
         }
     }
 
@@ -155,6 +158,7 @@ impl ScalerConfig {
                 "1 KiB..=64 MiB",
             ));
         }
+        self.api.validate()?;
         let mut seen = BTreeSet::new();
         for w in &self.workloads {
             if !seen.insert(w.workload.clone()) {
@@ -551,6 +555,15 @@ pub struct ScalerArgs {
     /// YAML or JSON file: tick, window, and the workloads to decide for.
     #[arg(long, value_name = "FILE", env = "GPUSCALE_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Public API streams (WatchRecommendations, KEDA StreamIsActive) open
+    /// at once; more are refused with RESOURCE_EXHAUSTED (1..=100000).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 256,
+        env = "GPUSCALE_MAX_WATCHERS"
+    )]
+    pub max_watchers: usize,
 }
 
 impl ScalerArgs {
@@ -571,6 +584,7 @@ impl ScalerArgs {
             })?),
         };
         config.node_ttl = self.node_ttl;
+        config.api.max_watchers = self.max_watchers;
         if let Some(path) = &self.config {
             let file = ScalerFile::load(path)?;
             let base = path.parent().unwrap_or(Path::new("."));
@@ -663,6 +677,7 @@ mod tests {
             metrics_addr: "off".into(),
             node_ttl: Duration::from_secs(30),
             config: None,
+            max_watchers: 256,
         };
         let e = args.to_config().expect_err("no host").to_string();
         assert!(e.contains("--listen") && e.contains("IP:port"), "{e}");
@@ -671,9 +686,22 @@ mod tests {
             metrics_addr: "off".into(),
             node_ttl: Duration::from_millis(1),
             config: None,
+            max_watchers: 256,
         };
         let e = args.to_config().expect_err("ttl").to_string();
         assert!(e.contains("--node-ttl"), "{e}");
+        let args = ScalerArgs {
+            listen: "127.0.0.1:0".into(),
+            metrics_addr: "off".into(),
+            node_ttl: Duration::from_secs(30),
+            config: None,
+            max_watchers: 0,
+        };
+        let e = args.to_config().expect_err("no watchers").to_string();
+        assert!(
+            e.contains("--max-watchers") && e.contains("1..=100000"),
+            "{e}"
+        );
     }
 
     #[test]

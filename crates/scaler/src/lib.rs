@@ -5,7 +5,8 @@
 //! model, asks a decider for each configured workload every tick, acts on
 //! non-advisory decisions through an [`Actuator`], and publishes a read-only
 //! [`StateView`] for every reader, plus `/metrics`, `/healthz`, `/readyz`,
-//! gRPC health and reflection.
+//! gRPC health and reflection, and the public APIs ([`api`]: the
+//! `ScalerService` recommendations and KEDA's external scaler).
 //!
 //! Not for: talking to Kubernetes (an [`Actuator`] implementation does),
 //! reading GPUs or engines (agents do), the decision math (the policy crate).
@@ -34,14 +35,17 @@
 //! proportional decider are pure and take time as an argument.
 
 pub mod actuate;
+pub mod api;
 mod clock;
 pub mod config;
 pub mod decide;
 pub mod error;
+mod export;
 mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod observe;
+pub mod slo;
 mod state;
 pub mod view;
 pub mod window;
@@ -226,6 +230,16 @@ impl Scaler {
             shutdown_rx.clone(),
         );
         tasks.push(("decide", tokio::spawn(decide.run())));
+        tasks.push((
+            "workload metrics",
+            tokio::spawn(export::run(
+                view_rx.clone(),
+                handle.registry.subscribe(),
+                commands_tx.downgrade(),
+                metrics.clone(),
+                shutdown_rx.clone(),
+            )),
+        ));
         match self.active.clone() {
             None => metrics.set_active(true),
             Some(mut active) => {
@@ -262,11 +276,18 @@ impl Scaler {
             .register_encoded_file_descriptor_set(gpuscale_proto::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ScalerError::Serve(format!("reflection: {e}")))?;
+        // v1alpha too: older grpcurl and grpcio-reflection clients speak only it.
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(gpuscale_proto::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| ScalerError::Serve(format!("reflection: {e}")))?;
         let mut routes = Routes::new(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(
                 AgentServiceServer::new(ingest).max_decoding_message_size(config.max_message_bytes),
             );
+        routes = api::serve(routes, &handle, config.api, shutdown_rx.clone(), &health).await;
         if let Some(build) = self.services {
             routes = build(&handle, routes);
         }
@@ -428,6 +449,11 @@ impl ScalerHandle {
     /// The registered workloads.
     pub fn workloads(&self) -> Vec<WorkloadRef> {
         self.registry.borrow().keys().cloned().collect()
+    }
+
+    /// The registered definition of `workload` (labels, engines, decider).
+    pub fn workload(&self, workload: &WorkloadRef) -> Option<Arc<WorkloadDef>> {
+        self.registry.borrow().get(workload).cloned()
     }
 
     /// The state view: the current value, then every publication. Borrow

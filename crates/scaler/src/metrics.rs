@@ -49,6 +49,9 @@ struct DecisionLabels {
     namespace: String,
     workload: String,
     action: &'static str,
+    /// The recommendation that won (reactive, panic, slo_feedback,
+    /// predictive, scheduled, hold): a closed set.
+    winner: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -85,6 +88,7 @@ pub struct ScalerMetrics {
     generation_rate: Family<WorkloadLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     decide_duration: Histogram,
     actuations: Family<ActuationLabels, Counter>,
+    views: crate::export::ViewMetrics,
 }
 
 impl Default for ScalerMetrics {
@@ -169,7 +173,7 @@ impl ScalerMetrics {
         let decisions = Family::<DecisionLabels, Counter>::default();
         r.register(
             "decisions",
-            "Decisions made, by workload and action",
+            "Decisions made, by workload, action and the recommendation that won",
             decisions.clone(),
         );
         let desired_replicas = Family::<WorkloadLabels, Gauge>::default();
@@ -223,6 +227,7 @@ impl ScalerMetrics {
             "Replica changes handed to the actuator, by workload and result",
             actuations.clone(),
         );
+        let views = crate::export::ViewMetrics::register(&mut r);
         Self {
             registry: r,
             reports,
@@ -247,7 +252,13 @@ impl ScalerMetrics {
             generation_rate,
             decide_duration,
             actuations,
+            views,
         }
+    }
+
+    /// The per-workload series derived from the view and the public APIs' metrics.
+    pub(crate) fn views(&self) -> &crate::export::ViewMetrics {
+        &self.views
     }
 
     /// The registry, for callers that add metrics of their own before serving it.
@@ -319,6 +330,7 @@ impl ScalerMetrics {
                 namespace: labels.namespace.clone(),
                 workload: labels.workload.clone(),
                 action,
+                winner: decision.winner.as_str(),
             })
             .inc();
         self.desired_replicas

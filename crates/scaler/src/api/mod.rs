@@ -1,0 +1,351 @@
+//! The scaler's public gRPC APIs, served on its gRPC port beside the
+//! agents' stream, gRPC health and reflection:
+//!
+//! * [`recommend`]: `gpuscale.v1.ScalerService` — `WatchRecommendations`
+//!   (a label [`selector`] over workload labels; first the current state of
+//!   every matching workload, then each change), `Explain` (the last
+//!   decision in full), `ListWorkloads`;
+//! * [`keda`]: `externalscaler.ExternalScaler`, wire-compatible with KEDA,
+//!   so a `ScaledObject` with an `external` trigger drives a stock HPA to
+//!   gpuscale's recommendation.
+//!
+//! Every handler reads the published [`StateView`] (an `Arc` from a `watch`
+//! channel, no lock) and never sends anything to the state task: nothing a
+//! client does can slow the scaler. Streams are bounded twice: at most
+//! [`ApiConfig::max_watchers`] open at once (more are refused with
+//! `RESOURCE_EXHAUSTED`), and per stream a bounded buffer filled with
+//! `try_send` only; a subscriber that lets it fill up is dropped, its stream
+//! ending with `RESOURCE_EXHAUSTED` (it may subscribe again and gets the
+//! current state first).
+//!
+//! Not for: deciding (the decide loop) or acting (the actuator).
+
+pub mod keda;
+pub mod recommend;
+pub mod selector;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use gpuscale_core::WorkloadRef;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use crate::error::ScalerError;
+use crate::metrics::ScalerMetrics;
+use crate::slo::SloObjectives;
+use crate::view::StateView;
+
+pub use keda::{KEDA_METRIC_NAME, KEDA_TARGET, KedaScaler, WORKLOAD_METADATA_KEY};
+pub use recommend::RecommendationService;
+pub use selector::{LabelSelector, SelectorError};
+
+/// Limits of the public APIs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// Streams (`WatchRecommendations`, `StreamIsActive`) open at once.
+    pub max_watchers: usize,
+    /// Messages buffered per stream beyond its initial state before the
+    /// subscriber counts as slow and is dropped.
+    pub watch_buffer: usize,
+}
+
+impl Default for ApiConfig {
+    /// 256 streams, 64 buffered changes each.
+    fn default() -> Self {
+        Self {
+            max_watchers: 256,
+            watch_buffer: 64,
+        }
+    }
+}
+
+impl ApiConfig {
+    /// Checks every field; the error names the field, the value and what is allowed.
+    pub fn validate(&self) -> Result<(), ScalerError> {
+        if !(1..=100_000).contains(&self.max_watchers) {
+            return Err(ScalerError::config(
+                "--max-watchers",
+                self.max_watchers.to_string(),
+                "1..=100000",
+            ));
+        }
+        if !(1..=100_000).contains(&self.watch_buffer) {
+            return Err(ScalerError::config(
+                "api.watch_buffer",
+                self.watch_buffer.to_string(),
+                "1..=100000",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The latency objectives of a workload, looked up at request time (the
+/// scaler reads its workload registry).
+pub type ObjectivesLookup = Arc<dyn Fn(&WorkloadRef) -> Option<SloObjectives> + Send + Sync>;
+
+/// What every API handler shares: the view, the objectives, the stream
+/// limits and the scaler's shutdown signal.
+#[derive(Clone)]
+pub struct ApiContext {
+    pub(crate) view: watch::Receiver<Arc<StateView>>,
+    pub(crate) objectives: ObjectivesLookup,
+    pub(crate) config: ApiConfig,
+    pub(crate) watchers: Arc<Semaphore>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) metrics: Arc<ScalerMetrics>,
+}
+
+impl std::fmt::Debug for ApiContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiContext")
+            .field("config", &self.config)
+            .field("watchers_free", &self.watchers.available_permits())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiContext {
+    /// A context over `view`; streams end when `shutdown` turns true.
+    pub fn new(
+        view: watch::Receiver<Arc<StateView>>,
+        objectives: ObjectivesLookup,
+        config: ApiConfig,
+        shutdown: watch::Receiver<bool>,
+        metrics: Arc<ScalerMetrics>,
+    ) -> Self {
+        Self {
+            view,
+            objectives,
+            watchers: Arc::new(Semaphore::new(config.max_watchers)),
+            config,
+            shutdown,
+            metrics,
+        }
+    }
+
+    /// The newest view.
+    pub(crate) fn current(&self) -> Arc<StateView> {
+        self.view.borrow().clone()
+    }
+
+    /// A slot for one more stream, or `RESOURCE_EXHAUSTED` at the limit.
+    pub(crate) fn watcher_slot(&self, api: &'static str) -> Result<OwnedSemaphorePermit, Status> {
+        self.watchers.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.views().api_stream_refused(api);
+            Status::resource_exhausted(format!(
+                "too many concurrent streams: the limit is {} (--max-watchers); close one or retry later",
+                self.config.max_watchers
+            ))
+        })
+    }
+}
+
+/// A server stream of `T`.
+pub type ApiStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Why a stream's producer stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamEnd {
+    /// The client went away.
+    Closed,
+    /// The client did not keep up: its buffer was full.
+    Slow,
+    /// The scaler is shutting down.
+    Shutdown,
+}
+
+/// The sending half of a bounded stream: `try_send` only.
+pub(crate) struct StreamSender<T> {
+    tx: mpsc::Sender<Result<T, Status>>,
+    end: Arc<std::sync::OnceLock<StreamEnd>>,
+    api: &'static str,
+    metrics: Arc<ScalerMetrics>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<T> StreamSender<T> {
+    /// Queues `item`; `Err` when the stream must end (the reason is recorded).
+    pub(crate) fn send(&self, item: T) -> Result<(), StreamEnd> {
+        match self.tx.try_send(Ok(item)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.finish(StreamEnd::Slow);
+                Err(StreamEnd::Slow)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.finish(StreamEnd::Closed);
+                Err(StreamEnd::Closed)
+            }
+        }
+    }
+
+    /// Records why the stream ends (the first reason wins).
+    pub(crate) fn finish(&self, end: StreamEnd) {
+        if self.end.set(end).is_ok() && end == StreamEnd::Slow {
+            self.metrics.views().api_stream_dropped(self.api);
+            tracing::info!(
+                api = self.api,
+                "a stream subscriber fell behind (its buffer was full): dropped with RESOURCE_EXHAUSTED"
+            );
+        }
+    }
+
+    /// Resolves when the client has gone away.
+    pub(crate) async fn closed(&self) {
+        self.tx.closed().await;
+    }
+}
+
+impl<T> Drop for StreamSender<T> {
+    fn drop(&mut self) {
+        self.metrics.views().api_stream_closed(self.api);
+    }
+}
+
+/// A bounded stream of `capacity` messages: the producer's sender and the
+/// response stream, which ends with `RESOURCE_EXHAUSTED` when the producer
+/// dropped a slow subscriber and `UNAVAILABLE` at shutdown.
+pub(crate) fn bounded_stream<T: Send + 'static>(
+    capacity: usize,
+    slot: OwnedSemaphorePermit,
+    api: &'static str,
+    metrics: Arc<ScalerMetrics>,
+) -> (StreamSender<T>, ApiStream<T>) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let end = Arc::new(std::sync::OnceLock::new());
+    let ending_end = end.clone();
+    let ending = tokio_stream::once(()).filter_map(move |()| match ending_end.get() {
+        Some(StreamEnd::Slow) => Some(Err(Status::resource_exhausted(
+            "this subscriber fell behind (its buffer was full) and was dropped; subscribe again to get the current state",
+        ))),
+        Some(StreamEnd::Shutdown) => Some(Err(Status::unavailable(
+            "the scaler is shutting down; reconnect",
+        ))),
+        _ => None,
+    });
+    metrics.views().api_stream_opened(api);
+    let sender = StreamSender {
+        tx,
+        end,
+        api,
+        metrics,
+        _slot: slot,
+    };
+    (sender, Box::pin(ReceiverStream::new(rx).chain(ending)))
+}
+
+/// Adds the public APIs to the scaler's routes and marks them serving in
+/// gRPC health. The latency objectives come from the workload registry.
+pub(crate) async fn serve(
+    routes: tonic::service::Routes,
+    handle: &crate::ScalerHandle,
+    config: ApiConfig,
+    shutdown: watch::Receiver<bool>,
+    health: &tonic_health::server::HealthReporter,
+) -> tonic::service::Routes {
+    let registry = handle.registry.clone();
+    let objectives: ObjectivesLookup = Arc::new(move |w: &WorkloadRef| {
+        registry
+            .borrow()
+            .get(w)
+            .and_then(|def| SloObjectives::of(def))
+    });
+    let context = ApiContext::new(
+        handle.view(),
+        objectives,
+        config,
+        shutdown,
+        handle.metrics().clone(),
+    );
+    health
+        .set_serving::<gpuscale_proto::v1::scaler_service_server::ScalerServiceServer<RecommendationService>>()
+        .await;
+    health
+        .set_serving::<gpuscale_proto::externalscaler::external_scaler_server::ExternalScalerServer<KedaScaler>>()
+        .await;
+    routes
+        .add_service(RecommendationService::new(context.clone()).into_server())
+        .add_service(KedaScaler::new(context).into_server())
+}
+
+/// Most workloads named in a "not found" message.
+const NAMED_IN_ERRORS: usize = 10;
+
+/// `NOT_FOUND` naming `workload` and the workloads that exist.
+pub(crate) fn unknown_workload(view: &StateView, workload: &WorkloadRef) -> Status {
+    let known: Vec<String> = view
+        .workloads
+        .keys()
+        .take(NAMED_IN_ERRORS)
+        .map(|w| w.to_string())
+        .collect();
+    let more = view.workloads.len().saturating_sub(NAMED_IN_ERRORS);
+    let known = if known.is_empty() {
+        "none".to_string()
+    } else if more > 0 {
+        format!("{} and {more} more", known.join(", "))
+    } else {
+        known.join(", ")
+    };
+    Status::not_found(format!(
+        "no workload {workload}; gpuscale decides for: {known}"
+    ))
+}
+
+/// A workload reference from the wire: `name` required, `namespace`
+/// defaulting to `default`; both DNS labels. `field` names the request field.
+pub(crate) fn workload_ref(
+    field: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<WorkloadRef, Status> {
+    let namespace = if namespace.is_empty() {
+        "default"
+    } else {
+        namespace
+    };
+    if name.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "{field}.name is empty: name the workload (namespace defaults to `default`)"
+        )));
+    }
+    for (part, value) in [("namespace", namespace), ("name", name)] {
+        if !is_dns_label(value) {
+            return Err(Status::invalid_argument(format!(
+                "{field}.{part} `{value}` is not a DNS label (1..=63 lowercase letters, digits and '-')"
+            )));
+        }
+    }
+    Ok(WorkloadRef::new(namespace.to_string(), name.to_string()))
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Waits for the next view or the end of the stream.
+pub(crate) async fn next_view<T>(
+    view: &mut watch::Receiver<Arc<StateView>>,
+    shutdown: &mut watch::Receiver<bool>,
+    sender: &StreamSender<T>,
+) -> Option<StreamEnd> {
+    tokio::select! {
+        biased;
+        _ = crate::stopped(shutdown) => Some(StreamEnd::Shutdown),
+        _ = sender.closed() => Some(StreamEnd::Closed),
+        changed = view.changed() => match changed {
+            Ok(()) => None,
+            Err(_) => Some(StreamEnd::Shutdown),
+        },
+    }
+}
