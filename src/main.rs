@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod demo;
 mod version;
 
 /// GPU-aware autoscaler for LLM inference endpoints on Kubernetes.
@@ -28,10 +29,12 @@ enum LogFormat {
     Json,
 }
 
-/// Logging for every subcommand, set up once: stderr, level from RUST_LOG.
-fn init_tracing(format: LogFormat) {
+/// Logging for every subcommand, set up once: stderr, level from RUST_LOG,
+/// else `default_level`.
+fn init_tracing(format: LogFormat, default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -109,6 +112,12 @@ enum Command {
     /// gpuscale, a baseline autoscaler or the oracle; report SLO attainment
     /// and GPU-hours (`--suite` runs the benchmark suite).
     Sim(Box<gpuscale_sim::cli::SimArgs>),
+    /// Run everything on this machine, with no cluster and no GPU: a
+    /// simulated GPU fleet replaying a request trace, real agents streaming
+    /// to a real scaler that acts through a fake Kubernetes API server; a
+    /// live view on stderr, a summary on stdout (logs: RUST_LOG, default
+    /// error).
+    Demo(Box<demo::DemoArgs>),
 }
 
 /// `gpuscale scaler` flags: the scaler's, and the Kubernetes mode's.
@@ -122,7 +131,12 @@ struct ScalerCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // The demo's live view owns the terminal: only errors are logged.
+    let default_level = match cli.command {
+        Command::Demo(_) => "error",
+        _ => "info",
+    };
+    init_tracing(cli.log_format, default_level);
     match cli.command {
         Command::Agent(args) => serve(gpuscale_agent::AgentError::is_config, async move {
             gpuscale_agent::run_from_args(&args, shutdown_signal()).await
@@ -143,6 +157,9 @@ fn main() -> ExitCode {
             println!("{}", version::long());
             ExitCode::SUCCESS
         }
+        Command::Demo(args) => serve(demo::DemoError::is_config, async move {
+            demo::run(&args, shutdown_signal()).await
+        }),
         Command::Sim(args) => match gpuscale_sim::cli::run(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
