@@ -117,7 +117,9 @@ fn deltas(node: usize) -> Vec<v1::NodeReport> {
 }
 
 fn window() -> Option<u32> {
-    std::env::var("INGEST_BENCH_WINDOW").ok().and_then(|s| s.parse().ok())
+    std::env::var("INGEST_BENCH_WINDOW")
+        .ok()
+        .and_then(|s| s.parse().ok())
 }
 
 /// When each sequence number was queued, in nanoseconds since the bench started.
@@ -477,8 +479,14 @@ fn main() {
         let mut scaler: Option<Outcome> = None;
         let mut bare: Option<Outcome> = None;
         for _ in 0..repeats.max(1) {
-            scaler = best(scaler, run_case(&clients_rt, Target::Scaler, n, Pace::Max, seconds));
-            bare = best(bare, run_case(&clients_rt, Target::Bare, n, Pace::Max, seconds));
+            scaler = best(
+                scaler,
+                run_case(&clients_rt, Target::Scaler, n, Pace::Max, seconds),
+            );
+            bare = best(
+                bare,
+                run_case(&clients_rt, Target::Bare, n, Pace::Max, seconds),
+            );
         }
         let (scaler, bare) = (
             scaler.expect("at least one run"),

@@ -17,12 +17,23 @@ fn post() -> PostParams {
     }
 }
 
-fn api(client: &kube::Client, group: &str, version: &str, kind: &str, plural: &str) -> Api<DynamicObject> {
-    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+fn api(
+    client: &kube::Client,
+    group: &str,
+    version: &str,
+    kind: &str,
+    plural: &str,
+) -> Api<DynamicObject> {
+    let ar =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
     Api::namespaced_with(client.clone(), NAMESPACE, &ar)
 }
 
-async fn create(api: &Api<DynamicObject>, object: Value, what: &'static str) -> Result<(), DemoError> {
+async fn create(
+    api: &Api<DynamicObject>,
+    object: Value,
+    what: &'static str,
+) -> Result<(), DemoError> {
     let object: DynamicObject =
         serde_json::from_value(object).map_err(|e| DemoError::part(what, e))?;
     api.create(&post(), &object)
@@ -39,7 +50,10 @@ pub(crate) async fn install(client: &kube::Client) -> Result<(), DemoError> {
         .map_err(|e| DemoError::part("installing the InferenceAutoscaler CRD", e))?;
     let namespaces: Api<DynamicObject> = Api::all_with(
         client.clone(),
-        &ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("", "v1", "Namespace"), "namespaces"),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("", "v1", "Namespace"),
+            "namespaces",
+        ),
     );
     let ns: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}

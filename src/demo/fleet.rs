@@ -271,18 +271,21 @@ impl FleetDriver {
                 .to_string();
             let running = p.pointer("/status/phase").and_then(Value::as_str) == Some("Running");
             let gate_up = gate_status(p) == Some("True");
-            let slot = self.pods.entry(name.to_string()).or_insert_with(|| PodSlot {
-                pod: PodRef::new(NAMESPACE, name),
-                node: node.clone(),
-                created_at: t,
-                replica: None,
-                gpus: Vec::new(),
-                drained: false,
-                gate_up: false,
-                running: false,
-                carried: Carried::default(),
-                last: EngineCounters::default(),
-            });
+            let slot = self
+                .pods
+                .entry(name.to_string())
+                .or_insert_with(|| PodSlot {
+                    pod: PodRef::new(NAMESPACE, name),
+                    node: node.clone(),
+                    created_at: t,
+                    replica: None,
+                    gpus: Vec::new(),
+                    drained: false,
+                    gate_up: false,
+                    running: false,
+                    carried: Carried::default(),
+                    last: EngineCounters::default(),
+                });
             slot.node = node;
             slot.gate_up = gate_up;
             slot.running = running;

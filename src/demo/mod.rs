@@ -262,7 +262,9 @@ impl DemoConfig {
             mean_output,
         };
         let capacity_rps = ctx.capacity_rps();
-        let target_peak = TARGET_PEAK_REPLICAS.min(0.75 * f64::from(max_replicas)).max(1.0);
+        let target_peak = TARGET_PEAK_REPLICAS
+            .min(0.75 * f64::from(max_replicas))
+            .max(1.0);
         let rate_scale = match args.rate_scale {
             Some(r) => r,
             None => {
@@ -398,7 +400,9 @@ async fn run_config(
     let scaler_clock = gpuscale_scaler::Clock::starting_at(epoch).with_speed(speed);
     let agent_clock = gpuscale_agent::Clock::starting_at(epoch).with_speed(speed);
 
-    let node_names: Vec<String> = (1..=config.nodes).map(|i| format!("gpu-node-{i}")).collect();
+    let node_names: Vec<String> = (1..=config.nodes)
+        .map(|i| format!("gpu-node-{i}"))
+        .collect();
     let server = FakeApiServer::start(FakeApiServerConfig {
         nodes: node_names.clone(),
         pod_start_delay: config.wall(POD_PENDING_S, Duration::from_millis(1)),
@@ -496,13 +500,20 @@ async fn run_config(
     let (status_tx, status_rx) = watch::channel(fleet::FleetStatus::default());
     let view = tokio::spawn(view::run(
         config.view,
-        view::Header::of(config, server.addr(), scaler.scaler().grpc_addr(), scaler.scaler().http_addr()),
+        view::Header::of(
+            config,
+            server.addr(),
+            scaler.scaler().grpc_addr(),
+            scaler.scaler().http_addr(),
+        ),
         status_rx,
         scaler.handle().clone(),
         workload.clone(),
     ));
 
-    let step = config.wall(0.5, Duration::from_millis(5)).min(Duration::from_millis(50));
+    let step = config
+        .wall(0.5, Duration::from_millis(5))
+        .min(Duration::from_millis(50));
     let mut ticker = tokio::time::interval(step);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut shutdown = std::pin::pin!(shutdown);

@@ -86,8 +86,12 @@ pub(crate) fn render(config: &DemoConfig, o: &Outcome) -> String {
     );
     let _ = writeln!(
         out,
-        "  cluster          {} nodes x {} GPUs, {} replicas (1..={}), scaler in Kubernetes mode on a fake API server",
-        config.nodes, config.gpus_per_node, config.profile, config.max_replicas
+        "  cluster          {} nodes x {} GPUs, {} replicas (1..={}, {:.1} req/s each at the SLOs), scaler in Kubernetes mode on a fake API server",
+        config.nodes,
+        config.gpus_per_node,
+        config.profile,
+        config.max_replicas,
+        config.capacity_rps
     );
     match &f.stats {
         Some(s) => {
@@ -118,14 +122,19 @@ pub(crate) fn render(config: &DemoConfig, o: &Outcome) -> String {
         * f64::from(config.perf.gpus_per_replica.max(1))
         * o.replayed_s
         / 3600.0;
-    let saved = if static_hours > 0.0 {
-        100.0 * (1.0 - gpu_hours / static_hours)
+    let versus = if static_hours > 0.0 {
+        let change = 100.0 * (gpu_hours / static_hours - 1.0);
+        if change <= 0.0 {
+            format!("{:.0}% fewer", -change)
+        } else {
+            format!("{change:.0}% more")
+        }
     } else {
-        0.0
+        "no comparison".to_string()
     };
     let _ = writeln!(
         out,
-        "  GPU-hours        {gpu_hours:.2} vs {static_hours:.2} for a static peak fleet of {} replicas ({saved:.0}% saved)",
+        "  GPU-hours        {gpu_hours:.2} vs {static_hours:.2} for a static fleet of {} replicas, the busiest minute at full capacity ({versus})",
         config.static_peak_replicas
     );
     let _ = writeln!(

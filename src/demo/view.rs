@@ -51,9 +51,7 @@ impl Header {
         grpc: SocketAddr,
         metrics: Option<SocketAddr>,
     ) -> Self {
-        let metrics = metrics.map_or_else(String::new, |m| {
-            format!(", metrics http://{m}/metrics")
-        });
+        let metrics = metrics.map_or_else(String::new, |m| format!(", metrics http://{m}/metrics"));
         Self {
             title: format!(
                 "gpuscale demo: {} nodes x {} GPUs ({}), fake Kubernetes API http://{api}, scaler gRPC {grpc}{metrics}",
@@ -104,7 +102,7 @@ pub(crate) async fn run(
                     let _ = write!(out, "\x1b[{drawn_lines}F");
                 }
                 for line in &frame {
-                    let _ = write!(out, "\x1b[2K{line}\n");
+                    let _ = writeln!(out, "\x1b[2K{line}");
                 }
                 out.push_str("\x1b[J");
                 drawn_lines = frame.len();
@@ -201,9 +199,10 @@ fn frame(h: &Header, s: &FleetStatus, view: &StateView, workload: &WorkloadRef) 
             h.speed
         ),
         format!(
-            "load      arrivals {} req/s   generated {} tok/s   served {}   dropped {}",
+            "load      arrivals {} req/s   generated {} tok/s   arrived {}   served {}   dropped {}",
             num(sc.arrivals, 1),
             num(sc.tokens, 0),
+            s.arrived,
             s.completed,
             s.dropped
         ),

@@ -106,8 +106,7 @@ pub fn assemble_target(
         })
         .collect();
     let incomplete = members.iter().any(|m| {
-        m.state == ReplicaState::Ready
-            && m.engine.is_none_or(|e| e.window.arrival_rate().is_none())
+        m.state == ReplicaState::Ready && m.engine.is_none_or(|e| e.window.arrival_rate().is_none())
     });
     let mut observation = build(members, target.current);
     if incomplete {

@@ -448,7 +448,6 @@ impl State {
         }
     }
 
-
     fn directive(&mut self, pod: &PodRef, directive: Directive) -> Result<NodeName, ScalerError> {
         let Some(node) = self
             .nodes
