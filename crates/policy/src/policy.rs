@@ -13,7 +13,10 @@
 //! 3. **Sizing**: batch limit `B*`, then the replicas the queueing model
 //!    needs ([`crate::sizing`]).
 //! 4. **Recommendations**, each with its reason: *reactive* (the stable
-//!    window's mean arrival rate); *panic* (only when the queue grows with no
+//!    window's mean arrival rate; and, when traffic is bursty, the
+//!    request-weighted SLO quantile of the short-window rates over the
+//!    scale-down stabilization window, the newest panic window left out, so
+//!    bursts that recur find the capacity they needed); *panic* (only when the queue grows with no
 //!    capacity in flight, the replicas are saturated, or an SLO is breached:
 //!    the short-window rate plus the queue's drain, ratcheted — no scale-in
 //!    while panicking, for at least one stable window); *SLO feedback* (a

@@ -126,7 +126,9 @@ pub struct SimArgs {
     /// The suite's workloads, comma-separated (code, conv, servegen; default all).
     #[arg(long, value_name = "LIST")]
     pub suite_only: Option<String>,
-    /// Limit the suite's ServeGen series to this many days.
+    /// Days of the suite's ServeGen series to replay (default 2, which keeps
+    /// the suite to minutes on two cores; 14 is the whole series, about 40
+    /// minutes there).
     #[arg(long, value_name = "DAYS")]
     pub suite_days: Option<f64>,
     /// The repository's data directory (traces and profiles) for the suite.
@@ -540,7 +542,10 @@ fn run_suite_command(args: &SimArgs, jobs: usize) -> Result<(), SimError> {
             .unwrap_or_else(|| PathBuf::from("target/sim-suite")),
         jobs,
         seed: args.seed,
-        servegen_days: args.suite_days,
+        servegen_days: Some(
+            args.suite_days
+                .unwrap_or(crate::suite::DEFAULT_SERVEGEN_DAYS),
+        ),
         only,
     };
     let result = run_suite(&opts, &|trace, d, t, label| {

@@ -48,6 +48,10 @@ pub struct SuiteOptions {
     pub only: Vec<String>,
 }
 
+/// Days of the ServeGen series the suite replays unless told otherwise: two
+/// full day/night cycles (about 8 million requests per policy).
+pub const DEFAULT_SERVEGEN_DAYS: f64 = 2.0;
+
 /// The attainment the suite's oracle plans each window for.
 const SUITE_ORACLE_TARGET: f64 = 0.99;
 
@@ -95,7 +99,7 @@ fn workloads() -> Vec<SuiteWorkload> {
         },
         SuiteWorkload {
             key: "servegen",
-            title: "ServeGen m-large 14 days (day/night), H100 Llama2-70B TP4",
+            title: "ServeGen m-large day/night series, H100 Llama2-70B TP4",
             trace: "traces/servegen_m-large_rate_10min.csv",
             sizes: Some("traces/AzureLLMInferenceTrace_conv.csv"),
             profile: "h100-llama2-70b-tp4",
