@@ -95,7 +95,11 @@ fn dashboards() -> Vec<(String, Value)> {
         })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    assert!(out.len() >= 3, "three dashboards expected, found {}", out.len());
+    assert!(
+        out.len() >= 3,
+        "three dashboards expected, found {}",
+        out.len()
+    );
     out
 }
 
@@ -174,8 +178,14 @@ fn dashboard_exprs() -> Vec<Expr> {
             let inner = q
                 .strip_prefix("label_values(")
                 .and_then(|r| r.strip_suffix(')'))
-                .unwrap_or_else(|| panic!("{file}: variable query `{q}`: only label_values(selector, label) is used"));
-            let (selector, label) = inner.rsplit_once(',').expect("label_values(selector, label)");
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{file}: variable query `{q}`: only label_values(selector, label) is used"
+                    )
+                });
+            let (selector, label) = inner
+                .rsplit_once(',')
+                .expect("label_values(selector, label)");
             exprs.push(Expr {
                 at: format!("{file}: variable `{}`", v["name"]),
                 kind: Kind::Variable,
@@ -220,12 +230,43 @@ fn selectors(expr: &str) -> Vec<String> {
     // Keywords, and aggregation operators (`sum by (x) (...)`: not
     // always directly followed by their parenthesis).
     const KEYWORDS: &[&str] = &[
-        "and", "or", "unless", "by", "without", "on", "ignoring", "group_left",
-        "group_right", "bool", "offset", "inf", "nan", "atan2", "sum", "min", "max", "avg",
-        "group", "stddev", "stdvar", "count", "count_values", "bottomk", "topk", "quantile",
-        "limitk", "limit_ratio",
+        "and",
+        "or",
+        "unless",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "offset",
+        "inf",
+        "nan",
+        "atan2",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "limitk",
+        "limit_ratio",
     ];
-    const GROUPING: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
+    const GROUPING: &[&str] = &[
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ];
     let b = expr.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
@@ -347,7 +388,10 @@ fn dashboards_have_the_variables_and_schema_grafana_needs() {
             .collect();
         assert_eq!(vars["datasource"]["type"], "datasource", "{file}");
         assert_eq!(vars["datasource"]["query"], "prometheus", "{file}");
-        assert!(vars.contains_key("namespace"), "{file}: a namespace variable");
+        assert!(
+            vars.contains_key("namespace"),
+            "{file}: a namespace variable"
+        );
         if file == "workload.json" {
             assert!(vars.contains_key("workload"), "{file}: a workload variable");
         }
@@ -402,7 +446,8 @@ fn urlencode(s: &str) -> String {
 
 /// One HTTP/1.0 GET (no chunking, the server closes): status and body.
 fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
@@ -452,7 +497,10 @@ impl Prometheus {
         let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log");
         let child = Command::new(binary)
             .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .arg("--log.level=warn")
             .stdout(Stdio::null())
@@ -507,7 +555,13 @@ impl Prometheus {
         }
     }
 
-    fn query_range(&self, promql: &str, start: f64, end: f64, step: f64) -> Result<Vec<Value>, String> {
+    fn query_range(
+        &self,
+        promql: &str,
+        start: f64,
+        end: f64,
+        step: f64,
+    ) -> Result<Vec<Value>, String> {
         let data = self.api(&format!(
             "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step={step}",
             urlencode(promql)
@@ -531,7 +585,12 @@ fn check(p: &Prometheus, e: &Expr) -> Option<String> {
             let has = result
                 .iter()
                 .any(|s| s["metric"][label].as_str().is_some_and(|v| !v.is_empty()));
-            (!has).then(|| format!("{}: `{}` has no series with label `{label}`", e.at, e.promql))
+            (!has).then(|| {
+                format!(
+                    "{}: `{}` has no series with label `{label}`",
+                    e.at, e.promql
+                )
+            })
         }
         Kind::Condition => {
             let found = selectors(&e.promql);
@@ -611,12 +670,12 @@ fn node(seed: u64, engines: Vec<FakeEngineConfig>) -> FakeNodeConfig {
                 (45.0, 5.0),
                 (60.0, 5.0),
             ]
-                .iter()
-                .map(|(t, r)| FakeLoadPoint {
-                    at_seconds: *t,
-                    requests_per_second: *r,
-                })
-                .collect(),
+            .iter()
+            .map(|(t, r)| FakeLoadPoint {
+                at_seconds: *t,
+                requests_per_second: *r,
+            })
+            .collect(),
             noise: 0.1,
             repeat: true,
         },
@@ -632,7 +691,8 @@ async fn start_fleet() -> Fleet {
     let file: ScalerFile = serde_yaml::from_str(SCALER_CONFIG).expect("scaler config parses");
     let mut config = ScalerConfig::new("127.0.0.1:0".parse().expect("addr"));
     config.metrics_addr = Some("127.0.0.1:0".parse().expect("addr"));
-    file.apply(&mut config, Path::new(ROOT)).expect("valid workloads");
+    file.apply(&mut config, Path::new(ROOT))
+        .expect("valid workloads");
     for w in &mut config.workloads {
         // A forecast within seconds instead of after a day of history.
         if let DeciderConfig::Policy { config, .. } = &mut w.decider {
@@ -682,7 +742,9 @@ async fn start_fleet() -> Fleet {
         .await
         .expect("connects");
     let rejected = client
-        .report(tokio_stream::iter([gpuscale_proto::v1::NodeReport::default()]))
+        .report(tokio_stream::iter([
+            gpuscale_proto::v1::NodeReport::default(),
+        ]))
         .await
         .map(|r| r.into_inner());
     match rejected {
@@ -792,12 +854,17 @@ fn rules_loaded(p: &Prometheus) -> Result<(), String> {
         for r in g["rules"].as_array().into_iter().flatten() {
             loaded += 1;
             if r["health"] == "err" {
-                return Err(format!("rule {} does not evaluate: {}", r["name"], r["lastError"]));
+                return Err(format!(
+                    "rule {} does not evaluate: {}",
+                    r["name"], r["lastError"]
+                ));
             }
         }
     }
     if loaded != expected {
-        return Err(format!("Prometheus loaded {loaded} rules, the file has {expected}"));
+        return Err(format!(
+            "Prometheus loaded {loaded} rules, the file has {expected}"
+        ));
     }
     Ok(())
 }
@@ -840,7 +907,10 @@ fn render_panels(p: &Prometheus, dir: &Path, seconds: f64) {
             let promql = substitute(t["expr"].as_str().expect("expr"))
                 .replace("workload=~\".*\"", "workload=~\"chat\"");
             let legend = t["legendFormat"].as_str().unwrap_or("");
-            for s in p.query_range(&promql, start, end, 1.0).expect("range query") {
+            for s in p
+                .query_range(&promql, start, end, 1.0)
+                .expect("range query")
+            {
                 let name = legend_of(legend, &s["metric"]);
                 let points: Vec<(f64, f64)> = s["values"]
                     .as_array()
@@ -877,7 +947,12 @@ fn legend_of(format: &str, metric: &Value) -> String {
     out
 }
 
-fn svg_chart(title: &str, series: &[(String, Vec<(f64, f64)>)], seconds: f64, unit: &str) -> String {
+fn svg_chart(
+    title: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    seconds: f64,
+    unit: &str,
+) -> String {
     const W: f64 = 760.0;
     const H: f64 = 300.0;
     const LEFT: f64 = 60.0;
@@ -940,7 +1015,11 @@ fn svg_chart(title: &str, series: &[(String, Vec<(f64, f64)>)], seconds: f64, un
             .collect();
         s.push_str(&format!(
             "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.6\"{} points=\"{}\"/>\n",
-            if dashed { " stroke-dasharray=\"6 4\"" } else { "" },
+            if dashed {
+                " stroke-dasharray=\"6 4\""
+            } else {
+                ""
+            },
             path.join(" ")
         ));
         let ly = TOP + 8.0 + 16.0 * i as f64;
@@ -979,5 +1058,7 @@ fn format_value(v: f64, unit: &str) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

@@ -54,7 +54,9 @@ fn python() -> &'static str {
              `python3 -m pip install 'grpcio-tools>=1.60,<2'` (./scripts/test.sh does)",
             String::from_utf8_lossy(&o.stderr).trim()
         ),
-        Err(e) => panic!("python3 is not installed ({e}): this test runs the Python example client"),
+        Err(e) => {
+            panic!("python3 is not installed ({e}): this test runs the Python example client")
+        }
     }
 }
 
@@ -63,7 +65,8 @@ async fn the_python_client_lists_watches_pushes_and_receives_its_batch_limit() {
     let python = python();
     let file: ScalerFile = serde_yaml::from_str(SCALER_CONFIG).expect("config parses");
     let mut config = ScalerConfig::new("127.0.0.1:0".parse().expect("addr"));
-    file.apply(&mut config, Path::new(ROOT)).expect("valid workloads");
+    file.apply(&mut config, Path::new(ROOT))
+        .expect("valid workloads");
     let scaler = Scaler::new(config).start().await.expect("scaler starts");
 
     let mut agent_config = AgentConfig::new(format!("http://{}", scaler.grpc_addr()), "gpu-node-a");
@@ -94,15 +97,17 @@ async fn the_python_client_lists_watches_pushes_and_receives_its_batch_limit() {
     ]
     .into();
     // The script gives up by itself after its --timeout.
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python).arg(&script).args(&args).output()
-    })
-    .await
-    .expect("joins")
-    .expect("python3 runs");
+    let output =
+        tokio::task::spawn_blocking(move || Command::new(python).arg(&script).args(&args).output())
+            .await
+            .expect("joins")
+            .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let context = format!("status {}\nstdout:\n{stdout}\nstderr:\n{stderr}", output.status);
+    let context = format!(
+        "status {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
     assert!(output.status.success(), "{context}");
 
     let lines: Vec<&str> = stdout.lines().collect();
