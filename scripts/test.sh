@@ -24,10 +24,12 @@ fi
 # The fake libnvidia-ml.so.1 that the NVML tests load through nvml-wrapper.
 cargo build -q -p fake-nvml
 
+# Every test target; benchmarks are built by `cargo clippy --all-targets`
+# and run with `cargo bench` (they measure, they do not assert).
+targets=(--lib --bins --tests)
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --all-targets --no-fail-fast "$@"
-  cargo test -q --workspace --doc
+  cargo nextest run --workspace "${targets[@]}" --no-fail-fast "$@"
 else
-  cargo test --workspace --all-targets --no-fail-fast "$@"
-  cargo test -q --workspace --doc
+  cargo test --workspace "${targets[@]}" --no-fail-fast "$@"
 fi
+cargo test -q --workspace --doc
