@@ -665,3 +665,75 @@ pub fn summary_markdown(result: &SuiteResult) -> String {
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(policy: &str, target: Option<f64>, attainment: f64, gpu_hours: f64) -> PolicyReport {
+        PolicyReport {
+            policy: policy.into(),
+            target,
+            trace: "t".into(),
+            requests: 1000,
+            slo_attainment: attainment,
+            ttft_attainment: attainment,
+            itl_attainment: attainment,
+            ttft_p50_s: Some(0.1),
+            ttft_p95_s: Some(0.5),
+            ttft_p99_s: Some(0.9),
+            itl_p50_s: Some(0.01),
+            itl_p95_s: Some(0.03),
+            itl_p99_s: Some(0.05),
+            tpot_p95_s: Some(0.02),
+            gpu_hours,
+            gpu_hours_vs_oracle: Some(gpu_hours / 10.0),
+            mean_replicas: gpu_hours,
+            scale_events: 3,
+            scale_events_per_hour: 3.0,
+            oscillations: 0,
+            requests_dropped: 0,
+            max_queue: 4,
+            cold_starts: 2,
+            wall_s: 0.1,
+            sim_requests_per_s: 1e6,
+            parameters: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn summary_rows_fill_every_column_and_pick_the_cheapest_reaching_setting() {
+        let result = SuiteResult {
+            traces: vec![SuiteTraceResult {
+                key: "t".into(),
+                title: "A trace".into(),
+                description: "described".into(),
+                reports: vec![
+                    row("gpuscale", None, 0.995, 12.0),
+                    row("oracle", None, 0.996, 10.0),
+                    row("b11-static-peak", Some(1.0), 0.99, 10.0),
+                    row("b11-static-peak", Some(1.5), 0.997, 15.0),
+                    row("b11-static-peak", Some(2.0), 0.999, 20.0),
+                    row("b1-keda-waiting", Some(5.0), 0.9, 8.0),
+                ],
+                duration_s: 3600.0,
+            }],
+            requests_per_core_s: 1e6,
+            wall_s: 10.0,
+        };
+        let md = summary_markdown(&result);
+        let table: Vec<&str> = md.lines().filter(|l| l.starts_with('|')).collect();
+        let cells = |l: &str| l.matches('|').count();
+        assert!(table.len() >= 4, "{md}");
+        for l in &table {
+            assert_eq!(cells(l), cells(table[0]), "{l}");
+        }
+        // Static's cheapest setting reaching 99.5% is 1.5; keda never does (✗).
+        assert!(md.contains("| b11-static-peak | 1.5 |"), "{md}");
+        assert!(md.contains("| b1-keda-waiting ✗ | 5 |"), "{md}");
+        assert!(
+            md.contains("0.80× the GPU-hours of the cheapest baseline"),
+            "{md}"
+        );
+    }
+}
