@@ -41,7 +41,7 @@ fn write_trace(dir: &Path) -> std::path::PathBuf {
         i += 1;
     }
     let path = dir.join("trace.jsonl");
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, text).expect("the temporary directory is writable");
     path
 }
 
