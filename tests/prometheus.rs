@@ -888,13 +888,17 @@ fn render_panels(p: &Prometheus, dir: &Path, seconds: f64) {
     for (title, file, unit) in [
         (
             "Arrival rate: actual vs forecast",
-            "workload-arrival.svg",
+            "dashboard-workload-arrival.svg",
             "",
         ),
-        ("Time to first token vs SLO", "workload-ttft.svg", "s"),
+        (
+            "Time to first token vs SLO",
+            "dashboard-workload-ttft.svg",
+            "s",
+        ),
         (
             "Replicas: desired, current, ready, in flight",
-            "workload-replicas.svg",
+            "dashboard-workload-replicas.svg",
             "",
         ),
     ] {
@@ -1049,11 +1053,20 @@ fn nice_ceiling(v: f64) -> f64 {
 }
 
 fn format_value(v: f64, unit: &str) -> String {
+    // Axis ticks are quarters of a "nice" maximum: two decimals at most.
+    let short = |v: f64| {
+        let s = format!("{v:.2}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        if s.is_empty() {
+            "0".to_string()
+        } else {
+            s.to_string()
+        }
+    };
     match unit {
         "s" if v < 1.0 && v > 0.0 => format!("{:.0} ms", v * 1000.0),
-        "s" => format!("{v:.1} s"),
-        _ if v.fract() == 0.0 => format!("{v:.0}"),
-        _ => format!("{v:.1}"),
+        "s" => format!("{} s", short(v)),
+        _ => short(v),
     }
 }
 
