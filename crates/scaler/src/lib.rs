@@ -272,13 +272,32 @@ impl Scaler {
         };
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AgentServiceServer<Ingest>>().await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(gpuscale_proto::FILE_DESCRIPTOR_SET)
+        // Reflection advertises what this port serves (the descriptor set
+        // also holds the agent's ServingService and the kubelet's API).
+        let reflection_builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(gpuscale_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name(gpuscale_proto::v1::agent_service_server::SERVICE_NAME)
+                .with_service_name(gpuscale_proto::v1::scaler_service_server::SERVICE_NAME)
+                .with_service_name(
+                    gpuscale_proto::externalscaler::external_scaler_server::SERVICE_NAME,
+                )
+                .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
+                .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
+                .with_service_name(
+                    tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
+                )
+        };
+        let reflection = reflection_builder()
             .build_v1()
             .map_err(|e| ScalerError::Serve(format!("reflection: {e}")))?;
         // v1alpha too: older grpcurl and grpcio-reflection clients speak only it.
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(gpuscale_proto::FILE_DESCRIPTOR_SET)
+        let reflection_v1alpha = reflection_builder()
             .build_v1alpha()
             .map_err(|e| ScalerError::Serve(format!("reflection: {e}")))?;
         let mut routes = Routes::new(health_service)

@@ -846,7 +846,7 @@ async fn a_live_scaler_serves_the_apis_with_reflection_and_health() {
         .await
         .expect("reflection answers")
         .into_inner();
-    let listed = match responses
+    let mut listed = match responses
         .message()
         .await
         .expect("ok")
@@ -858,13 +858,20 @@ async fn a_live_scaler_serves_the_apis_with_reflection_and_health() {
         }
         other => panic!("{other:?}"),
     };
-    for s in [
-        "gpuscale.v1.ScalerService",
-        "gpuscale.v1.AgentService",
-        "externalscaler.ExternalScaler",
-    ] {
-        assert!(listed.iter().any(|l| l == s), "{s} in {listed:?}");
-    }
+    // Exactly what this port serves: not the agent's ServingService nor
+    // the kubelet's API, whose descriptors share the set.
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            "externalscaler.ExternalScaler",
+            "gpuscale.v1.AgentService",
+            "gpuscale.v1.ScalerService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ]
+    );
     let listed = ScalerServiceClient::new(channel)
         .list_workloads(v1::ListWorkloadsRequest::default())
         .await
