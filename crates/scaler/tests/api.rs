@@ -1,7 +1,8 @@
 //! The public APIs over real loopback gRPC: `ScalerService`
 //! (WatchRecommendations, Explain, ListWorkloads) and KEDA's
-//! `ExternalScaler`, served from a view the test publishes, plus one live
-//! scaler for reflection and health.
+//! `ExternalScaler`, served from a view the test publishes, plus live
+//! scalers for reflection and health, and for a subscriber that never reads
+//! while workloads come and go.
 
 // KEDA's deprecated integer fields are part of the wire contract checked here.
 #![allow(deprecated)]
@@ -878,5 +879,128 @@ async fn a_live_scaler_serves_the_apis_with_reflection_and_health() {
         .expect("lists")
         .into_inner();
     assert!(listed.workloads.is_empty());
+    running.shutdown().await.expect("stops");
+}
+
+/// Workloads for a live scaler: the proportional rule, one per name.
+fn live_workloads(names: &[String]) -> Vec<gpuscale_scaler::config::WorkloadDef> {
+    let file: gpuscale_scaler::ScalerFile = serde_json::from_value(serde_json::json!({
+        "workloads": names.iter().map(|name| serde_json::json!({
+            "name": name,
+            "namespace": "llm",
+            "labels": {"app": name},
+            "engines": {"model": "llama-3-8b"},
+            "proportional": {"capacityTokensPerSecond": 2000, "maxReplicas": 4},
+        })).collect::<Vec<_>>(),
+    }))
+    .expect("workloads parse");
+    file.workloads(std::path::Path::new("."))
+        .expect("valid workloads")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_subscriber_never_holds_up_a_live_scaler() {
+    let mut config = ScalerConfig::new("127.0.0.1:0".parse().expect("addr"));
+    config.tick = Duration::from_millis(50);
+    config.api = ApiConfig {
+        max_watchers: 4,
+        watch_buffer: 2,
+    };
+    let running = gpuscale_scaler::Scaler::new(config)
+        .start()
+        .await
+        .expect("starts");
+    let url = format!("http://{}", running.grpc_addr());
+    let stuck_channel = Endpoint::from_shared(url.clone())
+        .expect("url")
+        .initial_stream_window_size(Some(1024))
+        .connect()
+        .await
+        .expect("connects");
+    let mut stuck = ScalerServiceClient::new(stuck_channel)
+        .watch_recommendations(v1::WatchRecommendationsRequest::default())
+        .await
+        .expect("opens")
+        .into_inner();
+    let channel = Endpoint::from_shared(url)
+        .expect("url")
+        .connect()
+        .await
+        .expect("connects");
+    let mut client = ScalerServiceClient::new(channel);
+    let mut reader = client
+        .watch_recommendations(v1::WatchRecommendationsRequest::default())
+        .await
+        .expect("opens")
+        .into_inner();
+    let dropped = "gpuscale_scaler_api_streams_dropped_total{api=\"watch_recommendations\"}";
+    let dropped_count = || {
+        running
+            .handle()
+            .metrics()
+            .encode()
+            .lines()
+            .find(|l| l.starts_with(dropped))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Workloads come and go while the stuck subscriber reads nothing: the
+    // scaler keeps deciding and publishing, and the reader sees each one.
+    let mut registered = 0usize;
+    while dropped_count() < 1.0 {
+        assert!(registered < 2_000, "the stuck subscriber was never dropped");
+        let name = format!("w-{registered}");
+        let def = live_workloads(std::slice::from_ref(&name)).remove(0);
+        running.handle().register_workload(def);
+        if registered > 0 {
+            running
+                .handle()
+                .unregister_workload(&workload(&format!("w-{}", registered - 1)));
+        }
+        registered += 1;
+        loop {
+            let r = next(&mut reader).await;
+            if name_of(&r) == name && !r.removed {
+                break;
+            }
+        }
+    }
+    let end = tokio::time::timeout(GUARD, async {
+        loop {
+            match stuck.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("ends");
+    assert_eq!(end.code(), Code::ResourceExhausted, "{end:?}");
+    // The decide loop carries on: the last workload gets its decision.
+    let last = workload(&format!("w-{}", registered - 1));
+    let record = tokio::time::timeout(GUARD, async {
+        loop {
+            match client
+                .explain(v1::ExplainRequest {
+                    workload: Some(v1::WorkloadRef {
+                        namespace: last.namespace.clone(),
+                        name: last.name.clone(),
+                    }),
+                })
+                .await
+            {
+                Ok(r) => return r.into_inner(),
+                Err(e) => {
+                    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    })
+    .await
+    .expect("a decision after the drop");
+    assert!(record.decided_at_unix_ms > 0);
     running.shutdown().await.expect("stops");
 }
