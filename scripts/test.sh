@@ -18,7 +18,10 @@ fi
 
 if ! python3 -c 'import grpc_tools, grpc' >/dev/null 2>&1; then
   echo "test.sh: installing grpcio-tools (pip)" >&2
-  python3 -m pip install -q --disable-pip-version-check 'grpcio-tools>=1.60,<2'
+  # A distribution's own Python refuses installs outside a venv (PEP 668):
+  # then install into the user's site, which the tests' python3 also reads.
+  python3 -m pip install -q --disable-pip-version-check 'grpcio-tools>=1.60,<2' ||
+    python3 -m pip install -q --disable-pip-version-check --user --break-system-packages 'grpcio-tools>=1.60,<2'
 fi
 
 # The fake libnvidia-ml.so.1 that the NVML tests load through nvml-wrapper.
