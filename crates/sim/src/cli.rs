@@ -127,8 +127,8 @@ pub struct SimArgs {
     #[arg(long, value_name = "LIST")]
     pub suite_only: Option<String>,
     /// Days of the suite's ServeGen series to replay (default 2, which keeps
-    /// the suite to minutes on two cores; 14 is the whole series, about 40
-    /// minutes there).
+    /// the suite to about 8 minutes on two cores; 14 is the whole series,
+    /// about 32 minutes there).
     #[arg(long, value_name = "DAYS")]
     pub suite_days: Option<f64>,
     /// The repository's data directory (traces and profiles) for the suite.
