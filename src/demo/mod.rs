@@ -69,9 +69,8 @@ pub(crate) const ITL_SLO_S: f64 = 0.05;
 const POD_PENDING_S: f64 = 5.0;
 /// Engine cold start of a new replica, drawn per replica (virtual seconds).
 const COLD_START_S: (f64, f64) = (60.0, 90.0);
-/// Scale-in stabilization of the demo's InferenceAutoscaler (HPA's default):
-/// a dip of a few minutes in the trace does not shed replicas it needs again.
-const SCALE_DOWN_WINDOW_S: u32 = 300;
+/// Scale-in stabilization of the demo's InferenceAutoscaler.
+const SCALE_DOWN_WINDOW_S: u32 = 120;
 /// Wall seconds the default replay aims at.
 const TARGET_WALL_S: f64 = 90.0;
 /// Fastest supported speed (the agents sample at least every 10 ms).
