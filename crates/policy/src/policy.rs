@@ -105,6 +105,12 @@ impl DemandFeedback {
 /// stable mean by more than this fraction (steady traffic's own noise
 /// stays with the reactive recommendation and its queueing model).
 pub const BURST_MIN_EXCESS: f64 = 0.25;
+/// A burst recommendation needs at least this many requests in the stable
+/// window: it sizes past bursts with the window's request sizes, and in a
+/// quiet spell those come from a handful of requests (one long prompt would
+/// size every remembered burst as long prompts). Inside the burst window the
+/// scale-down stabilization already holds what the bursts needed.
+pub const BURST_MIN_REQUESTS: f64 = 20.0;
 /// KV-cache occupancy at which replicas count as saturated.
 pub const KV_SATURATION: f64 = 0.95;
 
@@ -339,6 +345,7 @@ impl Policy {
         let burst_quantile = cfg.ttft.quantile.max(cfg.itl.quantile);
         let mut burst_rec: Option<Recommendation> = None;
         if let Some(rate) = stable_rps
+            && rate * stable_window >= BURST_MIN_REQUESTS
             && let Some(burst) = self.burst_rate(now, burst_quantile)
             && burst > rate * (1.0 + BURST_MIN_EXCESS)
         {

@@ -210,3 +210,39 @@ fn scale_to_zero_and_back_from_zero() {
     assert_eq!(d.action, Action::ScaleUp, "{}", d.summary());
     assert!(d.desired_replicas >= 1);
 }
+
+#[test]
+fn a_quiet_spell_of_a_few_long_requests_does_not_size_remembered_bursts() {
+    // Bursty short-prompt traffic: 60 req/s for one tick in fifteen, else 8.
+    let mut p = policy(|_| {});
+    let t0 = Timestamp::from_millis(1_750_000_000_000);
+    let mut replicas = 1;
+    let mut busiest = 0;
+    for k in 0..150 {
+        let now = t0.plus_secs(f64::from(k) * 2.0);
+        let rate = if k % 15 == 0 { 60.0 } else { 8.0 };
+        let d = p.decide(now, &obs(now, replicas, rate));
+        replicas = d.desired_replicas;
+        busiest = busiest.max(replicas);
+    }
+    // Then almost nothing: one request a minute, and once the size window
+    // (a minute, like the rate's) holds only the quiet spell, its one
+    // 7,400-token prompt is the mean. The remembered bursts must not be
+    // re-sized as bursts of such prompts.
+    for k in 150..300 {
+        let now = t0.plus_secs(f64::from(k) * 2.0);
+        let mut o = obs(now, replicas, 1.0 / 60.0);
+        if k >= 180 {
+            o.load.mean_input_tokens = Some(7_400.0);
+            o.load.mean_output_tokens = Some(9.0);
+        }
+        let d = p.decide(now, &o);
+        assert!(
+            d.desired_replicas <= busiest,
+            "at {k}: {} replicas in a quiet spell, above the {busiest} the bursts needed: {}",
+            d.desired_replicas,
+            d.summary()
+        );
+        replicas = d.desired_replicas;
+    }
+}
