@@ -91,12 +91,20 @@ impl Decision {
                 format!("{} -> {}", self.current_replicas, self.desired_replicas)
             }
         };
-        let reason = self
+        // The winning recommendation: of the winner's source, the first with
+        // the most replicas (a source can recommend twice, e.g. reactive at
+        // the stable rate and at remembered bursts).
+        let mut winning: Option<&Recommendation> = None;
+        for r in self
             .recommendations
             .iter()
-            .find(|r| r.source == self.winner)
-            .map(|r| r.reason.as_str())
-            .unwrap_or("");
+            .filter(|r| r.source == self.winner)
+        {
+            if winning.is_none_or(|w| r.replicas.unwrap_or(0) > w.replicas.unwrap_or(0)) {
+                winning = Some(r);
+            }
+        }
+        let reason = winning.map(|r| r.reason.as_str()).unwrap_or("");
         let mut line = format!("{what}: {} ({reason})", self.winner.as_str());
         if !self.limits_applied.is_empty() {
             line.push_str("; ");
@@ -109,5 +117,42 @@ impl Decision {
             line.push_str(" [advisory]");
         }
         line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(source: Source, replicas: u32, reason: &str) -> Recommendation {
+        Recommendation {
+            source,
+            replicas: Some(replicas),
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn summary_quotes_the_recommendation_that_won_not_the_first_of_its_source() {
+        let d = Decision {
+            at: Timestamp::from_millis(0),
+            current_replicas: 3,
+            desired_replicas: 9,
+            batch_limit: None,
+            action: Action::ScaleUp,
+            winner: Source::Reactive,
+            recommendations: vec![
+                rec(Source::Reactive, 4, "stable rate needs 4"),
+                rec(Source::Panic, 5, "panic"),
+                rec(Source::Reactive, 9, "bursts need 9"),
+                rec(Source::Reactive, 9, "a later tie"),
+            ],
+            limits_applied: Vec::new(),
+            victims: Vec::new(),
+            model_confidence: 1.0,
+            advisory: false,
+            inputs: serde_json::Value::Null,
+        };
+        assert_eq!(d.summary(), "3 -> 9: reactive (bursts need 9)");
     }
 }
