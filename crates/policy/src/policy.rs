@@ -344,7 +344,12 @@ impl Policy {
         // newest panic window is left to the panic recommendation.
         let burst_quantile = cfg.ttft.quantile.max(cfg.itl.quantile);
         let mut burst_rec: Option<Recommendation> = None;
-        if let Some(rate) = stable_rps
+        // Whether to make it is decided on history alone (the stable mean as
+        // of the start of the newest panic window, like the bursts), so that
+        // more load now never removes it: desired stays monotone in load.
+        let panic_window = (stable_window * PANIC_WINDOW_FRACTION).max(6.0);
+        if stable_rps.is_some()
+            && let Some(rate) = self.stable_rate(now.plus_secs(-panic_window))
             && rate * stable_window >= BURST_MIN_REQUESTS
             && let Some(burst) = self.burst_rate(now, burst_quantile)
             && burst > rate * (1.0 + BURST_MIN_EXCESS)
