@@ -511,6 +511,7 @@ pub async fn start_node(
         tokio::spawn(apply_directives(
             handle.directives(),
             limits.clone(),
+            BatchLimits::Apply,
             shutdown_rx.clone(),
         )),
     ));
@@ -540,11 +541,21 @@ pub async fn start_node(
     })
 }
 
+/// Whether [`apply_directives`] applies batch limits too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BatchLimits {
+    /// Engines that push read their limit from the ServingService.
+    Apply,
+    /// A simulated engine's batch limits are its driver's to apply.
+    Skip,
+}
+
 /// Keeps the push path's limits (WatchLimits subscribers, the Draining
 /// state of engines) equal to what the scaler asked.
-async fn apply_directives(
+pub(crate) async fn apply_directives(
     mut directives: watch::Receiver<NodeDirectives>,
     limits: LimitsHandle,
+    batch_limits: BatchLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut applied = NodeDirectives::default();
@@ -558,13 +569,15 @@ async fn apply_directives(
         for pod in current.draining.keys() {
             limits.set_draining(pod, true);
         }
-        for pod in applied.batch_limits.keys() {
-            if !current.batch_limits.contains_key(pod) {
-                limits.set_batch_limit(pod, None);
+        if batch_limits == BatchLimits::Apply {
+            for pod in applied.batch_limits.keys() {
+                if !current.batch_limits.contains_key(pod) {
+                    limits.set_batch_limit(pod, None);
+                }
             }
-        }
-        for (pod, limit) in &current.batch_limits {
-            limits.set_batch_limit(pod, Some(*limit));
+            for (pod, limit) in &current.batch_limits {
+                limits.set_batch_limit(pod, Some(*limit));
+            }
         }
         applied = current;
         tokio::select! {

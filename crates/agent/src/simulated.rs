@@ -17,16 +17,16 @@ use std::sync::Arc;
 
 use gpuscale_telemetry::fake::FakeNode;
 use gpuscale_telemetry::{
-    LimitsHandle, PushConfig, ScrapeConfig, ScrapeEngineSource, TelemetryError, push_source,
+    PushConfig, ScrapeConfig, ScrapeEngineSource, TelemetryError, push_source,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::AgentConfig;
-use crate::directives::NodeDirectives;
 use crate::discovery::watch_node_pods;
 use crate::error::AgentError;
 use crate::exporter::NodeStats;
+use crate::node::{BatchLimits, apply_directives};
 use crate::readiness::{ReadinessConfig, ReadinessWriter};
 use crate::sources::{GpuBackend, NodeEngineSource, NodeGpuSource, NodePodSource, PodBackend};
 use crate::{Agent, AgentHandle, Clock, RunningAgent};
@@ -126,9 +126,10 @@ pub async fn start_simulated_node(
     let handle = running.handle().clone();
     tasks.push((
         "directives",
-        tokio::spawn(apply_drains(
+        tokio::spawn(apply_directives(
             handle.directives(),
             limits,
+            BatchLimits::Skip,
             shutdown_rx.clone(),
         )),
     ));
@@ -153,31 +154,4 @@ pub async fn start_simulated_node(
         shutdown: shutdown_tx,
         tasks,
     })
-}
-
-/// Keeps the engines' `Draining` state equal to the scaler's drains (batch
-/// limits of a simulated engine are its driver's to apply).
-async fn apply_drains(
-    mut directives: watch::Receiver<NodeDirectives>,
-    limits: LimitsHandle,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut applied = NodeDirectives::default();
-    loop {
-        let current = directives.borrow_and_update().clone();
-        for pod in applied.draining.keys() {
-            if !current.draining.contains_key(pod) {
-                limits.set_draining(pod, false);
-            }
-        }
-        for pod in current.draining.keys() {
-            limits.set_draining(pod, true);
-        }
-        applied = current;
-        tokio::select! {
-            biased;
-            _ = shutdown.wait_for(|s| *s) => return,
-            changed = directives.changed() => if changed.is_err() { return },
-        }
-    }
 }
