@@ -44,6 +44,17 @@ except ImportError as e:  # pragma: no cover - depends on the machine
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PROTO_DIR = REPO / "proto"
 
+
+# Threads print concurrently; print() writes the text and the newline
+# separately, so two lines can interleave. One write per line, under a lock.
+_OUT_LOCK = threading.Lock()
+
+
+def emit(line):
+    with _OUT_LOCK:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
 # TTFT bucket bounds (seconds) of the pushed histogram; the last is +Inf.
 TTFT_BOUNDS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, float("inf")]
@@ -83,14 +94,13 @@ def pod_ref(common_pb2, text):
 
 def show_recommendation(kind, r, scaler_pb2):
     w = r.workload
-    print(
+    emit(
         f"{kind} {w.namespace}/{w.name} desired={r.desired_replicas} "
         f"current={r.current_replicas} ready={r.ready_replicas} "
         f"in_flight={r.in_flight_replicas} "
         f"batch_limit={r.batch_limit if r.HasField('batch_limit') else 'none'} "
         f"slo={scaler_pb2.SloStatus.Name(r.slo_status)} action={r.action or 'none'} "
-        f"removed={str(r.removed).lower()} reason={r.reason!r}",
-        flush=True,
+        f"removed={str(r.removed).lower()} reason={r.reason!r}"
     )
 
 
@@ -147,10 +157,10 @@ class EnginePusher:
     def run(self, stub):
         try:
             reply = stub.ReportEngineStats(self.messages())
-            print(f"pushed accepted={reply.accepted}", flush=True)
+            emit(f"pushed accepted={reply.accepted}")
         except grpc.RpcError as e:
             if not self.stop.is_set():
-                print(f"error ReportEngineStats {e.code().name}: {e.details()}", flush=True)
+                emit(f"error ReportEngineStats {e.code().name}: {e.details()}")
 
 
 class LimitsWatcher:
@@ -165,16 +175,15 @@ class LimitsWatcher:
         try:
             for limits in self.call:
                 limit = limits.batch_limit if limits.HasField("batch_limit") else None
-                print(
+                emit(
                     f"limits {limits.pod.namespace}/{limits.pod.name} "
                     f"batch_limit={limit if limit is not None else 'none'} "
-                    f"draining={str(limits.draining).lower()}",
-                    flush=True,
+                    f"draining={str(limits.draining).lower()}"
                 )
                 self.seen.append(limit)
         except grpc.RpcError as e:
             if not self.stopping:
-                print(f"error WatchLimits {e.code().name}: {e.details()}", flush=True)
+                emit(f"error WatchLimits {e.code().name}: {e.details()}")
 
     def stop(self):
         self.stopping = True
@@ -220,7 +229,7 @@ def main():
                 ),
                 timeout=10,
             )
-            print(f"readiness {args.pod} warm", flush=True)
+            emit(f"readiness {args.pod} warm")
             pusher = EnginePusher(serving_pb2, common_pb2, pod, args.model, args.rps, args.interval)
             limits = LimitsWatcher(serving, serving_pb2, pod)
             for target in (lambda: pusher.run(serving), limits.run):
@@ -237,7 +246,7 @@ def main():
             )
             for w in listed.workloads:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(w.labels.items()))
-                print(f"workload {w.workload.namespace}/{w.workload.name} labels={labels}", flush=True)
+                emit(f"workload {w.workload.namespace}/{w.workload.name} labels={labels}")
             if args.until_ready is not None:
                 ok = False
                 remaining = max(1.0, deadline - time.monotonic())
@@ -256,7 +265,7 @@ def main():
                             wanted_limit = r.batch_limit
                             break
                 except grpc.RpcError as e:
-                    print(f"error WatchRecommendations {e.code().name}: {e.details()}", flush=True)
+                    emit(f"error WatchRecommendations {e.code().name}: {e.details()}")
                 finally:
                     stream.cancel()
                 # The engine must also have received the scaler's batch limit.
@@ -275,7 +284,7 @@ def main():
             limits.stop()
         for t in threads:
             t.join(timeout=5)
-        print(f"done ok={str(ok).lower()}", flush=True)
+        emit(f"done ok={str(ok).lower()}")
         return 0 if ok else 1
 
 
