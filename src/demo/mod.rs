@@ -47,7 +47,7 @@ use gpuscale_policy::PerfModel;
 use gpuscale_scaler::ScalerConfig;
 use gpuscale_sim::baselines::BaselineContext;
 use gpuscale_sim::stats::{Recorder, RunStats, Slo};
-use gpuscale_sim::trace::{SizePool, Trace, WorkloadOptions, read_trace};
+use gpuscale_sim::trace::{SizePool, Trace, WorkloadOptions, parse_trace, read_trace};
 use gpuscale_sim::{ColdStart, Fleet, FleetConfig, VictimOrder, Workload};
 use gpuscale_telemetry::fake::{FakeGpuGroup, FakeNode, FakeNodeConfig};
 use tokio::sync::watch;
@@ -84,8 +84,8 @@ const STARTUP_LIMIT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     /// Request trace: Azure LLM inference CSV, JSONL (Mooncake layout) or a
-    /// rate series. Default: the Azure 2023 conversation trace shipped in
-    /// data/traces.
+    /// rate series. Default: the Azure 2023 conversation trace from
+    /// data/traces, compiled into the binary.
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
     /// Virtual seconds per wall second (above 0, at most 200). Default: the
@@ -143,9 +143,18 @@ pub(crate) struct DemoConfig {
     pub slo: Slo,
 }
 
-/// The shipped default trace, in the source tree the binary was built from.
-fn default_trace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/traces/AzureLLMInferenceTrace_conv.csv")
+/// The name the shipped default trace goes by (it is compiled into the
+/// binary, so an installed `gpuscale` needs no source tree).
+const DEFAULT_TRACE_NAME: &str = "AzureLLMInferenceTrace_conv.csv";
+/// The Azure 2023 conversation trace (CC-BY-4.0, see data/traces).
+const DEFAULT_TRACE: &str = include_str!("../../data/traces/AzureLLMInferenceTrace_conv.csv");
+
+fn default_trace() -> Result<Trace, DemoError> {
+    Ok(parse_trace(
+        Path::new(DEFAULT_TRACE_NAME),
+        DEFAULT_TRACE,
+        None,
+    )?)
 }
 
 /// The GPU the fake nodes report for a profile's GPU type.
@@ -228,11 +237,13 @@ impl DemoConfig {
             Some(d) => Some(d.as_secs_f64()),
             None => None,
         };
-        let trace_path = args.trace.clone().unwrap_or_else(default_trace);
-        let trace = read_trace(&trace_path, None)?;
+        let (trace_path, trace) = match &args.trace {
+            Some(path) => (path.clone(), read_trace(path, None)?),
+            None => (PathBuf::from(DEFAULT_TRACE_NAME), default_trace()?),
+        };
         // A rate series gets its request sizes from the shipped trace.
         let sizes = match &trace {
-            Trace::Rate { .. } => match read_trace(&default_trace(), None)? {
+            Trace::Rate { .. } => match default_trace()? {
                 Trace::Requests { requests, .. } => Some(SizePool::from_requests(&requests)),
                 Trace::Rate { .. } => None,
             },
