@@ -23,6 +23,10 @@ pub enum Action {
 pub enum Source {
     /// Sizing against the SLOs at the current offered load.
     Reactive,
+    /// Sizing for the arrival bursts seen within the scale-down
+    /// stabilization window (bursty traffic needs capacity for its bursts,
+    /// not for its mean).
+    Burst,
     /// Short-window burst path: only scales up.
     Panic,
     /// SLO error feedback (measured TTFT/ITL against the SLO).
@@ -36,9 +40,21 @@ pub enum Source {
 }
 
 impl Source {
+    /// Every source, in the order decision reports list them.
+    pub const ALL: [Source; 7] = [
+        Source::Reactive,
+        Source::Burst,
+        Source::Panic,
+        Source::SloFeedback,
+        Source::Predictive,
+        Source::Scheduled,
+        Source::Hold,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Reactive => "reactive",
+            Source::Burst => "burst",
             Source::Panic => "panic",
             Source::SloFeedback => "slo_feedback",
             Source::Predictive => "predictive",
@@ -144,7 +160,7 @@ mod tests {
             recommendations: vec![
                 rec(Source::Reactive, 4, "stable rate needs 4"),
                 rec(Source::Panic, 5, "panic"),
-                rec(Source::Reactive, 9, "bursts need 9"),
+                rec(Source::Reactive, 9, "replicas needed 9"),
                 rec(Source::Reactive, 9, "a later tie"),
             ],
             limits_applied: Vec::new(),
@@ -153,6 +169,6 @@ mod tests {
             advisory: false,
             inputs: serde_json::Value::Null,
         };
-        assert_eq!(d.summary(), "3 -> 9: reactive (bursts need 9)");
+        assert_eq!(d.summary(), "3 -> 9: reactive (replicas needed 9)");
     }
 }

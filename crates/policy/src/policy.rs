@@ -356,7 +356,7 @@ impl Policy {
         {
             let s = sizer.replicas_needed(burst, &targets);
             burst_rec = Some(Recommendation {
-                source: Source::Reactive,
+                source: Source::Burst,
                 replicas: Some(s.replicas),
                 reason: format!(
                     "bursts: p{} of the short-window arrival rate over {:.0} s is {burst:.2} req/s ({:.1}× the mean {rate:.2}) and needs {}",

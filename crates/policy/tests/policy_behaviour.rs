@@ -218,13 +218,24 @@ fn a_quiet_spell_of_a_few_long_requests_does_not_size_remembered_bursts() {
     let t0 = Timestamp::from_millis(1_750_000_000_000);
     let mut replicas = 1;
     let mut busiest = 0;
+    let mut burst_won = 0;
     for k in 0..150 {
         let now = t0.plus_secs(f64::from(k) * 2.0);
         let rate = if k % 15 == 0 { 60.0 } else { 8.0 };
         let d = p.decide(now, &obs(now, replicas, rate));
         replicas = d.desired_replicas;
         busiest = busiest.max(replicas);
+        if d.winner == Source::Burst {
+            assert!(
+                d.summary().contains("burst (bursts: p95"),
+                "{}",
+                d.summary()
+            );
+            burst_won += 1;
+        }
     }
+    // Between bursts, the bursts' recommendation is what holds the fleet.
+    assert!(burst_won > 0, "the burst recommendation never won");
     // Then almost nothing: one request a minute, and once the size window
     // (a minute, like the rate's) holds only the quiet spell, its one
     // 7,400-token prompt is the mean. The remembered bursts must not be

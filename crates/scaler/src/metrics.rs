@@ -49,7 +49,7 @@ struct DecisionLabels {
     namespace: String,
     workload: String,
     action: &'static str,
-    /// The recommendation that won (reactive, panic, slo_feedback,
+    /// The recommendation that won (reactive, burst, panic, slo_feedback,
     /// predictive, scheduled, hold): a closed set.
     winner: &'static str,
 }

@@ -73,7 +73,7 @@ pub struct GpuscaleAutoscaler {
     opts: GpuscaleOptions,
     samples: VecDeque<FleetSample>,
     decisions: u64,
-    wins: [u64; 6],
+    wins: [u64; Source::ALL.len()],
     last: Option<Decision>,
     log: Vec<String>,
     last_logged_at: f64,
@@ -95,7 +95,7 @@ impl GpuscaleAutoscaler {
             opts,
             samples: VecDeque::new(),
             decisions: 0,
-            wins: [0; 6],
+            wins: [0; Source::ALL.len()],
             last: None,
             log: Vec::new(),
             last_logged_at: f64::NEG_INFINITY,
@@ -342,18 +342,10 @@ impl Autoscaler for GpuscaleAutoscaler {
         "gpuscale".into()
     }
     fn parameters(&self) -> Value {
-        let names = [
-            "reactive",
-            "panic",
-            "slo_feedback",
-            "predictive",
-            "scheduled",
-            "hold",
-        ];
-        let wins: serde_json::Map<String, Value> = names
+        let wins: serde_json::Map<String, Value> = Source::ALL
             .iter()
             .zip(self.wins)
-            .map(|(n, w)| ((*n).to_string(), json!(w)))
+            .map(|(n, w)| (n.as_str().to_string(), json!(w)))
             .collect();
         json!({
             "spec": self.spec,
@@ -396,15 +388,9 @@ impl Autoscaler for GpuscaleAutoscaler {
         let obs = self.observation(view);
         let d = self.policy.decide(ts(view.now), &obs);
         self.decisions += 1;
-        let idx = match d.winner {
-            Source::Reactive => 0,
-            Source::Panic => 1,
-            Source::SloFeedback => 2,
-            Source::Predictive => 3,
-            Source::Scheduled => 4,
-            Source::Hold => 5,
-        };
-        self.wins[idx] += 1;
+        if let Some(idx) = Source::ALL.iter().position(|s| *s == d.winner) {
+            self.wins[idx] += 1;
+        }
         let cmd = if d.advisory {
             ScaleCommand::replicas(view.spec_replicas)
         } else {
