@@ -1,8 +1,8 @@
 //! gpuscale's vocabulary.
 //!
 //! The types every other crate speaks: identifiers ([`ids`]), points in time
-//! ([`time`]), cumulative latency histograms ([`histogram`]) and what a node
-//! agent samples ([`sample`]).
+//! ([`time`]), cumulative latency histograms ([`histogram`]), what a node
+//! agent samples ([`sample`]) and Kubernetes label selectors ([`selector`]).
 //!
 //! **Architecture invariant:** this crate is pure. It has no async code, does
 //! no I/O, never reads a clock or the environment, and does not log. Time is
@@ -11,8 +11,10 @@
 pub mod histogram;
 pub mod ids;
 pub mod sample;
+pub mod selector;
 pub mod time;
 
 pub use histogram::{Histogram, HistogramError};
 pub use ids::{GpuUuid, NodeName, PodRef, WorkloadRef};
+pub use selector::{LabelSelector, Requirement, SelectorError};
 pub use time::Timestamp;

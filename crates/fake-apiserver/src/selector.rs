@@ -1,63 +1,24 @@
 //! Label and field selectors, in the string syntax of the `labelSelector` and
 //! `fieldSelector` query parameters and as `metav1.LabelSelector` objects.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use gpuscale_core::selector::{self as core, Requirement};
 use serde_json::Value;
 
-/// One requirement of a label selector.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Requirement {
-    Equals(String, String),
-    NotEquals(String, String),
-    In(String, Vec<String>),
-    NotIn(String, Vec<String>),
-    Exists(String),
-    DoesNotExist(String),
-}
-
-impl Requirement {
-    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        match self {
-            Requirement::Equals(k, v) => labels.get(k) == Some(v),
-            Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
-            Requirement::In(k, vs) => labels.get(k).is_some_and(|l| vs.contains(l)),
-            Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|l| !vs.contains(l)),
-            Requirement::Exists(k) => labels.contains_key(k),
-            Requirement::DoesNotExist(k) => !labels.contains_key(k),
-        }
-    }
-
-    fn render(&self) -> String {
-        match self {
-            Requirement::Equals(k, v) => format!("{k}={v}"),
-            Requirement::NotEquals(k, v) => format!("{k}!={v}"),
-            Requirement::In(k, vs) => format!("{k} in ({})", vs.join(",")),
-            Requirement::NotIn(k, vs) => format!("{k} notin ({})", vs.join(",")),
-            Requirement::Exists(k) => k.clone(),
-            Requirement::DoesNotExist(k) => format!("!{k}"),
-        }
-    }
-}
-
-/// A parsed label selector: all requirements must hold (an empty selector matches everything).
+/// A parsed label selector: all requirements must hold (an empty selector
+/// matches everything). The parser is the scaler's own
+/// ([`gpuscale_core::selector`]), which follows the API server's syntax and
+/// validation; this adds the `metav1.LabelSelector` object form.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct LabelSelector {
-    requirements: Vec<Requirement>,
-}
+pub(crate) struct LabelSelector(core::LabelSelector);
 
 impl LabelSelector {
     /// Parses the string form: `a=b,c!=d,e in (x,y),f notin (z),g,!h`.
     pub(crate) fn parse(input: &str) -> Result<Self, String> {
-        let mut requirements = Vec::new();
-        for part in split_top_level(input) {
-            let part = part.trim();
-            if part.is_empty() {
-                continue;
-            }
-            requirements.push(parse_requirement(part)?);
-        }
-        Ok(Self { requirements })
+        core::LabelSelector::parse(input)
+            .map(Self)
+            .map_err(|e| format!("unable to parse requirement: {e}"))
     }
 
     /// Builds a selector from a `metav1.LabelSelector` object (`matchLabels`, `matchExpressions`).
@@ -78,7 +39,7 @@ impl LabelSelector {
                     .and_then(Value::as_str)
                     .ok_or("matchExpressions[].key: Required value")?
                     .to_string();
-                let values: Vec<String> = e
+                let values: BTreeSet<String> = e
                     .get("values")
                     .and_then(Value::as_array)
                     .map(|a| {
@@ -102,15 +63,15 @@ impl LabelSelector {
                 });
             }
         }
-        Ok(Self { requirements })
+        Ok(Self(core::LabelSelector::from_requirements(requirements)))
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.requirements.is_empty()
+        self.0.is_everything()
     }
 
     pub(crate) fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.requirements.iter().all(|r| r.matches(labels))
+        self.0.matches(labels)
     }
 
     pub(crate) fn matches_object(&self, obj: &Value) -> bool {
@@ -119,112 +80,8 @@ impl LabelSelector {
 
     /// The string form, as `/scale` reports it in `status.selector`.
     pub(crate) fn render(&self) -> String {
-        self.requirements
-            .iter()
-            .map(Requirement::render)
-            .collect::<Vec<_>>()
-            .join(",")
+        self.0.to_string()
     }
-}
-
-/// Splits on commas that are not inside parentheses.
-fn split_top_level(input: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut depth = 0i32;
-    let mut start = 0;
-    for (i, c) in input.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            ',' if depth == 0 => {
-                out.push(&input[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    out.push(&input[start..]);
-    out
-}
-
-fn valid_key(k: &str) -> bool {
-    !k.is_empty()
-        && k.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
-}
-
-fn valid_value(v: &str) -> bool {
-    v.chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
-fn parse_set(key: &str, rest: &str, part: &str) -> Result<Vec<String>, String> {
-    let rest = rest.trim();
-    let inner = rest
-        .strip_prefix('(')
-        .and_then(|r| r.strip_suffix(')'))
-        .ok_or_else(|| format!("unable to parse requirement: \"{part}\": expected a set in parentheses for key \"{key}\""))?;
-    let values: Vec<String> = inner
-        .split(',')
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
-        .collect();
-    if values.iter().any(|v| !valid_value(v)) {
-        return Err(format!(
-            "unable to parse requirement: \"{part}\": invalid label value"
-        ));
-    }
-    Ok(values)
-}
-
-fn parse_requirement(part: &str) -> Result<Requirement, String> {
-    let bad = || format!("unable to parse requirement: \"{part}\"");
-    if let Some(key) = part.strip_prefix('!') {
-        let key = key.trim();
-        return if valid_key(key) {
-            Ok(Requirement::DoesNotExist(key.to_string()))
-        } else {
-            Err(bad())
-        };
-    }
-    if let Some((k, v)) = part.split_once("!=") {
-        let (k, v) = (k.trim(), v.trim());
-        return if valid_key(k) && valid_value(v) {
-            Ok(Requirement::NotEquals(k.to_string(), v.to_string()))
-        } else {
-            Err(bad())
-        };
-    }
-    if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
-        let (k, v) = (k.trim(), v.trim());
-        return if valid_key(k) && valid_value(v) {
-            Ok(Requirement::Equals(k.to_string(), v.to_string()))
-        } else {
-            Err(bad())
-        };
-    }
-    let mut words = part.split_whitespace();
-    let key = words.next().ok_or_else(bad)?;
-    if !valid_key(key) {
-        return Err(bad());
-    }
-    let after_key = part[part.find(key).map_or(0, |i| i + key.len())..].trim_start();
-    if after_key.is_empty() {
-        return Ok(Requirement::Exists(key.to_string()));
-    }
-    if let Some(rest) = after_key.strip_prefix("notin") {
-        return Ok(Requirement::NotIn(
-            key.to_string(),
-            parse_set(key, rest, part)?,
-        ));
-    }
-    if let Some(rest) = after_key.strip_prefix("in") {
-        return Ok(Requirement::In(
-            key.to_string(),
-            parse_set(key, rest, part)?,
-        ));
-    }
-    Err(bad())
 }
 
 /// The labels of an object as a map (missing = empty).

@@ -2,7 +2,7 @@
 //! agents' stream, gRPC health and reflection:
 //!
 //! * [`recommend`]: `gpuscale.v1.ScalerService` — `WatchRecommendations`
-//!   (a label [`selector`] over workload labels; first the current state of
+//!   (a label selector ([`gpuscale_core::selector`]) over workload labels; first the current state of
 //!   every matching workload, then each change), `Explain` (the last
 //!   decision in full), `ListWorkloads`;
 //! * [`keda`]: `externalscaler.ExternalScaler`, wire-compatible with KEDA,
@@ -22,7 +22,6 @@
 
 pub mod keda;
 pub mod recommend;
-pub mod selector;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -39,9 +38,9 @@ use crate::metrics::ScalerMetrics;
 use crate::slo::SloObjectives;
 use crate::view::StateView;
 
+pub use gpuscale_core::selector::{LabelSelector, SelectorError};
 pub use keda::{KEDA_METRIC_NAME, KEDA_TARGET, KedaScaler, WORKLOAD_METADATA_KEY};
 pub use recommend::RecommendationService;
-pub use selector::{LabelSelector, SelectorError};
 
 /// Limits of the public APIs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -29,10 +29,10 @@ use gpuscale_proto::v1;
 use gpuscale_proto::v1::scaler_service_server::{ScalerService, ScalerServiceServer};
 use tonic::{Request, Response, Status};
 
-use super::selector::LabelSelector;
 use super::{ApiContext, ApiStream, StreamEnd, bounded_stream, next_view, unknown_workload};
 use crate::slo::{SloObjectives, SloStatus, slo_status};
 use crate::view::{StateView, WorkloadView};
+use gpuscale_core::selector::LabelSelector;
 
 /// The `ScalerService` implementation.
 #[derive(Debug, Clone)]

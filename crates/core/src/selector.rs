@@ -111,6 +111,40 @@ impl LabelSelector {
     pub fn is_everything(&self) -> bool {
         self.requirements.is_empty()
     }
+
+    /// A selector of these requirements (e.g. built from a
+    /// `metav1.LabelSelector` object's `matchLabels` and `matchExpressions`).
+    pub fn from_requirements(requirements: Vec<Requirement>) -> Self {
+        Self { requirements }
+    }
+}
+
+impl fmt::Display for Requirement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let set = |vs: &BTreeSet<String>| vs.iter().cloned().collect::<Vec<_>>().join(",");
+        match self {
+            Requirement::Equals(k, v) => write!(f, "{k}={v}"),
+            Requirement::NotEquals(k, v) => write!(f, "{k}!={v}"),
+            Requirement::In(k, vs) => write!(f, "{k} in ({})", set(vs)),
+            Requirement::NotIn(k, vs) => write!(f, "{k} notin ({})", set(vs)),
+            Requirement::Exists(k) => write!(f, "{k}"),
+            Requirement::DoesNotExist(k) => write!(f, "!{k}"),
+        }
+    }
+}
+
+/// The string form, as the Kubernetes `/scale` subresource reports it in
+/// `status.selector`; it parses back to the same selector.
+impl fmt::Display for LabelSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, r) in self.requirements.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{r}")?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -522,5 +556,20 @@ mod tests {
                 Requirement::NotIn("z".into(), ["a".to_string(), "b".to_string()].into()),
             ]
         );
+    }
+
+    #[test]
+    fn the_string_form_parses_back_to_the_same_selector() {
+        for text in [
+            "app=llm,tier in (a,b)",
+            "a!=b,c notin (x,y),d,!e",
+            "example.com/role==gpu, zone in (b, a)",
+            "",
+        ] {
+            let s = sel(text);
+            let rendered = s.to_string();
+            assert_eq!(sel(&rendered), s, "{text} -> {rendered}");
+        }
+        assert_eq!(sel("zone in (b, a),x==y").to_string(), "zone in (a,b),x=y");
     }
 }
