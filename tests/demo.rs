@@ -2,6 +2,8 @@
 //! built binary), on a short stretch of the shipped trace: it must end on
 //! its own with exit 0 and a summary in which every request that arrived
 //! was served, none was dropped, and the scaler saw every simulated GPU.
+//! It runs with the system's temporary directory as its working directory:
+//! nothing the demo needs may be looked up relative to the repository.
 
 use std::process::Command;
 
@@ -10,6 +12,7 @@ fn demo(args: &[&str]) -> (Option<i32>, String, String) {
         .arg("demo")
         .args(args)
         .env_remove("RUST_LOG")
+        .current_dir(std::env::temp_dir())
         .output()
         .expect("the binary runs");
     (
