@@ -44,7 +44,6 @@ except ImportError as e:  # pragma: no cover - depends on the machine
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PROTO_DIR = REPO / "proto"
 
-
 # Threads print concurrently; print() writes the text and the newline
 # separately, so two lines can interleave. One write per line, under a lock.
 _OUT_LOCK = threading.Lock()
@@ -54,6 +53,7 @@ def emit(line):
     with _OUT_LOCK:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
+
 
 # TTFT bucket bounds (seconds) of the pushed histogram; the last is +Inf.
 TTFT_BOUNDS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,

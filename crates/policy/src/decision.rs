@@ -51,6 +51,20 @@ impl Source {
         Source::Hold,
     ];
 
+    /// Position in [`Source::ALL`]; exhaustive, so a new source cannot be
+    /// left out of per-source counts without a compile error here.
+    pub fn index(self) -> usize {
+        match self {
+            Source::Reactive => 0,
+            Source::Burst => 1,
+            Source::Panic => 2,
+            Source::SloFeedback => 3,
+            Source::Predictive => 4,
+            Source::Scheduled => 5,
+            Source::Hold => 6,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Reactive => "reactive",
@@ -145,6 +159,13 @@ mod tests {
             source,
             replicas: Some(replicas),
             reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn every_source_sits_at_its_index_in_all() {
+        for (i, s) in Source::ALL.iter().enumerate() {
+            assert_eq!(s.index(), i, "{}", s.as_str());
         }
     }
 

@@ -388,9 +388,7 @@ impl Autoscaler for GpuscaleAutoscaler {
         let obs = self.observation(view);
         let d = self.policy.decide(ts(view.now), &obs);
         self.decisions += 1;
-        if let Some(idx) = Source::ALL.iter().position(|s| *s == d.winner) {
-            self.wins[idx] += 1;
-        }
+        self.wins[d.winner.index()] += 1;
         let cmd = if d.advisory {
             ScaleCommand::replicas(view.spec_replicas)
         } else {

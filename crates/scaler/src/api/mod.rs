@@ -2,8 +2,9 @@
 //! agents' stream, gRPC health and reflection:
 //!
 //! * [`recommend`]: `gpuscale.v1.ScalerService` — `WatchRecommendations`
-//!   (a label selector ([`gpuscale_core::selector`]) over workload labels; first the current state of
-//!   every matching workload, then each change), `Explain` (the last
+//!   (a label selector, [`gpuscale_core::selector`], over workload labels;
+//!   first the current state of every matching workload, then each
+//!   change), `Explain` (the last
 //!   decision in full), `ListWorkloads`;
 //! * [`keda`]: `externalscaler.ExternalScaler`, wire-compatible with KEDA,
 //!   so a `ScaledObject` with an `external` trigger drives a stock HPA to

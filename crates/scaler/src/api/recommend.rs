@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use gpuscale_core::WorkloadRef;
+use gpuscale_core::selector::LabelSelector;
 use gpuscale_policy::Action;
 use gpuscale_proto::v1;
 use gpuscale_proto::v1::scaler_service_server::{ScalerService, ScalerServiceServer};
@@ -32,7 +33,6 @@ use tonic::{Request, Response, Status};
 use super::{ApiContext, ApiStream, StreamEnd, bounded_stream, next_view, unknown_workload};
 use crate::slo::{SloObjectives, SloStatus, slo_status};
 use crate::view::{StateView, WorkloadView};
-use gpuscale_core::selector::LabelSelector;
 
 /// The `ScalerService` implementation.
 #[derive(Debug, Clone)]
