@@ -5,6 +5,7 @@
 //! failure, 2 bad flags or configuration (the message names the flag, the
 //! value and what is allowed).
 
+use std::ffi::OsStr;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -30,18 +31,33 @@ enum LogFormat {
 }
 
 /// Logging for every subcommand, set up once: stderr, level from RUST_LOG,
-/// else `default_level`.
+/// else `default_level`; colour per [`log_colour`].
 fn init_tracing(format: LogFormat, default_level: &str) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let colour = log_colour(
+        format,
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Whether log lines carry ANSI colour: text format on a terminal only, and
+/// never when `NO_COLOR` is set to anything but the empty string
+/// (<https://no-color.org>). A pipe, a file or a container log gets plain
+/// text; `--log-format json` is never coloured.
+fn log_colour(format: LogFormat, stderr_is_terminal: bool, no_color: Option<&OsStr>) -> bool {
+    format == LogFormat::Text && stderr_is_terminal && no_color.is_none_or(OsStr::is_empty)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -167,5 +183,22 @@ fn main() -> ExitCode {
                 ExitCode::from(if e.is_usage() { 2 } else { 1 })
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_colour_only_for_text_on_a_terminal_without_no_color() {
+        let empty = OsStr::new("");
+        let set = OsStr::new("1");
+        assert!(log_colour(LogFormat::Text, true, None));
+        assert!(log_colour(LogFormat::Text, true, Some(empty)));
+        assert!(!log_colour(LogFormat::Text, true, Some(set)));
+        assert!(!log_colour(LogFormat::Text, false, None));
+        assert!(!log_colour(LogFormat::Json, true, None));
+        assert!(!log_colour(LogFormat::Json, false, Some(set)));
     }
 }
