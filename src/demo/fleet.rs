@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use gpuscale_agent::NodeDirectives;
-use gpuscale_core::histogram::{ITL_BOUNDS_SECONDS, TTFT_BOUNDS_SECONDS};
+use gpuscale_core::histogram::{ITL_BOUNDS_SECONDS, TPOT_BOUNDS_SECONDS, TTFT_BOUNDS_SECONDS};
 use gpuscale_core::sample::{EngineSample, EngineState, Framework};
 use gpuscale_core::{GpuUuid, Histogram, PodRef, Timestamp};
 use gpuscale_fake_apiserver::FakeApiServerHandle;
@@ -86,6 +86,8 @@ struct Carried {
     ttft_sum: f64,
     itl: [u64; gpuscale_sim::fleet::ITL_BUCKETS],
     itl_sum: f64,
+    tpot: [u64; gpuscale_sim::fleet::TPOT_BUCKETS],
+    tpot_sum: f64,
 }
 
 impl Carried {
@@ -102,6 +104,10 @@ impl Carried {
             *a += b;
         }
         self.itl_sum += c.itl_sum;
+        for (a, b) in self.tpot.iter_mut().zip(&c.tpot_buckets) {
+            *a += b;
+        }
+        self.tpot_sum += c.tpot_sum;
     }
 }
 
@@ -571,5 +577,6 @@ fn engine_sample(
     e.preemptions_total = Some(0.0);
     e.ttft_seconds = histogram(TTFT_BOUNDS_SECONDS, &total.ttft, total.ttft_sum);
     e.itl_seconds = histogram(ITL_BOUNDS_SECONDS, &total.itl, total.itl_sum);
+    e.tpot_seconds = histogram(TPOT_BOUNDS_SECONDS, &total.tpot, total.tpot_sum);
     e
 }

@@ -735,6 +735,17 @@ fn encode_engines(
                 .map(|h| (h, engine_labels(e, hostname)))
         },
     )?;
+    histograms(
+        encoder,
+        "engine_time_per_output_token",
+        "Time per output token of each finished request, as the engine measures it",
+        engines,
+        |e| {
+            e.tpot_seconds
+                .as_ref()
+                .map(|h| (h, engine_labels(e, hostname)))
+        },
+    )?;
     Ok(())
 }
 

@@ -21,6 +21,11 @@ pub const ITL_BOUNDS_SECONDS: &[f64] = &[
     0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 ];
 
+/// Per-request time per output token buckets, seconds: the same bounds as
+/// [`ITL_BOUNDS_SECONDS`] (a request's TPOT is the mean of its inter-token
+/// gaps, so it lives on the same scale).
+pub const TPOT_BOUNDS_SECONDS: &[f64] = ITL_BOUNDS_SECONDS;
+
 /// A cumulative histogram: `cumulative[i]` observations were `<= bounds[i]`.
 /// The last bound is always `+Inf`, so `cumulative.last() == count`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,6 +117,12 @@ impl Histogram {
     /// The ITL histogram layout used by gpuscale's own engines and the simulator.
     pub fn itl() -> Self {
         Self::with_bounds(ITL_BOUNDS_SECONDS).expect("invariant: constant bounds are valid")
+    }
+
+    /// The per-request TPOT histogram layout used by gpuscale's own engines,
+    /// the request proxy and the simulator.
+    pub fn tpot() -> Self {
+        Self::with_bounds(TPOT_BOUNDS_SECONDS).expect("invariant: constant bounds are valid")
     }
 
     pub fn bounds(&self) -> &[f64] {

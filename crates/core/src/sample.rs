@@ -239,8 +239,16 @@ pub struct EngineSample {
     pub requests_arrived_total: Option<f64>,
     pub requests_finished_total: Option<f64>,
     pub preemptions_total: Option<f64>,
+    /// Time to first token of each request (request-level).
     pub ttft_seconds: Option<Histogram>,
+    /// Inter-token gaps (token-level: one observation per generated token
+    /// after the first). A fallback for the SLO where an engine has no
+    /// request-level TPOT histogram.
     pub itl_seconds: Option<Histogram>,
+    /// Time per output token of each finished request (request-level: its
+    /// decode time over its output tokens after the first), as the SLO
+    /// defines it.
+    pub tpot_seconds: Option<Histogram>,
     /// The batch limit (max running sequences) the engine applies now.
     pub batch_limit: Option<u32>,
     /// Times the agent saw this engine's counters reset (restarts).
@@ -277,6 +285,7 @@ impl EngineSample {
             preemptions_total: None,
             ttft_seconds: None,
             itl_seconds: None,
+            tpot_seconds: None,
             batch_limit: None,
             counter_resets_total: 0,
             mean_context_tokens: None,

@@ -117,6 +117,13 @@ pub struct LoadObservation {
 /// Latencies over the short window, as histograms of the window's observations.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct LatencyObservation {
+    /// Time to first token of each request (request-level).
     pub ttft_seconds: Option<Histogram>,
+    /// Inter-token gaps (token-level): the SLO's fallback where no engine
+    /// reports request-level TPOT.
     pub itl_seconds: Option<Histogram>,
+    /// Time per output token of each finished request (request-level), as
+    /// the SLO defines it.
+    #[serde(default)]
+    pub tpot_seconds: Option<Histogram>,
 }

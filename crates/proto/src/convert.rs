@@ -853,6 +853,10 @@ fn engine(w: v1::EngineSample, at: At<'_>) -> Result<EngineSample, ConvertError>
         .itl_seconds
         .map(|h| histogram(h, at.field("itl_seconds")))
         .transpose()?;
+    let tpot_seconds = w
+        .tpot_seconds
+        .map(|h| histogram(h, at.field("tpot_seconds")))
+        .transpose()?;
     Ok(EngineSample {
         pod,
         container: optional_name(w.container, at.field("container"))?,
@@ -885,6 +889,7 @@ fn engine(w: v1::EngineSample, at: At<'_>) -> Result<EngineSample, ConvertError>
         preemptions_total: non_negative(w.preemptions_total, at.field("preemptions_total"))?,
         ttft_seconds,
         itl_seconds,
+        tpot_seconds,
         batch_limit: w.batch_limit,
         counter_resets_total: w.counter_resets_total,
         mean_context_tokens: non_negative(w.mean_context_tokens, at.field("mean_context_tokens"))?,
@@ -1125,6 +1130,7 @@ impl From<&EngineSample> for v1::EngineSample {
             preemptions_total: e.preemptions_total,
             ttft_seconds: e.ttft_seconds.as_ref().map(Into::into),
             itl_seconds: e.itl_seconds.as_ref().map(Into::into),
+            tpot_seconds: e.tpot_seconds.as_ref().map(Into::into),
             batch_limit: e.batch_limit,
             counter_resets_total: e.counter_resets_total,
             mean_context_tokens: e.mean_context_tokens,

@@ -203,6 +203,7 @@ fn build(members: Vec<Member<'_>>, current: Option<u32>) -> Observation {
         }
         merge(&mut latency.ttft_seconds, w.ttft_seconds.as_ref());
         merge(&mut latency.itl_seconds, w.itl_seconds.as_ref());
+        merge(&mut latency.tpot_seconds, w.tpot_seconds.as_ref());
         replica_samples.push(ReplicaObservation {
             id: m.id.to_string(),
             state,

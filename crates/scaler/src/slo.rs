@@ -268,11 +268,13 @@ mod tests {
         let latency = LatencyObservation {
             ttft_seconds: Some(ttft_with(&[(0.1, 100)])),
             itl_seconds: Some(itl),
+            tpot_seconds: None,
         };
         assert_eq!(slo_status(Some(&o), &latency), SloStatus::Breached);
         let only_ttft = LatencyObservation {
             ttft_seconds: Some(ttft_with(&[(0.1, 100)])),
             itl_seconds: None,
+            tpot_seconds: None,
         };
         assert_eq!(slo_status(Some(&o), &only_ttft), SloStatus::Met);
         assert_eq!(slo_status(None, &latency), SloStatus::NoData);

@@ -97,6 +97,7 @@ struct EnginePoint {
     in_system: Option<f64>,
     ttft: Option<Arc<Histogram>>,
     itl: Option<Arc<Histogram>>,
+    tpot: Option<Arc<Histogram>>,
 }
 
 impl EnginePoint {
@@ -114,6 +115,7 @@ impl EnginePoint {
             in_system,
             ttft: s.ttft_seconds.clone().map(Arc::new),
             itl: s.itl_seconds.clone().map(Arc::new),
+            tpot: s.tpot_seconds.clone().map(Arc::new),
         }
     }
 }
@@ -137,6 +139,7 @@ impl EngineEntry {
             in_system_change_per_second: window::gauge_change(w, |p| p.in_system),
             ttft_seconds: window::histogram_delta(w, |p| p.ttft.as_deref()),
             itl_seconds: window::histogram_delta(w, |p| p.itl.as_deref()),
+            tpot_seconds: window::histogram_delta(w, |p| p.tpot.as_deref()),
         }
     }
 }

@@ -129,6 +129,8 @@ pub struct EngineWindowStats {
     pub ttft_seconds: Option<Histogram>,
     /// Inter-token latency observations inside the window.
     pub itl_seconds: Option<Histogram>,
+    /// Per-request TPOT observations inside the window.
+    pub tpot_seconds: Option<Histogram>,
 }
 
 impl EngineWindowStats {

@@ -87,6 +87,7 @@ fn observation(ready: u32, loading: u32, arrival: Option<f64>, ttft_s: f64) -> O
         latency: LatencyObservation {
             ttft_seconds: Some(ttft),
             itl_seconds: None,
+            tpot_seconds: None,
         },
     }
 }

@@ -24,7 +24,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
-use gpuscale_core::histogram::{ITL_BOUNDS_SECONDS, TTFT_BOUNDS_SECONDS};
+use gpuscale_core::histogram::{ITL_BOUNDS_SECONDS, TPOT_BOUNDS_SECONDS, TTFT_BOUNDS_SECONDS};
 use gpuscale_policy::PerfModel;
 
 use crate::profile::Coefficients;
@@ -36,6 +36,8 @@ use crate::trace::Request;
 pub const TTFT_BUCKETS: usize = TTFT_BOUNDS_SECONDS.len() + 1;
 /// Number of ITL buckets (finite bounds plus `+Inf`).
 pub const ITL_BUCKETS: usize = ITL_BOUNDS_SECONDS.len() + 1;
+/// Number of per-request TPOT buckets (finite bounds plus `+Inf`).
+pub const TPOT_BUCKETS: usize = TPOT_BOUNDS_SECONDS.len() + 1;
 
 /// Where a replica is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +146,10 @@ pub struct EngineCounters {
     pub ttft_sum: f64,
     pub itl_buckets: [u64; ITL_BUCKETS],
     pub itl_sum: f64,
+    /// Per-request time per output token of completed requests with more
+    /// than one output token (vLLM's `request_time_per_output_token_seconds`).
+    pub tpot_buckets: [u64; TPOT_BUCKETS],
+    pub tpot_sum: f64,
     /// Sum of end-to-end latency of completed requests.
     pub e2e_sum: f64,
     /// Prompt and output tokens of completed requests.
@@ -165,6 +171,8 @@ impl Default for EngineCounters {
             ttft_sum: 0.0,
             itl_buckets: [0; ITL_BUCKETS],
             itl_sum: 0.0,
+            tpot_buckets: [0; TPOT_BUCKETS],
+            tpot_sum: 0.0,
             e2e_sum: 0.0,
             completed_prompt_tokens: 0,
             completed_output_tokens: 0,
@@ -779,7 +787,10 @@ impl Fleet {
             r.counters.completed_output_tokens += u64::from(q.output);
             let ttft = q.first_token - q.arrival;
             let tpot = if q.output > 1 {
-                (now - q.first_token) / f64::from(q.output - 1)
+                let tpot = (now - q.first_token) / f64::from(q.output - 1);
+                r.counters.tpot_buckets[bucket(TPOT_BOUNDS_SECONDS, tpot)] += 1;
+                r.counters.tpot_sum += tpot;
+                tpot
             } else {
                 0.0
             };

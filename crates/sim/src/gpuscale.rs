@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 
 use gpuscale_core::Timestamp;
-use gpuscale_core::histogram::{ITL_BOUNDS_SECONDS, TTFT_BOUNDS_SECONDS};
+use gpuscale_core::histogram::{ITL_BOUNDS_SECONDS, TPOT_BOUNDS_SECONDS, TTFT_BOUNDS_SECONDS};
 use gpuscale_policy::{
     Action, Decision, LatencyObservation, LoadObservation, Observation, PerfModel, Policy,
     ReplicaCounts, ReplicaObservation, ReplicaState, Source, WorkloadSpec,
@@ -28,7 +28,9 @@ use serde_json::{Value, json};
 
 use crate::autoscaler::{Autoscaler, ClusterView, FleetSample, ScaleCommand};
 use crate::error::SimError;
-use crate::fleet::{ITL_BUCKETS, Lifecycle, ReplicaSample, TTFT_BUCKETS, VictimOrder};
+use crate::fleet::{
+    ITL_BUCKETS, Lifecycle, ReplicaSample, TPOT_BUCKETS, TTFT_BUCKETS, VictimOrder,
+};
 use crate::prometheus::histogram_from_counts;
 
 /// 2024-01-01T00:00:00Z in milliseconds: simulated time zero.
@@ -188,7 +190,8 @@ impl GpuscaleAutoscaler {
         if let Some(old) = lat_old.filter(|o| o.at < newest.at) {
             let mut ttft = [0u64; TTFT_BUCKETS];
             let mut itl = [0u64; ITL_BUCKETS];
-            let (mut ttft_sum, mut itl_sum) = (0.0, 0.0);
+            let mut tpot = [0u64; TPOT_BUCKETS];
+            let (mut ttft_sum, mut itl_sum, mut tpot_sum) = (0.0, 0.0, 0.0);
             for r in &newest.replicas {
                 let base = old.replica(r.id).map(|o| &o.counters);
                 for (i, c) in r.counters.ttft_buckets.iter().enumerate() {
@@ -197,12 +200,17 @@ impl GpuscaleAutoscaler {
                 for (i, c) in r.counters.itl_buckets.iter().enumerate() {
                     itl[i] += c.saturating_sub(base.map_or(0, |b| b.itl_buckets[i]));
                 }
+                for (i, c) in r.counters.tpot_buckets.iter().enumerate() {
+                    tpot[i] += c.saturating_sub(base.map_or(0, |b| b.tpot_buckets[i]));
+                }
+                tpot_sum += r.counters.tpot_sum - base.map_or(0.0, |b| b.tpot_sum);
                 ttft_sum += r.counters.ttft_sum - base.map_or(0.0, |b| b.ttft_sum);
                 itl_sum += r.counters.itl_sum - base.map_or(0.0, |b| b.itl_sum);
             }
             obs.latency = LatencyObservation {
                 ttft_seconds: histogram_from_counts(TTFT_BOUNDS_SECONDS, &ttft, ttft_sum),
                 itl_seconds: histogram_from_counts(ITL_BOUNDS_SECONDS, &itl, itl_sum),
+                tpot_seconds: histogram_from_counts(TPOT_BOUNDS_SECONDS, &tpot, tpot_sum),
             };
         }
 

@@ -469,6 +469,7 @@ impl SimulatedEngine {
         sample.preemptions_total = Some(0.0);
         sample.ttft_seconds = Some(Histogram::ttft());
         sample.itl_seconds = Some(Histogram::itl());
+        sample.tpot_seconds = Some(Histogram::tpot());
         sample.batch_limit = Some(config.batch_limit);
         let b = f64::from(config.batch_limit);
         let step_per_seq_seconds =
@@ -555,6 +556,10 @@ impl SimulatedEngine {
         }
         if let Some(h) = self.sample.itl_seconds.as_mut() {
             spread(h, tokens as u64, step_s, 0.1, rng);
+        }
+        // A finished request's TPOT is the mean of its steps: less spread.
+        if let Some(h) = self.sample.tpot_seconds.as_mut() {
+            spread(h, whole as u64, step_s, 0.05, rng);
         }
     }
 }

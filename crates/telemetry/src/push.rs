@@ -401,6 +401,7 @@ pub fn engine_stats_to_sample(
     e.mean_context_tokens = count("mean_context_tokens", s.mean_context_tokens)?;
     e.ttft_seconds = histogram("ttft_seconds", s.ttft_seconds)?;
     e.itl_seconds = histogram("itl_seconds", s.itl_seconds)?;
+    e.tpot_seconds = histogram("tpot_seconds", s.tpot_seconds)?;
     e.batch_limit = match s.batch_limit {
         Some(b) if b == 0 || b > MAX_BATCH_LIMIT => {
             return Err(invalid(

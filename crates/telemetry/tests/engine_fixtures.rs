@@ -48,6 +48,13 @@ fn vllm_0_33_sums_data_parallel_engines() {
     assert_eq!(ttft.bounds().len(), 11);
     let itl = r.itl_seconds.expect("ITL");
     assert_eq!(itl.count(), 453_789 + 397_500);
+    let tpot = r.tpot_seconds.expect("request-level TPOT");
+    assert_eq!(
+        tpot.count(),
+        5_500,
+        "one per finished request, both engines"
+    );
+    assert_eq!(tpot.cumulative_counts()[..4], [150, 4_800, 5_380, 5_500]);
     assert_eq!(r.batch_limit, None);
 }
 
@@ -102,7 +109,9 @@ fn tgi_3_3_derives_kv_use_and_tokens_from_histograms() {
     assert_eq!(r.requests_arrived_total, Some(1_250.0));
     assert_eq!(r.requests_finished_total, Some(1_190.0));
     assert_eq!(r.ttft_seconds, None, "TGI has no TTFT histogram");
-    assert_eq!(r.itl_seconds.expect("mean time per token").count(), 1_190);
+    assert_eq!(r.itl_seconds, None, "TGI has no token-level ITL");
+    let tpot = r.tpot_seconds.expect("per-request mean time per token");
+    assert_eq!(tpot.count(), 1_190, "one observation per finished request");
 }
 
 #[test]
@@ -143,7 +152,8 @@ fn trtllm_serve_maps_its_own_names() {
     assert_eq!(r.generation_tokens_total, Some(2.45e6));
     assert_eq!(r.requests_finished_total, Some(10_240.0));
     assert_eq!(r.ttft_seconds.expect("TTFT").count(), 10_240);
-    assert_eq!(r.itl_seconds.expect("TPOT").count(), 10_240);
+    assert_eq!(r.itl_seconds, None, "no token-level ITL");
+    assert_eq!(r.tpot_seconds.expect("TPOT").count(), 10_240);
 }
 
 #[test]

@@ -22,6 +22,7 @@ struct Cumulative {
     preemptions: Option<f64>,
     ttft: Option<Histogram>,
     itl: Option<Histogram>,
+    tpot: Option<Histogram>,
 }
 
 impl Cumulative {
@@ -34,6 +35,7 @@ impl Cumulative {
             preemptions: r.preemptions_total,
             ttft: r.ttft_seconds.clone(),
             itl: r.itl_seconds.clone(),
+            tpot: r.tpot_seconds.clone(),
         }
     }
 
@@ -88,7 +90,8 @@ impl CounterTracker {
             .zip(self.last.scalars())
             .any(|(n, b)| went_down(*n, b))
             || histogram_went_down(&now.ttft, &self.last.ttft)
-            || histogram_went_down(&now.itl, &self.last.itl);
+            || histogram_went_down(&now.itl, &self.last.itl)
+            || histogram_went_down(&now.tpot, &self.last.tpot);
         if reset {
             self.resets += 1;
             let last = std::mem::take(&mut self.last);
@@ -101,6 +104,7 @@ impl CounterTracker {
             self.offset.preemptions = add(last.preemptions, self.offset.preemptions);
             self.offset.ttft = merge_offset(self.offset.ttft.take(), last.ttft);
             self.offset.itl = merge_offset(self.offset.itl.take(), last.itl);
+            self.offset.tpot = merge_offset(self.offset.tpot.take(), last.tpot);
         }
         // Remember the raw values (a field missing this time keeps its last).
         let keep = |n: Option<f64>, b: Option<f64>| n.or(b);
@@ -112,6 +116,7 @@ impl CounterTracker {
             preemptions: keep(now.preemptions, self.last.preemptions),
             ttft: now.ttft.clone().or_else(|| self.last.ttft.take()),
             itl: now.itl.clone().or_else(|| self.last.itl.take()),
+            tpot: now.tpot.clone().or_else(|| self.last.tpot.take()),
         };
         let o = &self.offset;
         reading.prompt_tokens_total = reading
@@ -131,6 +136,7 @@ impl CounterTracker {
             .map(|v| v + o.preemptions.unwrap_or(0.0));
         reading.ttft_seconds = with_offset(reading.ttft_seconds.take(), &o.ttft);
         reading.itl_seconds = with_offset(reading.itl_seconds.take(), &o.itl);
+        reading.tpot_seconds = with_offset(reading.tpot_seconds.take(), &o.tpot);
         reset
     }
 

@@ -12,7 +12,8 @@
 //! | finished | `request_success_total` | `num_requests_total` | `tgi_request_success` | – | `nv_inference_request_success` | `request_success_total` |
 //! | preemptions | `num_preemptions_total` | – (a gauge only) | – | – | – (a gauge only) | – |
 //! | TTFT | `time_to_first_token_seconds` | same | – | – | `nv_inference_first_response_histogram_ms` (opt-in) | same |
-//! | ITL | `inter_token_latency_seconds` (was `time_per_output_token_seconds`) | same (older: `time_per_output_token_seconds`) | `tgi_request_mean_time_per_token_duration` (includes prefill) | – | – | `time_per_output_token_seconds` |
+//! | ITL (token-level) | `inter_token_latency_seconds` (was `time_per_output_token_seconds`) | same (older: `time_per_output_token_seconds`) | – | – | – | – |
+//! | TPOT (request-level) | `request_time_per_output_token_seconds` | same | `tgi_request_mean_time_per_token_duration` (includes prefill) | – | – | `time_per_output_token_seconds` |
 //! | batch limit | – | – | – | – | `request_type="max"` | – |
 //!
 //! Aggregation over labels: vLLM data-parallel `engine`s are summed (their
@@ -44,6 +45,8 @@ pub struct EngineReading {
     pub preemptions_total: Option<f64>,
     pub ttft_seconds: Option<Histogram>,
     pub itl_seconds: Option<Histogram>,
+    /// Request-level time per output token.
+    pub tpot_seconds: Option<Histogram>,
     pub batch_limit: Option<u32>,
     pub mean_context_tokens: Option<f64>,
     /// Histograms present but inconsistent, left out (`name: why`).
@@ -282,6 +285,13 @@ fn map_vllm(exp: &Exposition) -> EngineReading {
         &any,
         1.0,
     );
+    r.tpot_seconds = read_histogram(
+        &mut r,
+        exp,
+        &["vllm:request_time_per_output_token_seconds"],
+        &any,
+        1.0,
+    );
     r
 }
 
@@ -321,6 +331,13 @@ fn map_sglang(exp: &Exposition) -> EngineReading {
         f,
         1.0,
     );
+    r.tpot_seconds = read_histogram(
+        &mut r,
+        exp,
+        &["sglang:request_time_per_output_token_seconds"],
+        f,
+        1.0,
+    );
     r
 }
 
@@ -341,8 +358,9 @@ fn map_tgi(exp: &Exposition) -> EngineReading {
         requests_finished_total: nonneg(sum(exp, "tgi_request_success", &any)),
         ..EngineReading::default()
     };
-    // No TTFT histogram in TGI. Its per-token time includes prefill.
-    r.itl_seconds = read_histogram(
+    // No TTFT histogram in TGI and no token-level ITL. Its per-request mean
+    // time per token includes prefill: a conservative TPOT.
+    r.tpot_seconds = read_histogram(
         &mut r,
         exp,
         &["tgi_request_mean_time_per_token_duration"],
@@ -435,7 +453,8 @@ fn map_trtllm_serve(exp: &Exposition) -> EngineReading {
         &any,
         1.0,
     );
-    r.itl_seconds = read_histogram(
+    // Recorded per finished request (its decode time over its output tokens).
+    r.tpot_seconds = read_histogram(
         &mut r,
         exp,
         &["trtllm_time_per_output_token_seconds"],

@@ -313,6 +313,7 @@ fn fill(s: &mut EngineSample, r: EngineReading) {
     s.preemptions_total = r.preemptions_total;
     s.ttft_seconds = r.ttft_seconds;
     s.itl_seconds = r.itl_seconds;
+    s.tpot_seconds = r.tpot_seconds;
     s.batch_limit = r.batch_limit;
     s.mean_context_tokens = r.mean_context_tokens;
 }
