@@ -24,6 +24,12 @@ if ! python3 -c 'import grpc_tools, grpc' >/dev/null 2>&1; then
     python3 -m pip install -q --disable-pip-version-check --user --break-system-packages 'grpcio-tools>=1.60,<2'
 fi
 
+# llama.cpp's llama-server for the tests that run a real engine on the CPU
+# (tests/llama_cpp.rs): built from source once and cached under
+# target/llama.cpp/ (README: "Run the tests"); a failed build stops here
+# with its reason.
+scripts/llama-server.sh >/dev/null
+
 # The fake libnvidia-ml.so.1 that the NVML tests load through nvml-wrapper.
 cargo build -q -p fake-nvml
 
