@@ -18,9 +18,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use gpuscale_agent::NodeDirectives;
-use gpuscale_core::histogram::{ITL_BOUNDS_SECONDS, TPOT_BOUNDS_SECONDS, TTFT_BOUNDS_SECONDS};
 use gpuscale_core::sample::{EngineSample, EngineState, Framework};
-use gpuscale_core::{GpuUuid, Histogram, PodRef, Timestamp};
+use gpuscale_core::{GpuUuid, PodRef, Timestamp};
 use gpuscale_fake_apiserver::FakeApiServerHandle;
 use gpuscale_sim::fleet::{EngineCounters, ReplicaSample};
 use gpuscale_sim::{Fleet, Lifecycle, Request, RunStats};
@@ -74,43 +73,6 @@ pub(crate) struct FleetStatus {
     pub pods: BTreeMap<String, PodPhase>,
 }
 
-/// Cumulative engine counters carried over when a pod's replica is
-/// replaced (an undrain after its replica had finished and left).
-#[derive(Debug, Clone, Copy, Default)]
-struct Carried {
-    received: u64,
-    finished: u64,
-    prompt_tokens: u64,
-    generation_tokens: u64,
-    ttft: [u64; gpuscale_sim::fleet::TTFT_BUCKETS],
-    ttft_sum: f64,
-    itl: [u64; gpuscale_sim::fleet::ITL_BUCKETS],
-    itl_sum: f64,
-    tpot: [u64; gpuscale_sim::fleet::TPOT_BUCKETS],
-    tpot_sum: f64,
-}
-
-impl Carried {
-    fn add(&mut self, c: &EngineCounters) {
-        self.received += c.received;
-        self.finished += c.success + c.aborted;
-        self.prompt_tokens += c.prompt_tokens;
-        self.generation_tokens += c.generation_tokens;
-        for (a, b) in self.ttft.iter_mut().zip(&c.ttft_buckets) {
-            *a += b;
-        }
-        self.ttft_sum += c.ttft_sum;
-        for (a, b) in self.itl.iter_mut().zip(&c.itl_buckets) {
-            *a += b;
-        }
-        self.itl_sum += c.itl_sum;
-        for (a, b) in self.tpot.iter_mut().zip(&c.tpot_buckets) {
-            *a += b;
-        }
-        self.tpot_sum += c.tpot_sum;
-    }
-}
-
 /// One pod of the Deployment and its replica in the fleet.
 #[derive(Debug)]
 struct PodSlot {
@@ -123,7 +85,9 @@ struct PodSlot {
     drained: bool,
     gate_up: bool,
     running: bool,
-    carried: Carried,
+    /// Counters of the pod's earlier replicas (an engine whose replica
+    /// finished serves again with its counters continuing).
+    carried: EngineCounters,
     /// The replica's newest counters (kept once it is gone).
     last: EngineCounters,
 }
@@ -289,7 +253,7 @@ impl FleetDriver {
                     drained: false,
                     gate_up: false,
                     running: false,
-                    carried: Carried::default(),
+                    carried: EngineCounters::default(),
                     last: EngineCounters::default(),
                 });
             slot.node = node;
@@ -369,7 +333,7 @@ impl FleetDriver {
             {
                 // Its replica finished and left; the engine is still up and
                 // warm, so it serves again at once (counters continue).
-                slot.carried.add(&slot.last);
+                slot.carried.accumulate(&slot.last);
                 slot.last = EngineCounters::default();
                 slot.replica = Some(self.fleet.add_replica(t, true));
             }
@@ -526,22 +490,7 @@ fn gate_status(pod: &Value) -> Option<&str> {
         .as_str()
 }
 
-/// Bucket counts (last one `+Inf`) as a cumulative histogram.
-fn histogram(bounds: &[f64], counts: &[u64], sum: f64) -> Option<Histogram> {
-    let mut all = bounds.to_vec();
-    all.push(f64::INFINITY);
-    let mut acc = 0u64;
-    let cumulative: Vec<u64> = counts
-        .iter()
-        .map(|c| {
-            acc += c;
-            acc
-        })
-        .collect();
-    Histogram::from_parts(all, cumulative, sum.max(0.0), acc).ok()
-}
-
-/// The engine sample of `slot`'s replica, as a vLLM-like engine exports it.
+/// The engine sample of `slot`'s replica, as the node agent publishes it.
 fn engine_sample(
     slot: &PodSlot,
     model: &str,
@@ -549,34 +498,17 @@ fn engine_sample(
     sample: Option<&ReplicaSample>,
     kv_capacity_tokens: f64,
 ) -> EngineSample {
-    let mut e = EngineSample::empty(
+    let mut totals = slot.carried;
+    totals.accumulate(&slot.last);
+    let mut e = gpuscale_sim::agent::engine_sample(
         slot.pod.clone(),
-        Framework::Fake,
         model,
+        state,
+        sample,
+        &totals,
+        kv_capacity_tokens,
         Timestamp::from_millis(0),
     );
-    e.container = "vllm".into();
-    e.state = state;
     e.gpu_uuids = slot.gpus.clone();
-    let c = &slot.last;
-    let mut total = slot.carried;
-    total.add(c);
-    e.requests_waiting = Some(sample.map_or(0.0, |s| f64::from(s.waiting)));
-    e.requests_running = Some(sample.map_or(0.0, |s| f64::from(s.running)));
-    e.queued_prompt_tokens = Some(sample.map_or(0.0, |s| s.queued_prompt_tokens as f64));
-    e.kv_cache_usage_ratio = Some(sample.map_or(0.0, |s| s.kv_usage_ratio.clamp(0.0, 1.0)));
-    e.kv_capacity_tokens = Some(kv_capacity_tokens);
-    e.mean_context_tokens = sample
-        .filter(|s| s.running > 0)
-        .map(|s| s.mean_context_tokens);
-    e.batch_limit = sample.map(|s| s.batch_limit);
-    e.prompt_tokens_total = Some(total.prompt_tokens as f64);
-    e.generation_tokens_total = Some(total.generation_tokens as f64);
-    e.requests_arrived_total = Some(total.received as f64);
-    e.requests_finished_total = Some(total.finished as f64);
-    e.preemptions_total = Some(0.0);
-    e.ttft_seconds = histogram(TTFT_BOUNDS_SECONDS, &total.ttft, total.ttft_sum);
-    e.itl_seconds = histogram(ITL_BOUNDS_SECONDS, &total.itl, total.itl_sum);
-    e.tpot_seconds = histogram(TPOT_BOUNDS_SECONDS, &total.tpot, total.tpot_sum);
     e
 }

@@ -187,6 +187,18 @@ impl Histogram {
         })
     }
 
+    /// Whether `self` can follow `older` in one cumulative series: the same
+    /// bounds and no bucket lower (no reset in between).
+    pub fn follows(&self, older: &Histogram) -> bool {
+        self.bounds == older.bounds
+            && self.count >= older.count
+            && self
+                .cumulative
+                .iter()
+                .zip(&older.cumulative)
+                .all(|(a, b)| a >= b)
+    }
+
     /// Add `other`'s observations to `self` (same bounds required).
     pub fn merge(&mut self, other: &Histogram) -> Result<(), HistogramError> {
         if self.bounds != other.bounds {

@@ -22,36 +22,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 
-use gpuscale_core::{PodRef, Timestamp, WorkloadRef};
-use gpuscale_policy::{Decision, ReplicaState};
+use gpuscale_core::{PodRef, WorkloadRef};
+pub use gpuscale_observe::{ClusterReplica, TargetObservation};
+use gpuscale_policy::Decision;
 
 use crate::error::ScalerError;
 
 /// A boxed future returned by [`Actuator`] methods.
 pub type ActuateFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, ScalerError>> + Send + 'a>>;
-
-/// One replica of the scale target as the cluster sees it (the Kubernetes
-/// controller: pod phase, readiness gate, drain record, annotations).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClusterReplica {
-    pub pod: PodRef,
-    /// Pending (not scheduled or not running), loading (running, gate not
-    /// True), ready (gate True: capacity) or draining (on its way out).
-    pub state: ReplicaState,
-    /// Annotated `gpuscale.dev/scale-in-protection: "true"`: never a victim.
-    pub protected: bool,
-    pub created_at: Option<Timestamp>,
-}
-
-/// What the actuator knows of a workload's scale target at one tick.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TargetObservation {
-    /// The count to decide from (`None`: count the workload's engines).
-    pub current: Option<u32>,
-    /// The target's replicas (`None`: the engines the workload's selector
-    /// matches are its replicas, in the state their agents report).
-    pub replicas: Option<Vec<ClusterReplica>>,
-}
 
 /// Applies decisions to the scale target. Implementations must be cheap to
 /// call concurrently for different workloads.

@@ -48,7 +48,6 @@ pub mod observe;
 pub mod slo;
 mod state;
 pub mod view;
-pub mod window;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -64,11 +63,12 @@ use tokio::task::JoinHandle;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 
-pub use actuate::{ActuateFuture, Actuator, ClusterReplica, LoggingActuator, TargetObservation};
+pub use actuate::{ActuateFuture, Actuator, LoggingActuator};
 pub use clock::Clock;
 pub use config::{ScalerArgs, ScalerConfig, ScalerFile, WorkloadDef};
 pub use decide::{Decider, ProportionalDecider, build_decider};
 pub use error::ScalerError;
+pub use gpuscale_observe::{ClusterReplica, TargetObservation};
 pub use http::OPENMETRICS_CONTENT_TYPE;
 pub use metrics::ScalerMetrics;
 pub use view::{EngineView, GpuView, ModelView, NodeView, StateView, WorkloadView};

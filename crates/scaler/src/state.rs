@@ -25,7 +25,7 @@ use std::time::Duration;
 use gpuscale_core::sample::{
     AgentHealth, EngineSample, EngineState, GpuMetrics, NodeDelta, NodeSnapshot, PodGpus,
 };
-use gpuscale_core::{GpuUuid, Histogram, NodeName, PodRef, Timestamp, WorkloadRef};
+use gpuscale_core::{GpuUuid, NodeName, PodRef, Timestamp, WorkloadRef};
 use gpuscale_policy::{Decision, Observation};
 use gpuscale_proto::v1;
 use gpuscale_proto::{AgentReport, Directive, ReportBody};
@@ -39,10 +39,9 @@ use crate::ingest::StreamId;
 use crate::metrics::ScalerMetrics;
 use crate::stopped;
 use crate::view::{
-    ActuationRecord, EngineView, EngineWindowStats, GpuView, ModelView, NodeView, StateView,
-    WorkloadView,
+    ActuationRecord, EngineView, GpuView, ModelView, NodeView, StateView, WorkloadView,
 };
-use crate::window::{self, Window};
+use gpuscale_observe::EngineTracker;
 
 /// Most commands applied before a view is published.
 pub const MAX_BATCH: usize = 4096;
@@ -86,64 +85,6 @@ pub(crate) enum Command {
     WorkloadUnregistered { workload: WorkloadRef },
 }
 
-/// One point of an engine's window: its cumulative series at one time.
-#[derive(Debug, Clone)]
-struct EnginePoint {
-    prompt: Option<f64>,
-    generation: Option<f64>,
-    arrived: Option<f64>,
-    finished: Option<f64>,
-    preemptions: Option<f64>,
-    in_system: Option<f64>,
-    ttft: Option<Arc<Histogram>>,
-    itl: Option<Arc<Histogram>>,
-    tpot: Option<Arc<Histogram>>,
-}
-
-impl EnginePoint {
-    fn of(s: &EngineSample) -> Self {
-        let in_system = match (s.requests_waiting, s.requests_running) {
-            (None, None) => None,
-            (w, r) => Some(w.unwrap_or(0.0) + r.unwrap_or(0.0)),
-        };
-        Self {
-            prompt: s.prompt_tokens_total,
-            generation: s.generation_tokens_total,
-            arrived: s.requests_arrived_total,
-            finished: s.requests_finished_total,
-            preemptions: s.preemptions_total,
-            in_system,
-            ttft: s.ttft_seconds.clone().map(Arc::new),
-            itl: s.itl_seconds.clone().map(Arc::new),
-            tpot: s.tpot_seconds.clone().map(Arc::new),
-        }
-    }
-}
-
-struct EngineEntry {
-    sample: Arc<EngineSample>,
-    point: EnginePoint,
-    window: Window<EnginePoint>,
-}
-
-impl EngineEntry {
-    fn stats(&self) -> EngineWindowStats {
-        let w = &self.window;
-        EngineWindowStats {
-            covered_seconds: w.covered_seconds(),
-            generation_tokens_per_second: window::rate(w, |p| p.generation),
-            prompt_tokens_per_second: window::rate(w, |p| p.prompt),
-            requests_arrived_per_second: window::rate(w, |p| p.arrived),
-            requests_finished_per_second: window::rate(w, |p| p.finished),
-            preemptions_per_second: window::rate(w, |p| p.preemptions),
-            in_system_change_per_second: window::gauge_change(w, |p| p.in_system),
-            ttft_seconds: window::histogram_delta(w, |p| p.ttft.as_deref()),
-            itl_seconds: window::histogram_delta(w, |p| p.itl.as_deref()),
-            tpot_seconds: window::histogram_delta(w, |p| p.tpot.as_deref()),
-        }
-    }
-}
-
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Standing {
     drains: BTreeMap<PodRef, String>,
@@ -182,7 +123,7 @@ struct NodeState {
     sampled_at: Timestamp,
     gpus: BTreeMap<GpuUuid, GpuView>,
     pods: BTreeMap<PodRef, PodGpus>,
-    engines: BTreeMap<PodRef, EngineEntry>,
+    engines: BTreeMap<PodRef, EngineTracker>,
     agent: AgentHealth,
     standing: Standing,
     /// Standing directives must be sent again (a queue was full).
@@ -211,7 +152,7 @@ impl NodeState {
                 .map(|e| {
                     Arc::new(EngineView {
                         node: self.name.clone(),
-                        sample: e.sample.clone(),
+                        sample: e.sample().clone(),
                         seen_at: self.sampled_at,
                         window: e.stats(),
                     })
@@ -255,10 +196,6 @@ pub(crate) struct State {
     generation: u64,
 }
 
-/// Points kept per engine window: enough for a 100 ms interval over the
-/// default window, bounded whatever agents send.
-const MAX_WINDOW_POINTS: usize = 512;
-
 impl State {
     pub(crate) fn new(
         config: StateConfig,
@@ -292,11 +229,8 @@ impl State {
         }
     }
 
-    fn window(&self) -> Window<EnginePoint> {
-        Window::new(
-            i64::try_from(self.config.window.as_millis()).unwrap_or(i64::MAX),
-            MAX_WINDOW_POINTS,
-        )
+    fn window_ms(&self) -> i64 {
+        i64::try_from(self.config.window.as_millis()).unwrap_or(i64::MAX)
     }
 
     /// Applies one command at `now` (tokio clock) / `wall` (scaler clock).
@@ -397,8 +331,8 @@ impl State {
                         },
                     );
                 }
-                let window = self.window();
-                snapshot_node(&mut self.nodes, window, stream, epoch, seq, s, now, wall)
+                let window_ms = self.window_ms();
+                snapshot_node(&mut self.nodes, window_ms, stream, epoch, seq, s, now, wall)
             }
             ReportBody::Delta(d) => {
                 let node = self
@@ -524,7 +458,7 @@ impl State {
             for e in n.engines.values() {
                 if let Some(slot) = by_state
                     .iter_mut()
-                    .find(|(s, _)| *s == e.sample.state.as_str())
+                    .find(|(s, _)| *s == e.sample().state.as_str())
                 {
                     slot.1 += 1;
                 }
@@ -582,7 +516,7 @@ impl State {
 #[allow(clippy::too_many_arguments)]
 fn snapshot_node(
     nodes: &mut BTreeMap<NodeName, NodeState>,
-    fresh_window: Window<EnginePoint>,
+    window_ms: i64,
     stream: StreamId,
     epoch: u64,
     seq: u64,
@@ -597,20 +531,15 @@ fn snapshot_node(
     };
     let mut engines = BTreeMap::new();
     for e in s.engines {
-        let mut entry = match old_engines.remove(&e.pod) {
+        let pod = e.pod.clone();
+        let tracker = match old_engines.remove(&pod) {
             Some(mut old) => {
-                old.point = EnginePoint::of(&e);
-                old.sample = Arc::new(e);
+                old.update(e, s.sampled_at);
                 old
             }
-            None => EngineEntry {
-                point: EnginePoint::of(&e),
-                sample: Arc::new(e),
-                window: fresh_window.clone(),
-            },
+            None => EngineTracker::new(e, s.sampled_at, window_ms),
         };
-        entry.window.push(s.sampled_at, entry.point.clone());
-        engines.insert(entry.sample.pod.clone(), entry);
+        engines.insert(pod, tracker);
     }
     // Standing directives for pods that are gone are dropped.
     let mut standing = standing;
@@ -723,29 +652,17 @@ impl NodeState {
             .into_iter()
             .map(|e| (e.pod.clone(), e))
             .collect();
-        for (pod, entry) in &mut self.engines {
+        for (pod, tracker) in &mut self.engines {
             // Engines the delta does not name are unchanged as of its time.
-            if let Some(e) = upserted.remove(pod) {
-                entry.point = EnginePoint::of(&e);
-                entry.sample = Arc::new(e);
+            match upserted.remove(pod) {
+                Some(e) => tracker.update(e, d.sampled_at),
+                None => tracker.confirm(d.sampled_at),
             }
-            entry.window.push(d.sampled_at, entry.point.clone());
         }
+        let window_ms = i64::try_from(config.window.as_millis()).unwrap_or(i64::MAX);
         for (pod, e) in upserted {
-            let point = EnginePoint::of(&e);
-            let mut window = Window::new(
-                i64::try_from(config.window.as_millis()).unwrap_or(i64::MAX),
-                MAX_WINDOW_POINTS,
-            );
-            window.push(d.sampled_at, point.clone());
-            self.engines.insert(
-                pod,
-                EngineEntry {
-                    sample: Arc::new(e),
-                    point,
-                    window,
-                },
-            );
+            self.engines
+                .insert(pod, EngineTracker::new(e, d.sampled_at, window_ms));
         }
         if let Some(a) = d.agent {
             self.agent = a;
@@ -801,3 +718,6 @@ pub(crate) async fn run(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod parity;

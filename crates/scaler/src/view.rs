@@ -15,6 +15,8 @@ use gpuscale_core::sample::{
     AgentHealth, EngineSample, EngineState, GpuInfo, GpuMetrics, GpuSample, PodGpus,
 };
 use gpuscale_core::{Histogram, NodeName, PodRef, Timestamp, WorkloadRef};
+pub use gpuscale_observe::EngineWindowStats;
+use gpuscale_observe::engine::{add, merge};
 use gpuscale_policy::{Decision, Observation};
 
 /// Everything the scaler knows, at one instant.
@@ -111,40 +113,6 @@ pub struct EngineView {
     pub window: EngineWindowStats,
 }
 
-/// Rates and latencies of one engine over the scaler's window. Every value
-/// is `None` when the engine does not export what it needs or the window
-/// holds fewer than two samples.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct EngineWindowStats {
-    /// Seconds between the oldest and newest sample in the window.
-    pub covered_seconds: f64,
-    pub generation_tokens_per_second: Option<f64>,
-    pub prompt_tokens_per_second: Option<f64>,
-    pub requests_arrived_per_second: Option<f64>,
-    pub requests_finished_per_second: Option<f64>,
-    pub preemptions_per_second: Option<f64>,
-    /// Change per second of waiting + running requests.
-    pub in_system_change_per_second: Option<f64>,
-    /// TTFT observations inside the window.
-    pub ttft_seconds: Option<Histogram>,
-    /// Inter-token latency observations inside the window.
-    pub itl_seconds: Option<Histogram>,
-    /// Per-request TPOT observations inside the window.
-    pub tpot_seconds: Option<Histogram>,
-}
-
-impl EngineWindowStats {
-    /// Offered load: the arrival counter's rate when the engine exports it,
-    /// else finished requests plus the growth of requests in the engine.
-    pub fn arrival_rate(&self) -> Option<f64> {
-        self.requests_arrived_per_second.or_else(|| {
-            let finished = self.requests_finished_per_second?;
-            let growth = self.in_system_change_per_second.unwrap_or(0.0);
-            Some((finished + growth).max(0.0))
-        })
-    }
-}
-
 /// All engines serving one model.
 #[derive(Debug, Clone, Default)]
 pub struct ModelView {
@@ -194,25 +162,6 @@ impl ModelView {
             .get(EngineState::Warm.as_str())
             .copied()
             .unwrap_or(0)
-    }
-}
-
-/// `acc + v`, where a missing `v` leaves `acc` as it is and a missing `acc`
-/// becomes `v`: a sum over the engines that export the value.
-pub(crate) fn add(acc: &mut Option<f64>, v: Option<f64>) {
-    if let Some(v) = v {
-        *acc = Some(acc.unwrap_or(0.0) + v);
-    }
-}
-
-/// Merges `h` into `acc`; histograms of another bucket layout are skipped.
-pub(crate) fn merge(acc: &mut Option<Histogram>, h: Option<&Histogram>) {
-    let Some(h) = h else { return };
-    match acc {
-        Some(a) => {
-            let _ = a.merge(h);
-        }
-        None => *acc = Some(h.clone()),
     }
 }
 

@@ -181,6 +181,34 @@ impl Default for EngineCounters {
     }
 }
 
+impl EngineCounters {
+    /// Adds `other`'s counts (an engine whose counters continue across
+    /// replicas of the same pod).
+    pub fn accumulate(&mut self, other: &EngineCounters) {
+        self.received += other.received;
+        self.success += other.success;
+        self.aborted += other.aborted;
+        self.prompt_tokens += other.prompt_tokens;
+        self.generation_tokens += other.generation_tokens;
+        for (a, b) in self.ttft_buckets.iter_mut().zip(&other.ttft_buckets) {
+            *a += b;
+        }
+        self.ttft_sum += other.ttft_sum;
+        for (a, b) in self.itl_buckets.iter_mut().zip(&other.itl_buckets) {
+            *a += b;
+        }
+        self.itl_sum += other.itl_sum;
+        for (a, b) in self.tpot_buckets.iter_mut().zip(&other.tpot_buckets) {
+            *a += b;
+        }
+        self.tpot_sum += other.tpot_sum;
+        self.e2e_sum += other.e2e_sum;
+        self.completed_prompt_tokens += other.completed_prompt_tokens;
+        self.completed_output_tokens += other.completed_output_tokens;
+        self.busy_s += other.busy_s;
+    }
+}
+
 /// One replica: its lifecycle, its engine queue and batch, its counters.
 #[derive(Debug, Clone)]
 pub struct Replica {

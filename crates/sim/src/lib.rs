@@ -15,6 +15,7 @@
 //! fleet (engine model, router, lifecycle); [`run`] replays one workload with
 //! one [`autoscaler::Autoscaler`]; [`stats`] records attainment and latency.
 
+pub mod agent;
 pub mod autoscaler;
 pub mod baselines;
 pub mod chart;

@@ -146,6 +146,32 @@ pub fn histogram_delta<T>(
     window: &Window<T>,
     f: impl Fn(&T) -> Option<&Histogram>,
 ) -> Option<Histogram> {
+    // Fast path: one layout and no reset between consecutive points, so the
+    // pairwise deltas telescope to newest − oldest (one subtraction instead
+    // of one allocation per point).
+    let mut first: Option<&Histogram> = None;
+    let mut last: Option<&Histogram> = None;
+    let mut carried = 0usize;
+    let mut continuous = true;
+    for (_, point) in window.points() {
+        let Some(h) = f(point) else { continue };
+        carried += 1;
+        if let Some(p) = last
+            && !std::ptr::eq(p, h)
+            && !h.follows(p)
+        {
+            continuous = false;
+            break;
+        }
+        first.get_or_insert(h);
+        last = Some(h);
+    }
+    if continuous {
+        return match (first, last) {
+            (Some(a), Some(b)) if carried >= 2 => b.delta_since(a).ok(),
+            _ => None,
+        };
+    }
     let mut prev: Option<&Histogram> = None;
     let mut total: Option<Histogram> = None;
     for (_, point) in window.points() {
