@@ -31,16 +31,14 @@ fn main() {
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rustc-env=GPUSCALE_PROTO_FINGERPRINT={hash:016x}");
 
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .current_dir(&root)
-        .output()
+    // A build without a checkout (the Containerfile's) passes the commit in
+    // GPUSCALE_GIT_COMMIT.
+    println!("cargo:rerun-if-env-changed=GPUSCALE_GIT_COMMIT");
+    let given = std::env::var("GPUSCALE_GIT_COMMIT")
         .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
         .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".to_owned());
+        .filter(|s| !s.is_empty() && s != "unknown");
+    let commit = given.unwrap_or_else(|| git_commit(&root));
     if root.join(".git/HEAD").exists() {
         println!("cargo:rerun-if-changed=.git/HEAD");
     }
@@ -53,6 +51,20 @@ fn main() {
         "cargo:rustc-env=GPUSCALE_BUILD_PROFILE={}",
         std::env::var("PROFILE").unwrap_or_default()
     );
+}
+
+/// `git rev-parse --short=12 HEAD` in `root`, or `unknown`.
+fn git_commit(root: &Path) -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(root)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 fn collect_protos(dir: &Path, out: &mut Vec<PathBuf>) {
