@@ -2,13 +2,15 @@
 # The project's test command (README: "Run the tests").
 #
 # Installs what the integration tests need when it is missing (Debian's
-# `prometheus`, Python's `grpcio-tools` for the example client), builds the
-# fake NVML library, then runs every test of the workspace.
+# `prometheus` and `buildah`, Python's `grpcio-tools` for the example
+# client), builds the fake NVML library and the image's binary, then runs
+# every test of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v buildah >/dev/null 2>&1 || need_apt+=(buildah) # tests/image.rs
 if ((${#need_apt[@]})); then
   echo "test.sh: installing ${need_apt[*]} (apt-get)" >&2
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -32,6 +34,13 @@ scripts/llama-server.sh >/dev/null
 
 # The fake libnvidia-ml.so.1 that the NVML tests load through nvml-wrapper.
 cargo build -q -p fake-nvml
+
+# The container image's binary, built as the Containerfile builds it (the
+# dist profile: release code, stripped); tests/image.rs puts it in an image
+# built from scratch with buildah and runs it there.
+cargo build -q --profile dist --bin gpuscale
+GPUSCALE_IMAGE_BINARY="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/dist/gpuscale"
+export GPUSCALE_IMAGE_BINARY
 
 # Every test target; benchmarks are built by `cargo clippy --all-targets`
 # and run with `cargo bench` (they measure, they do not assert).
