@@ -5,42 +5,12 @@
 //! what `gpuscale crd` prints, and the example autoscaler is valid and its
 //! Deployment declares the readiness gate.
 
-use std::path::{Path, PathBuf};
+mod kustomize;
+
 use std::process::Command;
 
+use kustomize::{docs, kustomize, root};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn docs(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|d| serde::Deserialize::deserialize(d).expect("valid YAML"))
-        .filter(|v: &Value| !v.is_null())
-        .collect()
-}
-
-/// `kubectl kustomize <dir>`; a missing kubectl fails the test (CI has it).
-fn kustomize(dir: &Path) -> Vec<Value> {
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `kubectl kustomize` ({e}): these tests need kubectl 1.32 with kustomize on PATH \
-                 (preinstalled on the CI machines; do not install Debian's kubernetes-client)"
-            )
-        });
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {} failed:\n{}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    docs(&String::from_utf8(out.stdout).expect("UTF-8"))
-}
 
 fn gpuscale(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_gpuscale"))
