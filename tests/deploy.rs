@@ -9,7 +9,7 @@ mod kustomize;
 
 use std::process::Command;
 
-use kustomize::{docs, kustomize, root};
+use kustomize::{docs, kustomize, root, strings};
 use serde_json::Value;
 
 fn gpuscale(args: &[&str]) -> String {
@@ -29,14 +29,6 @@ fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
     objs.iter()
         .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
         .unwrap_or_else(|| panic!("no {kind} {name} in the rendered manifests"))
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s.as_str().map(str::to_string))
-        .collect()
 }
 
 fn env_value<'a>(container: &'a Value, name: &str) -> &'a Value {

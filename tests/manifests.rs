@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use gpuscale_fake_apiserver::{FakeApiServer, FakeApiServerConfig, FakeApiServerHandle};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
+use kustomize::strings;
 use serde_json::Value;
 
 /// Containers that run as root, and why (everything else runs as the
@@ -89,14 +90,6 @@ impl Container {
             .map(|k| (k, &self.spec[k]))
             .collect()
     }
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s.as_str().map(str::to_string))
-        .collect()
 }
 
 /// Every container of every workload (Deployment, DaemonSet, StatefulSet,

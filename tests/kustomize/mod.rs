@@ -59,3 +59,12 @@ pub fn overlay_names() -> Vec<String> {
     names.sort();
     names
 }
+
+/// The strings of a JSON array (nothing for anything else).
+pub fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect()
+}
