@@ -118,33 +118,7 @@ fn validate_url(url: &str, flag: &str) -> Result<(), AgentError> {
     }
 }
 
-/// Parses durations such as `500ms`, `1s`, `1.5s`, `2m`, `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration; use e.g. 500ms, 1s, 2m, 1h"))?;
-    let scale = match unit {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => {
-            return Err(format!(
-                "`{s}` has no known unit; use ms, s, m or h (e.g. 500ms, 1s)"
-            ));
-        }
-    };
-    let secs = value * scale;
-    if !secs.is_finite() || secs > 1e9 {
-        return Err(format!("`{s}` is too long"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+pub use gpuscale_core::time::parse_duration;
 
 /// `gpuscale agent` flags.
 #[derive(Debug, Clone, clap::Args)]
