@@ -11,7 +11,9 @@
 //! * [`NodeEngineSource`]: engines scraped (static `--engine` flags, and pod
 //!   annotations when the Kubernetes API is available), engines pushing to
 //!   the node-local `ServingService`, and the fake node's engines. A pod the
-//!   scaler drains is reported `Draining` (unless it failed).
+//!   scaler drains is reported `Draining` (unless it failed). A pod both
+//!   scraped and pushing (its `gpuscale proxy` sidecar) is one engine: the
+//!   scraped sample enriched with what was pushed ([`enrich_with_pushed`]).
 //!
 //! Each keeps the crate-level invariant: a source reports problems inside
 //! its samples and counts them in [`NodeStats`]; only the fake node returns
@@ -320,9 +322,10 @@ impl EngineSource for NodeEngineSource {
             .set_errors(source::ENGINE_SCRAPE, &stats.errors_by_kind);
         self.stats
             .set_engine_scrapes(stats.scrapes_total, self.scrape.targets().count() as u64);
-        for e in self.push.collect(now, pods) {
-            if !engines.iter().any(|s| s.pod == e.pod) {
-                engines.push(e);
+        for pushed in self.push.collect(now, pods) {
+            match engines.iter_mut().find(|s| s.pod == pushed.pod) {
+                Some(scraped) => enrich_with_pushed(scraped, pushed),
+                None => engines.push(pushed),
             }
         }
         let push = self.push.stats();
@@ -348,5 +351,144 @@ impl EngineSource for NodeEngineSource {
             }
         }
         Ok(engines)
+    }
+}
+
+/// Enriches the scraped sample of a pod with what was pushed for the same
+/// pod (by its request proxy, `gpuscale proxy`), so the pod stays one
+/// engine:
+///
+/// * TTFT and TPOT histograms: the pushed ones when present. The proxy
+///   measures each request as the SLO defines it (TTFT from the arrival at
+///   the pod, its queue included); the engine's own are a second source.
+///   Token-level ITL stays the engine's (the proxy does not push one).
+/// * Waiting requests: the engine's plus the pushed ones (requests queued
+///   at the proxy have not reached the engine); running: the engine's,
+///   else the pushed in-flight count.
+/// * Arrivals: the pushed counter (offered load at the pod's ingress,
+///   refused requests included), else the engine's. Finished requests and
+///   tokens: the engine's, else the pushed.
+/// * Batch limit: the tighter of the two (the one the request path applies).
+/// * Everything else (state, KV cache, model) stays the engine's, filled in
+///   from the push where the scrape has nothing. A pusher gone silent
+///   (state `Failed`, every metric missing) changes nothing.
+pub fn enrich_with_pushed(scraped: &mut EngineSample, pushed: EngineSample) {
+    if pushed.state == EngineState::Failed {
+        return;
+    }
+    let e = scraped;
+    let p = pushed;
+    if p.ttft_seconds.is_some() {
+        e.ttft_seconds = p.ttft_seconds;
+    }
+    if p.tpot_seconds.is_some() {
+        e.tpot_seconds = p.tpot_seconds;
+    }
+    e.itl_seconds = e.itl_seconds.take().or(p.itl_seconds);
+    e.requests_waiting = match (e.requests_waiting, p.requests_waiting) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, b) => a.or(b),
+    };
+    e.requests_running = e.requests_running.or(p.requests_running);
+    e.requests_arrived_total = p.requests_arrived_total.or(e.requests_arrived_total);
+    e.requests_finished_total = e.requests_finished_total.or(p.requests_finished_total);
+    e.prompt_tokens_total = e.prompt_tokens_total.or(p.prompt_tokens_total);
+    e.generation_tokens_total = e.generation_tokens_total.or(p.generation_tokens_total);
+    e.batch_limit = match (e.batch_limit, p.batch_limit) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    e.kv_cache_usage_ratio = e.kv_cache_usage_ratio.or(p.kv_cache_usage_ratio);
+    e.kv_capacity_tokens = e.kv_capacity_tokens.or(p.kv_capacity_tokens);
+    e.queued_prompt_tokens = e.queued_prompt_tokens.or(p.queued_prompt_tokens);
+    e.preemptions_total = e.preemptions_total.or(p.preemptions_total);
+    e.mean_context_tokens = e.mean_context_tokens.or(p.mean_context_tokens);
+    if e.model.is_empty() {
+        e.model = p.model;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gpuscale_core::Histogram;
+    use gpuscale_core::sample::Framework;
+
+    use super::*;
+
+    fn scraped() -> EngineSample {
+        let mut e = EngineSample::empty(
+            PodRef::new("llm", "llama-0"),
+            Framework::LlamaCpp,
+            "llama",
+            Timestamp::from_millis(1000),
+        );
+        e.state = EngineState::Warm;
+        e.requests_waiting = Some(1.0);
+        e.requests_running = Some(2.0);
+        e.requests_arrived_total = None;
+        e.generation_tokens_total = Some(500.0);
+        e.kv_cache_usage_ratio = Some(0.4);
+        e.batch_limit = Some(16);
+        e
+    }
+
+    fn pushed() -> EngineSample {
+        let mut p = EngineSample::empty(
+            PodRef::new("llm", "llama-0"),
+            Framework::Push,
+            "",
+            Timestamp::from_millis(1000),
+        );
+        let mut ttft = Histogram::ttft();
+        ttft.observe(0.3);
+        p.ttft_seconds = Some(ttft);
+        let mut tpot = Histogram::tpot();
+        tpot.observe(0.02);
+        p.tpot_seconds = Some(tpot);
+        p.requests_waiting = Some(6.0);
+        p.requests_running = Some(2.0);
+        p.requests_arrived_total = Some(40.0);
+        p.generation_tokens_total = Some(480.0);
+        p.batch_limit = Some(2);
+        p
+    }
+
+    #[test]
+    fn a_proxied_pod_is_one_engine_with_the_proxys_latencies_and_queue() {
+        let mut e = scraped();
+        let mut engine_ttft = Histogram::ttft();
+        engine_ttft.observe(0.1);
+        e.ttft_seconds = Some(engine_ttft);
+        enrich_with_pushed(&mut e, pushed());
+        assert_eq!(e.framework, Framework::LlamaCpp, "still the scraped engine");
+        assert_eq!(e.state, EngineState::Warm);
+        assert_eq!(e.model, "llama");
+        let ttft = e.ttft_seconds.as_ref().unwrap();
+        assert_eq!((ttft.count(), ttft.sum()), (1, 0.3), "the proxy's TTFT");
+        assert_eq!(e.tpot_seconds.as_ref().map(Histogram::count), Some(1));
+        assert_eq!(
+            e.requests_waiting,
+            Some(7.0),
+            "the proxy's queue counts as waiting"
+        );
+        assert_eq!(e.requests_running, Some(2.0));
+        assert_eq!(e.requests_arrived_total, Some(40.0));
+        assert_eq!(
+            e.generation_tokens_total,
+            Some(500.0),
+            "the engine's own count"
+        );
+        assert_eq!(e.kv_cache_usage_ratio, Some(0.4));
+        assert_eq!(e.batch_limit, Some(2), "the limit the request path applies");
+    }
+
+    #[test]
+    fn a_silent_pusher_changes_nothing() {
+        let mut e = scraped();
+        let before = e.clone();
+        let mut p = pushed();
+        p.state = EngineState::Failed;
+        enrich_with_pushed(&mut e, p);
+        assert_eq!(e, before);
     }
 }
