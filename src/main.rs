@@ -128,6 +128,11 @@ enum Command {
     /// gpuscale, a baseline autoscaler or the oracle; report SLO attainment
     /// and GPU-hours (`--suite` runs the benchmark suite).
     Sim(Box<gpuscale_sim::cli::SimArgs>),
+    /// Run the per-pod request proxy in front of an inference engine: the
+    /// batch limit from the node agent enforced with a FIFO queue, each
+    /// request's TTFT and TPOT measured and reported to the agent, drain on
+    /// scale-in; /healthz, /readyz, /drain and /metrics on the admin port.
+    Proxy(Box<gpuscale_proxy::ProxyArgs>),
     /// Run everything on this machine, with no cluster and no GPU: a
     /// simulated GPU fleet replaying a request trace, real agents streaming
     /// to a real scaler that acts through a fake Kubernetes API server; a
@@ -173,6 +178,9 @@ fn main() -> ExitCode {
             println!("{}", version::long());
             ExitCode::SUCCESS
         }
+        Command::Proxy(args) => serve(gpuscale_proxy::ProxyError::is_config, async move {
+            gpuscale_proxy::run_from_args(&args, shutdown_signal()).await
+        }),
         Command::Demo(args) => serve(demo::DemoError::is_config, async move {
             demo::run(&args, shutdown_signal()).await
         }),
