@@ -134,40 +134,7 @@ pub struct NodeArgs {
     pub output: OutputFormat,
 }
 
-/// Where the node-local ServingService listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ServingAddr {
-    Unix(PathBuf),
-    Tcp(SocketAddr),
-}
-
-impl ServingAddr {
-    /// `unix:/path` (or `unix:///path`), `host:port`, or `off` (`None`).
-    pub fn parse(s: &str) -> Result<Option<ServingAddr>, AgentError> {
-        let s = s.trim();
-        if s.is_empty() || s == "off" {
-            return Ok(None);
-        }
-        if let Some(path) = s.strip_prefix("unix:") {
-            let path = path.strip_prefix("//").unwrap_or(path);
-            if !path.starts_with('/') {
-                return Err(AgentError::config(
-                    "--serving-addr",
-                    s,
-                    "an absolute socket path: unix:/run/gpuscale/serving.sock",
-                ));
-            }
-            return Ok(Some(ServingAddr::Unix(PathBuf::from(path))));
-        }
-        s.parse().map(|a| Some(ServingAddr::Tcp(a))).map_err(|_| {
-            AgentError::config(
-                "--serving-addr",
-                s,
-                "unix:/path/to.sock, an IP:port such as 127.0.0.1:7071, or `off`",
-            )
-        })
-    }
-}
+pub use gpuscale_core::ServingAddr;
 
 /// Where GPUs come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -298,7 +265,9 @@ impl NodeArgs {
         }
         config.scrape.default_timeout = self.scrape_timeout;
         config.scrape.http.max_body_bytes = self.scrape_max_bytes;
-        config.serving = ServingAddr::parse(&self.serving_addr)?;
+        config.serving = ServingAddr::parse(&self.serving_addr).map_err(|allowed| {
+            AgentError::config("--serving-addr", self.serving_addr.trim(), allowed)
+        })?;
         config.kubernetes = self.kubernetes;
         config.readiness.gate = self.readiness_gate.clone();
         config.readiness.warmup = WarmupConfig {

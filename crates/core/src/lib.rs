@@ -2,7 +2,8 @@
 //!
 //! The types every other crate speaks: identifiers ([`ids`]), points in time
 //! ([`time`]), cumulative latency histograms ([`histogram`]), what a node
-//! agent samples ([`sample`]) and Kubernetes label selectors ([`selector`]).
+//! agent samples ([`sample`]), Kubernetes label selectors ([`selector`]) and
+//! the address of the agent's node-local API ([`serving`]).
 //!
 //! **Architecture invariant:** this crate is pure. It has no async code, does
 //! no I/O, never reads a clock or the environment, and does not log. Time is
@@ -12,9 +13,11 @@ pub mod histogram;
 pub mod ids;
 pub mod sample;
 pub mod selector;
+pub mod serving;
 pub mod time;
 
 pub use histogram::{Histogram, HistogramError};
 pub use ids::{GpuUuid, NodeName, PodRef, WorkloadRef};
 pub use selector::{LabelSelector, Requirement, SelectorError};
+pub use serving::ServingAddr;
 pub use time::Timestamp;

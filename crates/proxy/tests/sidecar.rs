@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use gpuscale_core::{PodRef, Timestamp};
-use gpuscale_proxy::sidecar::config::AgentAddr;
+use gpuscale_core::{PodRef, ServingAddr, Timestamp};
 use gpuscale_proxy::{Limit, ProxyConfig, RunningProxy};
 use gpuscale_telemetry::{PushConfig, push_source};
 use http::header::{self, HeaderMap, HeaderValue};
@@ -471,7 +470,7 @@ async fn the_agent_sets_the_limit_and_the_drain_and_receives_the_stats() {
     limits.set_batch_limit(&pod, Some(3));
     let (up, mut seen) = steered_upstream().await;
     let p = proxy(up, |c| {
-        c.agent = Some(AgentAddr::Unix(socket.clone()));
+        c.agent = Some(ServingAddr::Unix(socket.clone()));
         c.pod = Some(pod.clone());
         c.model = "m".into();
         c.report_interval = Duration::from_millis(100);

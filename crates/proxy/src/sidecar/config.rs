@@ -1,11 +1,10 @@
 //! `gpuscale proxy` flags and their validated form.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use gpuscale_core::PodRef;
 use gpuscale_core::time::parse_duration;
+use gpuscale_core::{PodRef, ServingAddr};
 
 use crate::admission::Limit;
 use crate::error::ProxyError;
@@ -89,58 +88,13 @@ fn default_unlimited_paths() -> Vec<String> {
         .to_vec()
 }
 
-/// Where the node agent's ServingService listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AgentAddr {
-    Unix(PathBuf),
-    Tcp(SocketAddr),
-}
-
-impl std::fmt::Display for AgentAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AgentAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-            AgentAddr::Tcp(a) => write!(f, "{a}"),
-        }
-    }
-}
-
-impl AgentAddr {
-    /// `unix:/path` (or `unix:///path`), `host:port`, or `off` (`None`);
-    /// the same forms as the agent's `--serving-addr`.
-    pub fn parse(s: &str) -> Result<Option<AgentAddr>, ProxyError> {
-        let s = s.trim();
-        if s.is_empty() || s == "off" {
-            return Ok(None);
-        }
-        if let Some(path) = s.strip_prefix("unix:") {
-            let path = path.strip_prefix("//").unwrap_or(path);
-            if !path.starts_with('/') {
-                return Err(ProxyError::config(
-                    "--agent",
-                    s,
-                    "an absolute socket path: unix:/run/gpuscale/serving.sock",
-                ));
-            }
-            return Ok(Some(AgentAddr::Unix(PathBuf::from(path))));
-        }
-        s.parse().map(|a| Some(AgentAddr::Tcp(a))).map_err(|_| {
-            ProxyError::config(
-                "--agent",
-                s,
-                "unix:/path/to.sock, an IP:port such as 10.0.0.1:7071, or `off`",
-            )
-        })
-    }
-}
-
 /// The validated configuration of `gpuscale proxy`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
     pub upstream: String,
     pub admin: Option<SocketAddr>,
-    pub agent: Option<AgentAddr>,
+    pub agent: Option<ServingAddr>,
     pub pod: Option<PodRef>,
     pub model: String,
     /// The limit while the agent sends none.
@@ -283,7 +237,8 @@ impl ProxyArgs {
             "off" | "" => None,
             a => Some(parse_addr("--admin-addr", a)?),
         };
-        c.agent = AgentAddr::parse(&self.agent)?;
+        c.agent = ServingAddr::parse(&self.agent)
+            .map_err(|allowed| ProxyError::config("--agent", self.agent.trim(), allowed))?;
         c.pod = match &self.pod {
             Some(p) => Some(parse_pod("--pod", p)?),
             None => match (env("POD_NAMESPACE"), env("POD_NAME")) {
@@ -318,6 +273,8 @@ impl ProxyArgs {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use clap::Parser;
 
     use super::*;
@@ -342,7 +299,9 @@ mod tests {
         assert_eq!(c.pod, Some(PodRef::new("llm", "llama-0")));
         assert_eq!(
             c.agent,
-            Some(AgentAddr::Unix(PathBuf::from("/run/gpuscale/serving.sock")))
+            Some(ServingAddr::Unix(PathBuf::from(
+                "/run/gpuscale/serving.sock"
+            )))
         );
         assert_eq!(c.default_limit, Limit::Unlimited);
         assert_eq!(c.queue_timeout, Duration::from_secs(60));

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use gpuscale_core::PodRef;
+use gpuscale_core::{PodRef, ServingAddr};
 use gpuscale_proto::v1;
 use gpuscale_proto::v1::serving_service_client::ServingServiceClient;
 use hyper_util::rt::TokioIo;
@@ -22,7 +22,6 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use super::config::AgentAddr;
 use crate::admission::Limit;
 use crate::error::ProxyError;
 
@@ -30,14 +29,14 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
 /// A lazily connecting channel to the agent (it reconnects by itself).
-pub(super) fn channel(addr: &AgentAddr) -> Result<Channel, ProxyError> {
+pub(super) fn channel(addr: &ServingAddr) -> Result<Channel, ProxyError> {
     let bad = |e: tonic::transport::Error| ProxyError::config("--agent", addr, e.to_string());
     match addr {
-        AgentAddr::Tcp(a) => Ok(Endpoint::from_shared(format!("http://{a}"))
+        ServingAddr::Tcp(a) => Ok(Endpoint::from_shared(format!("http://{a}"))
             .map_err(bad)?
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy()),
-        AgentAddr::Unix(path) => {
+        ServingAddr::Unix(path) => {
             let path = path.clone();
             Ok(Endpoint::from_static("http://localhost")
                 .connect_timeout(Duration::from_secs(2))

@@ -45,7 +45,7 @@ use crate::forward::{
 };
 use crate::measure::{End, Exchange, RequestStats, Totals};
 use crate::{reply, server};
-pub use config::{AgentAddr, ProxyArgs, ProxyConfig};
+pub use config::{ProxyArgs, ProxyConfig};
 
 /// How long open connections get to finish once the servers stop.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
