@@ -5,7 +5,10 @@
 //! shared libraries `ldd` lists, runs `gpuscale version` and `gpuscale agent
 //! --once` (no-GPU mode) from its own root filesystem as the user it
 //! declares (`chroot --userspec`), with nothing in it writable by that user
-//! (the manifests mount the root filesystem read-only).
+//! (the manifests mount the root filesystem read-only). The Containerfile's
+//! runtime stage itself is built too (`buildah bud`, its two source images
+//! replaced by stand-ins made here): its smoke test runs, and it declares
+//! what the check's image does.
 //!
 //! The binary: `$GPUSCALE_IMAGE_BINARY`, which `scripts/test.sh` builds
 //! with the `dist` profile exactly as the Containerfile does; run outside
@@ -288,6 +291,79 @@ fn writable_by(rootfs: &Path, uid: u32, gid: u32) -> Vec<PathBuf> {
     found
 }
 
+/// Builds the Containerfile's last stage with `buildah bud`, its `FROM`
+/// image and its `COPY --from` stage replaced by images made here (`libs`
+/// on scratch; `binary` where the builder stage installs it); returns the
+/// image's config and what the build printed.
+fn build_runtime_stage(
+    buildah: &Buildah,
+    dir: &Path,
+    libs: &[PathBuf],
+    binary: &Path,
+    commit: &str,
+) -> (Value, String) {
+    let stages = containerfile::stages();
+    let builder = stages[0].name.clone().expect("the builder stage is named");
+    let copies = stages.last().expect("a runtime stage").copies();
+    let src = &copies
+        .first()
+        .expect("the runtime stage copies the binary")
+        .src;
+
+    let standin = |name: &str, files: &[(PathBuf, PathBuf)]| -> String {
+        let root = dir.join(name);
+        for (at, from) in files {
+            stage_file(&root, at, from);
+        }
+        let image = format!("localhost/gpuscale-check-{name}:test");
+        let c = buildah.run(&["from", "scratch"]);
+        buildah.run(&["copy", &c, &format!("{}/", root.display()), "/"]);
+        buildah.run(&["commit", "--quiet", &c, &image]);
+        buildah.run(&["rm", &c]);
+        image
+    };
+    let lib_files: Vec<(PathBuf, PathBuf)> = libs.iter().map(|l| (l.clone(), l.clone())).collect();
+    let base = standin("base", &lib_files);
+    let builder_image = standin("builder", &[(PathBuf::from(src), binary.to_path_buf())]);
+
+    // The runtime stage's own lines, from its FROM to the end.
+    let text = std::fs::read_to_string(containerfile::path()).expect("the Containerfile");
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines
+        .iter()
+        .rposition(|l| l.trim_start().to_ascii_uppercase().starts_with("FROM "))
+        .expect("a FROM line");
+    let mut stage = format!("FROM {base}\n");
+    for line in &lines[from + 1..] {
+        stage.push_str(&line.replace(
+            &format!("--from={builder}"),
+            &format!("--from={builder_image}"),
+        ));
+        stage.push('\n');
+    }
+    let file = dir.join("Containerfile.runtime");
+    std::fs::write(&file, stage).expect("write the runtime stage");
+    let context = dir.join("context");
+    std::fs::create_dir_all(&context).expect("an empty build context");
+    let image = "localhost/gpuscale-containerfile:test";
+    let printed = buildah.run(&[
+        "bud",
+        "--pull-never",
+        "--isolation=chroot",
+        "--build-arg",
+        &format!("REVISION={commit}"),
+        "-f",
+        &file.display().to_string(),
+        "-t",
+        image,
+        &context.display().to_string(),
+    ]);
+    let inspect: Value = serde_json::from_str(&buildah.run(&["inspect", "--type", "image", image]))
+        .expect("buildah inspect prints JSON");
+    buildah.run(&["rmi", image, &builder_image, &base]);
+    (inspect["OCIv1"]["config"].clone(), printed)
+}
+
 #[test]
 fn an_image_with_the_runtime_layout_runs_version_and_agent_once_as_65532() {
     if !is_root() {
@@ -392,6 +468,24 @@ fn an_image_with_the_runtime_layout_runs_version_and_agent_once_as_65532() {
                 .as_str()
                 .is_some_and(|v| !v.is_empty()),
             "label {key}: {declared}"
+        );
+    }
+
+    // The Containerfile's own runtime stage, built by `buildah bud` with
+    // stand-ins for the two images it starts from (no registry here): the
+    // base holding the libraries (what distroless cc gives the binary), the
+    // builder holding the binary where the runtime stage copies it from.
+    // Its smoke test runs (chroot isolation), and the image it makes
+    // declares what the check's image does.
+    let (built, smoke) = build_runtime_stage(&buildah, dir.path(), &libs, &binary, &commit);
+    assert!(
+        smoke.contains(version_text.lines().next().expect("a version line")),
+        "the runtime stage's smoke test prints the version: {smoke}"
+    );
+    for key in ["User", "Entrypoint", "Cmd", "Labels"] {
+        assert_eq!(
+            built[key], declared[key],
+            "{key}: the Containerfile's runtime stage (left) and the check's image (right)"
         );
     }
 
