@@ -34,6 +34,7 @@ fn case(label: &str, workload: Workload, preset: &'static str, itl_s: f64, cold:
         ttft_s: 2.0,
         itl_s,
         percentile: 95.0,
+        ttft_per_input_token_s: 0.0,
     };
     let (mi, mo) = workload.mean_sizes();
     let mut ctx = BaselineContext {

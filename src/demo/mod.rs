@@ -261,6 +261,7 @@ impl DemoConfig {
             ttft_s: TTFT_SLO_S,
             itl_s: ITL_SLO_S,
             percentile: 95.0,
+            ttft_per_input_token_s: 0.0,
         };
         let max_replicas = args.nodes * (args.gpus_per_node / gpr);
         let mut ctx = BaselineContext {

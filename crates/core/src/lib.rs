@@ -2,8 +2,9 @@
 //!
 //! The types every other crate speaks: identifiers ([`ids`]), points in time
 //! ([`time`]), cumulative latency histograms ([`histogram`]), what a node
-//! agent samples ([`sample`]), Kubernetes label selectors ([`selector`]) and
-//! the address of the agent's node-local API ([`serving`]).
+//! agent samples ([`sample`]), the SLO's one definition ([`slo`]),
+//! Kubernetes label selectors ([`selector`]) and the address of the
+//! agent's node-local API ([`serving`]).
 //!
 //! **Architecture invariant:** this crate is pure. It has no async code, does
 //! no I/O, never reads a clock or the environment, and does not log. Time is
@@ -14,10 +15,12 @@ pub mod ids;
 pub mod sample;
 pub mod selector;
 pub mod serving;
+pub mod slo;
 pub mod time;
 
 pub use histogram::{Histogram, HistogramError};
 pub use ids::{GpuUuid, NodeName, PodRef, WorkloadRef};
 pub use selector::{LabelSelector, Requirement, SelectorError};
 pub use serving::ServingAddr;
+pub use slo::{LatencyObjective, SloAssessment, SloObjectives, SloStatus};
 pub use time::Timestamp;

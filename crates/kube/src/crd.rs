@@ -75,7 +75,7 @@ pub const DEFAULT_DRAIN_TIMEOUT_SECONDS: u32 = 300;
         name = "SLO",
         type_ = "string",
         json_path = ".status.sloStatus",
-        description = "Met, Violated or Unknown"
+        description = "Met, AtRisk, Breached or Unknown"
     ),
     printcolumn(
         name = "Last Decision",
@@ -102,15 +102,30 @@ pub struct InferenceAutoscalerSpec {
     pub drain_timeout_seconds: Option<u32>,
 }
 
-/// Whether the latency SLOs were met over the scaler's window.
+/// Where the workload stood against its latency SLOs (per-request TTFT and
+/// TPOT at the objectives' percentiles) in the observation of the last
+/// decision; the scaler's API and metrics publish the same status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum SloStatus {
-    /// Every objective with enough observations was met.
+    /// Every objective with enough observations was met with room.
     Met,
+    /// Met, but a measured percentile is close to its threshold.
+    AtRisk,
     /// At least one objective was missed.
-    Violated,
-    /// Too few observations to say.
+    Breached,
+    /// Too few observations (or stale telemetry) to say.
     Unknown,
+}
+
+impl From<gpuscale_core::SloStatus> for SloStatus {
+    fn from(s: gpuscale_core::SloStatus) -> Self {
+        match s {
+            gpuscale_core::SloStatus::Met => SloStatus::Met,
+            gpuscale_core::SloStatus::AtRisk => SloStatus::AtRisk,
+            gpuscale_core::SloStatus::Breached => SloStatus::Breached,
+            gpuscale_core::SloStatus::Unknown => SloStatus::Unknown,
+        }
+    }
 }
 
 /// What the controller last saw and decided.

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpuscale_core::Timestamp;
-use gpuscale_policy::spec::{LatencySloSpec, SloSpec};
 use gpuscale_policy::{Decision, Observation, Source};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::Api;
@@ -41,8 +40,6 @@ use crate::workload::{Cond, WorkloadEntry};
 
 /// A status that changed only in its wording is written at most this often.
 pub const REWORDING_INTERVAL: Duration = Duration::from_secs(15);
-/// Latency objectives need this many observations in the window to count.
-const MIN_SLO_SAMPLES: u64 = 20;
 
 pub const READY: &str = "Ready";
 pub const SCALING_ACTIVE: &str = "ScalingActive";
@@ -61,7 +58,6 @@ pub(crate) struct StatusInputs<'a> {
     pub(crate) last_scale_time: Option<Timestamp>,
     pub(crate) decision: Option<&'a Decision>,
     pub(crate) observation: Option<&'a Observation>,
-    pub(crate) slo: &'a SloSpec,
 }
 
 pub(crate) fn time(t: Timestamp) -> Time {
@@ -198,8 +194,8 @@ pub(crate) fn compose(
             .or_else(|| prev.and_then(|p| p.last_scale_time.clone())),
         last_decision: i.decision.map(|d| one_line(&d.summary(), 1000)),
         slo_status: Some(
-            i.observation
-                .map_or(SloStatus::Unknown, |o| slo_status(o, i.slo)),
+            i.decision
+                .map_or(SloStatus::Unknown, |d| SloStatus::from(d.slo.status)),
         ),
         selector: i.selector.map(str::to_string),
         conditions,
@@ -249,27 +245,6 @@ pub(crate) fn invalid(
         advisory_condition(prev_conditions, advisory, generation, now),
     ];
     status
-}
-
-/// Met when every objective with enough observations holds at its
-/// percentile, Violated when one does not, Unknown without enough data.
-pub(crate) fn slo_status(obs: &Observation, slo: &SloSpec) -> SloStatus {
-    let check = |h: Option<&gpuscale_core::Histogram>, s: &LatencySloSpec| -> Option<bool> {
-        let h = h.filter(|h| h.count() >= MIN_SLO_SAMPLES)?;
-        let within = h.fraction_at_or_below(s.threshold_seconds)?;
-        Some(within + 1e-9 >= s.percentile / 100.0)
-    };
-    let results = [
-        check(obs.latency.ttft_seconds.as_ref(), &slo.ttft),
-        check(obs.latency.itl_seconds.as_ref(), &slo.itl),
-    ];
-    if results.contains(&Some(false)) {
-        SloStatus::Violated
-    } else if results.iter().any(Option::is_some) {
-        SloStatus::Met
-    } else {
-        SloStatus::Unknown
-    }
 }
 
 /// Whether `a` and `b` differ in more than the decision's wording.
@@ -357,7 +332,6 @@ pub(crate) async fn run_writer(shared: Arc<Shared>, store: Store<InferenceAutosc
                 last_scale_time,
                 decision: wv.and_then(|w| w.decision.as_ref()),
                 observation: wv.and_then(|w| w.observation.as_ref()),
-                slo: &entry.spec.workload.slo,
             };
             let status = compose(prev.as_ref(), &inputs, shared.clock.now());
             let due = match last {
@@ -454,30 +428,7 @@ async fn announce_advisory(shared: &Shared, entry: &WorkloadEntry, d: &Decision)
 
 #[cfg(test)]
 mod tests {
-    use gpuscale_core::Histogram;
-
     use super::*;
-
-    fn obs_with(ttft: &[(f64, u64)]) -> Observation {
-        let mut o = Observation::empty();
-        let mut h = Histogram::ttft();
-        for (v, n) in ttft {
-            h.observe_n(*v, *n);
-        }
-        o.latency.ttft_seconds = Some(h);
-        o
-    }
-
-    #[test]
-    fn slo_status_needs_enough_observations() {
-        let slo = SloSpec::default();
-        assert_eq!(slo_status(&obs_with(&[(0.1, 5)]), &slo), SloStatus::Unknown);
-        assert_eq!(slo_status(&obs_with(&[(0.1, 100)]), &slo), SloStatus::Met);
-        assert_eq!(
-            slo_status(&obs_with(&[(0.1, 90), (5.0, 10)]), &slo),
-            SloStatus::Violated
-        );
-    }
 
     #[test]
     fn transition_time_moves_only_when_the_status_flips() {

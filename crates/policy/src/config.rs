@@ -10,13 +10,8 @@ use crate::perf::{self, PerfModel, ProfileFormat};
 use crate::schedule::ScheduleRule;
 use crate::spec::{PredictiveMode, TargetRef};
 
-/// A latency objective: the `quantile` of the latency at most `threshold_s`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct LatencyObjective {
-    pub threshold_s: f64,
-    /// 0.5 ≤ quantile < 1 (a percentile of 95 is 0.95).
-    pub quantile: f64,
-}
+pub use gpuscale_core::slo::LatencyObjective;
+use gpuscale_core::slo::SloObjectives;
 
 /// Overrides of a performance model's capacities.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -86,6 +81,9 @@ pub struct ReactiveConfig {
 pub struct WorkloadConfig {
     pub target: TargetRef,
     pub ttft: LatencyObjective,
+    /// Extra TTFT allowed per prompt token (a length-aware objective), seconds.
+    pub ttft_per_input_token_s: f64,
+    /// The time per output token of each request (the spec's `itl`).
     pub itl: LatencyObjective,
     pub min_replicas: u32,
     pub max_replicas: u32,
@@ -106,6 +104,15 @@ pub struct WorkloadConfig {
 }
 
 impl WorkloadConfig {
+    /// The workload's SLO, as every surface judges it.
+    pub fn slo_objectives(&self) -> SloObjectives {
+        SloObjectives {
+            ttft: self.ttft,
+            ttft_per_input_token_s: self.ttft_per_input_token_s,
+            tpot: self.itl,
+        }
+    }
+
     /// Resolve the performance model. `profile_file_text` is the content of
     /// the spec's `profileFile` (the caller reads it; ignored for other
     /// sources).

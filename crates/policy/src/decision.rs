@@ -6,6 +6,7 @@
 //! did it scale?" in one line ([`Decision::summary`]) and in full (serde).
 
 use gpuscale_core::Timestamp;
+use gpuscale_core::slo::{SloAssessment, TpotSource};
 use serde::{Deserialize, Serialize};
 
 /// What a decision does to the scale target.
@@ -108,6 +109,12 @@ pub struct Decision {
     pub model_confidence: f64,
     /// Advisory mode: computed and published, never acted on.
     pub advisory: bool,
+    /// Where the workload stood against its SLO in the observation the
+    /// decision was made from (unknown when that telemetry was missing or
+    /// stale): the one status the API, the custom resource and the metrics
+    /// publish.
+    #[serde(default)]
+    pub slo: SloAssessment,
     /// The numbers the decision used, for the full explanation.
     pub inputs: serde_json::Value,
 }
@@ -142,6 +149,11 @@ impl Decision {
         }
         if let Some(b) = self.batch_limit {
             line.push_str(&format!("; batch limit {b}"));
+        }
+        if self.slo.tpot_source == Some(TpotSource::TokenLevelFallback) {
+            line.push_str(
+                "; SLO judged on token-level ITL (the engines report no per-request TPOT)",
+            );
         }
         if self.advisory {
             line.push_str(" [advisory]");
@@ -188,6 +200,7 @@ mod tests {
             victims: Vec::new(),
             model_confidence: 1.0,
             advisory: false,
+            slo: SloAssessment::NONE,
             inputs: serde_json::Value::Null,
         };
         assert_eq!(d.summary(), "3 -> 9: reactive (replicas needed 9)");

@@ -6,6 +6,7 @@
 //! value is `None` when it is unknown: the policy must never read a missing
 //! value as zero.
 
+use gpuscale_core::slo::LatencyWindow;
 use gpuscale_core::{Histogram, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -126,4 +127,17 @@ pub struct LatencyObservation {
     /// the SLO defines it.
     #[serde(default)]
     pub tpot_seconds: Option<Histogram>,
+}
+
+impl LatencyObservation {
+    /// The window as the SLO judges it, with the window's mean prompt
+    /// (for a length-aware TTFT objective).
+    pub fn slo_window(&self, mean_input_tokens: Option<f64>) -> LatencyWindow<'_> {
+        LatencyWindow {
+            ttft: self.ttft_seconds.as_ref(),
+            tpot: self.tpot_seconds.as_ref(),
+            itl: self.itl_seconds.as_ref(),
+            mean_input_tokens,
+        }
+    }
 }

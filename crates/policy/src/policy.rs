@@ -44,6 +44,7 @@
 use std::collections::VecDeque;
 
 use gpuscale_core::Timestamp;
+use gpuscale_core::slo::{SloAssessment, TpotSource};
 use serde::Serialize;
 
 use crate::config::WorkloadConfig;
@@ -60,7 +61,7 @@ use crate::victim;
 
 /// Latency histograms need at least this many observations in the window
 /// before an SLO breach counts.
-pub const MIN_SLO_SAMPLES: u64 = 20;
+pub use gpuscale_core::slo::MIN_SLO_SAMPLES;
 /// The panic window is this fraction of the stable window (at least 6 s).
 pub const PANIC_WINDOW_FRACTION: f64 = 0.1;
 /// Largest demand factor SLO feedback may learn.
@@ -161,7 +162,9 @@ struct DecisionInputs {
     waiting: Option<f64>,
     kv_cache_usage_ratio: Option<f64>,
     measured_ttft_s: Option<f64>,
-    measured_itl_s: Option<f64>,
+    /// The TPOT percentile judged (per request; token-level ITL where the
+    /// engines report nothing else).
+    measured_tpot_s: Option<f64>,
     input_tokens: f64,
     output_tokens: f64,
     context_tokens: f64,
@@ -367,35 +370,33 @@ impl Policy {
                 ),
             });
         }
-        // Panic and SLO feedback.
-        let measured_ttft = obs
-            .latency
-            .ttft_seconds
-            .as_ref()
-            .filter(|h| h.count() >= MIN_SLO_SAMPLES)
-            .and_then(|h| h.quantile(cfg.ttft.quantile));
-        let measured_itl = obs
-            .latency
-            .itl_seconds
-            .as_ref()
-            .filter(|h| h.count() >= MIN_SLO_SAMPLES)
-            .and_then(|h| h.quantile(cfg.itl.quantile));
+        // Panic and SLO feedback, from the SLO's one definition (per-request
+        // TTFT and TPOT at the objectives' percentiles).
+        let slo = if fresh {
+            cfg.slo_objectives()
+                .assess(&obs.latency.slo_window(obs.load.mean_input_tokens))
+        } else {
+            SloAssessment::NONE
+        };
+        let measured_ttft = slo.ttft.and_then(|o| o.measured_s);
+        let measured_itl = slo.tpot.and_then(|o| o.measured_s);
         let waiting_now = waiting_of(obs, shape);
         let mut panic_trigger: Option<String> = None;
         let mut slo_error: f64 = 0.0;
         if fresh {
-            let ttft_err = measured_ttft
-                .map(|m| m / cfg.ttft.threshold_s)
-                .unwrap_or(0.0);
-            let itl_err = measured_itl.map(|m| m / cfg.itl.threshold_s).unwrap_or(0.0);
-            slo_error = ttft_err.max(itl_err);
+            slo_error = slo.worst_ratio().unwrap_or(0.0);
             if slo_error > 1.0 {
                 panic_trigger = Some(format!(
-                    "SLO breached (TTFT p{} {}, ITL p{} {})",
+                    "SLO breached (TTFT p{} {}, TPOT p{} {}{})",
                     pct(cfg.ttft.quantile),
                     fmt_s(measured_ttft),
                     pct(cfg.itl.quantile),
-                    fmt_ms(measured_itl)
+                    fmt_ms(measured_itl),
+                    if slo.tpot_source == Some(TpotSource::TokenLevelFallback) {
+                        ", token-level ITL: the engines report no per-request TPOT"
+                    } else {
+                        ""
+                    }
                 ));
             } else if in_flight == 0 {
                 if let Some(grew) = self.queue_growth(now, waiting_now, ready) {
@@ -675,7 +676,7 @@ impl Policy {
             waiting: waiting_now,
             kv_cache_usage_ratio: obs.load.kv_cache_usage_ratio,
             measured_ttft_s: measured_ttft,
-            measured_itl_s: measured_itl,
+            measured_tpot_s: measured_itl,
             input_tokens: shape.input_tokens,
             output_tokens: shape.output_tokens,
             context_tokens: shape.context_tokens,
@@ -700,6 +701,7 @@ impl Policy {
             victims,
             model_confidence: self.refiner.confidence(),
             advisory: cfg.advisory,
+            slo,
             inputs: serde_json::to_value(&inputs).unwrap_or(serde_json::Value::Null),
         }
     }

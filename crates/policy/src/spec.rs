@@ -552,6 +552,7 @@ impl WorkloadSpec {
         Ok(WorkloadConfig {
             target: self.target.clone(),
             ttft,
+            ttft_per_input_token_s: 0.0,
             itl,
             min_replicas: self.min_replicas,
             max_replicas: self.max_replicas,

@@ -217,6 +217,7 @@ impl Decider for ProportionalDecider {
             victims,
             model_confidence: 0.0,
             advisory: c.advisory,
+            slo: gpuscale_core::SloAssessment::NONE,
             inputs: serde_json::json!({
                 "generation_tokens_per_second": obs.load.generation_tokens_per_second,
                 "arrival_rate_rps": obs.load.arrival_rate_rps,

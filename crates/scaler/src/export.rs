@@ -5,7 +5,8 @@
 //! `watch`, no lock, it can only skip versions) and, whenever a workload has
 //! a new decision, updates that workload's series:
 //!
-//! * `gpuscale_scaler_ttft_seconds` / `gpuscale_scaler_itl_seconds`:
+//! * `gpuscale_scaler_ttft_seconds` / `gpuscale_scaler_tpot_seconds` (per
+//!   request) / `gpuscale_scaler_itl_seconds` (per token):
 //!   cumulative histograms of the workload's engines, built from each
 //!   engine's counter deltas (an engine seen for the first time is a
 //!   baseline; a counter reset counts the new process from zero; engines
@@ -14,8 +15,11 @@
 //!   percentiles;
 //! * SLO attainment: observations that met the threshold (interpolated in
 //!   its bucket) as counters, for burn-rate alerts, and as ratios over the
-//!   last 5 minutes and hour ([`crate::slo::AttainmentWindows`]); the
-//!   objective's threshold and quantile; the status the API streams;
+//!   last 5 minutes and hour ([`crate::slo::AttainmentWindows`]), TPOT from
+//!   the per-request histograms (token-level ITL only where no engine
+//!   reports them); the objective's threshold and quantile; the status of
+//!   the latest decision (the one the API streams and the custom resource
+//!   shows);
 //! * the forecast arrival rate, the performance model's confidence, the
 //!   replica bounds and the current count the decision was made from;
 //! * GPUs held by the workload's pods and GPU-seconds (per workload and for
@@ -27,7 +31,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use gpuscale_core::{Histogram, PodRef, Timestamp, WorkloadRef};
+use gpuscale_core::slo::SloObjectives;
+use gpuscale_core::{Histogram, PodRef, SloStatus, Timestamp, WorkloadRef};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -40,9 +45,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{DeciderConfig, WorkloadDef};
 use crate::decide::WorkloadRegistry;
 use crate::metrics::{ScalerMetrics, WorkloadLabels};
-use crate::slo::{
-    ATTAINMENT_WINDOWS, AttainmentWindows, SloKind, SloObjectives, good_and_total, slo_status,
-};
+use crate::slo::{ATTAINMENT_WINDOWS, AttainmentWindows, SloKind, good_and_total, objectives_of};
 use crate::state::Command;
 use crate::view::{EngineView, StateView, WorkloadView};
 
@@ -144,6 +147,7 @@ pub struct ViewMetrics {
     forecast_arrival: Family<WorkloadLabels, GaugeF>,
     model_confidence: Family<WorkloadLabels, GaugeF>,
     ttft: Family<WorkloadLabels, LatencyHistogram>,
+    tpot: Family<WorkloadLabels, LatencyHistogram>,
     itl: Family<WorkloadLabels, LatencyHistogram>,
     slo_objective: Family<SloLabels, GaugeF>,
     slo_target: Family<SloLabels, GaugeF>,
@@ -180,6 +184,7 @@ impl ViewMetrics {
             forecast_arrival: Family::default(),
             model_confidence: Family::default(),
             ttft: Family::default(),
+            tpot: Family::default(),
             itl: Family::default(),
             slo_objective: Family::default(),
             slo_target: Family::default(),
@@ -250,6 +255,12 @@ impl ViewMetrics {
             m.ttft.clone(),
         );
         r.register_with_unit(
+            "tpot",
+            "Time per output token of each of the workload's requests, all engines (from the engines' histograms)",
+            Unit::Seconds,
+            m.tpot.clone(),
+        );
+        r.register_with_unit(
             "itl",
             "Inter-token latency of the workload's tokens, all engines (from the engines' histograms)",
             Unit::Seconds,
@@ -257,7 +268,7 @@ impl ViewMetrics {
         );
         r.register_with_unit(
             "slo_objective",
-            "Latency threshold of the workload's objective, by objective (ttft, itl)",
+            "Latency threshold of the workload's objective, by objective (ttft, tpot)",
             Unit::Seconds,
             m.slo_objective.clone(),
         );
@@ -285,7 +296,7 @@ impl ViewMetrics {
         );
         r.register(
             "slo_status",
-            "1 for the workload's current SLO status (met, at_risk, breached, no_data), 0 for the others",
+            "1 for the workload's SLO status as its latest decision judged it (met, at_risk, breached, unknown), 0 for the others",
             m.slo_status.clone(),
         );
         r.register(
@@ -344,6 +355,7 @@ impl ViewMetrics {
         self.forecast_arrival.remove(&l);
         self.model_confidence.remove(&l);
         self.ttft.remove(&l);
+        self.tpot.remove(&l);
         self.itl.remove(&l);
         self.workload_gpu_seconds.remove(&l);
         for kind in SloKind::ALL {
@@ -357,7 +369,7 @@ impl ViewMetrics {
                     .remove(&attainment_labels(w, kind, window));
             }
         }
-        for status in crate::slo::SloStatus::ALL {
+        for status in SloStatus::ALL {
             self.slo_status.remove(&StatusLabels {
                 namespace: w.namespace.clone(),
                 workload: w.name.clone(),
@@ -407,7 +419,20 @@ fn bounds(def: &WorkloadDef) -> (u32, u32) {
 #[derive(Debug, Default)]
 struct EngineLast {
     ttft: Option<Histogram>,
+    tpot: Option<Histogram>,
     itl: Option<Histogram>,
+}
+
+/// The latency histograms an engine reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Series {
+    Ttft,
+    Tpot,
+    Itl,
+}
+
+impl Series {
+    const ALL: [Series; 3] = [Series::Ttft, Series::Tpot, Series::Itl];
 }
 
 /// The new observations of `current` since `last` (see the module docs).
@@ -504,7 +529,7 @@ impl ViewExporter {
                 m.min_replicas.get_or_create(&labels).set(i64::from(lo));
                 m.max_replicas.get_or_create(&labels).set(i64::from(hi));
             }
-            let objectives = def.and_then(|d| SloObjectives::of(d));
+            let objectives = def.and_then(|d| objectives_of(d));
             let decided_at = wv.decision.as_ref().map(|d| d.at);
             if decided_at.is_some() && decided_at != state.decided_at {
                 state.decided_at = decided_at;
@@ -553,12 +578,10 @@ impl ViewExporter {
             );
         }
         let status = wv
-            .observation
+            .decision
             .as_ref()
-            .map_or(crate::slo::SloStatus::NoData, |o| {
-                slo_status(objectives, &o.latency)
-            });
-        for s in crate::slo::SloStatus::ALL {
+            .map_or(SloStatus::Unknown, |d| d.slo.status);
+        for s in SloStatus::ALL {
             m.slo_status
                 .get_or_create(&StatusLabels {
                     namespace: workload.namespace.clone(),
@@ -573,25 +596,26 @@ impl ViewExporter {
             .map(|e| e.as_ref())
             .filter(|e| state.members.contains(&e.sample.pod))
             .collect();
-        let mut new: BTreeMap<SloKind, Histogram> = BTreeMap::new();
+        let mut new: BTreeMap<Series, Histogram> = BTreeMap::new();
         let mut seen = BTreeSet::new();
         for e in engines {
             let pod = &e.sample.pod;
             seen.insert(pod.clone());
             let first_seen = !state.engines.contains_key(pod);
             let last = state.engines.entry(pod.clone()).or_default();
-            for kind in SloKind::ALL {
-                let (current, previous) = match kind {
-                    SloKind::Ttft => (e.sample.ttft_seconds.as_ref(), &mut last.ttft),
-                    SloKind::Itl => (e.sample.itl_seconds.as_ref(), &mut last.itl),
+            for series in Series::ALL {
+                let (current, previous) = match series {
+                    Series::Ttft => (e.sample.ttft_seconds.as_ref(), &mut last.ttft),
+                    Series::Tpot => (e.sample.tpot_seconds.as_ref(), &mut last.tpot),
+                    Series::Itl => (e.sample.itl_seconds.as_ref(), &mut last.itl),
                 };
                 if let Some(delta) = new_observations(current, previous.as_ref(), first_seen) {
-                    match new.get_mut(&kind) {
+                    match new.get_mut(&series) {
                         Some(acc) => {
                             let _ = acc.merge(&delta);
                         }
                         None => {
-                            new.insert(kind, delta);
+                            new.insert(series, delta);
                         }
                     }
                 }
@@ -601,24 +625,36 @@ impl ViewExporter {
             }
         }
         state.engines.retain(|pod, _| seen.contains(pod));
+        for (series, delta) in &new {
+            let family = match series {
+                Series::Ttft => &m.ttft,
+                Series::Tpot => &m.tpot,
+                Series::Itl => &m.itl,
+            };
+            family.get_or_create(&labels).add(delta);
+        }
+        let Some(o) = objectives else { return };
+        let mean_input = wv
+            .observation
+            .as_ref()
+            .and_then(|obs| obs.load.mean_input_tokens);
         for kind in SloKind::ALL {
-            let delta = new.get(&kind);
-            if let Some(delta) = delta {
-                let family = match kind {
-                    SloKind::Ttft => &m.ttft,
-                    SloKind::Itl => &m.itl,
-                };
-                family.get_or_create(&labels).add(delta);
-            }
-            let Some(o) = objectives else { continue };
             let objective = kind.objective(o);
+            let (delta, threshold_s) = match kind {
+                SloKind::Ttft => (
+                    new.get(&Series::Ttft),
+                    o.ttft_threshold_s(mean_input.unwrap_or(0.0)),
+                ),
+                // Per request; token-level gaps only where no engine reports more.
+                SloKind::Tpot => (
+                    new.get(&Series::Tpot).or_else(|| new.get(&Series::Itl)),
+                    objective.threshold_s,
+                ),
+            };
             let sl = slo_labels(workload, kind);
-            m.slo_objective
-                .get_or_create(&sl)
-                .set(objective.threshold_s);
+            m.slo_objective.get_or_create(&sl).set(threshold_s);
             m.slo_target.get_or_create(&sl).set(objective.quantile);
-            let (good, total) =
-                delta.map_or((0.0, 0.0), |d| good_and_total(d, objective.threshold_s));
+            let (good, total) = delta.map_or((0.0, 0.0), |d| good_and_total(d, threshold_s));
             m.slo_observations.get_or_create(&sl).inc_by(total);
             m.slo_good.get_or_create(&sl).inc_by(good);
             let windows = state.attainment.entry(kind).or_default();

@@ -1,27 +1,26 @@
-//! SLO status and attainment of a workload, from latency histograms.
+//! SLO attainment of a workload over minutes and hours, from latency
+//! histograms.
+//!
+//! The SLO itself (objectives, a request's outcome, a window's status) is
+//! defined once, in [`gpuscale_core::slo`]; each decision carries the
+//! workload's [`gpuscale_core::SloAssessment`], which the API, the custom
+//! resource and the `slo_status` metric publish. Here:
+//!
+//! * [`objectives_of`]: a configured workload's objectives;
+//! * [`good_and_total`] and [`AttainmentWindows`]: the fraction of
+//!   observations that met the threshold over the last 5 minutes and the
+//!   last hour, from the observations counted since the previous call
+//!   (per-bucket sums in a ring of [`ATTAINMENT_BUCKET_MS`] buckets: bounded
+//!   memory, no double counting).
 //!
 //! Pure: every function takes the time as an argument.
-//!
-//! * [`slo_status`]: the status the public API streams, from the latencies
-//!   of the scaler's window (the same histograms the policy decides from):
-//!   the objective's quantile (e.g. p90 TTFT) over the threshold is
-//!   **breached**, over [`AT_RISK_FRACTION`] of it is **at risk**, else
-//!   **met**; no observations or no objective is **no data**.
-//! * [`AttainmentWindows`]: the fraction of observations that met the
-//!   threshold over the last 5 minutes and the last hour, from the
-//!   observations counted since the previous call (per-bucket sums in a ring
-//!   of [`ATTAINMENT_BUCKET_MS`] buckets: bounded memory, no double counting).
 
 use std::collections::VecDeque;
 
+use gpuscale_core::slo::{LatencyObjective, SloObjectives};
 use gpuscale_core::{Histogram, Timestamp};
-use gpuscale_policy::LatencyObservation;
-use gpuscale_policy::config::LatencyObjective;
 
 use crate::config::{DeciderConfig, WorkloadDef};
-
-/// A measured quantile above this fraction of its threshold is "at risk".
-pub const AT_RISK_FRACTION: f64 = 0.8;
 
 /// Width of one attainment bucket.
 pub const ATTAINMENT_BUCKET_MS: i64 = 10_000;
@@ -29,24 +28,12 @@ pub const ATTAINMENT_BUCKET_MS: i64 = 10_000;
 /// The windows attainment is reported over, with their metric label.
 pub const ATTAINMENT_WINDOWS: [(&str, i64); 2] = [("5m", 300_000), ("1h", 3_600_000)];
 
-/// The latency objectives of a workload.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SloObjectives {
-    pub ttft: LatencyObjective,
-    pub itl: LatencyObjective,
-}
-
-impl SloObjectives {
-    /// The objectives of a workload decided by the full policy; `None` for
-    /// a proportional workload (it has no latency objective).
-    pub fn of(def: &WorkloadDef) -> Option<Self> {
-        match &def.decider {
-            DeciderConfig::Policy { config, .. } => Some(Self {
-                ttft: config.ttft,
-                itl: config.itl,
-            }),
-            DeciderConfig::Proportional(_) => None,
-        }
+/// The latency objectives of a workload decided by the full policy; `None`
+/// for a proportional workload (it has no latency objective).
+pub fn objectives_of(def: &WorkloadDef) -> Option<SloObjectives> {
+    match &def.decider {
+        DeciderConfig::Policy { config, .. } => Some(config.slo_objectives()),
+        DeciderConfig::Proportional(_) => None,
     }
 }
 
@@ -54,88 +41,26 @@ impl SloObjectives {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SloKind {
     Ttft,
-    Itl,
+    /// Time per output token of each request.
+    Tpot,
 }
 
 impl SloKind {
-    pub const ALL: [SloKind; 2] = [SloKind::Ttft, SloKind::Itl];
+    pub const ALL: [SloKind; 2] = [SloKind::Ttft, SloKind::Tpot];
 
     pub fn as_str(self) -> &'static str {
         match self {
             SloKind::Ttft => "ttft",
-            SloKind::Itl => "itl",
+            SloKind::Tpot => "tpot",
         }
     }
 
     pub fn objective(self, o: &SloObjectives) -> LatencyObjective {
         match self {
             SloKind::Ttft => o.ttft,
-            SloKind::Itl => o.itl,
+            SloKind::Tpot => o.tpot,
         }
     }
-}
-
-/// Where a workload stands against its latency objectives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum SloStatus {
-    Met,
-    AtRisk,
-    Breached,
-    NoData,
-}
-
-impl SloStatus {
-    pub const ALL: [SloStatus; 4] = [
-        SloStatus::Met,
-        SloStatus::AtRisk,
-        SloStatus::Breached,
-        SloStatus::NoData,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SloStatus::Met => "met",
-            SloStatus::AtRisk => "at_risk",
-            SloStatus::Breached => "breached",
-            SloStatus::NoData => "no_data",
-        }
-    }
-}
-
-/// The status of one objective against the window's histogram.
-pub fn objective_status(objective: LatencyObjective, window: Option<&Histogram>) -> SloStatus {
-    let Some(measured) = window.and_then(|h| h.quantile(objective.quantile)) else {
-        return SloStatus::NoData;
-    };
-    if measured > objective.threshold_s {
-        SloStatus::Breached
-    } else if measured > AT_RISK_FRACTION * objective.threshold_s {
-        SloStatus::AtRisk
-    } else {
-        SloStatus::Met
-    }
-}
-
-/// The worst status over both objectives, ignoring objectives without data;
-/// `NoData` when neither has data or there are no objectives.
-pub fn slo_status(objectives: Option<&SloObjectives>, latency: &LatencyObservation) -> SloStatus {
-    let Some(o) = objectives else {
-        return SloStatus::NoData;
-    };
-    let statuses = [
-        objective_status(o.ttft, latency.ttft_seconds.as_ref()),
-        objective_status(o.itl, latency.itl_seconds.as_ref()),
-    ];
-    statuses
-        .into_iter()
-        .filter(|s| *s != SloStatus::NoData)
-        .max_by_key(|s| match s {
-            SloStatus::Breached => 3,
-            SloStatus::AtRisk => 2,
-            SloStatus::Met => 1,
-            SloStatus::NoData => 0,
-        })
-        .unwrap_or(SloStatus::NoData)
 }
 
 /// Observations of a histogram (of new observations) that met `threshold_s`:
@@ -218,66 +143,12 @@ impl AttainmentWindows {
 mod tests {
     use super::*;
 
-    fn objective(threshold_s: f64) -> LatencyObjective {
-        LatencyObjective {
-            threshold_s,
-            quantile: 0.9,
-        }
-    }
-
     fn ttft_with(values: &[(f64, u64)]) -> Histogram {
         let mut h = Histogram::ttft();
         for (v, n) in values {
             h.observe_n(*v, *n);
         }
         h
-    }
-
-    #[test]
-    fn status_follows_the_objective_quantile() {
-        let fast = ttft_with(&[(0.1, 100)]);
-        let slow = ttft_with(&[(0.1, 50), (3.0, 50)]);
-        let close = ttft_with(&[(0.45, 100)]);
-        assert_eq!(
-            objective_status(objective(0.5), Some(&fast)),
-            SloStatus::Met
-        );
-        assert_eq!(
-            objective_status(objective(0.5), Some(&slow)),
-            SloStatus::Breached
-        );
-        assert_eq!(
-            objective_status(objective(0.5), Some(&close)),
-            SloStatus::AtRisk
-        );
-        assert_eq!(
-            objective_status(objective(0.5), Some(&Histogram::ttft())),
-            SloStatus::NoData
-        );
-        assert_eq!(objective_status(objective(0.5), None), SloStatus::NoData);
-    }
-
-    #[test]
-    fn the_worst_objective_with_data_decides() {
-        let o = SloObjectives {
-            ttft: objective(0.5),
-            itl: objective(0.05),
-        };
-        let mut itl = Histogram::itl();
-        itl.observe_n(0.2, 10);
-        let latency = LatencyObservation {
-            ttft_seconds: Some(ttft_with(&[(0.1, 100)])),
-            itl_seconds: Some(itl),
-            tpot_seconds: None,
-        };
-        assert_eq!(slo_status(Some(&o), &latency), SloStatus::Breached);
-        let only_ttft = LatencyObservation {
-            ttft_seconds: Some(ttft_with(&[(0.1, 100)])),
-            itl_seconds: None,
-            tpot_seconds: None,
-        };
-        assert_eq!(slo_status(Some(&o), &only_ttft), SloStatus::Met);
-        assert_eq!(slo_status(None, &latency), SloStatus::NoData);
     }
 
     #[test]

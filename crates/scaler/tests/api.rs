@@ -25,9 +25,9 @@ use gpuscale_proto::v1;
 use gpuscale_proto::v1::scaler_service_client::ScalerServiceClient;
 use gpuscale_scaler::api::keda::workload_metadata;
 use gpuscale_scaler::api::{
-    ApiConfig, ApiContext, KEDA_METRIC_NAME, KedaScaler, ObjectivesLookup, RecommendationService,
+    ApiConfig, ApiContext, KEDA_METRIC_NAME, KedaScaler, RecommendationService,
 };
-use gpuscale_scaler::slo::SloObjectives;
+use gpuscale_core::slo::SloObjectives;
 use gpuscale_scaler::view::WorkloadView;
 use gpuscale_scaler::{ScalerConfig, ScalerMetrics, StateView};
 use tokio::sync::watch;
@@ -64,6 +64,8 @@ fn decision(current: u32, desired: u32, reason: &str) -> Decision {
         victims: Vec::new(),
         model_confidence: 0.7,
         advisory: false,
+        // As the policy judges the observation `wv` gives the decision.
+        slo: objectives().assess(&observation(2, 1, Some(3.0), 0.2).latency.slo_window(None)),
         inputs: serde_json::json!({"arrival_rps": 12.5}),
     }
 }
@@ -117,20 +119,19 @@ fn wv(name: &str, labels: &[(&str, &str)], decided: Option<(u32, u32, &str)>) ->
     }
 }
 
-/// A TTFT objective of 0.5 s at p90 for every workload.
-fn objectives() -> ObjectivesLookup {
-    Arc::new(|_: &WorkloadRef| {
-        Some(SloObjectives {
-            ttft: LatencyObjective {
-                threshold_s: 0.5,
-                quantile: 0.9,
-            },
-            itl: LatencyObjective {
-                threshold_s: 0.05,
-                quantile: 0.9,
-            },
-        })
-    })
+/// A TTFT objective of 0.5 s at p90.
+fn objectives() -> SloObjectives {
+    SloObjectives {
+        ttft: LatencyObjective {
+            threshold_s: 0.5,
+            quantile: 0.9,
+        },
+        ttft_per_input_token_s: 0.0,
+        tpot: LatencyObjective {
+            threshold_s: 0.05,
+            quantile: 0.9,
+        },
+    }
 }
 
 /// The APIs served over loopback from a view the test publishes.
@@ -146,7 +147,7 @@ impl Served {
         let (view_tx, view_rx) = watch::channel(initial);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let metrics = Arc::new(ScalerMetrics::new());
-        let context = ApiContext::new(view_rx, objectives(), config, shutdown_rx, metrics.clone());
+        let context = ApiContext::new(view_rx, config, shutdown_rx, metrics.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

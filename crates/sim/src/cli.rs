@@ -214,6 +214,7 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
         ttft_s: parse_duration("--ttft-slo", &args.ttft_slo)?,
         itl_s: parse_duration("--itl-slo", &args.itl_slo)?,
         percentile: args.slo_percentile,
+        ttft_per_input_token_s: 0.0,
     };
     if slo.ttft_s <= 0.0 {
         return Err(SimError::config(

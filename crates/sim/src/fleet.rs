@@ -814,15 +814,13 @@ impl Fleet {
             r.counters.completed_prompt_tokens += u64::from(q.input);
             r.counters.completed_output_tokens += u64::from(q.output);
             let ttft = q.first_token - q.arrival;
-            let tpot = if q.output > 1 {
+            let tpot = (q.output > 1).then(|| {
                 let tpot = (now - q.first_token) / f64::from(q.output - 1);
                 r.counters.tpot_buckets[bucket(TPOT_BOUNDS_SECONDS, tpot)] += 1;
                 r.counters.tpot_sum += tpot;
                 tpot
-            } else {
-                0.0
-            };
-            self.recorder.on_complete(q.arrival, ttft, tpot);
+            });
+            self.recorder.on_complete(q.arrival, q.input, ttft, tpot);
             self.free.push(slot);
         }
         self.start_iteration(id, now);
@@ -1293,6 +1291,7 @@ mod tests {
                 ttft_s: 2.0,
                 itl_s: 0.05,
                 percentile: 95.0,
+                ttft_per_input_token_s: 0.0,
             },
             1000.0,
             10.0,

@@ -7,21 +7,46 @@
 //! aborted requests count as misses. Percentiles come from log-spaced
 //! histograms with 64 buckets per octave (about 1.1% resolution).
 
+use gpuscale_core::slo::{LatencyObjective, RequestOutcome, SloObjectives};
 use serde::Serialize;
 
 /// The latency SLOs a run is judged against.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Slo {
+    /// TTFT objective, seconds (for a prompt of `T` tokens:
+    /// `ttft_s + ttft_per_input_token_s · T`).
     pub ttft_s: f64,
+    /// Time per output token of each request, seconds (the spec's `itl`).
     pub itl_s: f64,
     /// The percentile the SLOs are stated at (e.g. 95), for the policy.
     pub percentile: f64,
+    /// Extra TTFT allowed per prompt token (a length-aware objective), seconds.
+    pub ttft_per_input_token_s: f64,
 }
 
 impl Slo {
+    /// The SLO as [`gpuscale_core::slo`] defines it, the one definition the
+    /// policy, the scaler and this simulator judge by.
+    pub fn objectives(&self) -> SloObjectives {
+        let quantile = self.percentile / 100.0;
+        SloObjectives {
+            ttft: LatencyObjective {
+                threshold_s: self.ttft_s,
+                quantile,
+            },
+            ttft_per_input_token_s: self.ttft_per_input_token_s,
+            tpot: LatencyObjective {
+                threshold_s: self.itl_s,
+                quantile,
+            },
+        }
+    }
+
+    /// Whether one request met each objective ([`SloObjectives::request`]):
+    /// its TTFT, its TPOT (`None` for one output token) and its prompt.
     #[inline]
-    pub fn met(&self, ttft: f64, tpot: f64) -> bool {
-        ttft <= self.ttft_s && tpot <= self.itl_s
+    pub fn outcome(&self, ttft: f64, tpot: Option<f64>, input_tokens: u32) -> RequestOutcome {
+        self.objectives().request(ttft, tpot, input_tokens)
     }
 }
 
@@ -230,26 +255,29 @@ impl Recorder {
         }
     }
 
+    /// A request arrived at `arrival` with a prompt of `input_tokens`
+    /// finished: its TTFT and its TPOT (`None` for a single output token).
     #[inline]
-    pub fn on_complete(&mut self, arrival: f64, ttft: f64, tpot: f64) {
+    pub fn on_complete(&mut self, arrival: f64, input_tokens: u32, ttft: f64, tpot: Option<f64>) {
         match self {
             Recorder::Full(s) => {
                 s.completed += 1;
-                let ok_t = ttft <= s.slo.ttft_s;
-                let ok_i = tpot <= s.slo.itl_s;
-                s.met_ttft += u64::from(ok_t);
-                s.met_itl += u64::from(ok_i);
-                s.met_both += u64::from(ok_t && ok_i);
+                let o = s.slo.outcome(ttft, tpot, input_tokens);
+                s.met_ttft += u64::from(o.ttft_met);
+                s.met_itl += u64::from(o.tpot_met);
+                s.met_both += u64::from(o.met());
                 s.ttft.observe_n(ttft, 1);
-                s.tpot.observe_n(tpot, 1);
+                if let Some(tpot) = tpot {
+                    s.tpot.observe_n(tpot, 1);
+                }
                 let i = s.series.idx(arrival);
                 s.series.done[i] += 1;
-                s.series.met[i] += u32::from(ok_t && ok_i);
+                s.series.met[i] += u32::from(o.met());
             }
             Recorder::Window(w) => {
                 if arrival >= w.from_s {
                     w.total += 1;
-                    w.met += u64::from(w.slo.met(ttft, tpot));
+                    w.met += u64::from(w.slo.outcome(ttft, tpot, input_tokens).met());
                 }
             }
         }

@@ -143,6 +143,7 @@ fn prepare(
         ttft_s: 2.0,
         itl_s: w.itl_s,
         percentile: 95.0,
+        ttft_per_input_token_s: 0.0,
     };
     let tr = read(&opts.data_dir, w.trace)?;
     let sizes = match w.sizes {

@@ -18,6 +18,7 @@ fn slo() -> Slo {
         ttft_s: 2.0,
         itl_s: 0.05,
         percentile: 95.0,
+        ttft_per_input_token_s: 0.0,
     }
 }
 
@@ -273,6 +274,7 @@ fn a_single_replica_with_batch_one_is_an_mm1_queue() {
             ttft_s: 1e-4,
             itl_s: 1.0,
             percentile: 95.0,
+            ttft_per_input_token_s: 0.0,
         },
         fleet: fleet_config(constant_step_model(), 0.0),
         initial_replicas: 1,

@@ -16,6 +16,7 @@ fn slo() -> Slo {
         ttft_s: 2.0,
         itl_s: 0.05,
         percentile: 95.0,
+        ttft_per_input_token_s: 0.0,
     }
 }
 

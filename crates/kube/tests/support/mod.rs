@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gpuscale_core::sample::{AgentHealth, EngineSample, EngineState, Framework, NodeSnapshot};
-use gpuscale_core::{NodeName, PodRef, Timestamp};
+use gpuscale_core::{Histogram, NodeName, PodRef, Timestamp};
 use gpuscale_fake_apiserver::{
     FakeApiServer, FakeApiServerConfig, FakeApiServerHandle, RequestRecord, Verb,
 };
@@ -417,6 +417,9 @@ struct EngineSim {
     arrived: f64,
     prompt: f64,
     generated: f64,
+    /// Per-request TTFT and TPOT histograms, when the fleet reports latencies.
+    ttft: Histogram,
+    tpot: Histogram,
 }
 
 #[derive(Debug)]
@@ -436,6 +439,9 @@ struct FleetState {
     log: Vec<AgentEvent>,
     /// Pods seen with running > 0 when their gate was False (should not receive traffic).
     last_tick: Option<Instant>,
+    /// Every warm engine's requests take this TTFT and TPOT, seconds
+    /// (`None`: the engines report no latency histograms).
+    latency: Option<(f64, f64)>,
 }
 
 /// Simulated engines of every pod in `default`, with one agent per node.
@@ -471,6 +477,7 @@ impl Fleet {
             drained: BTreeSet::new(),
             log: Vec::new(),
             last_tick: None,
+            latency: None,
         }));
         let task = tokio::spawn(run_fleet(
             cluster.server.clone(),
@@ -484,6 +491,12 @@ impl Fleet {
 
     pub fn set_rps(&self, rps: f64) {
         self.state.lock().unwrap().rps = rps;
+    }
+
+    /// Warm engines report per-request TTFT and TPOT histograms, every
+    /// request at these latencies, seconds.
+    pub fn set_latency(&self, ttft_s: f64, tpot_s: f64) {
+        self.state.lock().unwrap().latency = Some((ttft_s, tpot_s));
     }
 
     /// Requests running on `pod` while it serves.
@@ -566,6 +579,8 @@ async fn run_fleet(
                     arrived: 0.0,
                     prompt: 0.0,
                     generated: 0.0,
+                    ttft: Histogram::ttft(),
+                    tpot: Histogram::tpot(),
                 });
             }
             let drained = st.drained.clone();
@@ -585,6 +600,7 @@ async fn run_fleet(
             };
             let (input, output) = (st.input_tokens, st.output_tokens);
             let (drain_running, drain_for) = st.drain_work;
+            let latency = st.latency;
             for p in running {
                 let name = p["metadata"]["name"].as_str().unwrap().to_string();
                 let node = p
@@ -610,6 +626,13 @@ async fn run_fleet(
                         if busy { drain_running } else { 0.0 },
                     )
                 } else if is_warm {
+                    if let Some((ttft, tpot)) = latency {
+                        let before = e.arrived.floor();
+                        let after = (e.arrived + share * dt).floor();
+                        let n = (after - before).max(0.0) as u64;
+                        e.ttft.observe_n(ttft, n);
+                        e.tpot.observe_n(tpot, n);
+                    }
                     e.arrived += share * dt;
                     e.prompt += share * dt * input;
                     e.generated += share * dt * output;
@@ -630,6 +653,10 @@ async fn run_fleet(
                 s.requests_finished_total = Some(e.arrived);
                 s.prompt_tokens_total = Some(e.prompt);
                 s.generation_tokens_total = Some(e.generated);
+                if latency.is_some() {
+                    s.ttft_seconds = Some(e.ttft.clone());
+                    s.tpot_seconds = Some(e.tpot.clone());
+                }
                 samples.entry(node.to_string()).or_default().push(s);
                 let want_up = is_warm;
                 if (gate_of(p) == Some("True")) != want_up {

@@ -36,7 +36,6 @@ use tonic::Status;
 
 use crate::error::ScalerError;
 use crate::metrics::ScalerMetrics;
-use crate::slo::SloObjectives;
 use crate::view::StateView;
 
 pub use gpuscale_core::selector::{LabelSelector, SelectorError};
@@ -84,16 +83,11 @@ impl ApiConfig {
     }
 }
 
-/// The latency objectives of a workload, looked up at request time (the
-/// scaler reads its workload registry).
-pub type ObjectivesLookup = Arc<dyn Fn(&WorkloadRef) -> Option<SloObjectives> + Send + Sync>;
-
-/// What every API handler shares: the view, the objectives, the stream
-/// limits and the scaler's shutdown signal.
+/// What every API handler shares: the view, the stream limits and the
+/// scaler's shutdown signal.
 #[derive(Clone)]
 pub struct ApiContext {
     pub(crate) view: watch::Receiver<Arc<StateView>>,
-    pub(crate) objectives: ObjectivesLookup,
     pub(crate) config: ApiConfig,
     pub(crate) watchers: Arc<Semaphore>,
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -113,14 +107,12 @@ impl ApiContext {
     /// A context over `view`; streams end when `shutdown` turns true.
     pub fn new(
         view: watch::Receiver<Arc<StateView>>,
-        objectives: ObjectivesLookup,
         config: ApiConfig,
         shutdown: watch::Receiver<bool>,
         metrics: Arc<ScalerMetrics>,
     ) -> Self {
         Self {
             view,
-            objectives,
             watchers: Arc::new(Semaphore::new(config.max_watchers)),
             config,
             shutdown,
@@ -240,7 +232,7 @@ pub(crate) fn bounded_stream<T: Send + 'static>(
 }
 
 /// Adds the public APIs to the scaler's routes and marks them serving in
-/// gRPC health. The latency objectives come from the workload registry.
+/// gRPC health.
 pub(crate) async fn serve(
     routes: tonic::service::Routes,
     handle: &crate::ScalerHandle,
@@ -248,16 +240,8 @@ pub(crate) async fn serve(
     shutdown: watch::Receiver<bool>,
     health: &tonic_health::server::HealthReporter,
 ) -> tonic::service::Routes {
-    let registry = handle.registry.clone();
-    let objectives: ObjectivesLookup = Arc::new(move |w: &WorkloadRef| {
-        registry
-            .borrow()
-            .get(w)
-            .and_then(|def| SloObjectives::of(def))
-    });
     let context = ApiContext::new(
         handle.view(),
-        objectives,
         config,
         shutdown,
         handle.metrics().clone(),

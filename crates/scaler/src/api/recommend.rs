@@ -31,7 +31,7 @@ use gpuscale_proto::v1::scaler_service_server::{ScalerService, ScalerServiceServ
 use tonic::{Request, Response, Status};
 
 use super::{ApiContext, ApiStream, StreamEnd, bounded_stream, next_view, unknown_workload};
-use crate::slo::{SloObjectives, SloStatus, slo_status};
+use gpuscale_core::SloStatus;
 use crate::view::{StateView, WorkloadView};
 
 /// The `ScalerService` implementation.
@@ -93,23 +93,22 @@ pub(crate) fn wire_slo(s: SloStatus) -> v1::SloStatus {
         SloStatus::Met => v1::SloStatus::Met,
         SloStatus::AtRisk => v1::SloStatus::AtRisk,
         SloStatus::Breached => v1::SloStatus::Breached,
-        SloStatus::NoData => v1::SloStatus::NoData,
+        SloStatus::Unknown => v1::SloStatus::NoData,
     }
 }
 
-/// The SLO status of a workload's latest observation.
-pub(crate) fn workload_slo(w: &WorkloadView, objectives: Option<&SloObjectives>) -> SloStatus {
-    match &w.observation {
-        Some(o) => slo_status(objectives, &o.latency),
-        None => SloStatus::NoData,
-    }
+/// The SLO status of a workload as its latest decision judged it.
+pub(crate) fn workload_slo(w: &WorkloadView) -> SloStatus {
+    w.decision
+        .as_ref()
+        .map_or(SloStatus::Unknown, |d| d.slo.status)
 }
 
 /// A workload's recommendation as the API streams it.
-pub fn recommendation(w: &WorkloadView, objectives: Option<&SloObjectives>) -> v1::Recommendation {
+pub fn recommendation(w: &WorkloadView) -> v1::Recommendation {
     let mut r = v1::Recommendation {
         workload: Some(wire_ref(&w.workload)),
-        slo_status: wire_slo(workload_slo(w, objectives)) as i32,
+        slo_status: wire_slo(workload_slo(w)) as i32,
         ..v1::Recommendation::default()
     };
     if let Some(o) = &w.observation {
@@ -133,10 +132,7 @@ pub fn recommendation(w: &WorkloadView, objectives: Option<&SloObjectives>) -> v
 }
 
 /// The last decision of a workload in full.
-pub fn decision_record(
-    w: &WorkloadView,
-    objectives: Option<&SloObjectives>,
-) -> Option<v1::DecisionRecord> {
+pub fn decision_record(w: &WorkloadView) -> Option<v1::DecisionRecord> {
     let d = w.decision.as_ref()?;
     Some(v1::DecisionRecord {
         workload: Some(wire_ref(&w.workload)),
@@ -166,7 +162,7 @@ pub fn decision_record(
             .as_ref()
             .and_then(|o| serde_json::to_string(o).ok())
             .unwrap_or_default(),
-        slo_status: wire_slo(workload_slo(w, objectives)) as i32,
+        slo_status: wire_slo(workload_slo(w)) as i32,
         last_actuation: w.last_actuation.as_ref().map(|a| v1::Actuation {
             at_unix_ms: a.at.as_millis(),
             replicas: a.replicas,
@@ -197,7 +193,6 @@ impl Sent {
         &mut self,
         view: &StateView,
         filter: &Filter,
-        objectives: &dyn Fn(&WorkloadRef) -> Option<SloObjectives>,
     ) -> Vec<v1::Recommendation> {
         let mut out = Vec::new();
         let mut seen = BTreeSet::new();
@@ -208,7 +203,7 @@ impl Sent {
             {
                 continue;
             }
-            let rec = recommendation(w, objectives(&w.workload).as_ref());
+            let rec = recommendation(w);
             let cmp = comparable(&rec);
             let changed = self
                 .by_workload
@@ -255,9 +250,8 @@ impl ScalerService for RecommendationService {
         let slot = self.context.watcher_slot(API)?;
         let mut view = self.context.view.clone();
         let first = view.borrow_and_update().clone();
-        let objectives = self.context.objectives.clone();
         let mut sent = Sent::default();
-        let initial = sent.changes(&first, &filter, objectives.as_ref());
+        let initial = sent.changes(&first, &filter);
         let capacity = initial.len() + self.context.config.watch_buffer;
         let (tx, stream) = bounded_stream(capacity, slot, API, self.context.metrics.clone());
         for rec in initial {
@@ -274,7 +268,7 @@ impl ScalerService for RecommendationService {
                     return;
                 }
                 let current = view.borrow_and_update().clone();
-                for rec in sent.changes(&current, &filter, objectives.as_ref()) {
+                for rec in sent.changes(&current, &filter) {
                     if let Err(end) = tx.send(rec) {
                         debug_assert!(matches!(end, StreamEnd::Slow | StreamEnd::Closed));
                         return;
@@ -298,8 +292,7 @@ impl ScalerService for RecommendationService {
         let Some(wv) = view.workloads.get(&workload) else {
             return Err(unknown_workload(&view, &workload));
         };
-        let objectives = (self.context.objectives)(&workload);
-        decision_record(wv, objectives.as_ref())
+        decision_record(wv)
             .map(Response::new)
             .ok_or_else(|| {
                 Status::unavailable(format!(
@@ -322,10 +315,7 @@ impl ScalerService for RecommendationService {
             .map(|w| v1::WorkloadSummary {
                 workload: Some(wire_ref(&w.workload)),
                 labels: w.labels.clone().into_iter().collect(),
-                recommendation: Some(recommendation(
-                    w,
-                    (self.context.objectives)(&w.workload).as_ref(),
-                )),
+                recommendation: Some(recommendation(w)),
             })
             .collect();
         Ok(Response::new(v1::ListWorkloadsResponse { workloads }))
