@@ -338,7 +338,10 @@ mod tests {
         });
         assert_eq!(a.status, SloStatus::Unknown);
         assert_eq!(a.ttft.map(|t| t.samples), Some(MIN_SLO_SAMPLES - 1));
-        assert_eq!(o.assess(&LatencyWindow::default()).status, SloStatus::Unknown);
+        assert_eq!(
+            o.assess(&LatencyWindow::default()).status,
+            SloStatus::Unknown
+        );
     }
 
     #[test]

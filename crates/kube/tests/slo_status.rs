@@ -62,9 +62,10 @@ async fn metric_status(scaler: &gpuscale_kube::RunningKubeScaler) -> Option<Stri
 }
 
 async fn surfaces(cluster: &Cluster, scaler: &gpuscale_kube::RunningKubeScaler) -> Surfaces {
-    let mut client = ScalerServiceClient::connect(format!("http://{}", scaler.scaler().grpc_addr()))
-        .await
-        .expect("the scaler's gRPC port");
+    let mut client =
+        ScalerServiceClient::connect(format!("http://{}", scaler.scaler().grpc_addr()))
+            .await
+            .expect("the scaler's gRPC port");
     let listed = client
         .list_workloads(v1::ListWorkloadsRequest::default())
         .await
@@ -89,7 +90,11 @@ async fn surfaces(cluster: &Cluster, scaler: &gpuscale_kube::RunningKubeScaler) 
     let explain = explained.as_ref().and_then(|d| api_word(d.slo_status));
     let decision = explained
         .and_then(|d| serde_json::from_str::<Value>(&d.detail_json).ok())
-        .and_then(|d| d.pointer("/slo/status").and_then(Value::as_str).map(str::to_string));
+        .and_then(|d| {
+            d.pointer("/slo/status")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        });
     let custom_resource = cluster
         .ias("llama")
         .pointer("/status/sloStatus")
@@ -109,7 +114,13 @@ async fn agree(cluster: &Cluster, scaler: &gpuscale_kube::RunningKubeScaler, wan
     let mut last = None;
     for _ in 0..120 {
         let s = surfaces(cluster, scaler).await;
-        let all = [&s.decision, &s.api, &s.explain, &s.custom_resource, &s.metric];
+        let all = [
+            &s.decision,
+            &s.api,
+            &s.explain,
+            &s.custom_resource,
+            &s.metric,
+        ];
         if all.iter().all(|v| v.as_deref() == Some(want)) {
             return;
         }

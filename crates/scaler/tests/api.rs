@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gpuscale_core::slo::SloObjectives;
 use gpuscale_core::{Histogram, Timestamp, WorkloadRef};
 use gpuscale_policy::config::LatencyObjective;
 use gpuscale_policy::hpa::{external_average_value_proposal, within_tolerance};
@@ -27,7 +28,6 @@ use gpuscale_scaler::api::keda::workload_metadata;
 use gpuscale_scaler::api::{
     ApiConfig, ApiContext, KEDA_METRIC_NAME, KedaScaler, RecommendationService,
 };
-use gpuscale_core::slo::SloObjectives;
 use gpuscale_scaler::view::WorkloadView;
 use gpuscale_scaler::{ScalerConfig, ScalerMetrics, StateView};
 use tokio::sync::watch;

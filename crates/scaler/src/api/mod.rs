@@ -240,12 +240,7 @@ pub(crate) async fn serve(
     shutdown: watch::Receiver<bool>,
     health: &tonic_health::server::HealthReporter,
 ) -> tonic::service::Routes {
-    let context = ApiContext::new(
-        handle.view(),
-        config,
-        shutdown,
-        handle.metrics().clone(),
-    );
+    let context = ApiContext::new(handle.view(), config, shutdown, handle.metrics().clone());
     health
         .set_serving::<gpuscale_proto::v1::scaler_service_server::ScalerServiceServer<RecommendationService>>()
         .await;

@@ -31,8 +31,8 @@ use gpuscale_proto::v1::scaler_service_server::{ScalerService, ScalerServiceServ
 use tonic::{Request, Response, Status};
 
 use super::{ApiContext, ApiStream, StreamEnd, bounded_stream, next_view, unknown_workload};
-use gpuscale_core::SloStatus;
 use crate::view::{StateView, WorkloadView};
+use gpuscale_core::SloStatus;
 
 /// The `ScalerService` implementation.
 #[derive(Debug, Clone)]
@@ -189,11 +189,7 @@ struct Sent {
 
 impl Sent {
     /// The messages that bring the subscriber from what it was sent to `view`.
-    fn changes(
-        &mut self,
-        view: &StateView,
-        filter: &Filter,
-    ) -> Vec<v1::Recommendation> {
+    fn changes(&mut self, view: &StateView, filter: &Filter) -> Vec<v1::Recommendation> {
         let mut out = Vec::new();
         let mut seen = BTreeSet::new();
         for w in view.workloads.values().filter(|w| filter.matches(w)) {
