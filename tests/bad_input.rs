@@ -254,14 +254,6 @@ async fn each_bad_input_gets_its_status_and_other_agents_keep_streaming() {
             })],
         ),
         (
-            "absurd ratio",
-            Code::InvalidArgument,
-            "snapshot.engines[0].kv_cache_usage_ratio: 1.7 is outside 0..=1",
-            vec![wire_snapshot("b6", |s| {
-                s.engines[0].kv_cache_usage_ratio = Some(1.7)
-            })],
-        ),
-        (
             "absurd power",
             Code::InvalidArgument,
             "snapshot.gpus[0].metrics.power_watts: 90000 is outside 0..=5000 W",
@@ -279,15 +271,6 @@ async fn each_bad_input_gets_its_status_and_other_agents_keep_streaming() {
                     .as_mut()
                     .expect("metrics")
                     .memory_used_bytes = Some(81 << 30)
-            })],
-        ),
-        (
-            "non-cumulative histogram",
-            Code::InvalidArgument,
-            "snapshot.engines[0].ttft_seconds: cumulative counts must not decrease",
-            vec![wire_snapshot("b9", |s| {
-                let h = s.engines[0].ttft_seconds.as_mut().expect("histogram");
-                h.cumulative_counts[0] = 9;
             })],
         ),
         (
@@ -358,5 +341,84 @@ async fn each_bad_input_gets_its_status_and_other_agents_keep_streaming() {
     }
 
     healthy.shutdown().await.expect("agent stops");
+    scaler.shutdown().await.expect("scaler stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_engine_entry_is_left_out_and_its_node_stays() {
+    let scaler = Scaler::new(ScalerConfig::new("127.0.0.1:0".parse().expect("addr")))
+        .start()
+        .await
+        .expect("scaler starts");
+    let url = format!("http://{}", scaler.grpc_addr());
+    let mut view = scaler.view();
+    // Three engines on one node: an absurd ratio, a model name longer than
+    // the protocol allows, a histogram whose counts go down; and a good one.
+    let mut report = wire_snapshot("mixed", |s| {
+        let good = s.engines[0].clone();
+        s.engines[0].kv_cache_usage_ratio = Some(1.7);
+        let mut long = good.clone();
+        long.pod.as_mut().expect("pod").name = "long-name".into();
+        long.model = "m".repeat(300);
+        let mut bad_h = good.clone();
+        bad_h.pod.as_mut().expect("pod").name = "bad-histogram".into();
+        bad_h
+            .ttft_seconds
+            .as_mut()
+            .expect("histogram")
+            .cumulative_counts[0] = 9;
+        let mut ok = good;
+        ok.pod.as_mut().expect("pod").name = "ok-0".into();
+        s.engines.extend([long, bad_h, ok]);
+    });
+    report.seq = 1;
+    let mut client = AgentServiceClient::connect(url.clone())
+        .await
+        .expect("connects");
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(report).await.expect("queued");
+    let mut inbound = client
+        .report(ReceiverStream::new(rx))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let node = NodeName::new("mixed");
+    let v = wait_for_view(&mut view, "the node with its good engine", |v| {
+        v.nodes.contains_key(&node)
+    })
+    .await;
+    let n = &v.nodes[&node];
+    assert_eq!(n.gpus.len(), 1, "the node's GPU is reported");
+    let engines: Vec<&str> = n
+        .engines
+        .iter()
+        .map(|e| e.sample.pod.name.as_str())
+        .collect();
+    assert_eq!(engines, ["ok-0"]);
+    assert_eq!(scaler.handle().metrics().engines_rejected_total(), 3);
+    let metrics = scaler.handle().metrics().encode();
+    assert!(
+        metrics.contains("gpuscale_scaler_engine_entries_rejected_total 3"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("gpuscale_scaler_reports_rejected_total{reason=\"invalid_value\"}"));
+    // The stream is still open: a delta continues it.
+    tx.send(wire(1, 2, delta())).await.expect("queued");
+    wait_for_view(&mut view, "the delta applied", |v| {
+        v.nodes.get(&node).is_some_and(|n| n.last_seq == 2)
+    })
+    .await;
+    // Directives may come; no status ends the stream.
+    let quiet = tokio::time::timeout(Duration::from_millis(300), async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(_directive)) => continue,
+                other => break other,
+            }
+        }
+    })
+    .await;
+    assert!(quiet.is_err(), "the stream ended: {quiet:?}");
+    drop(tx);
     scaler.shutdown().await.expect("scaler stops");
 }

@@ -548,12 +548,13 @@ fn engine_labels<'a>(e: &'a EngineSample, hostname: &'a str) -> EngineLabels<'a>
     ]
 }
 
-const ENGINE_STATES: [EngineState; 5] = [
+const ENGINE_STATES: [EngineState; 6] = [
     EngineState::Unknown,
     EngineState::Loading,
     EngineState::Warm,
     EngineState::Draining,
     EngineState::Failed,
+    EngineState::NoData,
 ];
 
 fn encode_engines(
@@ -571,7 +572,7 @@ fn encode_engines(
     gauges(
         encoder,
         "engine_state",
-        "1 for the engine's current state (unknown, loading, warm, draining, failed), 0 for the others",
+        "1 for the engine's current state (unknown, loading, warm, draining, failed, no_data: answers but reads nothing), 0 for the others",
         None,
         &states,
         |(e, s)| {

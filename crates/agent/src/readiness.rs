@@ -256,6 +256,12 @@ pub(crate) fn desired(
             Desired::no("EngineLoading", "the engine is loading")
         }
         Some(EngineState::Draining) => Desired::no("Draining", "the engine is draining"),
+        Some(EngineState::NoData) => Desired::no(
+            "EngineNoData",
+            "the engine answers but its metrics read nothing (an empty body, or the framework \
+             named by --engine or gpuscale.dev/framework is not the engine's): its load cannot \
+             be seen",
+        ),
         Some(EngineState::Warm) => match warmth {
             Warmth::Warm { elapsed_ms } => Desired {
                 status: true,

@@ -202,6 +202,10 @@ pub enum EngineState {
     Draining,
     /// Health endpoint failing or metrics unreachable.
     Failed,
+    /// Answers, but its metrics read nothing at all (an empty body, a 204,
+    /// another framework's names): not capacity, since nobody can see what
+    /// it serves.
+    NoData,
 }
 
 impl EngineState {
@@ -212,6 +216,7 @@ impl EngineState {
             EngineState::Warm => "warm",
             EngineState::Draining => "draining",
             EngineState::Failed => "failed",
+            EngineState::NoData => "no_data",
         }
     }
 }

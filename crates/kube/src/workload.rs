@@ -813,6 +813,8 @@ pub(crate) fn engine_drain(view: &StateView, pod: &PodRef) -> EngineDrain {
     match s.state {
         EngineState::Warm => EngineDrain::Serving,
         EngineState::Loading | EngineState::Unknown | EngineState::Failed => EngineDrain::Idle,
+        // Answers but reads nothing: its work in flight cannot be seen.
+        EngineState::NoData => EngineDrain::Unknown,
         EngineState::Draining => match s.requests_running {
             None => EngineDrain::Unknown,
             Some(r) if r <= 0.0 && s.requests_waiting.unwrap_or(0.0) <= 0.0 => EngineDrain::Idle,

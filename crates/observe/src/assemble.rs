@@ -60,7 +60,8 @@ pub fn assemble<'a>(
                 EngineState::Warm => ReplicaState::Ready,
                 EngineState::Loading | EngineState::Unknown => ReplicaState::Loading,
                 EngineState::Draining => ReplicaState::Draining,
-                EngineState::Failed => return None,
+                // Nobody can see what a no-data engine serves: not capacity.
+                EngineState::Failed | EngineState::NoData => return None,
             };
             Some(Member {
                 id: &e.sample.pod.name,
@@ -111,7 +112,8 @@ pub fn assemble_replicas<'a>(
             state: r.state,
             protected: r.protected,
             created_at: r.created_at,
-            engine: engine_of(&r.pod).filter(|e| e.sample.state != EngineState::Failed),
+            engine: engine_of(&r.pod)
+                .filter(|e| !matches!(e.sample.state, EngineState::Failed | EngineState::NoData)),
         })
         .collect();
     let incomplete = members.iter().any(|m| {

@@ -16,6 +16,12 @@
 //!   (the `MAX_*` constants), so one message cannot make the scaler allocate
 //!   without bound.
 //!
+//! A bad engine entry need not cost the node its report: the scaler converts
+//! with [`AgentReport::from_wire`], which leaves out each engine entry that
+//! does not convert (and a second entry for the same pod) and returns them
+//! as [`RejectedEngine`]s, while the rest of the node is reported. The strict
+//! `TryFrom` rejects the whole report at the first bad entry.
+//!
 //! To the wire, conversions are infallible `From<&T>`: domain values are valid
 //! by construction, and an agent that produced an absurd value learns it from
 //! the scaler's answer.
@@ -343,47 +349,83 @@ impl TryFrom<v1::NodeReport> for AgentReport {
     type Error = ConvertError;
 
     fn try_from(w: v1::NodeReport) -> Result<Self, ConvertError> {
-        let root = At::root("report");
-        if w.boot_epoch == 0 {
-            return Err(root
-                .field("boot_epoch")
-                .invalid("0 is not a boot epoch; it must be non-zero"));
-        }
-        if w.seq == 0 {
-            return Err(root
-                .field("seq")
-                .invalid("0 is not a sequence number; sequences start at 1"));
-        }
-        let sent_at = timestamp(w.sent_at_unix_ms, root.field("sent_at_unix_ms"))?;
-        let body = match w.body {
-            None => return Err(root.field("body").missing("a snapshot or a delta")),
-            Some(v1::node_report::Body::Snapshot(s)) => {
-                ReportBody::Snapshot(snapshot(s, At::root("snapshot"))?)
-            }
-            Some(v1::node_report::Body::Delta(d)) => {
-                ReportBody::Delta(delta(d, At::root("delta"))?)
-            }
-        };
-        Ok(AgentReport {
-            boot_epoch: w.boot_epoch,
-            seq: w.seq,
-            sent_at,
-            body,
-        })
+        report(w, &mut Engines::Strict)
     }
+}
+
+/// An engine entry left out of a report by [`AgentReport::from_wire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedEngine {
+    /// The engine's pod, when it could be read.
+    pub pod: Option<PodRef>,
+    /// Why, naming the field.
+    pub error: ConvertError,
+}
+
+impl AgentReport {
+    /// Converts a report, leaving out every engine entry that does not
+    /// convert (a value out of range, a name too long, a pod listed twice)
+    /// instead of rejecting the node: one bad engine never takes the node's
+    /// GPUs and healthy engines with it. Everything else is as strict as
+    /// `TryFrom`.
+    pub fn from_wire(
+        w: v1::NodeReport,
+    ) -> Result<(AgentReport, Vec<RejectedEngine>), ConvertError> {
+        let mut rejected = Vec::new();
+        let report = report(w, &mut Engines::Lenient(&mut rejected))?;
+        Ok((report, rejected))
+    }
+}
+
+/// What to do with an engine entry that does not convert.
+enum Engines<'a> {
+    /// Reject the whole message.
+    Strict,
+    /// Leave the entry out and record it.
+    Lenient(&'a mut Vec<RejectedEngine>),
+}
+
+fn report(w: v1::NodeReport, engines: &mut Engines<'_>) -> Result<AgentReport, ConvertError> {
+    let root = At::root("report");
+    if w.boot_epoch == 0 {
+        return Err(root
+            .field("boot_epoch")
+            .invalid("0 is not a boot epoch; it must be non-zero"));
+    }
+    if w.seq == 0 {
+        return Err(root
+            .field("seq")
+            .invalid("0 is not a sequence number; sequences start at 1"));
+    }
+    let sent_at = timestamp(w.sent_at_unix_ms, root.field("sent_at_unix_ms"))?;
+    let body = match w.body {
+        None => return Err(root.field("body").missing("a snapshot or a delta")),
+        Some(v1::node_report::Body::Snapshot(s)) => {
+            ReportBody::Snapshot(snapshot(s, At::root("snapshot"), engines)?)
+        }
+        Some(v1::node_report::Body::Delta(d)) => {
+            ReportBody::Delta(delta(d, At::root("delta"), engines)?)
+        }
+    };
+    Ok(AgentReport {
+        boot_epoch: w.boot_epoch,
+        seq: w.seq,
+        sent_at,
+        body,
+    })
 }
 
 impl TryFrom<v1::NodeSnapshot> for NodeSnapshot {
     type Error = ConvertError;
     fn try_from(w: v1::NodeSnapshot) -> Result<Self, ConvertError> {
-        snapshot(w, At::root("snapshot"))
+        snapshot(w, At::root("snapshot"), &mut Engines::Strict)
     }
 }
 
 impl TryFrom<v1::NodeDelta> for NodeDelta {
     type Error = ConvertError;
     fn try_from(w: v1::NodeDelta) -> Result<Self, ConvertError> {
-        delta(w, At::root("delta"))
+        delta(w, At::root("delta"), &mut Engines::Strict)
     }
 }
 
@@ -471,7 +513,11 @@ impl TryFrom<v1::ScalerDirective> for Directive {
     }
 }
 
-fn snapshot(w: v1::NodeSnapshot, at: At<'_>) -> Result<NodeSnapshot, ConvertError> {
+fn snapshot(
+    w: v1::NodeSnapshot,
+    at: At<'_>,
+    engines: &mut Engines<'_>,
+) -> Result<NodeSnapshot, ConvertError> {
     at_most(&w.gpus, MAX_GPUS_PER_NODE, at.field("gpus"))?;
     at_most(&w.pods, MAX_PODS_PER_NODE, at.field("pods"))?;
     at_most(&w.engines, MAX_PODS_PER_NODE, at.field("engines"))?;
@@ -516,7 +562,7 @@ fn snapshot(w: v1::NodeSnapshot, at: At<'_>) -> Result<NodeSnapshot, ConvertErro
     }
 
     let pods = pod_list(w.pods, at.field("pods"))?;
-    let engines = engine_list(w.engines, at.field("engines"))?;
+    let engines = engine_list(w.engines, at.field("engines"), engines)?;
     let agent = w.agent.map(agent_health).unwrap_or_default();
     Ok(NodeSnapshot {
         node,
@@ -530,7 +576,11 @@ fn snapshot(w: v1::NodeSnapshot, at: At<'_>) -> Result<NodeSnapshot, ConvertErro
     })
 }
 
-fn delta(w: v1::NodeDelta, at: At<'_>) -> Result<NodeDelta, ConvertError> {
+fn delta(
+    w: v1::NodeDelta,
+    at: At<'_>,
+    engines: &mut Engines<'_>,
+) -> Result<NodeDelta, ConvertError> {
     at_most(
         &w.gpus_upserted,
         MAX_GPUS_PER_NODE,
@@ -600,7 +650,7 @@ fn delta(w: v1::NodeDelta, at: At<'_>) -> Result<NodeDelta, ConvertError> {
         .enumerate()
         .map(|(i, p)| pod_ref(p, prm_at.index(i)))
         .collect::<Result<Vec<_>, _>>()?;
-    let engines_upserted = engine_list(w.engines_upserted, at.field("engines_upserted"))?;
+    let engines_upserted = engine_list(w.engines_upserted, at.field("engines_upserted"), engines)?;
     let erm_at = at.field("engines_removed");
     let engines_removed = w
         .engines_removed
@@ -788,16 +838,30 @@ fn pod_list(w: Vec<v1::PodGpus>, at: At<'_>) -> Result<Vec<PodGpus>, ConvertErro
     Ok(out)
 }
 
-fn engine_list(w: Vec<v1::EngineSample>, at: At<'_>) -> Result<Vec<EngineSample>, ConvertError> {
-    let mut out = Vec::with_capacity(w.len());
+fn engine_list(
+    w: Vec<v1::EngineSample>,
+    at: At<'_>,
+    mode: &mut Engines<'_>,
+) -> Result<Vec<EngineSample>, ConvertError> {
+    let mut out: Vec<EngineSample> = Vec::with_capacity(w.len());
     for (i, e) in w.into_iter().enumerate() {
-        out.push(engine(e, at.index(i))?);
-    }
-    if let Some(i) = first_duplicate(&out, |e| &e.pod) {
-        return Err(at
-            .index(i)
-            .field("pod")
-            .invalid(format!("{} appears twice", out[i].pod)));
+        let at = at.index(i);
+        // The pod, for naming a rejected entry.
+        let pod = e.pod.clone().and_then(|p| pod_ref(p, at.field("pod")).ok());
+        let converted = engine(e, at).and_then(|e| {
+            if out.iter().any(|o| o.pod == e.pod) {
+                Err(at.field("pod").invalid(format!("{} appears twice", e.pod)))
+            } else {
+                Ok(e)
+            }
+        });
+        match (converted, &mut *mode) {
+            (Ok(e), _) => out.push(e),
+            (Err(error), Engines::Strict) => return Err(error),
+            (Err(error), Engines::Lenient(rejected)) => {
+                rejected.push(RejectedEngine { pod, error })
+            }
+        }
     }
     Ok(out)
 }
@@ -831,6 +895,7 @@ fn engine(w: v1::EngineSample, at: At<'_>) -> Result<EngineSample, ConvertError>
         Ok(v1::EngineState::Warm) => EngineState::Warm,
         Ok(v1::EngineState::Draining) => EngineState::Draining,
         Ok(v1::EngineState::Failed) => EngineState::Failed,
+        Ok(v1::EngineState::NoData) => EngineState::NoData,
         Err(_) => {
             return Err(at
                 .field("state")
@@ -1093,6 +1158,7 @@ impl From<EngineState> for v1::EngineState {
             EngineState::Warm => v1::EngineState::Warm,
             EngineState::Draining => v1::EngineState::Draining,
             EngineState::Failed => v1::EngineState::Failed,
+            EngineState::NoData => v1::EngineState::NoData,
         }
     }
 }

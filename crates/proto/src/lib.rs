@@ -13,7 +13,7 @@
 
 pub mod convert;
 
-pub use convert::{AgentReport, ConvertError, Directive, ReportBody};
+pub use convert::{AgentReport, ConvertError, Directive, RejectedEngine, ReportBody};
 
 /// `gpuscale.v1`: the agent stream, the node-local serving API and the
 /// scaler's public API.

@@ -1,8 +1,10 @@
 //! The gRPC edge of the agents' streams: validate, convert, hand over.
 //!
 //! Each `AgentService.Report` stream gets its own task. It reads the
-//! stream, converts every report ([`AgentReport::try_from`], which rejects
-//! NaN, negative and absurd values by field), checks the stream's sequence
+//! stream, converts every report ([`AgentReport::from_wire`], which rejects
+//! NaN, negative and absurd values by field; a bad engine entry is left out
+//! and counted, `gpuscale_scaler_engine_entries_rejected_total`, never the
+//! whole node), checks the stream's sequence
 //! ([`StreamValidator`]), and hands the report to the state task through the
 //! one bounded ingest queue. It owns nothing else; the state task owns all
 //! state.
@@ -345,6 +347,7 @@ impl AgentService for Ingest {
             out: out_tx,
             terminal: terminal_tx,
             validator: StreamValidator::new(),
+            last_engine_rejections: Vec::new(),
         };
         tokio::spawn(task.run(inbound));
         Ok(Response::new(DirectiveStream {
@@ -362,6 +365,8 @@ struct StreamTask {
     out: mpsc::Sender<v1::ScalerDirective>,
     terminal: oneshot::Sender<Status>,
     validator: StreamValidator,
+    /// What was wrong with the engine entries last left out (logged on change).
+    last_engine_rejections: Vec<String>,
 }
 
 enum Next {
@@ -387,8 +392,12 @@ impl StreamTask {
                 _ = standby(&mut active) => Next::Reject(standby_status()),
                 _ = self.terminal.closed() => Next::End,
                 msg = inbound.message() => match msg {
-                    Ok(Some(wire)) => match AgentReport::try_from(wire) {
-                        Ok(report) => match self.validator.check(&report) {
+                    Ok(Some(wire)) => match AgentReport::from_wire(wire) {
+                        Ok((report, rejected)) => match self.validator.check(&report) {
+                            Ok(()) if !rejected.is_empty() => {
+                                self.engines_rejected(&rejected);
+                                Next::Report(Box::new(report))
+                            }
                             Ok(()) => Next::Report(Box::new(report)),
                             Err(r) => Next::Reject(r),
                         },
@@ -429,6 +438,22 @@ impl StreamTask {
         .await;
         self.ingest.metrics.stream_closed();
         tracing::debug!(stream = self.id, node = ?self.validator.node(), "agent stream closed");
+    }
+
+    /// Counts the engine entries left out of a report (the rest of it is
+    /// applied) and logs them, once per change of what was wrong.
+    fn engines_rejected(&mut self, rejected: &[gpuscale_proto::RejectedEngine]) {
+        self.ingest.metrics.engines_rejected(rejected.len());
+        let errors: Vec<String> = rejected.iter().map(|r| r.error.to_string()).collect();
+        if self.last_engine_rejections != errors {
+            let pods: Vec<String> = rejected
+                .iter()
+                .map(|r| r.pod.as_ref().map_or_else(|| "?".into(), |p| p.to_string()))
+                .collect();
+            tracing::warn!(stream = self.id, node = ?self.validator.node(), pods = ?pods,
+                errors = ?errors, "engine entries left out of an agent's report; the rest of the node is applied");
+            self.last_engine_rejections = errors;
+        }
     }
 
     async fn hand_over(&mut self, report: Box<AgentReport>) -> Result<(), Rejection> {

@@ -68,6 +68,7 @@ pub struct ScalerMetrics {
     registry: Registry,
     reports: Family<KindLabels, Counter>,
     rejected: Family<ReasonLabels, Counter>,
+    engines_rejected: Counter,
     gpu_samples: Counter,
     superseded: Counter,
     streams: Gauge,
@@ -111,6 +112,12 @@ impl ScalerMetrics {
             "reports_rejected",
             "Agent streams ended because of a bad report, by reason",
             rejected.clone(),
+        );
+        let engines_rejected = Counter::default();
+        r.register(
+            "engine_entries_rejected",
+            "Engine entries left out of an agent's report because they did not convert (a value out of range, a name too long, a pod listed twice); the rest of the node's report is applied",
+            engines_rejected.clone(),
         );
         let gpu_samples = Counter::default();
         r.register(
@@ -232,6 +239,7 @@ impl ScalerMetrics {
             registry: r,
             reports,
             rejected,
+            engines_rejected,
             gpu_samples,
             superseded,
             streams,
@@ -280,6 +288,13 @@ impl ScalerMetrics {
     }
     pub(crate) fn rejected(&self, reason: &'static str) {
         self.rejected.get_or_create(&ReasonLabels { reason }).inc();
+    }
+    pub(crate) fn engines_rejected(&self, n: usize) {
+        self.engines_rejected.inc_by(n as u64);
+    }
+    /// Engine entries left out of reports so far.
+    pub fn engines_rejected_total(&self) -> u64 {
+        self.engines_rejected.get()
     }
     pub(crate) fn superseded(&self) {
         self.superseded.inc();

@@ -33,9 +33,10 @@ pub enum TelemetryError {
     /// Reading the body failed midway, or it is not UTF-8.
     #[error("{url}: reading the body failed: {message}")]
     Body { url: String, message: String },
-    /// The exposition does not end with a newline: the body was cut off.
-    #[error("exposition truncated: the last line `{line}` has no terminating newline")]
-    Truncated { line: String },
+    /// The connection ended before the whole body arrived (shorter than its
+    /// `Content-Length`, or a chunked body without its last chunk).
+    #[error("{url}: the body was cut off: {message}")]
+    Truncated { url: String, message: String },
     /// A line of the exposition is not valid Prometheus text.
     #[error("exposition line {line_no}: {message}: `{line}`")]
     Parse {

@@ -2,14 +2,23 @@
 //!
 //! Handles what inference engines emit: `# HELP` / `# TYPE` lines, counters,
 //! gauges, histograms and summaries as plain samples, labels with escaped
-//! values (`\\`, `\"`, `\n`), `+Inf` / `-Inf` / `NaN` values and optional
-//! timestamps. Like Prometheus it rejects the whole scrape on the first bad
-//! line (a half-parsed exposition could pair a histogram's buckets wrongly)
-//! and a body that does not end in a newline (it was cut off): the caller
-//! counts the error and reports the engine's metrics as missing this round.
-//! Pure code; never panics on any input.
+//! values (`\\`, `\"`, `\n`), `+Inf` / `-Inf` / `NaN` values (in any case,
+//! with a sign: llama.cpp printed `-nan` until its first request) and
+//! optional timestamps. Like Prometheus it rejects the whole scrape on the
+//! first line that is not a sample (a half-parsed exposition could pair a
+//! histogram's buckets wrongly); the caller counts the error and reports the
+//! engine's metrics as missing this round.
+//!
+//! What is not read never fails a scrape: the value (and timestamp) of a
+//! sample whose name the caller does not keep is not interpreted. A series
+//! repeated with the same labels is kept once (the first), and the repeats
+//! counted ([`Exposition::duplicates`]), instead of being summed twice. A
+//! last line without its newline (as in files users commit) is read:
+//! truncation is the transport's to detect (a body shorter than its
+//! `Content-Length`, a chunked body without its last chunk), not the final
+//! byte's. Pure code; never panics on any input.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::TelemetryError;
 
@@ -47,6 +56,8 @@ pub struct Exposition {
     samples: Vec<PromSample>,
     by_name: HashMap<String, Vec<usize>>,
     types: HashMap<String, MetricType>,
+    /// Kept sample lines that repeated a series already read.
+    duplicates: Vec<String>,
 }
 
 /// Lines shown in errors are cut to this many characters.
@@ -71,11 +82,8 @@ impl Exposition {
     /// `keep` accepts (the agent reads a few dozen of the hundreds of series
     /// an engine exports).
     pub fn parse_filtered(text: &str, keep: &dyn Fn(&str) -> bool) -> Result<Self, TelemetryError> {
-        if !text.is_empty() && !text.ends_with('\n') {
-            let last = text.rsplit('\n').next().unwrap_or(text);
-            return Err(TelemetryError::Truncated { line: shown(last) });
-        }
         let mut exp = Exposition::default();
+        let mut seen: HashSet<(String, Vec<(String, String)>)> = HashSet::new();
         for (i, raw) in text.split('\n').enumerate() {
             let line = raw.strip_suffix('\r').unwrap_or(raw);
             let line_no = i + 1;
@@ -94,6 +102,12 @@ impl Exposition {
             }
             let sample = parse_sample(trimmed, keep).map_err(parse_err)?;
             if let Some(s) = sample {
+                let mut labels = s.labels.clone();
+                labels.sort();
+                if !seen.insert((s.name.clone(), labels)) {
+                    exp.duplicates.push(s.name);
+                    continue;
+                }
                 let idx = exp.samples.len();
                 exp.by_name.entry(s.name.clone()).or_default().push(idx);
                 exp.samples.push(s);
@@ -150,6 +164,12 @@ impl Exposition {
         self.types.get(family).copied()
     }
 
+    /// Names of the kept sample lines that repeated a series (same name and
+    /// labels) already read; only the first of each series is kept.
+    pub fn duplicates(&self) -> &[String] {
+        &self.duplicates
+    }
+
     /// Number of samples kept.
     pub fn len(&self) -> usize {
         self.samples.len()
@@ -197,17 +217,19 @@ fn parse_sample(
     }
     let mut fields = rest.split_whitespace();
     let value_text = fields.next().ok_or("missing value")?;
-    let value = parse_value(value_text).ok_or("invalid value")?;
-    if let Some(ts) = fields.next()
-        && ts.parse::<i64>().is_err()
-    {
-        return Err("invalid timestamp");
-    }
+    let timestamp = fields.next();
     if fields.next().is_some() {
         return Err("unexpected text after the timestamp");
     }
     if !kept {
+        // A value nobody reads never fails a scrape.
         return Ok(None);
+    }
+    let value = parse_value(value_text).ok_or("invalid value")?;
+    if let Some(ts) = timestamp
+        && ts.parse::<i64>().is_err()
+    {
+        return Err("invalid timestamp");
     }
     Ok(Some(PromSample {
         name: name.to_string(),
@@ -267,22 +289,29 @@ fn parse_labels<'a>(
     }
 }
 
+/// A sample value: a decimal or exponent number, or NaN, Inf or Infinity in
+/// any case with an optional sign (Go's `ParseFloat`, which Prometheus uses,
+/// plus the `-nan` that C++ streams print). Hex floats, `_` separators and
+/// other spellings are rejected.
 fn parse_value(s: &str) -> Option<f64> {
-    match s {
-        "+Inf" | "Inf" => Some(f64::INFINITY),
-        "-Inf" => Some(f64::NEG_INFINITY),
-        "NaN" => Some(f64::NAN),
-        _ => {
-            // Rust also accepts "inf"/"infinity" spellings; Prometheus does
-            // not, and neither do we.
-            if s.chars()
-                .all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-'))
-            {
-                s.parse().ok()
-            } else {
-                None
-            }
-        }
+    let unsigned = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let negative = s.starts_with('-');
+    if unsigned.eq_ignore_ascii_case("nan") {
+        return Some(f64::NAN);
+    }
+    if unsigned.eq_ignore_ascii_case("inf") || unsigned.eq_ignore_ascii_case("infinity") {
+        return Some(if negative {
+            f64::NEG_INFINITY
+        } else {
+            f64::INFINITY
+        });
+    }
+    if s.chars()
+        .all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-'))
+    {
+        s.parse().ok()
+    } else {
+        None
     }
 }
 
@@ -341,10 +370,65 @@ mod tests {
     }
 
     #[test]
-    fn a_body_without_a_final_newline_is_truncated() {
+    fn a_last_line_without_its_newline_is_read() {
+        // Files users commit often lack the final newline; truncation is the
+        // transport's to detect.
+        let exp = Exposition::parse("a 1\nvllm:num_requests_running 7").unwrap();
+        assert_eq!(
+            exp.samples("vllm:num_requests_running")
+                .next()
+                .unwrap()
+                .value,
+            7.0
+        );
+        // A line cut mid-name is still not a sample.
         let err = Exposition::parse("a 1\nvllm:num_requests_runn").unwrap_err();
-        assert_eq!(err.kind(), "truncated");
-        assert!(err.to_string().contains("vllm:num_requests_runn"), "{err}");
+        assert_eq!(err.kind(), "parse");
+    }
+
+    #[test]
+    fn nan_and_infinity_parse_in_every_spelling_engines_print() {
+        let exp = Exposition::parse(
+            "a -nan\nb nan\nc NaN\nd +NaN\ne inf\nf -Inf\ng +Infinity\nh -infinity\n",
+        )
+        .unwrap();
+        for n in ["a", "b", "c", "d"] {
+            assert!(exp.samples(n).next().unwrap().value.is_nan(), "{n}");
+        }
+        for (n, v) in [
+            ("e", f64::INFINITY),
+            ("f", f64::NEG_INFINITY),
+            ("g", f64::INFINITY),
+            ("h", f64::NEG_INFINITY),
+        ] {
+            assert_eq!(exp.samples(n).next().unwrap().value, v, "{n}");
+        }
+    }
+
+    #[test]
+    fn a_value_that_is_not_read_never_fails_the_scrape() {
+        let keep = |n: &str| n.starts_with("llamacpp:requests");
+        let text = "llamacpp:n_busy_slots_per_decode -nan(ind)\n\
+                    llamacpp:prompt_tokens_seconds 1.#QNAN 17x\n\
+                    llamacpp:requests_processing 2\n";
+        let exp = Exposition::parse_filtered(text, &keep).unwrap();
+        assert_eq!(exp.len(), 1);
+        // The same value in a series that is read is an error.
+        let all = Exposition::parse(text).unwrap_err();
+        assert_eq!(all.kind(), "parse");
+    }
+
+    #[test]
+    fn a_repeated_series_is_kept_once_and_counted() {
+        let text = "r{model_name=\"m\",engine=\"0\"} 162\n\
+                    r{engine=\"0\",model_name=\"m\"} 162\n\
+                    r{engine=\"1\",model_name=\"m\"} 5\n\
+                    q 1\nq 1\n";
+        let exp = Exposition::parse(text).unwrap();
+        let values: Vec<f64> = exp.samples("r").map(|s| s.value).collect();
+        assert_eq!(values, vec![162.0, 5.0]);
+        assert_eq!(exp.samples("q").count(), 1);
+        assert_eq!(exp.duplicates(), &["r".to_string(), "q".to_string()]);
     }
 
     #[test]
@@ -359,7 +443,8 @@ mod tests {
             ("a{x=\"\\q\"} 1\n", 1),
             ("a\n", 1),
             ("# TYPE a sometype\n", 1),
-            ("a infinity\n", 1),
+            ("a 0x1p3\n", 1),
+            ("a 1_000\n", 1),
         ] {
             let err = Exposition::parse(text).unwrap_err();
             assert_eq!(err.kind(), "parse", "{text:?}");

@@ -67,7 +67,7 @@ fn all_metrics_missing(s: &EngineSample) -> bool {
 async fn every_framework_is_scraped_over_http_and_attributed_to_its_gpus() {
     let server = FakeHttp::start().await;
     let cases = [
-        ("vllm", Framework::Vllm, "vllm-0.33.txt", "/metrics"),
+        ("vllm", Framework::Vllm, "vllm-0.33.txt", "/v/metrics"),
         ("sglang", Framework::Sglang, "sglang-0.5.txt", "/s/metrics"),
         ("tgi", Framework::Tgi, "tgi-3.3.txt", "/t/metrics"),
         (
@@ -89,6 +89,8 @@ async fn every_framework_is_scraped_over_http_and_attributed_to_its_gpus() {
         server.route(path, Reply::text(fixture(file)));
         targets.push(target(&server, name, fw, path));
     }
+    // trtllm-serve's JSON iteration stats beside its Prometheus text.
+    server.route("/metrics", Reply::status(200, "[]"));
     let mut src = source(4 << 20);
     src.set_targets(targets);
     let pods = vec![PodGpus {
@@ -175,10 +177,13 @@ async fn garbage_text_is_a_parse_error_and_the_other_engine_keeps_reporting() {
 }
 
 #[tokio::test]
-async fn truncated_text_is_rejected_and_the_other_engine_keeps_reporting() {
-    let full = fixture("vllm-0.33.txt");
+async fn a_body_cut_off_by_the_transport_is_truncated() {
+    // Fewer bytes than the Content-Length, then the connection closes.
     bad_input_case(
-        Reply::text(&full[..full.len() / 2]),
+        Reply::CutOff {
+            declared: 10_000,
+            body: "vllm:num_requests_running 3\n".into(),
+        },
         "truncated",
         None,
         4 << 20,
@@ -187,17 +192,206 @@ async fn truncated_text_is_rejected_and_the_other_engine_keeps_reporting() {
 }
 
 #[tokio::test]
-async fn a_connection_cut_mid_body_is_a_body_error() {
-    bad_input_case(
-        Reply::CutOff {
-            declared: 10_000,
-            body: "vllm:num_requests_running 3\n".into(),
+async fn a_complete_body_whose_last_line_lacks_its_newline_is_read() {
+    let server = FakeHttp::start().await;
+    let full = fixture("vllm-0.33.txt");
+    server.route("/metrics", Reply::text(full.trim_end()));
+    let mut src = source(4 << 20);
+    src.set_targets(vec![target(&server, "v", Framework::Vllm, "/metrics")]);
+    let samples = src.sample_engines(at(0.0), &[]).await.unwrap();
+    assert_eq!(samples[0].state, EngineState::Warm);
+    assert_eq!(samples[0].requests_running, Some(22.0));
+    assert!(src.stats().errors_by_kind.is_empty(), "{:?}", src.stats());
+}
+
+#[tokio::test]
+async fn an_engine_that_answers_but_reads_nothing_is_no_data_not_warm() {
+    let server = FakeHttp::start().await;
+    server.route("/empty", Reply::text(""));
+    server.route(
+        "/nocontent",
+        Reply::Ok {
+            status: 204,
+            content_type: "text/plain",
+            body: String::new(),
         },
-        "body",
-        None,
-        4 << 20,
-    )
-    .await;
+    );
+    // `--engine sglang=...` pointed at a vLLM server.
+    server.route("/wrong", Reply::text(fixture("vllm-0.33.txt")));
+    server.route("/health", Reply::status(200, "{}"));
+    let mut targets = vec![
+        target(&server, "empty", Framework::Vllm, "/empty"),
+        target(&server, "nocontent", Framework::Vllm, "/nocontent"),
+        target(&server, "wrong", Framework::Sglang, "/wrong"),
+    ];
+    for t in &mut targets {
+        t.health_url = Some(server.url("/health"));
+    }
+    let mut src = source(4 << 20);
+    src.set_targets(targets);
+    let samples = src.sample_engines(at(0.0), &[]).await.unwrap();
+    for name in ["empty", "nocontent", "wrong"] {
+        let s = by_pod(&samples, name);
+        assert_eq!(s.state, EngineState::NoData, "{name}");
+        assert!(all_metrics_missing(s), "{name}");
+        let why = src.problem(&PodRef::new("llm", name)).expect("a reason");
+        assert!(why.starts_with("no data"), "{name}: {why}");
+        assert!(why.contains(s.framework.as_str()), "{name}: {why}");
+    }
+    assert_eq!(src.stats().errors_by_kind.get("no_data"), Some(&3));
+    assert_eq!(EngineState::NoData.as_str(), "no_data");
+}
+
+#[tokio::test]
+async fn llama_cpp_printing_nan_before_its_first_request_is_warm() {
+    let server = FakeHttp::start().await;
+    server.route("/metrics", Reply::text(fixture("llamacpp-2024-idle.txt")));
+    server.route("/health", Reply::status(200, r#"{"status":"ok"}"#));
+    let mut t = target(&server, "llama", Framework::LlamaCpp, "/metrics");
+    t.health_url = Some(server.url("/health"));
+    let mut src = source(4 << 20);
+    src.set_targets(vec![t]);
+    let samples = src.sample_engines(at(0.0), &[]).await.unwrap();
+    assert_eq!(
+        samples[0].state,
+        EngineState::Warm,
+        "{:?}",
+        src.problem(&samples[0].pod)
+    );
+    assert_eq!(samples[0].requests_running, Some(0.0));
+    assert_eq!(samples[0].kv_cache_usage_ratio, Some(0.0));
+    assert!(src.stats().errors_by_kind.is_empty(), "{:?}", src.stats());
+}
+
+#[tokio::test]
+async fn nan_and_repeated_series_are_counted_and_the_rest_reads() {
+    let server = FakeHttp::start().await;
+    let line = "vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 162\n";
+    server.route(
+        "/metrics",
+        Reply::text(format!(
+            "{line}{line}vllm:num_requests_waiting{{model_name=\"m\"}} NaN\n"
+        )),
+    );
+    let mut src = source(4 << 20);
+    src.set_targets(vec![target(&server, "v", Framework::Vllm, "/metrics")]);
+    let samples = src.sample_engines(at(0.0), &[]).await.unwrap();
+    assert_eq!(samples[0].state, EngineState::Warm);
+    assert_eq!(samples[0].requests_running, Some(162.0), "not 324");
+    assert_eq!(samples[0].requests_waiting, None);
+    let kinds = &src.stats().errors_by_kind;
+    assert_eq!(kinds.get("duplicate_series"), Some(&1), "{kinds:?}");
+    assert_eq!(kinds.get("non_finite"), Some(&1), "{kinds:?}");
+    let warnings = src.warnings(&samples[0].pod);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("vllm:num_requests_waiting")),
+        "{warnings:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_incomplete_histogram_is_counted_and_named() {
+    let server = FakeHttp::start().await;
+    server.route(
+        "/metrics",
+        Reply::text(
+            "vllm:num_requests_running 1\n\
+             vllm:time_to_first_token_seconds_bucket{le=\"0.1\"} 1\n\
+             vllm:time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n",
+        ),
+    );
+    let mut src = source(4 << 20);
+    src.set_targets(vec![target(&server, "v", Framework::Vllm, "/metrics")]);
+    let samples = src.sample_engines(at(0.0), &[]).await.unwrap();
+    assert_eq!(samples[0].ttft_seconds, None);
+    assert_eq!(
+        src.stats().errors_by_kind.get("invalid_histogram"),
+        Some(&1)
+    );
+    let warnings = src.warnings(&samples[0].pod);
+    assert!(
+        warnings.iter().any(|w| w.contains("without `_sum`")),
+        "{warnings:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_huge_model_name_is_cut_to_what_the_protocol_carries() {
+    let server = FakeHttp::start().await;
+    let huge = "m".repeat(1 << 20);
+    server.route(
+        "/metrics",
+        Reply::text(format!(
+            "vllm:num_requests_running{{model_name=\"{huge}\"}} 4\n"
+        )),
+    );
+    let mut src = source(4 << 20);
+    src.set_targets(vec![target(&server, "v", Framework::Vllm, "/metrics")]);
+    let samples = src.sample_engines(at(0.0), &[]).await.unwrap();
+    let s = &samples[0];
+    assert_eq!(s.state, EngineState::Warm);
+    assert_eq!(s.requests_running, Some(4.0));
+    assert_eq!(s.model.len(), gpuscale_proto::convert::MAX_NAME_BYTES);
+    assert_eq!(src.stats().errors_by_kind.get("label_truncated"), Some(&1));
+    // What the agent sends now converts on the scaler's side.
+    let wire = gpuscale_proto::v1::EngineSample::from(s);
+    let report = gpuscale_proto::v1::NodeReport {
+        boot_epoch: 7,
+        seq: 1,
+        sent_at_unix_ms: 1_700_000_000_000,
+        body: Some(gpuscale_proto::v1::node_report::Body::Snapshot(
+            gpuscale_proto::v1::NodeSnapshot {
+                node_name: "n".into(),
+                sampled_at_unix_ms: 1_700_000_000_000,
+                engines: vec![wire],
+                ..Default::default()
+            },
+        )),
+    };
+    gpuscale_proto::AgentReport::try_from(report).expect("accepted");
+}
+
+#[tokio::test]
+async fn trtllm_serve_is_read_from_its_text_and_its_iteration_stats() {
+    let server = FakeHttp::start().await;
+    server.route(
+        "/prometheus/metrics",
+        Reply::text(fixture("trtllm-serve-unprefixed.txt")),
+    );
+    server.route(
+        "/metrics",
+        Reply::status(200, fixture("trtllm-serve-iteration-stats.json")),
+    );
+    let mut src = source(4 << 20);
+    src.set_targets(vec![target(
+        &server,
+        "trt",
+        Framework::TrtllmServe,
+        "/prometheus/metrics",
+    )]);
+    let s = src.sample_engines(at(0.0), &[]).await.unwrap();
+    assert_eq!(s[0].state, EngineState::Warm);
+    assert_eq!(s[0].model, "Qwen/Qwen3-8B");
+    assert_eq!(s[0].requests_running, Some(31.0));
+    assert_eq!(s[0].requests_waiting, Some(4.0));
+    assert_eq!(s[0].kv_cache_usage_ratio, Some(0.4));
+    assert_eq!(s[0].requests_finished_total, Some(700.0));
+    assert_eq!(s[0].tpot_seconds.as_ref().map(|h| h.count()), Some(700));
+
+    // The stats queue was drained and no iteration ran since: idle.
+    server.route("/metrics", Reply::status(200, "[]"));
+    let s = src.sample_engines(at(1.0), &[]).await.unwrap();
+    assert_eq!(s[0].requests_running, Some(0.0));
+    assert_eq!(s[0].kv_capacity_tokens, Some(128_000.0));
+
+    // Stats that cannot be read are counted; the text still reads.
+    server.route("/metrics", Reply::text("not json"));
+    let s = src.sample_engines(at(2.0), &[]).await.unwrap();
+    assert_eq!(s[0].state, EngineState::Warm);
+    assert_eq!(s[0].requests_finished_total, Some(700.0));
+    assert_eq!(src.stats().errors_by_kind.get("iteration_stats"), Some(&1));
 }
 
 #[tokio::test]

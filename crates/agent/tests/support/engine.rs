@@ -22,7 +22,7 @@ pub enum MetricsReply {
     Html,
     /// Not Prometheus text at all.
     Garbage,
-    /// An exposition cut off mid-line.
+    /// An exposition cut off mid-line by the connection.
     Truncated,
     /// `bytes` of valid-looking comments (over the size cap).
     Huge {
@@ -166,11 +166,25 @@ async fn metrics(State((b, model)): State<Shared>) -> Response {
             "vllm:num_requests_running{model_name=\"m\" 3\n{{{ not prometheus\n",
         )
             .into_response(),
-        MetricsReply::Truncated => (
-            [(header::CONTENT_TYPE, PROM)],
-            "vllm:num_requests_running{model_name=\"m\"} 3.0\nvllm:num_requests_wai",
-        )
-            .into_response(),
+        MetricsReply::Truncated => {
+            // A chunked body whose stream fails midway: the connection is
+            // cut before the last chunk.
+            use futures::StreamExt;
+            let first = futures::stream::once(async {
+                Ok::<_, std::io::Error>(
+                    "vllm:num_requests_running{model_name=\"m\"} 3.0\nvllm:num_requests_wai",
+                )
+            });
+            let cut = futures::stream::once(async {
+                tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+                Err(std::io::Error::other("the engine went away"))
+            });
+            (
+                [(header::CONTENT_TYPE, PROM)],
+                axum::body::Body::from_stream(first.chain(cut)),
+            )
+                .into_response()
+        }
         MetricsReply::Huge { bytes } => {
             let line = "# HELP filler padding padding padding padding padding padding\n";
             let body = line.repeat(bytes / line.len() + 1);

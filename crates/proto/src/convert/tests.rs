@@ -179,6 +179,82 @@ fn negative_counter_and_queue_are_rejected() {
 }
 
 #[test]
+fn a_bad_engine_entry_is_left_out_and_the_rest_of_the_node_kept() {
+    let engine = |name: &str| {
+        let mut e = EngineSample::empty(pod("llm", name), Framework::Vllm, "m", Timestamp(1));
+        e.requests_running = Some(3.0);
+        e
+    };
+    let mut snap = snapshot_with(vec![gpu(0), gpu(1)]);
+    snap.engines = vec![
+        engine("good-0"),
+        engine("huge-0"),
+        engine("nan-0"),
+        engine("good-1"),
+    ];
+    let mut r = report(ReportBody::Snapshot(snap));
+    {
+        let s = snapshot_of(&mut r);
+        s.engines[1].model = "m".repeat(1 << 20);
+        s.engines[2].kv_cache_usage_ratio = Some(f64::NAN);
+        // A pod listed twice: the second entry goes.
+        let again = s.engines[0].clone();
+        s.engines.push(again);
+    }
+    // The strict conversion rejects the whole report at the first bad entry.
+    assert_eq!(reject(r.clone()).field(), "snapshot.engines[1].model");
+
+    let (report, rejected) = AgentReport::from_wire(r).expect("the node is kept");
+    let ReportBody::Snapshot(s) = report.body else {
+        panic!("a snapshot")
+    };
+    assert_eq!(s.gpus.len(), 2, "the node's GPUs stay");
+    let kept: Vec<&str> = s.engines.iter().map(|e| e.pod.name.as_str()).collect();
+    assert_eq!(kept, ["good-0", "good-1"]);
+    let fields: Vec<&str> = rejected.iter().map(|r| r.error.field()).collect();
+    assert_eq!(
+        fields,
+        [
+            "snapshot.engines[1].model",
+            "snapshot.engines[2].kv_cache_usage_ratio",
+            "snapshot.engines[4].pod"
+        ]
+    );
+    assert_eq!(rejected[0].pod, Some(pod("llm", "huge-0")));
+    assert!(
+        rejected[0].error.to_string().contains("longer than"),
+        "{:?}",
+        rejected[0]
+    );
+
+    // In a delta too.
+    let mut bad = engine("neg-0");
+    bad.requests_waiting = Some(-2.0);
+    let d = NodeDelta {
+        engines_upserted: vec![engine("ok-0"), bad],
+        ..NodeDelta::default()
+    };
+    let (report, rejected) =
+        AgentReport::from_wire(self::report(ReportBody::Delta(d))).expect("kept");
+    let ReportBody::Delta(d) = report.body else {
+        panic!("a delta")
+    };
+    assert_eq!(d.engines_upserted.len(), 1);
+    assert_eq!(
+        rejected[0].error.field(),
+        "delta.engines_upserted[1].requests_waiting"
+    );
+    // Whatever is wrong outside the engines still rejects the report.
+    let mut r = self::report(ReportBody::Snapshot(snapshot_with(vec![gpu(0)])));
+    snapshot_of(&mut r).gpus[0]
+        .metrics
+        .as_mut()
+        .expect("metrics")
+        .power_watts = Some(f64::NAN);
+    assert!(AgentReport::from_wire(r).is_err());
+}
+
+#[test]
 fn report_without_body_or_epoch_is_rejected() {
     let e = reject(v1::NodeReport {
         boot_epoch: 1,

@@ -164,6 +164,21 @@ pub fn classify_health(
     }
 }
 
+/// Whether a body error is the connection ending before the body did
+/// (hyper reports an `UnexpectedEof` I/O error as its cause).
+fn ended_early(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(err) = cause {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::UnexpectedEof
+        {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
+}
+
 /// The client. Cheap to clone (the connection pool is shared).
 #[derive(Debug, Clone)]
 pub struct EngineHttpClient {
@@ -261,9 +276,20 @@ impl EngineHttpClient {
         let mut body = response.into_body();
         let mut buf = BytesMut::new();
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| TelemetryError::Body {
-                url: url.to_string(),
-                message: e.to_string(),
+            let frame = frame.map_err(|e| {
+                // The transport tells a cut-off body (fewer bytes than the
+                // Content-Length, no terminating chunk) from other failures.
+                if e.is_incomplete_message() || ended_early(&e) {
+                    TelemetryError::Truncated {
+                        url: url.to_string(),
+                        message: e.to_string(),
+                    }
+                } else {
+                    TelemetryError::Body {
+                        url: url.to_string(),
+                        message: e.to_string(),
+                    }
+                }
             })?;
             if let Ok(data) = frame.into_data() {
                 if buf.len() + data.len() > cap {
@@ -285,14 +311,31 @@ impl EngineHttpClient {
         url: &str,
         timeout: Duration,
     ) -> Result<String, TelemetryError> {
+        self.fetch_text(
+            url,
+            timeout,
+            "text/plain;version=0.0.4;q=1,*/*;q=0.1",
+            &["text/plain", "application/openmetrics-text"],
+        )
+        .await
+    }
+
+    /// A JSON document from `url` (trtllm-serve's iteration stats): 2xx,
+    /// a JSON content type, UTF-8.
+    pub async fn fetch_json(&self, url: &str, timeout: Duration) -> Result<String, TelemetryError> {
+        self.fetch_text(url, timeout, "application/json", &["application/json"])
+            .await
+    }
+
+    async fn fetch_text(
+        &self,
+        url: &str,
+        timeout: Duration,
+        accept: &str,
+        mimes: &[&str],
+    ) -> Result<String, TelemetryError> {
         let resp = self
-            .request(
-                Method::GET,
-                url,
-                None,
-                "text/plain;version=0.0.4;q=1,*/*;q=0.1",
-                timeout,
-            )
+            .request(Method::GET, url, None, accept, timeout)
             .await?;
         if !(200..300).contains(&resp.status) {
             return Err(TelemetryError::HttpStatus {
@@ -307,7 +350,7 @@ impl EngineHttpClient {
                 .unwrap_or_default()
                 .trim()
                 .to_ascii_lowercase();
-            if mime != "text/plain" && mime != "application/openmetrics-text" {
+            if !mimes.contains(&mime.as_str()) {
                 return Err(TelemetryError::ContentType {
                     url: url.to_string(),
                     content_type: ct.clone(),
