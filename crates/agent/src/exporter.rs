@@ -84,6 +84,29 @@ pub struct NodeStatsSnapshot {
     pub gate_writes: BTreeMap<&'static str, u64>,
     /// Warm-up probes by result (`success`, `failure`).
     pub warmups: BTreeMap<&'static str, u64>,
+    /// GPU-to-pod attribution from the kubelet, when it is on.
+    pub attribution: Option<AttributionHealth>,
+}
+
+/// When the kubelet last gave the GPU-to-pod mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttributionHealth {
+    /// When the kubelet last answered (`None`: never).
+    pub answered_at: Option<tokio::time::Instant>,
+    /// Older than this, the mapping is stale.
+    pub stale_after: std::time::Duration,
+}
+
+impl AttributionHealth {
+    /// Seconds since the kubelet last answered.
+    pub fn age(&self) -> Option<std::time::Duration> {
+        self.answered_at.map(|t| t.elapsed())
+    }
+
+    /// Never answered, or not for longer than `stale_after`.
+    pub fn stale(&self) -> bool {
+        self.age().is_none_or(|a| a > self.stale_after)
+    }
 }
 
 impl NodeStats {
@@ -115,6 +138,18 @@ impl NodeStats {
         if total > 0 {
             self.lock().errors.insert((source, kind), total);
         }
+    }
+
+    /// Records when the kubelet last answered the attribution task.
+    pub fn set_attribution(
+        &self,
+        answered_at: Option<tokio::time::Instant>,
+        stale_after: std::time::Duration,
+    ) {
+        self.lock().attribution = Some(AttributionHealth {
+            answered_at,
+            stale_after,
+        });
     }
 
     pub fn set_up(&self, source: &'static str, up: bool) {
@@ -837,6 +872,24 @@ fn encode_stats(
         &warmups,
         |(result, n)| Some((**n as f64, [("result", **result)])),
     )?;
+    if let Some(a) = stats.attribution {
+        if let Some(age) = a.age() {
+            ConstGauge::new(age.as_secs_f64()).encode(encoder.encode_descriptor(
+                "attribution_age",
+                "Seconds since the kubelet last gave the GPU-to-pod mapping (PodResources); \
+                 samples carry that mapping meanwhile",
+                Some(&Unit::Seconds),
+                MetricType::Gauge,
+            )?)?;
+        }
+        ConstGauge::new(i64::from(a.stale())).encode(encoder.encode_descriptor(
+            "attribution_stale",
+            "1 while the GPU-to-pod mapping is stale: the kubelet never answered, or not for \
+             three refresh intervals and a call's deadline",
+            None,
+            MetricType::Gauge,
+        )?)?;
+    }
     Ok(())
 }
 

@@ -71,7 +71,10 @@ pub use error::AgentError;
 pub use exporter::{NodeExporter, NodeStats};
 pub use http::OPENMETRICS_CONTENT_TYPE;
 pub use metrics::AgentMetrics;
-pub use node::{NodeArgs, NodeConfig, RunningNode, sample_once, start_node};
+pub use node::{
+    NodeArgs, NodeConfig, OnceReport, RunningNode, render_once, sample_once, sample_once_report,
+    start_node,
+};
 pub use readiness::{ReadinessConfig, WarmupConfig, WarmupMode};
 pub use sampler::Sampled;
 pub use simulated::{RunningSimulatedNode, start_simulated_node};

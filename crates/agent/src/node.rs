@@ -28,8 +28,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpuscale_core::NodeName;
+use std::collections::BTreeMap;
+
 use gpuscale_core::sample::{AgentHealth, NodeSnapshot};
+use gpuscale_core::{NodeName, PodRef};
 use gpuscale_telemetry::fake::{FakeNode, FakeNodeConfig};
 use gpuscale_telemetry::nvml::DEFAULT_NVML_LIBRARY;
 use gpuscale_telemetry::pod_resources::DEFAULT_POD_RESOURCES_SOCKET;
@@ -627,6 +629,53 @@ pub async fn sample_once(
     kube: Option<kube::Client>,
     gpm_gap: Duration,
 ) -> Result<NodeSnapshot, AgentError> {
+    sample_once_report(node_name, node, kube, gpm_gap)
+        .await
+        .map(|r| r.snapshot)
+}
+
+/// What `--once` prints: the snapshot, and beside it what the snapshot
+/// cannot say: why each engine failed or reads no data (or what was wrong
+/// inside its scrape), and how old the GPU-to-pod attribution is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnceReport {
+    pub snapshot: NodeSnapshot,
+    pub engines: BTreeMap<PodRef, EngineReport>,
+    /// `None` when attribution comes from no kubelet (off, or simulated).
+    pub attribution: Option<AttributionReport>,
+}
+
+/// Why an engine is not read well.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct EngineReport {
+    /// Why its scrape failed, or why it reads no data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Problems inside a scrape that was read.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// The GPU-to-pod attribution as `--once` got it from the kubelet.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AttributionReport {
+    pub source: &'static str,
+    /// Whether the kubelet answered.
+    pub available: bool,
+    /// Seconds since the kubelet answered (`None`: it did not).
+    pub age_seconds: Option<f64>,
+    /// Why it did not answer.
+    pub error: Option<String>,
+}
+
+/// [`sample_once`], with what the snapshot cannot carry ([`OnceReport`]).
+/// The kubelet gets one call's deadline to answer.
+pub async fn sample_once_report(
+    node_name: &NodeName,
+    node: &NodeConfig,
+    kube: Option<kube::Client>,
+    gpm_gap: Duration,
+) -> Result<OnceReport, AgentError> {
     node.validate()?;
     let stats = Arc::new(NodeStats::default());
     let mut pods_tx = None;
@@ -661,6 +710,12 @@ pub async fn sample_once(
         tracing::warn!(reason = %reason, "no-GPU mode: the snapshot has no GPUs");
     }
     let now = clock.now();
+    if let Some(p) = &node.pod_resources {
+        sources
+            .pods
+            .first_attempt(p.call_timeout + Duration::from_millis(500))
+            .await;
+    }
     let pods = first_or_log("pods", sources.pods.list_pod_gpus(now).await, &mut errors);
     let engines = first_or_log(
         "engines",
@@ -684,8 +739,92 @@ pub async fn sample_once(
             pod_resources_available: sources.pods.available(),
         },
     };
+    let engine_reports = snapshot
+        .engines
+        .iter()
+        .filter_map(|e| {
+            let (error, warnings) = sources.engines.problems(&e.pod);
+            (error.is_some() || !warnings.is_empty())
+                .then(|| (e.pod.clone(), EngineReport { error, warnings }))
+        })
+        .collect();
+    let attribution = sources.pods.attribution().map(|a| AttributionReport {
+        source: "kubelet",
+        available: a.available,
+        age_seconds: a.age().map(|d| d.as_secs_f64()),
+        error: if a.attempts == 0 {
+            Some("no call finished within the deadline".into())
+        } else {
+            a.error.clone()
+        },
+    });
     drop(pods_tx);
-    Ok(snapshot)
+    Ok(OnceReport {
+        snapshot,
+        engines: engine_reports,
+        attribution,
+    })
+}
+
+/// The `--once` report as `--output` asks: the snapshot's fields, each
+/// engine with its `error` and `warnings` where it has any, and
+/// `attribution` (see [`render_snapshot`] for histogram bounds).
+pub fn render_once(report: &OnceReport, format: OutputFormat) -> Result<String, AgentError> {
+    let task = "rendering the snapshot";
+    let fail = |message: String| AgentError::Task { task, message };
+    let engine_extras: Vec<(&PodRef, serde_json::Value)> = report
+        .engines
+        .iter()
+        .map(|(pod, r)| serde_json::to_value(r).map(|v| (pod, v)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| fail(e.to_string()))?;
+    let attribution = serde_json::to_value(&report.attribution).map_err(|e| fail(e.to_string()))?;
+    match format {
+        OutputFormat::Json => {
+            let mut v = serde_json::to_value(&report.snapshot).map_err(|e| fail(e.to_string()))?;
+            infinite_bounds_as_text(&mut v);
+            if let Some(engines) = v.get_mut("engines").and_then(|e| e.as_array_mut()) {
+                for e in engines {
+                    let pod: Option<PodRef> = serde_json::from_value(e["pod"].clone()).ok();
+                    let extra = engine_extras.iter().find(|(p, _)| Some(*p) == pod.as_ref());
+                    if let (Some(obj), Some((_, extra))) = (e.as_object_mut(), extra)
+                        && let Some(fields) = extra.as_object()
+                    {
+                        obj.extend(fields.clone());
+                    }
+                }
+            }
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("attribution".into(), attribution);
+            }
+            serde_json::to_string_pretty(&v).map_err(|e| fail(e.to_string()))
+        }
+        OutputFormat::Yaml => {
+            let mut v = serde_yaml::to_value(&report.snapshot).map_err(|e| fail(e.to_string()))?;
+            let to_yaml = |j: &serde_json::Value| serde_yaml::to_value(j);
+            if let Some(engines) = v.get_mut("engines").and_then(|e| e.as_sequence_mut()) {
+                for e in engines {
+                    let pod: Option<PodRef> = e
+                        .get("pod")
+                        .cloned()
+                        .and_then(|p| serde_yaml::from_value(p).ok());
+                    let extra = engine_extras.iter().find(|(p, _)| Some(*p) == pod.as_ref());
+                    if let (Some(map), Some((_, extra))) = (e.as_mapping_mut(), extra)
+                        && let Ok(serde_yaml::Value::Mapping(fields)) = to_yaml(extra)
+                    {
+                        map.extend(fields);
+                    }
+                }
+            }
+            if let Some(map) = v.as_mapping_mut() {
+                map.insert(
+                    "attribution".into(),
+                    to_yaml(&attribution).map_err(|e| fail(e.to_string()))?,
+                );
+            }
+            serde_yaml::to_string(&v).map_err(|e| fail(e.to_string()))
+        }
+    }
 }
 
 fn first_or_log<T: Default>(
@@ -763,8 +902,8 @@ pub async fn run(
         let gap = args
             .interval
             .clamp(Duration::from_millis(100), Duration::from_secs(1));
-        let snapshot = sample_once(&node_name, &node, kube, gap).await?;
-        let mut text = render_snapshot(&snapshot, args.node.output)?;
+        let report = sample_once_report(&node_name, &node, kube, gap).await?;
+        let mut text = render_once(&report, args.node.output)?;
         if !text.ends_with('\n') {
             text.push('\n');
         }

@@ -6,8 +6,11 @@
 //!   publishes the GPU inventory when it changed, for the PodResources
 //!   mapping (device IDs → UUIDs, MIG devices included).
 //! * [`NodePodSource`]: the kubelet's PodResources API (or the fake node's
-//!   assignment, or nothing). It takes each new inventory and refreshes at
-//!   once when a pod it has not seen appears on the node.
+//!   assignment, or nothing). The kubelet is called by a task of its own
+//!   ([`Attribution`]): the sampling loop reads the last good mapping and
+//!   never waits on the kubelet, however long it hangs. The task takes each
+//!   new inventory and refreshes at once when a pod it has not seen appears
+//!   on the node; the mapping's age is exported and staleness flagged.
 //! * [`NodeEngineSource`]: engines scraped (static `--engine` flags, and pod
 //!   annotations when the Kubernetes API is available), engines pushing to
 //!   the node-local `ServingService`, and the fake node's engines. A pod the
@@ -21,6 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use gpuscale_core::sample::{EngineSample, EngineState, GpuInfo, GpuSample, PodGpus};
 use gpuscale_core::{PodRef, Timestamp};
@@ -29,7 +33,8 @@ use gpuscale_telemetry::{
     EngineSource, EngineTarget, GpuSource, LimitsHandle, NvmlSource, PodGpuSource,
     PodResourcesSource, PushEngineSource, ScrapeEngineSource, SourceError,
 };
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
 use crate::discovery::NodePods;
 use crate::exporter::{NodeStats, source};
@@ -125,41 +130,166 @@ pub enum PodBackend {
     Off,
 }
 
+/// The GPU-to-pod mapping as the attribution task last got it from the
+/// kubelet.
+#[derive(Debug, Clone, Default)]
+pub struct Attribution {
+    /// The last good mapping (empty until the kubelet first answers).
+    pub pods: Vec<PodGpus>,
+    /// Whether the last call answered.
+    pub available: bool,
+    /// When the kubelet last answered (`None`: never).
+    pub answered_at: Option<Instant>,
+    /// Calls made so far (answered or not).
+    pub attempts: u64,
+    /// Why the last call failed, while it does.
+    pub error: Option<String>,
+}
+
+impl Attribution {
+    /// Seconds since the kubelet last answered (`None`: never).
+    pub fn age(&self) -> Option<Duration> {
+        self.answered_at.map(|t| t.elapsed())
+    }
+}
+
+/// The kubelet's side of [`NodePodSource`]: the task's output and a way to
+/// wake it.
+#[derive(Debug)]
+struct KubeletAttribution {
+    latest: watch::Receiver<Arc<Attribution>>,
+    wake: Arc<Notify>,
+}
+
 /// Which pods hold which GPUs; see the module docs.
 #[derive(Debug)]
 pub struct NodePodSource {
-    backend: PodBackend,
-    inventory: watch::Receiver<Arc<Vec<GpuInfo>>>,
+    backend: PodSide,
     node_pods: Option<watch::Receiver<Arc<NodePods>>>,
     /// The pods of the last complete listing, and whether there was one.
     seen: BTreeSet<PodRef>,
     synced: bool,
+}
+
+#[derive(Debug)]
+enum PodSide {
+    Kubelet(KubeletAttribution),
+    Fake(FakePodGpuSource),
+    Off,
+}
+
+/// The attribution task: calls the kubelet at its own pace, never inside
+/// the sampling loop, and publishes each result. Ends when the
+/// [`NodePodSource`] is dropped.
+async fn attribute(
+    mut kubelet: PodResourcesSource,
+    mut inventory: watch::Receiver<Arc<Vec<GpuInfo>>>,
+    tx: watch::Sender<Arc<Attribution>>,
+    wake: Arc<Notify>,
     stats: Arc<NodeStats>,
+) {
+    let clock = crate::Clock::start();
+    // `refresh` calls the kubelet only when due (its minimum interval) or
+    // when woken for a new pod; between calls this loop costs nothing.
+    let tick = Duration::from_millis(250);
+    let mut attempts = 0u64;
+    let mut answered_at: Option<Instant> = None;
+    loop {
+        if inventory.has_changed().unwrap_or(false) {
+            let inv = inventory.borrow_and_update().clone();
+            kubelet.set_inventory(&inv);
+        }
+        let calls_before = kubelet.stats().list_calls_total + kubelet.stats().get_calls_total;
+        let errors_before: u64 = kubelet.stats().errors_by_kind.values().sum();
+        let pods = kubelet.refresh(clock.now()).await.to_vec();
+        let calls = kubelet.stats().list_calls_total + kubelet.stats().get_calls_total;
+        let errors: u64 = kubelet.stats().errors_by_kind.values().sum();
+        if calls > calls_before || errors > errors_before {
+            attempts += 1;
+            if kubelet.available() {
+                answered_at = Some(Instant::now());
+            }
+        }
+        stats.set_errors(source::POD_RESOURCES, &kubelet.stats().errors_by_kind);
+        stats.set_error_total(
+            source::POD_RESOURCES,
+            "unmapped_device",
+            kubelet.stats().unmapped_device_ids_total,
+        );
+        stats.set_up(source::POD_RESOURCES, kubelet.available());
+        // Stale: no answer for three refresh intervals and a call's deadline.
+        let config = kubelet.config();
+        stats.set_attribution(
+            answered_at,
+            config.min_refresh_interval * 3 + config.call_timeout,
+        );
+        let next = Arc::new(Attribution {
+            pods,
+            available: kubelet.available(),
+            answered_at,
+            attempts,
+            error: kubelet.last_error().map(str::to_string),
+        });
+        tx.send_replace(next);
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = wake.notified() => kubelet.invalidate(),
+            changed = inventory.changed() => if changed.is_err() {
+                // The GPU source is gone: the node is shutting down.
+                return;
+            },
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
 }
 
 impl NodePodSource {
+    /// With the kubelet backend, spawns the attribution task on the current
+    /// runtime (it ends when this source is dropped).
     pub fn new(
-        mut backend: PodBackend,
+        backend: PodBackend,
         mut inventory: watch::Receiver<Arc<Vec<GpuInfo>>>,
         node_pods: Option<watch::Receiver<Arc<NodePods>>>,
         stats: Arc<NodeStats>,
     ) -> Self {
-        if let PodBackend::Kubelet(k) = &mut backend {
-            k.set_inventory(&inventory.borrow_and_update());
-        }
+        let backend = match backend {
+            PodBackend::Kubelet(mut k) => {
+                k.set_inventory(&inventory.borrow_and_update());
+                let (tx, latest) = watch::channel(Arc::new(Attribution::default()));
+                let wake = Arc::new(Notify::new());
+                tokio::spawn(attribute(*k, inventory, tx, wake.clone(), stats));
+                PodSide::Kubelet(KubeletAttribution { latest, wake })
+            }
+            PodBackend::Fake(f) => PodSide::Fake(f),
+            PodBackend::Off => PodSide::Off,
+        };
         Self {
             backend,
-            inventory,
             node_pods,
             seen: BTreeSet::new(),
             synced: false,
-            stats,
         }
     }
 
     /// Whether the kubelet answered the last call (false when off or fake).
     pub fn available(&self) -> bool {
-        matches!(&self.backend, PodBackend::Kubelet(k) if k.available())
+        matches!(&self.backend, PodSide::Kubelet(k) if k.latest.borrow().available)
+    }
+
+    /// The kubelet attribution as it stands (`None` when off or fake).
+    pub fn attribution(&self) -> Option<Arc<Attribution>> {
+        match &self.backend {
+            PodSide::Kubelet(k) => Some(k.latest.borrow().clone()),
+            _ => None,
+        }
+    }
+
+    /// Waits, at most `limit`, until the kubelet was called at least once
+    /// (for `--once`; the sampling loop never waits).
+    pub async fn first_attempt(&mut self, limit: Duration) {
+        if let PodSide::Kubelet(k) = &mut self.backend {
+            let _ = tokio::time::timeout(limit, k.latest.wait_for(|a| a.attempts > 0)).await;
+        }
     }
 
     /// True when a pod appeared on the node that was not there before.
@@ -188,22 +318,14 @@ impl PodGpuSource for NodePodSource {
     async fn list_pod_gpus(&mut self, now: Timestamp) -> Result<Vec<PodGpus>, SourceError> {
         let appeared = self.new_pod_appeared();
         match &mut self.backend {
-            PodBackend::Kubelet(k) => {
-                if self.inventory.has_changed().unwrap_or(false) {
-                    let inventory = self.inventory.borrow_and_update().clone();
-                    k.set_inventory(&inventory);
-                }
+            PodSide::Kubelet(k) => {
                 if appeared {
-                    k.invalidate();
+                    k.wake.notify_one();
                 }
-                let pods = k.refresh(now).await.to_vec();
-                self.stats
-                    .set_errors(source::POD_RESOURCES, &k.stats().errors_by_kind);
-                self.stats.set_up(source::POD_RESOURCES, k.available());
-                Ok(pods)
+                Ok(k.latest.borrow().pods.clone())
             }
-            PodBackend::Fake(f) => f.list_pod_gpus(now).await,
-            PodBackend::Off => Ok(Vec::new()),
+            PodSide::Fake(f) => f.list_pod_gpus(now).await,
+            PodSide::Off => Ok(Vec::new()),
         }
     }
 }
@@ -256,6 +378,18 @@ impl NodeEngineSource {
     /// readiness-gate writer sends warm-ups to them).
     pub fn targets(&self) -> watch::Receiver<Arc<Vec<EngineTarget>>> {
         self.targets.subscribe()
+    }
+
+    /// Why this pod's engine is not read well: its scrape's error (or why it
+    /// reads no data), and problems inside a scrape that was read.
+    pub fn problems(&self, pod: &PodRef) -> (Option<String>, Vec<String>) {
+        let warnings = self
+            .scrape
+            .warnings(pod)
+            .into_iter()
+            .filter(|w| !w.starts_with("no data"))
+            .collect();
+        (self.scrape.problem(pod), warnings)
     }
 
     /// The HTTP client engines are scraped with (shared with warm-ups).

@@ -104,8 +104,11 @@ pub fn resolve_device_id(id: &DeviceId, inventory: &[GpuInfo]) -> Option<GpuUuid
             .iter()
             .find(|g| g.parent_uuid.is_none() && g.index == index)
     };
+    // A UUID is taken as it is only while the node's GPUs are unknown (no
+    // NVML); otherwise one that is not on this node is not attributed.
+    let on_node = |u: &GpuUuid| inventory.is_empty() || inventory.iter().any(|g| &g.uuid == u);
     match id {
-        DeviceId::Uuid(u) => Some(u.clone()),
+        DeviceId::Uuid(u) => on_node(u).then(|| u.clone()),
         DeviceId::LegacyMig {
             parent,
             gpu_instance,
@@ -116,7 +119,7 @@ pub fn resolve_device_id(id: &DeviceId, inventory: &[GpuInfo]) -> Option<GpuUuid
                     && g.mig_gpu_instance_id == Some(*gpu_instance)
             })
             .map(|g| g.uuid.clone())
-            .or_else(|| Some(parent.clone())),
+            .or_else(|| on_node(parent).then(|| parent.clone())),
         DeviceId::Index { index } => full_gpu_at(*index).map(|g| g.uuid.clone()),
         DeviceId::IndexMig {
             index,

@@ -35,11 +35,16 @@ use gpuscale_proto::podresources::pod_resources_lister_client::PodResourcesListe
 use gpuscale_proto::podresources::{GetPodResourcesRequest, ListPodResourcesRequest, PodResources};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::device_id::{parse_device_id, resolve_device_id};
 use crate::error::TelemetryError;
 use crate::source::{PodGpuSource, SourceError};
+
+/// Largest `List` reply accepted: Kubernetes' own client takes 16 MiB
+/// (`podresources.DefaultMaxMsgSize`); a node with many pods and devices
+/// exceeds tonic's 4 MiB default.
+pub const MAX_REPLY_BYTES: usize = 16 << 20;
 
 /// The kubelet's PodResources socket.
 pub const DEFAULT_POD_RESOURCES_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
@@ -123,7 +128,8 @@ pub struct PodResourcesStats {
     pub get_calls_total: u64,
     /// Failures by kind: `socket_absent`, `unavailable`, `timeout`, `rpc`.
     pub errors_by_kind: BTreeMap<&'static str, u64>,
-    /// Device IDs that could not be mapped to an NVML UUID.
+    /// Device IDs that could not be mapped to a GPU of this node (an
+    /// unknown form, or a GPU that NVML does not list here).
     pub unmapped_device_ids_total: u64,
 }
 
@@ -150,7 +156,13 @@ pub struct PodResourcesSource {
     get_supported: Option<bool>,
     /// The kind of the current failure, `None` while healthy.
     failing: Option<&'static str>,
+    /// Why the last call failed, while it does.
+    last_error: Option<String>,
+    /// When the kubelet last answered.
+    last_success: Option<Timestamp>,
     available: bool,
+    /// Device IDs last found unmapped (logged when they change).
+    unmapped: Vec<String>,
     stats: PodResourcesStats,
 }
 
@@ -168,7 +180,10 @@ impl PodResourcesSource {
             invalidated: false,
             get_supported: None,
             failing: None,
+            last_error: None,
+            last_success: None,
             available: false,
+            unmapped: Vec::new(),
             stats: PodResourcesStats::default(),
         })
     }
@@ -201,6 +216,21 @@ impl PodResourcesSource {
         &self.stats
     }
 
+    pub fn config(&self) -> &PodResourcesConfig {
+        &self.config
+    }
+
+    /// When the kubelet last answered (`now` of that refresh); `None` if
+    /// it never did.
+    pub fn last_success(&self) -> Option<Timestamp> {
+        self.last_success
+    }
+
+    /// Why the last call failed, while the kubelet is unavailable.
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
     /// The current mapping, without refreshing.
     pub fn cached(&self) -> &[PodGpus] {
         &self.mapped
@@ -222,7 +252,8 @@ impl PodResourcesSource {
                     Ok::<_, std::io::Error>(TokioIo::new(stream))
                 }
             }));
-        let client = PodResourcesListerClient::new(channel);
+        let client =
+            PodResourcesListerClient::new(channel).max_decoding_message_size(MAX_REPLY_BYTES);
         self.client = Some(client.clone());
         client
     }
@@ -259,7 +290,7 @@ impl PodResourcesSource {
                     .iter()
                     .filter_map(|p| self.gpu_containers(p))
                     .collect();
-                self.record_success();
+                self.record_success(now);
                 self.remap();
             }
             Ok(Err(status)) => {
@@ -288,7 +319,7 @@ impl PodResourcesSource {
             match tokio::time::timeout(self.config.call_timeout, call).await {
                 Ok(Ok(resp)) => {
                     self.get_supported = Some(true);
-                    self.record_success();
+                    self.record_success(now);
                     let listed = resp
                         .into_inner()
                         .pod_resources
@@ -311,7 +342,7 @@ impl PodResourcesSource {
                 }
                 Ok(Err(status)) if status.code() == tonic::Code::NotFound => {
                     self.get_supported = Some(true);
-                    self.record_success();
+                    self.record_success(now);
                     if self.listed.remove(pod).is_some() {
                         self.remap();
                     }
@@ -359,7 +390,7 @@ impl PodResourcesSource {
     }
 
     fn remap(&mut self) {
-        let mut unmapped = 0u64;
+        let mut unmapped: Vec<String> = Vec::new();
         self.mapped = self
             .listed
             .iter()
@@ -376,11 +407,7 @@ impl PodResourcesSource {
                                         gpu_uuids.push(u);
                                     }
                                 }
-                                None => {
-                                    unmapped += 1;
-                                    debug!(pod = %pod, device_id = %raw,
-                                        "device ID not mapped to a GPU of this node");
-                                }
+                                None => unmapped.push(format!("{pod}: {raw}")),
                             }
                         }
                         ContainerGpus {
@@ -392,15 +419,25 @@ impl PodResourcesSource {
                     .collect(),
             })
             .collect();
-        self.stats.unmapped_device_ids_total += unmapped;
+        self.stats.unmapped_device_ids_total += unmapped.len() as u64;
+        if unmapped != self.unmapped {
+            if !unmapped.is_empty() {
+                warn!(socket = %self.config.socket_path.display(), devices = ?unmapped,
+                    gpus_on_node = self.inventory.len(),
+                    "device IDs the kubelet lists that are not GPUs of this node: not attributed");
+            }
+            self.unmapped = unmapped;
+        }
     }
 
-    fn record_success(&mut self) {
+    fn record_success(&mut self, now: Timestamp) {
         if let Some(kind) = self.failing.take() {
             info!(socket = %self.config.socket_path.display(), previous_error = kind,
                 "pod-resources reachable again");
         }
         self.available = true;
+        self.last_error = None;
+        self.last_success = Some(now);
     }
 
     fn record_failure(&mut self, kind: &'static str, message: String) {
@@ -411,6 +448,7 @@ impl PodResourcesSource {
                 "pod-resources unavailable: GPU-to-pod attribution keeps the last known mapping");
         }
         self.failing = Some(kind);
+        self.last_error = Some(format!("{kind}: {message}"));
         self.available = false;
         // A dead channel is rebuilt on the next attempt.
         if kind != "rpc" {

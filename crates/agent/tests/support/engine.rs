@@ -31,6 +31,8 @@ pub enum MetricsReply {
     Status(u16),
     /// Never answers.
     Hang,
+    /// 200 with an empty body (as a server with metrics off may answer).
+    Empty,
 }
 
 /// How the engine behaves now.
@@ -199,6 +201,7 @@ async fn metrics(State((b, model)): State<Shared>) -> Response {
             std::future::pending::<()>().await;
             StatusCode::OK.into_response()
         }
+        MetricsReply::Empty => ([(header::CONTENT_TYPE, PROM)], "").into_response(),
     }
 }
 
