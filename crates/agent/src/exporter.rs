@@ -981,4 +981,37 @@ mod tests {
         );
         assert!(!text.contains("gpu_power"), "no power reported: no family");
     }
+
+    #[test]
+    fn an_engine_with_no_data_is_shown_in_its_own_state() {
+        let mut e = gpuscale_core::sample::EngineSample::empty(
+            PodRef::new("llm", "e-0"),
+            gpuscale_core::sample::Framework::Vllm,
+            "m",
+            Timestamp::EPOCH,
+        );
+        e.state = EngineState::NoData;
+        let snapshot = NodeSnapshot {
+            node: NodeName::new("node-a"),
+            agent_version: "0".into(),
+            sampled_at: Timestamp::EPOCH,
+            sample_interval_ms: 1000,
+            gpus: vec![],
+            pods: vec![],
+            engines: vec![e],
+            agent: AgentHealth::default(),
+        };
+        let text = render(snapshot);
+        let state = |s: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("gpuscale_agent_engine_state{")
+                        && l.contains(&format!("state=\"{s}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_string)
+        };
+        assert_eq!(state("no_data").as_deref(), Some("1.0"), "{text}");
+        assert_eq!(state("warm").as_deref(), Some("0.0"), "{text}");
+    }
 }

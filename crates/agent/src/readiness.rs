@@ -738,6 +738,12 @@ mod tests {
             desired(Some(&engine(EngineState::Loading)), None, &warm).reason,
             "EngineLoading"
         );
+        let nodata = desired(Some(&engine(EngineState::NoData)), None, &warm);
+        assert!(
+            !nodata.status,
+            "an engine whose load cannot be seen is not capacity"
+        );
+        assert_eq!(nodata.reason, "EngineNoData");
         let retry = Warmth::Retry {
             at: Instant::now(),
             attempt: 1,

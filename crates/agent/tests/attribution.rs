@@ -324,4 +324,40 @@ async fn once_reports_the_attribution_age_and_why_each_engine_is_not_read() {
     assert!(yaml.contains("attribution:"), "{yaml}");
     assert!(yaml.contains("state: no_data"), "{yaml}");
     assert!(yaml.contains("HTTP status 500"), "{yaml}");
+
+    // A kubelet that answers: the mapping and its age.
+    let socket = dir.path().join("kubelet.sock");
+    serve(
+        &socket,
+        Kubelet {
+            devices: vec![GPU1.into()],
+            ..Kubelet::default()
+        },
+    );
+    node.pod_resources = Some(PodResourcesConfig {
+        socket_path: socket,
+        call_timeout: Duration::from_secs(5),
+        ..PodResourcesConfig::default()
+    });
+    let report = sample_once_report(
+        &NodeName::new("node-a"),
+        &node,
+        None,
+        Duration::from_millis(100),
+    )
+    .await
+    .expect("sampled");
+    assert_eq!(report.snapshot.pods.len(), 1, "{report:?}");
+    let a = report.attribution.clone().expect("kubelet attribution");
+    assert!(a.available && a.error.is_none(), "{a:?}");
+    let json: serde_json::Value =
+        serde_json::from_str(&render_once(&report, OutputFormat::Json).expect("json"))
+            .expect("parses");
+    assert!(
+        json["attribution"]["age_seconds"]
+            .as_f64()
+            .is_some_and(|s| (0.0..30.0).contains(&s)),
+        "{}",
+        json["attribution"]
+    );
 }
