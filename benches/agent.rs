@@ -159,6 +159,7 @@ async fn measure(
     let metrics_port = free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gpuscale"));
     cmd.arg("agent")
+        .arg("--insecure-plaintext")
         .arg("--scaler")
         .arg(format!("http://{}", sink.addr))
         .arg("--node-name")

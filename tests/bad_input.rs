@@ -195,7 +195,7 @@ async fn each_bad_input_gets_its_status_and_other_agents_keep_streaming() {
     let cases: Vec<(&str, Code, &str, Vec<v1::NodeReport>)> = vec![
         (
             "oversized",
-            Code::InvalidArgument,
+            Code::ResourceExhausted,
             "limit of 1048576 bytes",
             vec![oversized],
         ),

@@ -1,9 +1,13 @@
 //! The manifests in `deploy/`: every kustomize overlay renders with the
 //! `kubectl` CI has (1.32, with kustomize), and the rendered objects are
 //! what a cluster needs: kinds, images, least-privilege RBAC, probes,
-//! security contexts, flags the binary accepts. The CRD in `deploy/` is
-//! what `gpuscale crd` prints, and the example autoscaler is valid and its
-//! Deployment declares the readiness gate.
+//! security contexts, flags the binary accepts, TLS and the agents'
+//! projected token, NetworkPolicies. `kubectl apply --dry-run=client -k`
+//! of every overlay succeeds against the fake API server (which serves
+//! discovery for every kind, the Prometheus Operator's and cert-manager's
+//! as CRDs). The CRD in `deploy/` is what `gpuscale crd` prints, the
+//! example autoscaler is valid and its Deployment declares the readiness
+//! gate, and the self-signed certificates of `deploy/scripts` serve TLS.
 
 mod kustomize;
 
@@ -103,25 +107,27 @@ fn every_overlay_renders_with_kinds_images_rbac_probes_and_security() {
         let mut kinds: Vec<&str> = objs.iter().map(|o| o["kind"].as_str().unwrap()).collect();
         kinds.sort_unstable();
         kinds.dedup();
-        assert_eq!(
-            kinds,
-            [
-                "ClusterRole",
-                "ClusterRoleBinding",
-                "CustomResourceDefinition",
-                "DaemonSet",
-                "Deployment",
-                "Namespace",
-                "PodMonitor",
-                "PrometheusRule",
-                "Role",
-                "RoleBinding",
-                "Service",
-                "ServiceAccount",
-                "ServiceMonitor"
-            ],
-            "{overlay}"
-        );
+        let mut expected = vec![
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "CustomResourceDefinition",
+            "DaemonSet",
+            "Deployment",
+            "Namespace",
+            "NetworkPolicy",
+            "PodMonitor",
+            "PrometheusRule",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount",
+            "ServiceMonitor",
+        ];
+        if overlay == "production" {
+            expected.extend(["Certificate", "Issuer"]);
+            expected.sort_unstable();
+        }
+        assert_eq!(kinds, expected, "{overlay}");
         for o in &objs {
             let cluster_scoped = matches!(
                 o["kind"].as_str(),
@@ -165,6 +171,18 @@ fn every_overlay_renders_with_kinds_images_rbac_probes_and_security() {
             );
         }
         assert_flags_exist("scaler", &args);
+        for a in [
+            "--tls-cert=/etc/gpuscale/tls/tls.crt",
+            "--tls-key=/etc/gpuscale/tls/tls.key",
+        ] {
+            assert!(args.contains(&a.to_string()), "{overlay}: {args:?}");
+        }
+        assert!(!args.iter().any(|a| a.contains("insecure")), "{args:?}");
+        assert_eq!(c["volumeMounts"][0]["mountPath"], "/etc/gpuscale/tls");
+        assert_eq!(
+            pod["volumes"][0]["secret"]["secretName"],
+            "gpuscale-scaler-tls"
+        );
         assert_eq!(
             env_value(c, "GPUSCALE_IDENTITY")["valueFrom"]["fieldRef"]["fieldPath"],
             "metadata.name"
@@ -197,11 +215,28 @@ fn every_overlay_renders_with_kinds_images_rbac_probes_and_security() {
         assert_eq!(c["image"], format!("ghcr.io/gpuscale/gpuscale:{tag}"));
         let args = strings(&c["args"]);
         assert_eq!(args[0], "agent");
-        assert!(
-            args.iter()
-                .any(|a| a.starts_with("--scaler=http://gpuscale-scaler.gpuscale-system.svc:7070"))
-        );
+        for a in [
+            "--scaler=https://gpuscale-scaler.gpuscale-system.svc:7070",
+            "--ca-file=/etc/gpuscale/ca/ca.crt",
+            "--token-file=/var/run/secrets/gpuscale/token",
+        ] {
+            assert!(args.contains(&a.to_string()), "{overlay}: {args:?}");
+        }
         assert_flags_exist("agent", &args);
+        let volume = |name: &str| {
+            pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == name)
+                .unwrap_or_else(|| panic!("no volume {name}"))
+                .clone()
+        };
+        let token = &volume("gpuscale-token")["projected"]["sources"][0]["serviceAccountToken"];
+        assert_eq!(token["audience"], "gpuscale");
+        assert_eq!(token["path"], "token");
+        assert!(token["expirationSeconds"].as_i64().unwrap() <= 3600);
+        assert_eq!(volume("ca")["configMap"]["name"], "gpuscale-ca");
         assert_eq!(
             env_value(c, "NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
             "spec.nodeName"
@@ -234,6 +269,48 @@ fn every_overlay_renders_with_kinds_images_rbac_probes_and_security() {
         let text = role["rules"].to_string();
         assert!(!text.contains("\"*\""), "no wildcards: {text}");
         assert!(text.contains("deployments/scale") && text.contains("inferenceautoscalers/status"));
+        for (group, resource) in [
+            ("authentication.k8s.io", "tokenreviews"),
+            ("authorization.k8s.io", "subjectaccessreviews"),
+        ] {
+            let rule = role["rules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| strings(&r["resources"]) == [resource])
+                .unwrap_or_else(|| panic!("no rule for {resource}"));
+            assert_eq!(strings(&rule["apiGroups"]), [group]);
+            assert_eq!(strings(&rule["verbs"]), ["create"]);
+        }
+
+        // NetworkPolicies: the gRPC port from agents, KEDA and labelled
+        // namespaces; the metrics ports from the monitoring namespace.
+        let np = find(&objs, "NetworkPolicy", "gpuscale-scaler");
+        assert_eq!(
+            np["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+            "gpuscale-scaler"
+        );
+        assert_eq!(strings(&np["spec"]["policyTypes"]), ["Ingress"]);
+        let grpc = &np["spec"]["ingress"][0];
+        assert_eq!(grpc["ports"][0]["port"], "grpc");
+        let from = grpc["from"].to_string();
+        for peer in ["gpuscale-agent", "keda", "gpuscale.dev/api-access"] {
+            assert!(from.contains(peer), "{overlay}: {from}");
+        }
+        let metrics_rule = &np["spec"]["ingress"][1];
+        assert_eq!(metrics_rule["ports"][0]["port"], "metrics");
+        assert!(metrics_rule["from"].to_string().contains("monitoring"));
+        let anp = find(&objs, "NetworkPolicy", "gpuscale-agent");
+        assert_eq!(anp["spec"]["ingress"][0]["ports"][0]["port"], "metrics");
+        assert_eq!(anp["spec"]["ingress"].as_array().unwrap().len(), 1);
+        if overlay == "production" {
+            let cert = find(&objs, "Certificate", "gpuscale-scaler");
+            assert_eq!(cert["spec"]["secretName"], "gpuscale-scaler-tls");
+            assert!(
+                strings(&cert["spec"]["dnsNames"])
+                    .contains(&"gpuscale-scaler.gpuscale-system.svc".to_string())
+            );
+        }
         let agent_role = find(&objs, "ClusterRole", "gpuscale-agent");
         assert!(agent_role["rules"].to_string().contains("pods/status"));
         let leases = find(&objs, "Role", "gpuscale-scaler-leader-election");
@@ -305,4 +382,152 @@ fn the_example_autoscaler_is_valid_and_its_deployment_declares_the_readiness_gat
     let ias: gpuscale_kube::InferenceAutoscaler = serde_json::from_value(ias_value).unwrap();
     assert_eq!(ias.spec.workload.target.name, "llama-8b");
     gpuscale_kube::controller::validate(&ias.spec).expect("the example is valid");
+}
+
+/// CRDs the fake API server serves for the kinds of other operators the
+/// manifests use (schemas left open: only the kinds are checked here).
+fn foreign_crd(group: &str, kind: &str, plural: &str, namespaced: bool) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("{plural}.{group}")},
+        "spec": {
+            "group": group,
+            "scope": if namespaced { "Namespaced" } else { "Cluster" },
+            "names": {"plural": plural, "singular": kind.to_lowercase(), "kind": kind},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}],
+        },
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_client_dry_run_applies_every_overlay() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let server = gpuscale_fake_apiserver::FakeApiServer::start(
+        gpuscale_fake_apiserver::FakeApiServerConfig::default(),
+    )
+    .await
+    .unwrap();
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(server.client().unwrap());
+    for (group, kind, plural) in [
+        ("monitoring.coreos.com", "ServiceMonitor", "servicemonitors"),
+        ("monitoring.coreos.com", "PodMonitor", "podmonitors"),
+        ("monitoring.coreos.com", "PrometheusRule", "prometheusrules"),
+        ("cert-manager.io", "Certificate", "certificates"),
+        ("cert-manager.io", "Issuer", "issuers"),
+    ] {
+        let crd: CustomResourceDefinition =
+            serde_json::from_value(foreign_crd(group, kind, plural, true)).unwrap();
+        crds.create(&kube::api::PostParams::default(), &crd)
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: '{}'}}}}]\n\
+             users: [{{name: fake, user: {{}}}}]\ncontexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n\
+             current-context: fake\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    for overlay in ["dev", "production"] {
+        let dir = root().join("deploy/overlays").join(overlay);
+        let out = tokio::task::spawn_blocking({
+            let kubeconfig = kubeconfig.clone();
+            move || {
+                Command::new("kubectl")
+                    .arg("--kubeconfig")
+                    .arg(&kubeconfig)
+                    .args([
+                        "apply",
+                        "--dry-run=client",
+                        "--validate=false",
+                        "-o",
+                        "name",
+                        "-k",
+                    ])
+                    .arg(&dir)
+                    .output()
+                    .expect("kubectl runs (these tests need kubectl 1.32 on PATH)")
+            }
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "kubectl apply --dry-run=client -k deploy/overlays/{overlay}:\n{}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for object in [
+            "networkpolicy.networking.k8s.io/gpuscale-scaler",
+            "clusterrole.rbac.authorization.k8s.io/gpuscale-scaler",
+            "daemonset.apps/gpuscale-agent",
+            "deployment.apps/gpuscale-scaler",
+        ] {
+            assert!(stdout.contains(object), "{overlay}: {stdout}");
+        }
+        if overlay == "production" {
+            assert!(
+                stdout.contains("certificate.cert-manager.io/gpuscale-scaler"),
+                "{stdout}"
+            );
+        }
+    }
+    // A dry run creates nothing.
+    assert!(server.objects("apps", "daemonsets", None).is_empty());
+}
+
+#[tokio::test]
+async fn the_self_signed_certificates_of_deploy_scripts_serve_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("bash")
+        .arg(root().join("deploy/scripts/self-signed-certs.sh"))
+        .arg(dir.path())
+        .env("CLIENTS", "keda-operator.keda.svc")
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "self-signed-certs.sh (needs openssl on PATH): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut tls = gpuscale_scaler::edge::TlsConfig::new(
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+    );
+    tls.client_ca = Some(dir.path().join("ca.crt"));
+    let mut config = gpuscale_scaler::ScalerConfig::new("127.0.0.1:0".parse().unwrap());
+    config.transport = gpuscale_scaler::edge::Transport::Tls(tls);
+    config.auth =
+        gpuscale_scaler::edge::AuthConfig::with_mode(gpuscale_scaler::edge::AuthMode::Certificates);
+    let scaler = gpuscale_scaler::Scaler::new(config).start().await.unwrap();
+    let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("https://{}", scaler.grpc_addr()))
+            .unwrap()
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.crt")))
+                    .domain_name("gpuscale-scaler.gpuscale-system.svc")
+                    .identity(tonic::transport::Identity::from_pem(
+                        read("keda-operator.keda.svc.crt"),
+                        read("keda-operator.keda.svc.key"),
+                    )),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let listed = gpuscale_proto::v1::scaler_service_client::ScalerServiceClient::new(channel)
+        .list_workloads(gpuscale_proto::v1::ListWorkloadsRequest::default())
+        .await
+        .expect("served over TLS to a client with the script's client certificate");
+    assert!(listed.into_inner().workloads.is_empty());
+    scaler.shutdown().await.unwrap();
 }

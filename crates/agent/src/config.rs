@@ -36,6 +36,24 @@ pub struct AgentConfig {
     pub nvml_available: bool,
     /// Reported in the agent's health: whether the PodResources API answers.
     pub pod_resources_available: bool,
+    /// How the uplink proves who it is and checks the scaler (TLS, token).
+    pub uplink_security: UplinkSecurity,
+}
+
+/// TLS and credentials of the uplink.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UplinkSecurity {
+    /// PEM CA bundle the scaler's certificate is verified against (required
+    /// for `https://`).
+    pub ca_file: Option<PathBuf>,
+    /// The name the scaler's certificate must carry; default: the URL's host.
+    pub server_name: Option<String>,
+    /// A file holding the bearer token sent with every stream (the
+    /// projected ServiceAccount token); read again at each connection, so
+    /// the kubelet's rotation is picked up.
+    pub token_file: Option<PathBuf>,
+    /// A client certificate and key (PEM), for mutual TLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl AgentConfig {
@@ -52,6 +70,7 @@ impl AgentConfig {
             source_timeout: Duration::from_secs(5),
             nvml_available: false,
             pod_resources_available: false,
+            uplink_security: UplinkSecurity::default(),
         }
     }
 
@@ -72,6 +91,23 @@ impl AgentConfig {
             ));
         }
         check_interval("--interval", self.sample_interval)?;
+        let tls = self.scaler_url.starts_with("https://");
+        let sec = &self.uplink_security;
+        if tls && sec.ca_file.is_none() {
+            return Err(AgentError::config(
+                "--ca-file",
+                "(not given)",
+                "the CA bundle (PEM) that signed the scaler's certificate, required for an https:// scaler",
+            ));
+        }
+        if !tls && (sec.ca_file.is_some() || sec.server_name.is_some() || sec.client_cert.is_some())
+        {
+            return Err(AgentError::config(
+                "--scaler",
+                &self.scaler_url,
+                "an https:// URL when --ca-file, --server-name or --tls-cert is given",
+            ));
+        }
         self.backoff.validate()?;
         for (field, d) in [
             ("connect_timeout", self.connect_timeout),
@@ -156,6 +192,37 @@ pub struct AgentArgs {
     /// Longest reconnect delay.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub backoff_cap: Duration,
+    /// CA bundle (PEM) the scaler's certificate is verified against
+    /// (required for an https:// scaler; the gpuscale-ca ConfigMap).
+    #[arg(long, value_name = "FILE", env = "GPUSCALE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// The name the scaler's certificate must carry (default: the URL's host).
+    #[arg(long, value_name = "NAME", env = "GPUSCALE_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// Send this file's content as a bearer token with every stream (the
+    /// projected ServiceAccount token with audience gpuscale); read again at
+    /// each connection.
+    #[arg(long, value_name = "FILE", env = "GPUSCALE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; its DNS name is this node's name.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "GPUSCALE_TLS_CERT",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "GPUSCALE_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Allow an http:// (plaintext) scaler URL: for local use only.
+    #[arg(long, env = "GPUSCALE_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
     /// The node's sources (NVML, PodResources, engines, Kubernetes), `--once`.
     #[command(flatten)]
     pub node: crate::node::NodeArgs,
@@ -213,12 +280,32 @@ impl AgentArgs {
         if self.backoff_base.is_zero() {
             return Err(AgentError::config("--backoff-base", "0s", "more than 0"));
         }
+        config.uplink_security = UplinkSecurity {
+            ca_file: self.ca_file.clone(),
+            server_name: self.server_name.clone(),
+            token_file: self.token_file.clone(),
+            client_cert: self.tls_cert.clone().zip(self.tls_key.clone()),
+        };
         config.validate()?;
         let fake = self
             .fake_config
             .as_ref()
             .map(|p| load_fake_config(p))
             .transpose()?;
+        if config.scaler_url.starts_with("http://") && !self.insecure_plaintext {
+            return Err(AgentError::config(
+                "--scaler",
+                &config.scaler_url,
+                "an https:// URL with --ca-file (the scaler serves TLS), or pass --insecure-plaintext for a local plaintext scaler",
+            ));
+        }
+        if config.scaler_url.starts_with("https://") && self.insecure_plaintext {
+            return Err(AgentError::config(
+                "--insecure-plaintext",
+                "true",
+                "only with an http:// scaler URL",
+            ));
+        }
         Ok((config, fake))
     }
 }

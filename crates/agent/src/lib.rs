@@ -65,7 +65,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use backoff::BackoffConfig;
-pub use config::{AgentArgs, AgentConfig, load_fake_config, parse_duration};
+pub use config::{AgentArgs, AgentConfig, UplinkSecurity, load_fake_config, parse_duration};
 pub use directives::NodeDirectives;
 pub use error::AgentError;
 pub use exporter::{NodeExporter, NodeStats};

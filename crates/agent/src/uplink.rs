@@ -22,6 +22,17 @@
 //!
 //! Logging follows the link's state, not attempts: one line when the link
 //! comes up, one when it goes down or the kind of failure changes.
+//!
+//! **Security**: an `https://` scaler is verified against the CA bundle
+//! (`--ca-file`, re-read at each connection like everything below) under
+//! its URL's host or `--server-name`; the stream carries
+//! `authorization: Bearer <token>` from `--token-file` (the kubelet
+//! rotates the projected token in place, so it is read again at each
+//! connection) and, with `--tls-cert`, a client certificate. The scaler
+//! refuses a stream it cannot authenticate (`UNAUTHENTICATED`) or one that
+//! reports another node than the credential's (`PERMISSION_DENIED`): both
+//! are logged as errors and retried with backoff, as is an expired token
+//! (the next connection reads the rotated one).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +44,8 @@ use gpuscale_proto::{AgentReport, Directive, ReportBody};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
-use tonic::transport::Endpoint;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::directives::NodeDirectives;
 use crate::metrics::AgentMetrics;
@@ -134,7 +146,11 @@ fn code_reason(code: Code) -> &'static str {
 fn failure_from_status(status: &tonic::Status) -> Failure {
     let level = match status.code() {
         Code::FailedPrecondition => FailureLevel::Resync,
-        Code::InvalidArgument | Code::OutOfRange | Code::Unimplemented => FailureLevel::Rejected,
+        Code::InvalidArgument
+        | Code::OutOfRange
+        | Code::Unimplemented
+        | Code::PermissionDenied
+        | Code::Unauthenticated => FailureLevel::Rejected,
         _ => FailureLevel::Transient,
     };
     Failure {
@@ -157,20 +173,62 @@ impl Jitter {
     }
 }
 
+fn read_file(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
+}
+
+/// The endpoint of the scaler with TLS as configured; files are read now.
+fn endpoint(config: &AgentConfig) -> Result<Endpoint, String> {
+    let mut endpoint = Endpoint::from_shared(config.scaler_url.clone())
+        .map_err(|e| format!("the scaler URL is not usable: {e}"))?
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    let sec = &config.uplink_security;
+    if let Some(ca) = &sec.ca_file {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read_file(ca, "--ca-file")?));
+        if let Some(name) = &sec.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        if let Some((cert, key)) = &sec.client_cert {
+            tls = tls.identity(Identity::from_pem(
+                read_file(cert, "--tls-cert")?,
+                read_file(key, "--tls-key")?,
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("TLS configuration: {e}"))?;
+    }
+    Ok(endpoint)
+}
+
+/// The bearer token to send, read from `--token-file` now.
+fn bearer(config: &AgentConfig) -> Result<Option<MetadataValue<tonic::metadata::Ascii>>, String> {
+    let Some(path) = &config.uplink_security.token_file else {
+        return Ok(None);
+    };
+    let bytes = read_file(path, "--token-file")?;
+    let token = String::from_utf8(bytes)
+        .map_err(|_| format!("--token-file {}: not UTF-8", path.display()))?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(format!("--token-file {}: empty", path.display()));
+    }
+    MetadataValue::try_from(format!("Bearer {token}"))
+        .map(Some)
+        .map_err(|_| format!("--token-file {}: not a valid header value", path.display()))
+}
+
 impl Uplink {
     pub(crate) async fn run(mut self) {
-        let endpoint = match Endpoint::from_shared(self.config.scaler_url.clone()) {
-            Ok(e) => e
-                .connect_timeout(self.config.connect_timeout)
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(20))
-                .keep_alive_while_idle(true),
-            Err(e) => {
-                tracing::error!(url = %self.config.scaler_url, error = %e, "the scaler URL is not usable; the uplink is off");
-                return;
-            }
-        };
+        if let Err(e) = Endpoint::from_shared(self.config.scaler_url.clone()) {
+            tracing::error!(url = %self.config.scaler_url, error = %e, "the scaler URL is not usable; the uplink is off");
+            return;
+        }
         let mut jitter = Jitter(self.seed);
         let mut progress = Progress {
             seq: 0,
@@ -188,9 +246,7 @@ impl Uplink {
                 }
                 continue;
             }
-            let end = self
-                .session(&endpoint, &mut progress, &mut logged, &mut attempt)
-                .await;
+            let end = self.session(&mut progress, &mut logged, &mut attempt).await;
             let (failure, acked) = match end {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Failed { failure, acked } => (failure, acked),
@@ -264,7 +320,6 @@ impl Uplink {
 
     async fn session(
         &mut self,
-        endpoint: &Endpoint,
         progress: &mut Progress,
         logged: &mut Option<&'static str>,
         attempt: &mut u32,
@@ -276,6 +331,14 @@ impl Uplink {
                 level,
             },
             acked: false,
+        };
+        let endpoint = match endpoint(&self.config) {
+            Ok(e) => e,
+            Err(detail) => return failed("tls_config", detail, FailureLevel::Rejected),
+        };
+        let token = match bearer(&self.config) {
+            Ok(t) => t,
+            Err(detail) => return failed("token_file", detail, FailureLevel::Rejected),
         };
         let channel = tokio::select! {
             _ = self.shutdown.wait_for(|s| *s) => return SessionEnd::Shutdown,
@@ -299,9 +362,13 @@ impl Uplink {
             );
         }
         self.metrics.report_sent(true);
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(token) = token {
+            request.metadata_mut().insert("authorization", token);
+        }
         let response = tokio::select! {
             _ = self.shutdown.wait_for(|s| *s) => return SessionEnd::Shutdown,
-            r = client.report(ReceiverStream::new(rx)) => r,
+            r = client.report(request) => r,
         };
         let mut inbound = match response {
             Ok(r) => r.into_inner(),

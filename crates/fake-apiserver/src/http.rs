@@ -430,6 +430,9 @@ fn resource_request(
             r.group, r.version, r.plural
         )));
     };
+    if rt.is_review() {
+        return review(shared, &rt, verb, body);
+    }
     let meta_only = wants_metadata_only(headers);
     let ns = r.namespace.clone().unwrap_or_default();
     if let Some(sub) = &r.sub {
@@ -562,6 +565,35 @@ fn resource_request(
     };
     match result {
         Ok((code, v)) => json_response(code, &v),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// A TokenReview or SubjectAccessReview: create only, answered, not stored.
+fn review(shared: &Arc<Shared>, rt: &ResourceType, verb: Verb, body: &Bytes) -> Response<Body> {
+    if verb != Verb::Create {
+        return error_response(&ApiError::method_not_allowed(format!(
+            "{} can only be created",
+            rt.plural
+        )));
+    }
+    let result = parse_body(body).and_then(|obj| {
+        let answered = if rt.plural == "tokenreviews" {
+            let now = shared.lock().clock.now().timestamp();
+            shared.auth().token_review(&obj, now)
+        } else {
+            shared.auth().access_review(&obj)
+        };
+        answered.map(|mut out| {
+            if let Some(m) = out.as_object_mut() {
+                m.insert("apiVersion".to_string(), json!(rt.api_version()));
+                m.insert("kind".to_string(), json!(rt.kind));
+            }
+            out
+        })
+    });
+    match result {
+        Ok(v) => json_response(StatusCode::CREATED, &v),
         Err(e) => error_response(&e),
     }
 }

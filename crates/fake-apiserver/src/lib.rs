@@ -20,7 +20,10 @@
 //!   Aggregated discovery is not served.
 //! * **Resources**: core/v1 pods, services, events, nodes, namespaces,
 //!   configmaps, serviceaccounts; apps/v1 deployments, replicasets,
-//!   statefulsets; coordination.k8s.io/v1 leases; events.k8s.io/v1 events
+//!   statefulsets, daemonsets (stored, no controller);
+//!   rbac.authorization.k8s.io/v1 roles, rolebindings, clusterroles,
+//!   clusterrolebindings and networking.k8s.io/v1 networkpolicies (stored
+//!   as written, never enforced); coordination.k8s.io/v1 leases; events.k8s.io/v1 events
 //!   (stored apart from core/v1 events); apiextensions.k8s.io/v1
 //!   customresourcedefinitions; and every custom resource a CRD registers
 //!   (served once the CRD is created, with its `status` and `scale`
@@ -78,6 +81,12 @@
 //!   time), report containers ready, and get `Ready` by the kubelet's rule:
 //!   all containers ready and every `spec.readinessGates` condition `"True"`
 //!   (a missing one counts as False).
+//! * **Authentication and authorization reviews**: `tokenreviews`
+//!   (`authentication.k8s.io/v1`) of tokens the server issues per pod and
+//!   node ([`FakeApiServerHandle::issue_pod_token`], with audience, expiry
+//!   and the bound pod and node claims) and `subjectaccessreviews`
+//!   (`authorization.k8s.io/v1`) answered from grants the test makes
+//!   ([`FakeApiServerHandle::grant`]); see [`auth`].
 //! * **For tests**: the request log in RBAC terms ([`RequestRecord`]), fault
 //!   injection ([`Fault`]: status codes, hangs, delays for the next N
 //!   matching requests), direct reads of stored objects, watch-history
@@ -85,8 +94,8 @@
 //!
 //! # What it deliberately does not do
 //!
-//! Authentication and authorization (every request is allowed; check RBAC
-//! against the request log), admission webhooks, CEL validation rules,
+//! Authentication and authorization of its own clients (every request is
+//! allowed; check RBAC against the request log), admission webhooks, CEL validation rules,
 //! aggregated discovery, protobuf and table output, namespaces lifecycle
 //! (objects may be created in any namespace), graceful pod termination and
 //! finalizers (deletion is immediate), rolling updates, EndpointSlices,
@@ -94,6 +103,7 @@
 //! conversion, and list/watch consistency at an old resourceVersion (lists
 //! are always served from the newest state).
 
+pub mod auth;
 mod error;
 mod fault;
 mod http;
@@ -107,6 +117,7 @@ mod store;
 mod workload;
 mod write;
 
+pub use auth::{Grant, Subject, TokenRequest};
 pub use error::FakeApiServerError;
 pub use fault::{Fault, FaultKind, RequestRecord, Verb};
 pub use resource::{ResourceType, ScalePaths};

@@ -54,6 +54,15 @@ impl ResourceType {
         }
     }
 
+    /// TokenReview and SubjectAccessReview: answered, never stored.
+    pub fn is_review(&self) -> bool {
+        matches!(
+            (self.group.as_str(), self.plural.as_str()),
+            ("authentication.k8s.io", "tokenreviews")
+                | ("authorization.k8s.io", "subjectaccessreviews")
+        )
+    }
+
     fn builtin(group: &str, version: &str, plural: &str, kind: &str, namespaced: bool) -> Self {
         Self {
             group: group.to_string(),
@@ -91,6 +100,9 @@ impl ResourceType {
 
     /// The verbs discovery lists for the main resource.
     pub fn verbs(&self) -> Vec<&'static str> {
+        if self.is_review() {
+            return vec!["create"];
+        }
         vec![
             "create",
             "delete",
@@ -174,8 +186,58 @@ impl Registry {
                 .short(&["sts"])
                 .with_status()
                 .with_builtin_scale(),
+            ResourceType::builtin("apps", "v1", "daemonsets", "DaemonSet", true)
+                .short(&["ds"])
+                .with_status(),
             ResourceType::builtin("coordination.k8s.io", "v1", "leases", "Lease", true),
+            // Stored as written (no RBAC is enforced, no policy applied):
+            // for `kubectl apply --dry-run=client` of the manifests.
+            ResourceType::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "clusterroles",
+                "ClusterRole",
+                false,
+            ),
+            ResourceType::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "clusterrolebindings",
+                "ClusterRoleBinding",
+                false,
+            ),
+            ResourceType::builtin("rbac.authorization.k8s.io", "v1", "roles", "Role", true),
+            ResourceType::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "rolebindings",
+                "RoleBinding",
+                true,
+            ),
+            ResourceType::builtin(
+                "networking.k8s.io",
+                "v1",
+                "networkpolicies",
+                "NetworkPolicy",
+                true,
+            )
+            .short(&["netpol"]),
             ResourceType::builtin("events.k8s.io", "v1", "events", "Event", true).short(&["ev"]),
+            // Create-only reviews, answered and never stored (crate::auth).
+            ResourceType::builtin(
+                "authentication.k8s.io",
+                "v1",
+                "tokenreviews",
+                "TokenReview",
+                false,
+            ),
+            ResourceType::builtin(
+                "authorization.k8s.io",
+                "v1",
+                "subjectaccessreviews",
+                "SubjectAccessReview",
+                false,
+            ),
             ResourceType::builtin(
                 "apiextensions.k8s.io",
                 "v1",

@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use crate::auth::{Grant, Subject, TokenRequest};
 use crate::error::FakeApiServerError;
 use crate::fault::{Fault, RequestRecord};
 use crate::kubelet;
@@ -124,7 +125,7 @@ impl FakeApiServer {
             clock,
             config.seed,
         );
-        let shared = Shared::new(state, config.bookmark_interval);
+        let shared = Shared::new(state, config.bookmark_interval, config.seed);
         if config.kubelet {
             shared.mutate(kubelet::register_nodes);
         }
@@ -293,6 +294,80 @@ impl FakeApiServerHandle {
             }
             Ok(())
         })
+    }
+
+    /// Issues a ServiceAccount token bound to `req.pod` (its uid is the
+    /// stored pod's when it exists); see [`crate::auth`].
+    pub fn issue_token(&self, req: &TokenRequest) -> String {
+        let (now, pod_uid) = {
+            let state = self.shared.lock();
+            let uid = req.pod.as_ref().and_then(|pod| {
+                state
+                    .get(&ObjectKey::new("", "pods", &req.namespace, pod))
+                    .and_then(|p| p.pointer("/metadata/uid"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            });
+            (state.clock.now().timestamp(), uid)
+        };
+        self.shared.auth().issue(req, pod_uid, now)
+    }
+
+    /// A projected token of the pod `namespace/pod` as the kubelet mounts
+    /// it: its ServiceAccount (`spec.serviceAccountName`, default
+    /// `default`), bound to the pod and its node (`spec.nodeName`), for
+    /// `audience`, valid for `lifetime_seconds`. `None` when there is no
+    /// such pod.
+    pub fn issue_pod_token(
+        &self,
+        namespace: &str,
+        pod: &str,
+        audience: &str,
+        lifetime_seconds: i64,
+    ) -> Option<String> {
+        let stored = self.object("", "pods", namespace, pod)?;
+        let account = stored
+            .pointer("/spec/serviceAccountName")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string();
+        let node = stored
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        Some(self.issue_token(&TokenRequest {
+            namespace: namespace.to_string(),
+            service_account: account,
+            pod: Some(pod.to_string()),
+            node,
+            audiences: vec![audience.to_string()],
+            lifetime_seconds,
+        }))
+    }
+
+    /// A token of a plain user (and `groups`) for the API server's own
+    /// audience, never expiring.
+    pub fn issue_user_token(&self, user: &str, groups: &[&str]) -> String {
+        self.shared.auth().issue_user(user, groups)
+    }
+
+    /// Allows `subject` to `verb` the `resource` of API `group` in
+    /// `namespace` (`None`: everywhere), for SubjectAccessReviews.
+    pub fn grant(
+        &self,
+        subject: Subject,
+        verb: &str,
+        group: &str,
+        resource: &str,
+        namespace: Option<&str>,
+    ) {
+        self.shared.auth().grant(Grant {
+            subject,
+            verb: verb.to_string(),
+            group: group.to_string(),
+            resource: resource.to_string(),
+            namespace: namespace.map(str::to_string),
+        });
     }
 
     /// Stops serving: open watches end, new connections are refused.

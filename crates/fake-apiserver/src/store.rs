@@ -267,17 +267,27 @@ pub(crate) struct Shared {
     /// Set once when the server stops.
     pub shutdown: tokio::sync::watch::Sender<bool>,
     pub bookmark_interval: Duration,
+    /// Issued tokens and access grants (TokenReview, SubjectAccessReview).
+    pub auth: Mutex<crate::auth::AuthState>,
 }
 
 impl Shared {
-    pub(crate) fn new(state: State, bookmark_interval: Duration) -> Arc<Self> {
+    pub(crate) fn new(state: State, bookmark_interval: Duration, seed: u64) -> Arc<Self> {
         let rv = state.rv;
         Arc::new(Self {
             state: Mutex::new(state),
             changed: tokio::sync::watch::channel(rv).0,
             shutdown: tokio::sync::watch::channel(false).0,
             bookmark_interval,
+            auth: Mutex::new(crate::auth::AuthState::new(seed)),
         })
+    }
+
+    /// Locks the issued tokens and grants.
+    pub(crate) fn auth(&self) -> MutexGuard<'_, crate::auth::AuthState> {
+        self.auth
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Locks the state for reading or for a change that needs no follow-up.

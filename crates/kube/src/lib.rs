@@ -40,6 +40,7 @@
 //! (annotations), so it survives restarts and leader changes.
 
 pub mod actuator;
+mod auth;
 pub mod config;
 mod context;
 pub mod controller;
@@ -121,6 +122,10 @@ impl KubeScaler {
             }
             None => (None, Leadership::always()),
         };
+        let namespace = self.config.lease.as_ref().map_or_else(
+            || self.scaler.auth.agent_service_account.0.clone(),
+            |l| l.namespace.clone(),
+        );
         let shared = Arc::new(Shared::new(
             self.client,
             self.config,
@@ -128,6 +133,10 @@ impl KubeScaler {
             clock,
         ));
         let scaler = Scaler::new(self.scaler)
+            .with_auth_backend(Arc::new(auth::KubeAuthBackend::new(
+                shared.clone(),
+                namespace,
+            )))
             .with_actuator(Arc::new(KubeActuator::new(shared.clone())))
             .with_clock(clock)
             .with_active(leadership.active())
@@ -207,7 +216,7 @@ pub async fn run_from_args(
     kube: &KubeArgs,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), KubeError> {
-    let scaler_config = scaler.to_config()?;
+    let scaler_config = scaler.to_config_for(true)?;
     let config = kube.to_config()?;
     let client = kube::Client::try_default()
         .await

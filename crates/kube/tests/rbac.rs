@@ -1,9 +1,9 @@
 //! The shipped RBAC grants exactly what the scaler uses: a tour through
 //! every code path that talks to the API server (leader election, the
 //! controller's watches, status, Events, /scale of a Deployment and a
-//! StatefulSet, a scale-in with drain), then every request in the fake API
-//! server's log is allowed by deploy/base/rbac.yaml, and every rule there
-//! was used.
+//! StatefulSet, a scale-in with drain, agents' tokens reviewed, an API
+//! client's read authorised), then every request in the fake API server's
+//! log is allowed by deploy/base/rbac.yaml, and every rule there was used.
 
 mod support;
 
@@ -58,6 +58,27 @@ async fn the_shipped_rbac_grants_exactly_what_the_scaler_uses() {
         cluster.warm_pods("llama").len() as i64 == cluster.spec_replicas("llama")
     })
     .await;
+    // An API client: its token is reviewed and each workload it would see
+    // authorised.
+    let token = cluster.server.issue_user_token("dashboard", &[]);
+    let mut request = tonic::Request::new(gpuscale_proto::v1::ListWorkloadsRequest::default());
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let listed = gpuscale_proto::v1::scaler_service_client::ScalerServiceClient::connect(format!(
+        "http://{}",
+        scaler.scaler().grpc_addr()
+    ))
+    .await
+    .unwrap()
+    .list_workloads(request)
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(
+        listed.workloads.is_empty(),
+        "the dashboard may read nothing"
+    );
     fleet.set_rps(1.0);
     eventually("a drained scale-in", Duration::from_secs(180), || {
         !cluster.events("llama", "DrainStarted").is_empty() && cluster.spec_replicas("llama") == 1

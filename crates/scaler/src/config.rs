@@ -44,6 +44,8 @@ use gpuscale_policy::config::PerfModelSource;
 use gpuscale_policy::{PerfModel, WorkloadConfig, WorkloadSpec};
 use serde::{Deserialize, Deserializer};
 
+use crate::edge::auth::{DEFAULT_AGENT_SERVICE_ACCOUNT, DEFAULT_AUDIENCE, parse_service_account};
+use crate::edge::{AuthConfig, AuthMode, ConnLimits, PeerLimitConfig, TlsConfig, Transport};
 use crate::error::ScalerError;
 
 /// Largest agent report the scaler decodes, bytes. The largest realistic
@@ -79,6 +81,15 @@ pub struct ScalerConfig {
     pub workloads: Vec<WorkloadDef>,
     /// Limits of the public APIs (streams open at once, buffer per stream).
     pub api: crate::api::ApiConfig,
+    /// TLS or plaintext (h2c). The library defaults to plaintext; the
+    /// command line asks for TLS unless `--insecure-plaintext`.
+    pub transport: Transport,
+    /// Who may stream and read.
+    pub auth: AuthConfig,
+    /// Connections that never start HTTP/2 or stay idle are closed.
+    pub conn: ConnLimits,
+    /// Open streams and request rates per peer.
+    pub peers: PeerLimitConfig,
 }
 
 impl ScalerConfig {
@@ -97,6 +108,10 @@ impl ScalerConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             workloads: Vec::new(),
             api: crate::api::ApiConfig::default(),
+            transport: Transport::Plaintext,
+            auth: AuthConfig::none(),
+            conn: ConnLimits::default(),
+            peers: PeerLimitConfig::default(),
         }
     }
 
@@ -159,6 +174,33 @@ impl ScalerConfig {
             ));
         }
         self.api.validate()?;
+        self.peers.validate()?;
+        for (field, d) in [
+            ("--idle-timeout", self.conn.idle_timeout),
+            ("preface_timeout", self.conn.preface_timeout),
+        ] {
+            if d < Duration::from_millis(10) || d > Duration::from_secs(86_400) {
+                return Err(ScalerError::config(field, format!("{d:?}"), "10ms..=24h"));
+            }
+        }
+        if let Transport::Tls(tls) = &self.transport
+            && (tls.reload_interval.is_zero() || tls.handshake_timeout.is_zero())
+        {
+            return Err(ScalerError::config(
+                "tls.reload_interval",
+                format!("{:?}", tls.reload_interval),
+                "more than 0",
+            ));
+        }
+        if self.auth.mode == AuthMode::Certificates
+            && !matches!(&self.transport, Transport::Tls(t) if t.client_ca.is_some())
+        {
+            return Err(ScalerError::config(
+                "--auth",
+                "certificates",
+                "with TLS and --tls-client-ca (client certificates are verified against it)",
+            ));
+        }
         let mut seen = BTreeSet::new();
         for w in &self.workloads {
             if !seen.insert(w.workload.clone()) {
@@ -538,11 +580,86 @@ pub struct ScalerArgs {
         env = "GPUSCALE_MAX_WATCHERS"
     )]
     pub max_watchers: usize,
+    /// KEDA StreamIsActive streams open at once, a pool apart from the
+    /// watchers so KEDA is never locked out by them (1..=100000).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 256,
+        env = "GPUSCALE_MAX_KEDA_STREAMS"
+    )]
+    pub max_keda_streams: usize,
+    /// The serving certificate (PEM chain), e.g. a mounted Secret's tls.crt;
+    /// re-read when it changes.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "GPUSCALE_TLS_CERT",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The serving certificate's private key (PEM), e.g. tls.key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "GPUSCALE_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Verify client certificates against this CA bundle (PEM); a verified
+    /// certificate's DNS name identifies the caller (an agent's: its node).
+    #[arg(long, value_name = "FILE", env = "GPUSCALE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve plaintext h2c without TLS: for local use only (no
+    /// authentication unless --auth says otherwise).
+    #[arg(long, env = "GPUSCALE_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
+    /// How callers authenticate: kubernetes (TokenReview and
+    /// SubjectAccessReview; the default with --kubernetes), file
+    /// (--auth-file), certificates (--tls-client-ca only), none.
+    /// Default: from the other flags.
+    #[arg(long, value_name = "MODE", env = "GPUSCALE_AUTH")]
+    pub auth: Option<String>,
+    /// Standalone tokens and grants (YAML): `agents: [{node, token}]`,
+    /// `clients: [{name, token, namespaces}]`.
+    #[arg(long, value_name = "FILE", env = "GPUSCALE_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// The audience agents' tokens must carry.
+    #[arg(long, value_name = "AUDIENCE", default_value = DEFAULT_AUDIENCE, env = "GPUSCALE_TOKEN_AUDIENCE")]
+    pub token_audience: String,
+    /// The agents' ServiceAccount (namespace/name): only its tokens may stream.
+    #[arg(long, value_name = "NAMESPACE/NAME", default_value = DEFAULT_AGENT_SERVICE_ACCOUNT, env = "GPUSCALE_AGENT_SERVICE_ACCOUNT")]
+    pub agent_service_account: String,
+    /// Streams one client address may have open at once (1..=1000000).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 128,
+        env = "GPUSCALE_MAX_STREAMS_PER_PEER"
+    )]
+    pub max_streams_per_peer: usize,
+    /// Unary calls per second one client address may make (bursts of twice as many).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 200.0,
+        env = "GPUSCALE_REQUESTS_PER_SECOND_PER_PEER"
+    )]
+    pub requests_per_second_per_peer: f64,
+    /// Close connections with no call open for this long (10ms..=24h).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration, env = "GPUSCALE_IDLE_TIMEOUT")]
+    pub idle_timeout: Duration,
 }
 
 impl ScalerArgs {
-    /// The validated configuration these flags (and the file) describe.
+    /// The validated configuration these flags (and the file) describe,
+    /// for the standalone scaler.
     pub fn to_config(&self) -> Result<ScalerConfig, ScalerError> {
+        self.to_config_for(false)
+    }
+
+    /// The same, for the standalone scaler or (`kubernetes`) the Kubernetes mode.
+    pub fn to_config_for(&self, kubernetes: bool) -> Result<ScalerConfig, ScalerError> {
         let listen = self.listen.parse().map_err(|_| {
             ScalerError::config("--listen", &self.listen, "an IP:port such as 0.0.0.0:7070")
         })?;
@@ -559,6 +676,11 @@ impl ScalerArgs {
         };
         config.node_ttl = self.node_ttl;
         config.api.max_watchers = self.max_watchers;
+        config.api.max_keda_streams = self.max_keda_streams;
+        config.peers.max_streams = self.max_streams_per_peer;
+        config.peers.requests_per_second = self.requests_per_second_per_peer;
+        config.peers.burst = (2.0 * self.requests_per_second_per_peer).max(1.0);
+        config.conn.idle_timeout = self.idle_timeout;
         if let Some(path) = &self.config {
             let file = ScalerFile::load(path)?;
             let base = path.parent().unwrap_or(Path::new("."));
@@ -574,8 +696,97 @@ impl ScalerArgs {
                 other => other,
             })?;
         }
+        config.transport = self.transport()?;
+        config.auth = self.auth_config(kubernetes)?;
         config.validate()?;
         Ok(config)
+    }
+
+    fn transport(&self) -> Result<Transport, ScalerError> {
+        match (&self.tls_cert, &self.tls_key, self.insecure_plaintext) {
+            (Some(_), _, true) | (_, Some(_), true) => Err(ScalerError::config(
+                "--insecure-plaintext",
+                "true",
+                "not together with --tls-cert/--tls-key",
+            )),
+            (Some(cert), Some(key), false) => {
+                let mut tls = TlsConfig::new(cert, key);
+                tls.client_ca = self.tls_client_ca.clone();
+                Ok(Transport::Tls(tls))
+            }
+            (None, None, true) => {
+                if self.tls_client_ca.is_some() {
+                    return Err(ScalerError::config(
+                        "--tls-client-ca",
+                        self.tls_client_ca
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default(),
+                        "only with TLS (--tls-cert and --tls-key)",
+                    ));
+                }
+                Ok(Transport::Plaintext)
+            }
+            _ => Err(ScalerError::config(
+                "--tls-cert",
+                "(not given)",
+                "the gRPC port serves TLS: pass --tls-cert and --tls-key (PEM files, e.g. a mounted Secret's tls.crt and tls.key), or --insecure-plaintext for local use",
+            )),
+        }
+    }
+
+    fn auth_config(&self, kubernetes: bool) -> Result<AuthConfig, ScalerError> {
+        let mode = match self.auth.as_deref() {
+            Some("kubernetes") => AuthMode::Kubernetes,
+            Some("file") | None if self.auth_file.is_some() => {
+                AuthMode::File(self.auth_file.clone().unwrap_or_default())
+            }
+            Some("file") => {
+                return Err(ScalerError::config(
+                    "--auth",
+                    "file",
+                    "with --auth-file FILE",
+                ));
+            }
+            Some("certificates") => AuthMode::Certificates,
+            Some("none") => AuthMode::None,
+            Some(other) => {
+                return Err(ScalerError::config(
+                    "--auth",
+                    crate::edge::auth::quote(other),
+                    "kubernetes, file, certificates or none",
+                ));
+            }
+            None if kubernetes => AuthMode::Kubernetes,
+            None if self.tls_client_ca.is_some() => AuthMode::Certificates,
+            None if self.insecure_plaintext => AuthMode::None,
+            None => {
+                return Err(ScalerError::config(
+                    "--auth",
+                    "(not given)",
+                    "a way to authenticate agents and clients: --auth-file FILE, --tls-client-ca FILE, or --auth none",
+                ));
+            }
+        };
+        if mode == AuthMode::Kubernetes && !kubernetes {
+            return Err(ScalerError::config(
+                "--auth",
+                "kubernetes",
+                "only with --kubernetes; standalone, use --auth-file or --tls-client-ca",
+            ));
+        }
+        let mut auth = AuthConfig::with_mode(mode);
+        if self.token_audience.is_empty() {
+            return Err(ScalerError::config(
+                "--token-audience",
+                "",
+                "a non-empty audience",
+            ));
+        }
+        auth.audience = self.token_audience.clone();
+        auth.agent_service_account = parse_service_account(&self.agent_service_account)
+            .map_err(|e| ScalerError::config("--agent-service-account", "", e))?;
+        Ok(auth)
     }
 }
 
@@ -644,38 +855,122 @@ mod tests {
         assert!(e.to_string().contains("soon"), "{e}");
     }
 
+    fn args(extra: &[&str]) -> Result<ScalerArgs, clap::Error> {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct Cli {
+            #[command(flatten)]
+            scaler: ScalerArgs,
+        }
+        let mut all = vec!["test"];
+        all.extend_from_slice(extra);
+        Cli::try_parse_from(all).map(|c| c.scaler)
+    }
+
     #[test]
     fn bad_flags_name_the_flag() {
-        let args = ScalerArgs {
-            listen: "7070".into(),
-            metrics_addr: "off".into(),
-            node_ttl: Duration::from_secs(30),
-            config: None,
-            max_watchers: 256,
-        };
-        let e = args.to_config().expect_err("no host").to_string();
+        let a = args(&[
+            "--listen",
+            "7070",
+            "--metrics-addr",
+            "off",
+            "--insecure-plaintext",
+        ])
+        .expect("parse");
+        let e = a.to_config().expect_err("no host").to_string();
         assert!(e.contains("--listen") && e.contains("IP:port"), "{e}");
-        let args = ScalerArgs {
-            listen: "127.0.0.1:0".into(),
-            metrics_addr: "off".into(),
-            node_ttl: Duration::from_millis(1),
-            config: None,
-            max_watchers: 256,
-        };
-        let e = args.to_config().expect_err("ttl").to_string();
+        let a = args(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--node-ttl",
+            "1ms",
+            "--insecure-plaintext",
+        ])
+        .expect("parse");
+        let e = a.to_config().expect_err("ttl").to_string();
         assert!(e.contains("--node-ttl"), "{e}");
-        let args = ScalerArgs {
-            listen: "127.0.0.1:0".into(),
-            metrics_addr: "off".into(),
-            node_ttl: Duration::from_secs(30),
-            config: None,
-            max_watchers: 0,
-        };
-        let e = args.to_config().expect_err("no watchers").to_string();
+        let a = args(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--max-watchers",
+            "0",
+            "--insecure-plaintext",
+        ])
+        .expect("parse");
+        let e = a.to_config().expect_err("no watchers").to_string();
         assert!(
             e.contains("--max-watchers") && e.contains("1..=100000"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn plaintext_and_no_authentication_need_to_be_asked_for() {
+        let e = args(&["--listen", "127.0.0.1:0"])
+            .expect("parse")
+            .to_config()
+            .expect_err("no TLS")
+            .to_string();
+        assert!(
+            e.contains("--tls-cert") && e.contains("--insecure-plaintext"),
+            "{e}"
+        );
+        let c = args(&["--insecure-plaintext"])
+            .expect("parse")
+            .to_config()
+            .expect("plaintext");
+        assert_eq!(c.transport, Transport::Plaintext);
+        assert_eq!(c.auth.mode, AuthMode::None);
+        let e = args(&["--tls-cert", "c.pem", "--tls-key", "k.pem"])
+            .expect("parse")
+            .to_config()
+            .expect_err("no auth")
+            .to_string();
+        assert!(e.contains("--auth") && e.contains("--auth-file"), "{e}");
+        let c = args(&[
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-client-ca",
+            "ca.pem",
+        ])
+        .expect("parse")
+        .to_config()
+        .expect("certificates");
+        assert_eq!(c.auth.mode, AuthMode::Certificates);
+        let c = args(&["--tls-cert", "c.pem", "--tls-key", "k.pem"])
+            .expect("parse")
+            .to_config_for(true)
+            .expect("kubernetes");
+        assert_eq!(c.auth.mode, AuthMode::Kubernetes);
+        assert_eq!(
+            c.auth.agent_user(),
+            "system:serviceaccount:gpuscale-system:gpuscale-agent"
+        );
+        let e = args(&[
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--auth",
+            "kubernetes",
+        ])
+        .expect("parse")
+        .to_config()
+        .expect_err("standalone kubernetes")
+        .to_string();
+        assert!(e.contains("--kubernetes"), "{e}");
+        assert!(
+            args(&["--tls-cert", "c.pem"]).is_err(),
+            "a certificate needs its key"
+        );
+        let e = args(&["--insecure-plaintext", "--auth", "sometimes"])
+            .expect("parse")
+            .to_config()
+            .expect_err("mode")
+            .to_string();
+        assert!(e.contains("--auth") && e.contains("sometimes"), "{e}");
     }
 
     #[test]

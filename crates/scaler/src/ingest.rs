@@ -18,9 +18,21 @@
 //! backs off, coalesces, and comes back with a snapshot — load is shed
 //! instead of memory growing.
 //!
+//! **Who may stream**: the edge ([`crate::edge`]) authenticated the agent
+//! before the stream started; an agent credential bound to a node (the
+//! token's pod's node, a certificate's DNS name) may report that node only:
+//! a snapshot of another node ends the stream with `PERMISSION_DENIED`
+//! (counted in `gpuscale_scaler_auth_refused_total{reason="node_mismatch"}`).
+//! A stream ends with `UNAUTHENTICATED` when its token expires (the agent
+//! reconnects with the rotated token). A stream may send at most
+//! `agent_reports_per_second` reports (bursts of twice as many); beyond,
+//! the stream task stops reading for a while and HTTP/2 flow control slows
+//! the agent down.
+//!
 //! **Bad input** ends only the offending stream, with a status naming the
 //! problem, logged once for that stream:
-//! * undecodable bytes, an oversized message, a value out of range, a sequence
+//! * a message over the size limit: `RESOURCE_EXHAUSTED`;
+//! * undecodable bytes, a value out of range, a sequence
 //!   number that goes backwards, a node name that changes: `INVALID_ARGUMENT`;
 //! * a delta without a snapshot first, a delta of another boot epoch, a gap
 //!   in the sequence: `FAILED_PRECONDITION` (the agent reconnects and resends
@@ -47,6 +59,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::clock::Clock;
+use crate::edge::auth::{CallKind, Refusal, quote};
+use crate::edge::{Authenticator, Caller, caller_of};
 use crate::metrics::ScalerMetrics;
 use crate::state::Command;
 use crate::stopped;
@@ -111,8 +126,8 @@ impl StreamValidator {
                         "node_changed",
                         format!(
                             "snapshot.node_name: {:?} differs from {:?}, the node this stream reports for",
-                            s.node.as_str(),
-                            node.as_str()
+                            quote(s.node.as_str()),
+                            quote(node.as_str())
                         ),
                     ));
                 }
@@ -232,21 +247,20 @@ impl StreamValidator {
 /// Classifies an error `Streaming::message` returned: a bad message (which
 /// the agent should hear about) or a transport failure (nobody to tell).
 fn inbound_error(status: &Status, limit: usize) -> Option<Rejection> {
+    let oversized = || Rejection {
+        code: Code::ResourceExhausted,
+        reason: "oversized",
+        message: format!(
+            "report larger than the scaler's limit of {limit} bytes ({})",
+            quote(status.message())
+        ),
+    };
     match status.code() {
-        Code::OutOfRange if status.message().contains("too large") => Some(Rejection::invalid(
-            "oversized",
-            format!(
-                "report larger than the scaler's limit of {limit} bytes ({})",
-                status.message()
-            ),
-        )),
+        Code::OutOfRange if status.message().contains("too large") => Some(oversized()),
+        Code::ResourceExhausted => Some(oversized()),
         Code::Internal if status.message().contains("decode") => Some(Rejection::invalid(
             "malformed",
-            format!("malformed report: {}", status.message()),
-        )),
-        Code::ResourceExhausted => Some(Rejection::invalid(
-            "oversized",
-            format!("report too large: {}", status.message()),
+            format!("malformed report: {}", quote(status.message())),
         )),
         _ => None,
     }
@@ -302,6 +316,11 @@ pub(crate) struct Ingest {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// `None`: always active; else streams are served only while true.
     pub(crate) active: Option<watch::Receiver<bool>>,
+    /// Counts and tracks refusals (a node mismatch is one).
+    pub(crate) auth: Arc<Authenticator>,
+    pub(crate) clock: Clock,
+    /// Reports per second one stream may send; `None`: no limit.
+    pub(crate) report_rate: Option<f64>,
 }
 
 /// Resolves once `active` turns false; never when there is no gate.
@@ -335,7 +354,8 @@ impl AgentService for Ingest {
         {
             return Err(Status::new(Code::Unavailable, standby_status().message));
         }
-        let peer = request.remote_addr();
+        let caller = caller_of(request.extensions());
+        let peer = caller.peer;
         let inbound = request.into_inner();
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (out_tx, out_rx) = mpsc::channel(self.stream_outbound);
@@ -343,6 +363,7 @@ impl AgentService for Ingest {
         let task = StreamTask {
             id,
             peer,
+            caller,
             ingest: self.clone(),
             out: out_tx,
             terminal: terminal_tx,
@@ -361,6 +382,7 @@ impl AgentService for Ingest {
 struct StreamTask {
     id: StreamId,
     peer: Option<std::net::SocketAddr>,
+    caller: Caller,
     ingest: Ingest,
     out: mpsc::Sender<v1::ScalerDirective>,
     terminal: oneshot::Sender<Status>,
@@ -381,7 +403,25 @@ impl StreamTask {
         tracing::debug!(stream = self.id, peer = ?self.peer, "agent stream opened");
         let mut shutdown = self.ingest.shutdown.clone();
         let mut active = self.ingest.active.clone();
+        // The stream lives no longer than its credential.
+        let expiry = self.caller.expires_at.map(|at| {
+            let left = at
+                .as_millis()
+                .saturating_sub(self.ingest.clock.now().as_millis());
+            tokio::time::Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0))
+        });
+        let rate = self.ingest.report_rate;
+        let mut bucket = rate.map(|r| crate::edge::Bucket::full(2.0 * r));
         loop {
+            if let (Some(rate), Some(b)) = (rate, bucket.as_mut())
+                && let Err(wait) = b.take(rate, 2.0 * rate)
+            {
+                // Too fast: stop reading for a while; flow control slows the agent.
+                tokio::select! {
+                    _ = stopped(&mut shutdown) => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
             let next = tokio::select! {
                 biased;
                 _ = stopped(&mut shutdown) => Next::Reject(Rejection {
@@ -391,9 +431,14 @@ impl StreamTask {
                 }),
                 _ = standby(&mut active) => Next::Reject(standby_status()),
                 _ = self.terminal.closed() => Next::End,
+                _ = until(expiry) => Next::Reject(Rejection {
+                    code: Code::Unauthenticated,
+                    reason: "token_expired",
+                    message: "the stream's token expired; reconnect with the rotated token".into(),
+                }),
                 msg = inbound.message() => match msg {
                     Ok(Some(wire)) => match AgentReport::from_wire(wire) {
-                        Ok((report, rejected)) => match self.validator.check(&report) {
+                        Ok((report, rejected)) => match self.bound(&report).and_then(|()| self.validator.check(&report)) {
                             Ok(()) if !rejected.is_empty() => {
                                 self.engines_rejected(&rejected);
                                 Next::Report(Box::new(report))
@@ -401,7 +446,7 @@ impl StreamTask {
                             Ok(()) => Next::Report(Box::new(report)),
                             Err(r) => Next::Reject(r),
                         },
-                        Err(e) => Next::Reject(Rejection::invalid("invalid_value", e.to_string())),
+                        Err(e) => Next::Reject(Rejection::invalid("invalid_value", quote_long(&e.to_string()))),
                     },
                     Ok(None) => Next::End,
                     Err(status) => match inbound_error(&status, self.ingest.max_message_bytes) {
@@ -456,6 +501,33 @@ impl StreamTask {
         }
     }
 
+    /// A snapshot must be of the node the caller's credential is bound to.
+    fn bound(&self, report: &AgentReport) -> Result<(), Rejection> {
+        let (ReportBody::Snapshot(s), Some(node)) = (&report.body, &self.caller.node) else {
+            return Ok(());
+        };
+        if s.node == *node {
+            return Ok(());
+        }
+        let refusal = Refusal {
+            code: Code::PermissionDenied,
+            reason: "node_mismatch",
+            message: format!(
+                "snapshot.node_name: {:?} is not {:?}, the node this agent's credential is bound to",
+                quote(s.node.as_str()),
+                quote(node.as_str())
+            ),
+        };
+        self.ingest
+            .auth
+            .refused(CallKind::Agent, &refusal, self.peer, Some(&self.caller));
+        Err(Rejection {
+            code: refusal.code,
+            reason: refusal.reason,
+            message: refusal.message,
+        })
+    }
+
     async fn hand_over(&mut self, report: Box<AgentReport>) -> Result<(), Rejection> {
         let out = matches!(report.body, ReportBody::Snapshot(_)).then(|| self.out.clone());
         let command = Command::Report {
@@ -500,6 +572,28 @@ impl StreamTask {
         let terminal = std::mem::replace(&mut self.terminal, oneshot::channel().0);
         let _ = terminal.send(Status::new(r.code, r.message));
     }
+}
+
+/// Resolves at `at`; never without one.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// A message built from caller input, bounded (a conversion error quotes
+/// the offending value).
+fn quote_long(message: &str) -> String {
+    const LIMIT: usize = 512;
+    if message.len() <= LIMIT {
+        return message.to_string();
+    }
+    let mut end = LIMIT;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &message[..end], message.len())
 }
 
 fn shutting_down() -> Rejection {

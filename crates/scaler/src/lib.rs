@@ -39,6 +39,7 @@ pub mod api;
 mod clock;
 pub mod config;
 pub mod decide;
+pub mod edge;
 pub mod error;
 mod export;
 mod http;
@@ -61,7 +62,6 @@ use gpuscale_proto::v1::agent_service_server::AgentServiceServer;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::service::Routes;
-use tonic::transport::server::TcpIncoming;
 
 pub use actuate::{ActuateFuture, Actuator, LoggingActuator};
 pub use clock::Clock;
@@ -89,6 +89,7 @@ pub struct Scaler {
     clock: Option<Clock>,
     services: Option<ServiceBuilder>,
     active: Option<watch::Receiver<bool>>,
+    auth_backend: Option<Arc<dyn edge::AuthBackend>>,
 }
 
 impl std::fmt::Debug for Scaler {
@@ -108,7 +109,15 @@ impl Scaler {
             clock: None,
             services: None,
             active: None,
+            auth_backend: None,
         }
+    }
+
+    /// Where identities and permissions come from in
+    /// [`edge::AuthMode::Kubernetes`] (TokenReview, SubjectAccessReview).
+    pub fn with_auth_backend(mut self, backend: Arc<dyn edge::AuthBackend>) -> Self {
+        self.auth_backend = Some(backend);
+        self
     }
 
     /// Act only while `active` is true (leader election: only the leader
@@ -151,6 +160,16 @@ impl Scaler {
         config.validate()?;
         let clock = self.clock.unwrap_or_else(Clock::start);
         let metrics = Arc::new(ScalerMetrics::new());
+        let auth = Arc::new(edge::authenticator(
+            &config.auth,
+            self.auth_backend.clone(),
+            clock,
+            metrics.clone(),
+        )?);
+        let tls = match &config.transport {
+            edge::Transport::Tls(tls) => Some((edge::tls::server_tls(tls)?, tls.clone())),
+            edge::Transport::Plaintext => None,
+        };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ScalerError::Bind {
@@ -269,8 +288,14 @@ impl Scaler {
             next_stream: Arc::new(AtomicU64::new(1)),
             shutdown: shutdown_rx.clone(),
             active: self.active.clone(),
+            auth: auth.clone(),
+            clock,
+            report_rate: config.peers.agent_reports_per_second,
         };
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let health = tonic_health::server::HealthReporter::new();
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            edge::EdgeHealth::new(health.clone(), shutdown_rx.clone()),
+        );
         health.set_serving::<AgentServiceServer<Ingest>>().await;
         // Reflection advertises what this port serves (the descriptor set
         // also holds the agent's ServingService and the kubelet's API).
@@ -306,17 +331,57 @@ impl Scaler {
             .add_service(
                 AgentServiceServer::new(ingest).max_decoding_message_size(config.max_message_bytes),
             );
-        routes = api::serve(routes, &handle, config.api, shutdown_rx.clone(), &health).await;
+        routes = api::serve(
+            routes,
+            &handle,
+            config.api,
+            shutdown_rx.clone(),
+            &health,
+            auth.clone(),
+            config.max_message_bytes,
+        )
+        .await;
         if let Some(build) = self.services {
             routes = build(&handle, routes);
         }
+        let edge = Arc::new(edge::Edge {
+            auth: auth.clone(),
+            peers: Arc::new(edge::PeerLimits::new(config.peers)),
+            max_message_bytes: config.max_message_bytes,
+        });
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            // Headers are small; a client cannot make the scaler buffer more.
+            .http2_max_header_list_size(Some(16 * 1024))
+            .max_concurrent_streams(Some(
+                u32::try_from(config.peers.max_streams.saturating_add(64)).unwrap_or(u32::MAX),
+            ))
+            .layer(edge::EdgeLayer(edge))
             .add_routes(routes);
         let mut stop = shutdown_rx.clone();
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let acceptor = tls
+            .as_ref()
+            .map(|(t, c)| (t.acceptor.clone(), c.handshake_timeout));
+        let incoming = edge::conn::incoming(
+            listener,
+            acceptor,
+            config.conn,
+            metrics.clone(),
+            shutdown_rx.clone(),
+        );
+        if let Some((t, c)) = tls {
+            tasks.push((
+                "certificate reload",
+                tokio::spawn(edge::tls::watch_files(
+                    c,
+                    t.store,
+                    metrics.clone(),
+                    shutdown_rx.clone(),
+                )),
+            ));
+        }
         tasks.push((
             "gRPC server",
             tokio::spawn(async move {
@@ -351,7 +416,7 @@ impl Scaler {
                 }),
             ));
         }
-        tracing::info!(grpc = %grpc_addr, metrics = ?http_addr, workloads = config.workloads.len(), node_ttl_s = config.node_ttl.as_secs_f64(), "scaler serving");
+        tracing::info!(grpc = %grpc_addr, tls = matches!(config.transport, edge::Transport::Tls(_)), auth = ?config.auth.mode, metrics = ?http_addr, workloads = config.workloads.len(), node_ttl_s = config.node_ttl.as_secs_f64(), "scaler serving");
         Ok(RunningScaler {
             grpc_addr,
             http_addr,

@@ -25,6 +25,18 @@ struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusalLabels {
+    /// `agent` (the telemetry stream) or `api` (ScalerService, KEDA, reflection).
+    api: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
 }
@@ -90,6 +102,11 @@ pub struct ScalerMetrics {
     decide_duration: Histogram,
     actuations: Family<ActuationLabels, Counter>,
     views: crate::export::ViewMetrics,
+    auth_refused: Family<RefusalLabels, Counter>,
+    repeat_offenders: Counter,
+    connections_closed: Family<ReasonLabels, Counter>,
+    certificate_reloads: Family<ResultLabels, Counter>,
+    peer_limited: Family<KindLabels, Counter>,
 }
 
 impl Default for ScalerMetrics {
@@ -235,6 +252,36 @@ impl ScalerMetrics {
             actuations.clone(),
         );
         let views = crate::export::ViewMetrics::register(&mut r);
+        let auth_refused = Family::<RefusalLabels, Counter>::default();
+        r.register(
+            "auth_refused",
+            "Calls refused by authentication or authorisation, by API (agent, api) and reason",
+            auth_refused.clone(),
+        );
+        let repeat_offenders = Counter::default();
+        r.register(
+            "auth_repeat_offenders",
+            "Peers reported for repeated refusals (once per window each)",
+            repeat_offenders.clone(),
+        );
+        let connections_closed = Family::<ReasonLabels, Counter>::default();
+        r.register(
+            "connections_closed",
+            "gRPC connections the scaler closed, by reason (no_http2_preface, idle, not_http2, tls_handshake_failed, tls_handshake_timeout, too_many_handshakes)",
+            connections_closed.clone(),
+        );
+        let certificate_reloads = Family::<ResultLabels, Counter>::default();
+        r.register(
+            "certificate_reloads",
+            "Serving certificate reloads after the files changed, by result (ok, error)",
+            certificate_reloads.clone(),
+        );
+        let peer_limited = Family::<KindLabels, Counter>::default();
+        r.register(
+            "peer_limited",
+            "Calls refused by a per-peer limit, by kind (streams, requests)",
+            peer_limited.clone(),
+        );
         Self {
             registry: r,
             reports,
@@ -261,6 +308,11 @@ impl ScalerMetrics {
             decide_duration,
             actuations,
             views,
+            auth_refused,
+            repeat_offenders,
+            connections_closed,
+            certificate_reloads,
+            peer_limited,
         }
     }
 
@@ -295,6 +347,28 @@ impl ScalerMetrics {
     /// Engine entries left out of reports so far.
     pub fn engines_rejected_total(&self) -> u64 {
         self.engines_rejected.get()
+    }
+    pub(crate) fn auth_refused(&self, api: &'static str, reason: &'static str) {
+        self.auth_refused
+            .get_or_create(&RefusalLabels { api, reason })
+            .inc();
+    }
+    pub(crate) fn repeat_offender(&self) {
+        self.repeat_offenders.inc();
+    }
+    pub(crate) fn connection_closed(&self, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+    pub(crate) fn certificate_reloaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.certificate_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+    pub(crate) fn peer_limited(&self, kind: &'static str) {
+        self.peer_limited.get_or_create(&KindLabels { kind }).inc();
     }
     pub(crate) fn superseded(&self) {
         self.superseded.inc();

@@ -27,6 +27,7 @@ use gpuscale_kube::{KubeConfig, KubeScaler, LeaseConfig, RunningKubeScaler};
 use gpuscale_proto::v1;
 use gpuscale_proto::v1::agent_service_client::AgentServiceClient;
 use gpuscale_proto::{AgentReport, Directive, ReportBody};
+use gpuscale_scaler::edge::{AuthConfig, AuthMode};
 use gpuscale_scaler::{Clock, ScalerConfig};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
@@ -301,11 +302,14 @@ pub fn gate_of(pod: &Value) -> Option<&str> {
         .as_str()
 }
 
-/// A scaler configuration for tests: loopback, 1 s ticks.
+/// A scaler configuration for tests: loopback, 1 s ticks, callers
+/// authenticated and authorised by the API server (TokenReview,
+/// SubjectAccessReview), as deployed.
 pub fn scaler_config() -> ScalerConfig {
     let mut c = ScalerConfig::new("127.0.0.1:0".parse().unwrap());
     c.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
     c.tick = Duration::from_secs(1);
+    c.auth = AuthConfig::with_mode(AuthMode::Kubernetes);
     c
 }
 
@@ -542,6 +546,7 @@ async fn run_fleet(
 ) {
     let pods_api: Api<Pod> = Api::namespaced(client, NS);
     let mut links: HashMap<String, Link> = HashMap::new();
+    let mut tokens: HashMap<String, String> = HashMap::new();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let mut next_scaler = 0usize;
     let mut seq = 0u64;
@@ -710,7 +715,10 @@ async fn run_fleet(
             for _ in 0..scalers.len() {
                 let url = &scalers[next_scaler % scalers.len()];
                 next_scaler += 1;
-                if let Some(mut link) = connect(url, &report, state.clone()).await {
+                let token = tokens
+                    .entry(node.clone())
+                    .or_insert_with(|| agent_token(&server, node));
+                if let Some(mut link) = connect(url, token, &report, state.clone()).await {
                     link.seq = seq;
                     links.insert(node.clone(), link);
                     break;
@@ -723,17 +731,36 @@ async fn run_fleet(
     }
 }
 
-/// Opens a stream to the scaler at `url` with `first` as its first report;
-/// `None` when it refuses (a standby).
-async fn connect(url: &str, first: &AgentReport, state: Arc<Mutex<FleetState>>) -> Option<Link> {
+/// The projected token an agent on `node` presents (audience `gpuscale`,
+/// bound to the node), as the fake API server issues it.
+pub fn agent_token(server: &FakeApiServerHandle, node: &str) -> String {
+    server.issue_token(&gpuscale_fake_apiserver::TokenRequest {
+        namespace: LEASE_NS.into(),
+        service_account: "gpuscale-agent".into(),
+        pod: Some(format!("gpuscale-agent-{node}")),
+        node: Some(node.into()),
+        audiences: vec!["gpuscale".into()],
+        // Longer than any test runs, in tokio time.
+        lifetime_seconds: 7 * 86_400,
+    })
+}
+
+/// Opens a stream to the scaler at `url` with `first` as its first report
+/// and the agent's `token`; `None` when it refuses (a standby).
+async fn connect(
+    url: &str,
+    token: &str,
+    first: &AgentReport,
+    state: Arc<Mutex<FleetState>>,
+) -> Option<Link> {
     let mut client = AgentServiceClient::connect(url.to_string()).await.ok()?;
     let (tx, rx) = mpsc::channel(16);
     tx.try_send(first.into()).ok()?;
-    let mut inbound = client
-        .report(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .ok()?
-        .into_inner();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().ok()?);
+    let mut inbound = client.report(request).await.ok()?.into_inner();
     let task = tokio::spawn(async move {
         while let Ok(Some(d)) = inbound.message().await {
             let Ok(d) = Directive::try_from(d) else {

@@ -37,7 +37,8 @@
 //!
 //! KEDA calls `GetMetrics` then `IsActive` on every poll and HPA query.
 //! `StreamIsActive` (trigger type `external-push`) sends the activity now
-//! and again whenever it changes; it counts against the stream limit.
+//! and again whenever it changes; it counts against `--max-keda-streams`, a
+//! pool apart from the watchers', so watchers can never lock KEDA out.
 //! `StreamMetricSpec` answers `UNIMPLEMENTED`: the spec never changes (the
 //! target is always 1), and KEDA then uses `GetMetricSpec`.
 
@@ -78,13 +79,17 @@ impl KedaScaler {
         ExternalScalerServer::new(self)
     }
 
-    /// The view and the workload the ScaledObject names, which must exist.
-    fn lookup(
+    /// The view and the workload the ScaledObject names, which the caller
+    /// (of a request with `extensions`) must be allowed to read and which
+    /// must exist.
+    async fn lookup(
         &self,
+        extensions: &tonic::Extensions,
         r: Option<&ScaledObjectRef>,
     ) -> Result<(std::sync::Arc<StateView>, WorkloadRef), Status> {
         let r = r.ok_or_else(|| Status::invalid_argument("scaledObjectRef is missing"))?;
         let workload = scaled_workload(r)?;
+        self.context.authorize(extensions, &workload).await?;
         let view = self.context.current();
         if !view.workloads.contains_key(&workload) {
             return Err(unknown_workload(&view, &workload));
@@ -102,7 +107,8 @@ pub fn scaled_workload(r: &ScaledObjectRef) -> Result<WorkloadRef, Status> {
             match value.split_once('/') {
                 Some((ns, name)) if !ns.is_empty() => workload_ref(&field, ns, name),
                 Some(_) => Err(Status::invalid_argument(format!(
-                    "{field} `{value}`: expected `namespace/name` or `name`"
+                    "{field} `{}`: expected `namespace/name` or `name`",
+                    crate::edge::auth::quote(value)
                 ))),
                 None => workload_ref(&field, &r.namespace, value),
             }
@@ -136,14 +142,15 @@ pub fn is_active(w: &WorkloadView) -> Result<bool, Status> {
     Ok(desired > 0 || load)
 }
 
-/// Whether `name` (as KEDA passes it: with or without its `s<N>-` prefix,
-/// or empty) is gpuscale's metric.
+/// Whether `name` (as KEDA passes it: with or without its `s<N>-` prefix)
+/// is gpuscale's metric. An empty name is not.
 fn is_our_metric(name: &str) -> bool {
-    name.is_empty()
-        || name == KEDA_METRIC_NAME
+    name == KEDA_METRIC_NAME
         || name
             .strip_suffix(KEDA_METRIC_NAME)
-            .is_some_and(|prefix| prefix.ends_with('-'))
+            .and_then(|prefix| prefix.strip_prefix('s'))
+            .and_then(|rest| rest.strip_suffix('-'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 const API: &str = "keda_stream_is_active";
@@ -154,7 +161,9 @@ impl ExternalScaler for KedaScaler {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
-        let (view, workload) = self.lookup(Some(request.get_ref()))?;
+        let (view, workload) = self
+            .lookup(request.extensions(), Some(request.get_ref()))
+            .await?;
         let result = is_active(&view.workloads[&workload])?;
         Ok(Response::new(IsActiveResponse { result }))
     }
@@ -165,8 +174,10 @@ impl ExternalScaler for KedaScaler {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
-        let (_, workload) = self.lookup(Some(request.get_ref()))?;
-        let slot = self.context.watcher_slot(API)?;
+        let (_, workload) = self
+            .lookup(request.extensions(), Some(request.get_ref()))
+            .await?;
+        let slot = self.context.keda_slot(API)?;
         let (tx, stream) = bounded_stream(
             1 + self.context.config.watch_buffer,
             slot,
@@ -204,7 +215,8 @@ impl ExternalScaler for KedaScaler {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<GetMetricSpecResponse>, Status> {
-        self.lookup(Some(request.get_ref()))?;
+        self.lookup(request.extensions(), Some(request.get_ref()))
+            .await?;
         // The deprecated integer fields too: older KEDA releases read only them.
         #[allow(deprecated)]
         Ok(Response::new(GetMetricSpecResponse {
@@ -220,14 +232,21 @@ impl ExternalScaler for KedaScaler {
         &self,
         request: Request<GetMetricsRequest>,
     ) -> Result<Response<GetMetricsResponse>, Status> {
-        let r = request.into_inner();
-        if !is_our_metric(&r.metric_name) {
+        let (_, extensions, r) = request.into_parts();
+        if r.metric_name.is_empty() {
             return Err(Status::invalid_argument(format!(
-                "metricName `{}`: gpuscale reports only `{KEDA_METRIC_NAME}`",
-                r.metric_name
+                "metricName is empty: gpuscale reports `{KEDA_METRIC_NAME}` (KEDA sends it as `s<N>-{KEDA_METRIC_NAME}`)"
             )));
         }
-        let (view, workload) = self.lookup(r.scaled_object_ref.as_ref())?;
+        if !is_our_metric(&r.metric_name) {
+            return Err(Status::invalid_argument(format!(
+                "metricName `{}`: gpuscale reports only `{KEDA_METRIC_NAME}`, with or without KEDA's `s<N>-` prefix",
+                crate::edge::auth::quote(&r.metric_name)
+            )));
+        }
+        let (view, workload) = self
+            .lookup(&extensions, r.scaled_object_ref.as_ref())
+            .await?;
         let desired = desired(&view.workloads[&workload])?;
         // KEDA reads `metricValueFloat` when it is above 0, else `metricValue`:
         // both carry the count, so 0 is 0 either way.
@@ -307,10 +326,14 @@ mod tests {
 
     #[test]
     fn metric_names_with_and_without_the_hpa_prefix_are_ours() {
-        assert!(is_our_metric(""));
+        assert!(!is_our_metric(""));
         assert!(is_our_metric(KEDA_METRIC_NAME));
         assert!(is_our_metric(&format!("s0-{KEDA_METRIC_NAME}")));
+        assert!(is_our_metric(&format!("s12-{KEDA_METRIC_NAME}")));
         assert!(!is_our_metric("s0-queue-length"));
         assert!(!is_our_metric(&format!("x{KEDA_METRIC_NAME}")));
+        assert!(!is_our_metric(&format!("x-{KEDA_METRIC_NAME}")));
+        assert!(!is_our_metric(&format!("s-{KEDA_METRIC_NAME}")));
+        assert!(!is_our_metric(&format!("sx1-{KEDA_METRIC_NAME}")));
     }
 }

@@ -13,11 +13,21 @@
 //! Every handler reads the published [`StateView`] (an `Arc` from a `watch`
 //! channel, no lock) and never sends anything to the state task: nothing a
 //! client does can slow the scaler. Streams are bounded twice: at most
-//! [`ApiConfig::max_watchers`] open at once (more are refused with
-//! `RESOURCE_EXHAUSTED`), and per stream a bounded buffer filled with
-//! `try_send` only; a subscriber that lets it fill up is dropped, its stream
-//! ending with `RESOURCE_EXHAUSTED` (it may subscribe again and gets the
-//! current state first).
+//! [`ApiConfig::max_watchers`] `WatchRecommendations` and, in a pool of their
+//! own so that watchers can never lock KEDA out,
+//! [`ApiConfig::max_keda_streams`] `StreamIsActive` streams open at once
+//! (more are refused with `RESOURCE_EXHAUSTED`), and per stream a bounded
+//! buffer filled with `try_send` only; a subscriber that lets it fill up is
+//! dropped, its stream ending with `RESOURCE_EXHAUSTED` (it may subscribe
+//! again and gets the current state first).
+//!
+//! **Who may read what**: every workload a caller names or is shown is
+//! authorised for that caller ([`crate::edge::Authenticator`]: a
+//! SubjectAccessReview on Kubernetes): `Explain` and KEDA's calls answer
+//! `PERMISSION_DENIED` for a workload the caller may not read (before
+//! looking it up, so nothing is revealed about it), `ListWorkloads` and
+//! `WatchRecommendations` leave such workloads out. Error messages quote at
+//! most [`crate::edge::auth::QUOTE_LIMIT`] characters of what the caller sent.
 //!
 //! Not for: deciding (the decide loop) or acting (the actuator).
 
@@ -34,6 +44,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
+use crate::edge::{Authenticator, Caller};
 use crate::error::ScalerError;
 use crate::metrics::ScalerMetrics;
 use crate::view::StateView;
@@ -45,18 +56,21 @@ pub use recommend::RecommendationService;
 /// Limits of the public APIs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ApiConfig {
-    /// Streams (`WatchRecommendations`, `StreamIsActive`) open at once.
+    /// `WatchRecommendations` streams open at once.
     pub max_watchers: usize,
+    /// KEDA `StreamIsActive` streams open at once (a pool of their own).
+    pub max_keda_streams: usize,
     /// Messages buffered per stream beyond its initial state before the
     /// subscriber counts as slow and is dropped.
     pub watch_buffer: usize,
 }
 
 impl Default for ApiConfig {
-    /// 256 streams, 64 buffered changes each.
+    /// 256 watchers, 256 KEDA streams, 64 buffered changes each.
     fn default() -> Self {
         Self {
             max_watchers: 256,
+            max_keda_streams: 256,
             watch_buffer: 64,
         }
     }
@@ -69,6 +83,13 @@ impl ApiConfig {
             return Err(ScalerError::config(
                 "--max-watchers",
                 self.max_watchers.to_string(),
+                "1..=100000",
+            ));
+        }
+        if !(1..=100_000).contains(&self.max_keda_streams) {
+            return Err(ScalerError::config(
+                "--max-keda-streams",
+                self.max_keda_streams.to_string(),
                 "1..=100000",
             ));
         }
@@ -90,8 +111,10 @@ pub struct ApiContext {
     pub(crate) view: watch::Receiver<Arc<StateView>>,
     pub(crate) config: ApiConfig,
     pub(crate) watchers: Arc<Semaphore>,
+    pub(crate) keda_streams: Arc<Semaphore>,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) metrics: Arc<ScalerMetrics>,
+    pub(crate) auth: Arc<Authenticator>,
 }
 
 impl std::fmt::Debug for ApiContext {
@@ -99,6 +122,7 @@ impl std::fmt::Debug for ApiContext {
         f.debug_struct("ApiContext")
             .field("config", &self.config)
             .field("watchers_free", &self.watchers.available_permits())
+            .field("keda_streams_free", &self.keda_streams.available_permits())
             .finish_non_exhaustive()
     }
 }
@@ -114,10 +138,37 @@ impl ApiContext {
         Self {
             view,
             watchers: Arc::new(Semaphore::new(config.max_watchers)),
+            keda_streams: Arc::new(Semaphore::new(config.max_keda_streams)),
             config,
             shutdown,
+            auth: Arc::new(Authenticator::disabled(metrics.clone())),
             metrics,
         }
+    }
+
+    /// Authorise reads with `auth` (the default allows everyone).
+    pub fn with_auth(mut self, auth: Arc<Authenticator>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// `PERMISSION_DENIED` unless the caller of a request with `extensions`
+    /// may read `workload`.
+    pub(crate) async fn authorize(
+        &self,
+        extensions: &tonic::Extensions,
+        workload: &WorkloadRef,
+    ) -> Result<(), Status> {
+        if !self.auth.enabled() {
+            return Ok(());
+        }
+        let caller = crate::edge::caller_of(extensions);
+        self.auth.require_read(&caller, workload).await
+    }
+
+    /// The caller of a request, for filtering what it is shown.
+    pub(crate) fn caller(&self, extensions: &tonic::Extensions) -> Caller {
+        crate::edge::caller_of(extensions)
     }
 
     /// The newest view.
@@ -125,13 +176,25 @@ impl ApiContext {
         self.view.borrow().clone()
     }
 
-    /// A slot for one more stream, or `RESOURCE_EXHAUSTED` at the limit.
+    /// A slot for one more watcher, or `RESOURCE_EXHAUSTED` at the limit.
     pub(crate) fn watcher_slot(&self, api: &'static str) -> Result<OwnedSemaphorePermit, Status> {
         self.watchers.clone().try_acquire_owned().map_err(|_| {
             self.metrics.views().api_stream_refused(api);
             Status::resource_exhausted(format!(
                 "too many concurrent streams: the limit is {} (--max-watchers); close one or retry later",
                 self.config.max_watchers
+            ))
+        })
+    }
+
+    /// A slot for one more KEDA push stream (a pool apart from the
+    /// watchers), or `RESOURCE_EXHAUSTED` at the limit.
+    pub(crate) fn keda_slot(&self, api: &'static str) -> Result<OwnedSemaphorePermit, Status> {
+        self.keda_streams.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.views().api_stream_refused(api);
+            Status::resource_exhausted(format!(
+                "too many concurrent KEDA streams: the limit is {} (--max-keda-streams); close one or retry later",
+                self.config.max_keda_streams
             ))
         })
     }
@@ -239,8 +302,11 @@ pub(crate) async fn serve(
     config: ApiConfig,
     shutdown: watch::Receiver<bool>,
     health: &tonic_health::server::HealthReporter,
+    auth: Arc<Authenticator>,
+    max_message_bytes: usize,
 ) -> tonic::service::Routes {
-    let context = ApiContext::new(handle.view(), config, shutdown, handle.metrics().clone());
+    let context =
+        ApiContext::new(handle.view(), config, shutdown, handle.metrics().clone()).with_auth(auth);
     health
         .set_serving::<gpuscale_proto::v1::scaler_service_server::ScalerServiceServer<RecommendationService>>()
         .await;
@@ -248,8 +314,16 @@ pub(crate) async fn serve(
         .set_serving::<gpuscale_proto::externalscaler::external_scaler_server::ExternalScalerServer<KedaScaler>>()
         .await;
     routes
-        .add_service(RecommendationService::new(context.clone()).into_server())
-        .add_service(KedaScaler::new(context).into_server())
+        .add_service(
+            RecommendationService::new(context.clone())
+                .into_server()
+                .max_decoding_message_size(max_message_bytes),
+        )
+        .add_service(
+            KedaScaler::new(context)
+                .into_server()
+                .max_decoding_message_size(max_message_bytes),
+        )
 }
 
 /// Most workloads named in a "not found" message.
@@ -276,6 +350,21 @@ pub(crate) fn unknown_workload(view: &StateView, workload: &WorkloadRef) -> Stat
     ))
 }
 
+/// Longest label selector accepted, bytes.
+pub const MAX_SELECTOR_BYTES: usize = 1024;
+
+/// A request's label selector, parsed; `INVALID_ARGUMENT` quoting at most a
+/// bounded prefix of it.
+pub(crate) fn parse_selector(selector: &str) -> Result<LabelSelector, Status> {
+    if selector.len() > MAX_SELECTOR_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "selector `{}` is longer than {MAX_SELECTOR_BYTES} bytes",
+            crate::edge::auth::quote(selector)
+        )));
+    }
+    LabelSelector::parse(selector).map_err(|e| Status::invalid_argument(format!("selector: {e}")))
+}
+
 /// A workload reference from the wire: `name` required, `namespace`
 /// defaulting to `default`; both DNS labels. `field` names the request field.
 pub(crate) fn workload_ref(
@@ -296,7 +385,8 @@ pub(crate) fn workload_ref(
     for (part, value) in [("namespace", namespace), ("name", name)] {
         if !is_dns_label(value) {
             return Err(Status::invalid_argument(format!(
-                "{field}.{part} `{value}` is not a DNS label (1..=63 lowercase letters, digits and '-')"
+                "{field}.{part} `{}` is not a DNS label (1..=63 lowercase letters, digits and '-')",
+                crate::edge::auth::quote(value)
             )));
         }
     }

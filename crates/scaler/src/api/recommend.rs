@@ -28,9 +28,11 @@ use gpuscale_core::selector::LabelSelector;
 use gpuscale_policy::Action;
 use gpuscale_proto::v1;
 use gpuscale_proto::v1::scaler_service_server::{ScalerService, ScalerServiceServer};
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::{ApiContext, ApiStream, StreamEnd, bounded_stream, next_view, unknown_workload};
+use crate::edge::{Authenticator, Caller};
 use crate::view::{StateView, WorkloadView};
 use gpuscale_core::SloStatus;
 
@@ -59,8 +61,7 @@ struct Filter {
 
 impl Filter {
     fn parse(namespace: &str, selector: &str) -> Result<Self, Status> {
-        let selector = LabelSelector::parse(selector)
-            .map_err(|e| Status::invalid_argument(format!("selector: {e}")))?;
+        let selector = super::parse_selector(selector)?;
         Ok(Self {
             namespace: namespace.to_string(),
             selector,
@@ -179,6 +180,52 @@ fn comparable(r: &v1::Recommendation) -> v1::Recommendation {
     }
 }
 
+/// Which workloads one caller may read: decided once per workload, again
+/// after the authorisation cache's lifetime (so a revoked grant takes
+/// effect within it).
+struct Readable {
+    auth: Arc<Authenticator>,
+    caller: Caller,
+    decided: std::collections::HashMap<WorkloadRef, bool>,
+    since: Instant,
+}
+
+impl Readable {
+    fn new(auth: Arc<Authenticator>, caller: Caller) -> Self {
+        Self {
+            auth,
+            caller,
+            decided: std::collections::HashMap::new(),
+            since: Instant::now(),
+        }
+    }
+
+    /// Decides the workloads of `view` that `filter` selects and that are
+    /// not decided yet. A check that cannot be made now is left undecided
+    /// (the workload is not shown) and tried again at the next view.
+    async fn update(&mut self, view: &StateView, filter: &Filter) {
+        if !self.auth.enabled() {
+            return;
+        }
+        if self.since.elapsed() > self.auth.config().authz_cache_ttl {
+            self.decided.clear();
+            self.since = Instant::now();
+        }
+        for w in view.workloads.values().filter(|w| filter.matches(w)) {
+            if self.decided.contains_key(&w.workload) {
+                continue;
+            }
+            if let Ok(allowed) = self.auth.may_read(&self.caller, &w.workload).await {
+                self.decided.insert(w.workload.clone(), allowed);
+            }
+        }
+    }
+
+    fn allows(&self, w: &WorkloadRef) -> bool {
+        !self.auth.enabled() || self.decided.get(w) == Some(&true)
+    }
+}
+
 /// What one subscriber was last sent, per workload, and the workload view
 /// it came from (views of unchanged workloads are shared between
 /// publications, so an unchanged workload costs a pointer comparison).
@@ -189,10 +236,19 @@ struct Sent {
 
 impl Sent {
     /// The messages that bring the subscriber from what it was sent to `view`.
-    fn changes(&mut self, view: &StateView, filter: &Filter) -> Vec<v1::Recommendation> {
+    fn changes(
+        &mut self,
+        view: &StateView,
+        filter: &Filter,
+        readable: &Readable,
+    ) -> Vec<v1::Recommendation> {
         let mut out = Vec::new();
         let mut seen = BTreeSet::new();
-        for w in view.workloads.values().filter(|w| filter.matches(w)) {
+        for w in view
+            .workloads
+            .values()
+            .filter(|w| filter.matches(w) && readable.allows(&w.workload))
+        {
             seen.insert(&w.workload);
             if let Some((last, _)) = self.by_workload.get(&w.workload)
                 && Arc::ptr_eq(last, w)
@@ -222,7 +278,9 @@ impl Sent {
             out.push(v1::Recommendation {
                 workload: Some(wire_ref(&w)),
                 removed: true,
-                reason: "no longer selected: unregistered, or its labels changed".into(),
+                reason:
+                    "no longer selected: unregistered, its labels changed, or no longer readable"
+                        .into(),
                 ..v1::Recommendation::default()
             });
         }
@@ -241,13 +299,16 @@ impl ScalerService for RecommendationService {
         &self,
         request: Request<v1::WatchRecommendationsRequest>,
     ) -> Result<Response<Self::WatchRecommendationsStream>, Status> {
+        let caller = self.context.caller(request.extensions());
         let r = request.into_inner();
         let filter = Filter::parse(&r.namespace, &r.selector)?;
         let slot = self.context.watcher_slot(API)?;
         let mut view = self.context.view.clone();
         let first = view.borrow_and_update().clone();
+        let mut readable = Readable::new(self.context.auth.clone(), caller);
+        readable.update(&first, &filter).await;
         let mut sent = Sent::default();
-        let initial = sent.changes(&first, &filter);
+        let initial = sent.changes(&first, &filter, &readable);
         let capacity = initial.len() + self.context.config.watch_buffer;
         let (tx, stream) = bounded_stream(capacity, slot, API, self.context.metrics.clone());
         for rec in initial {
@@ -264,7 +325,8 @@ impl ScalerService for RecommendationService {
                     return;
                 }
                 let current = view.borrow_and_update().clone();
-                for rec in sent.changes(&current, &filter) {
+                readable.update(&current, &filter).await;
+                for rec in sent.changes(&current, &filter, &readable) {
                     if let Err(end) = tx.send(rec) {
                         debug_assert!(matches!(end, StreamEnd::Slow | StreamEnd::Closed));
                         return;
@@ -279,11 +341,12 @@ impl ScalerService for RecommendationService {
         &self,
         request: Request<v1::ExplainRequest>,
     ) -> Result<Response<v1::DecisionRecord>, Status> {
-        let r = request.into_inner();
+        let (_, extensions, r) = request.into_parts();
         let w = r
             .workload
             .ok_or_else(|| Status::invalid_argument("workload is missing: name the workload"))?;
         let workload = super::workload_ref("workload", &w.namespace, &w.name)?;
+        self.context.authorize(&extensions, &workload).await?;
         let view = self.context.current();
         let Some(wv) = view.workloads.get(&workload) else {
             return Err(unknown_workload(&view, &workload));
@@ -301,13 +364,18 @@ impl ScalerService for RecommendationService {
         &self,
         request: Request<v1::ListWorkloadsRequest>,
     ) -> Result<Response<v1::ListWorkloadsResponse>, Status> {
+        let caller = self.context.caller(request.extensions());
         let r = request.into_inner();
         let filter = Filter::parse(&r.namespace, &r.selector)?;
         let view: Arc<StateView> = self.context.current();
-        let workloads = view
-            .workloads
-            .values()
-            .filter(|w| filter.matches(w))
+        let mut readable = Vec::new();
+        for w in view.workloads.values().filter(|w| filter.matches(w)) {
+            if self.context.auth.may_read(&caller, &w.workload).await? {
+                readable.push(w);
+            }
+        }
+        let workloads = readable
+            .into_iter()
             .map(|w| v1::WorkloadSummary {
                 workload: Some(wire_ref(&w.workload)),
                 labels: w.labels.clone().into_iter().collect(),
