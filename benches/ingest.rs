@@ -17,8 +17,17 @@
 //!   report to the moment a reader of the published `StateView` sees its
 //!   sequence number.
 //!
+//! Every case runs twice: over plaintext h2c, and **with TLS and
+//! authentication** as deployed: the scaler serving TLS (a certificate made
+//! at start) with every agent presenting its own bearer token from a static
+//! token file (reviewed once, then cached) that binds its stream to its
+//! node, against a bare tonic server with tonic's own TLS (same
+//! certificate). The per-stream report-rate limit is off: the bench
+//! measures what the ingest path can take.
+//!
 //! Run: `cargo bench --bench ingest` (`INGEST_BENCH_SECONDS` sets the
-//! measured seconds per case, default 3).
+//! measured seconds per case, default 3; `INGEST_BENCH_STREAMS` the stream
+//! counts, default `1,8,64`).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -34,6 +43,7 @@ use gpuscale_proto::v1;
 use gpuscale_proto::v1::agent_service_client::AgentServiceClient;
 use gpuscale_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use gpuscale_proto::{AgentReport, ReportBody};
+use gpuscale_scaler::edge::{AuthConfig, AuthMode, TlsConfig, Transport};
 use gpuscale_scaler::{Scaler, ScalerConfig, StateView};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::Stream;
@@ -148,6 +158,56 @@ enum Target {
     Bare,
 }
 
+/// TLS material and agent tokens for the TLS cases, made at start.
+struct Tls {
+    _dir: tempfile::TempDir,
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    auth_file: std::path::PathBuf,
+}
+
+const MAX_NODES: usize = 64;
+
+fn token(node: usize) -> String {
+    format!("bench-agent-token-{node:04}-0123456789abcdef")
+}
+
+impl Tls {
+    fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca =
+            CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
+        let key = KeyPair::generate().expect("key");
+        let leaf = CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .signed_by(&key, &ca)
+            .expect("leaf");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert_path, leaf.pem()).expect("write");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write");
+        let auth_file = dir.path().join("auth.yaml");
+        let agents: String = (0..MAX_NODES)
+            .map(|i| format!("  - {{node: bench-{i}, token: {}}}\n", token(i)))
+            .collect();
+        std::fs::write(&auth_file, format!("agents:\n{agents}")).expect("write");
+        Self {
+            ca_pem: ca.pem(),
+            cert_pem: leaf.pem(),
+            key_pem: key.serialize_pem(),
+            cert: cert_path,
+            key: key_path,
+            auth_file,
+            _dir: dir,
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Pace {
     Max,
@@ -205,7 +265,16 @@ struct Server {
 
 impl Server {
     /// Starts the target on a current_thread runtime in its own thread.
-    fn start(target: Target) -> Server {
+    fn start(target: Target, tls: Option<&Tls>) -> Server {
+        let tls_config = tls.map(|t| {
+            (
+                t.cert.clone(),
+                t.key.clone(),
+                t.auth_file.clone(),
+                t.cert_pem.clone(),
+                t.key_pem.clone(),
+            )
+        });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let bare_count = Arc::new(AtomicU64::new(0));
@@ -225,6 +294,11 @@ impl Server {
                     Target::Scaler => {
                         let mut config = ScalerConfig::new("127.0.0.1:0".parse().expect("addr"));
                         config.node_ttl = Duration::from_secs(600);
+                        config.peers.agent_reports_per_second = None;
+                        if let Some((cert, key, auth, _, _)) = tls_config {
+                            config.transport = Transport::Tls(TlsConfig::new(cert, key));
+                            config.auth = AuthConfig::with_mode(AuthMode::File(auth));
+                        }
                         let running = Scaler::new(config).start().await.expect("scaler");
                         ready_tx
                             .send((running.grpc_addr(), Some(running.view()), stat_path))
@@ -240,7 +314,16 @@ impl Server {
                             .send((listener.local_addr().expect("addr"), None, stat_path))
                             .expect("ready");
                         let (stop_seen_tx, stop_seen_rx) = oneshot::channel::<()>();
-                        let server = tonic::transport::Server::builder()
+                        let mut builder = tonic::transport::Server::builder();
+                        if let Some((_, _, _, cert, key)) = tls_config {
+                            builder = builder
+                                .tls_config(
+                                    tonic::transport::ServerTlsConfig::new()
+                                        .identity(tonic::transport::Identity::from_pem(cert, key)),
+                                )
+                                .expect("TLS");
+                        }
+                        let server = builder
                             .tcp_nodelay(true)
                             .initial_stream_window_size(window())
                             .initial_connection_window_size(window())
@@ -301,20 +384,35 @@ impl Server {
 
 async fn client(
     url: String,
+    ca_pem: Option<String>,
     node: usize,
     log: Arc<SendLog>,
     epoch: Instant,
     stop: Arc<AtomicBool>,
     pace: Option<f64>,
 ) {
-    let mut client = AgentServiceClient::connect(url).await.expect("connects");
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url).expect("url");
+    if let Some(ca) = &ca_pem {
+        endpoint = endpoint
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                    .domain_name("localhost"),
+            )
+            .expect("TLS");
+    }
+    let mut client = AgentServiceClient::new(endpoint.connect().await.expect("connects"));
     let (tx, rx) = mpsc::channel(64);
     tx.send(snapshot(node)).await.expect("queued");
     log.record(1, epoch.elapsed().as_nanos() as u64);
-    let response = client
-        .report(ReceiverStream::new(rx))
-        .await
-        .expect("stream opens");
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if ca_pem.is_some() {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", token(node)).parse().expect("header"),
+        );
+    }
+    let response = client.report(request).await.expect("stream opens");
     let mut inbound = response.into_inner();
     tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
     let templates = deltas(node);
@@ -344,12 +442,19 @@ async fn client(
 fn run_case(
     clients_rt: &tokio::runtime::Runtime,
     target: Target,
+    tls: Option<&Tls>,
     n: usize,
     pace: Pace,
     seconds: f64,
 ) -> Outcome {
-    let server = Server::start(target);
-    let url = format!("http://{}", server.addr);
+    let server = Server::start(target, tls);
+    let (url, ca_pem) = match tls {
+        Some(t) => (
+            format!("https://localhost:{}", server.addr.port()),
+            Some(t.ca_pem.clone()),
+        ),
+        None => (format!("http://{}", server.addr), None),
+    };
     let epoch = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let per_client = (2_000_000 / n).max(10_000);
@@ -363,6 +468,7 @@ fn run_case(
         for (i, log) in logs.iter().enumerate() {
             tasks.push(tokio::spawn(client(
                 url.clone(),
+                ca_pem.clone(),
                 i,
                 log.clone(),
                 epoch,
@@ -468,44 +574,60 @@ fn main() {
          {seconds} s per case, best of {repeats} (scaler and bare interleaved)"
     );
     println!(
-        "| streams | scaler GPU samples/s (wall) | per server CPU-second | bare tonic GPU samples/s (wall) | per server CPU-second | scaler/bare (per CPU-second) | paced at | delay p50 | delay p99 |"
+        "| transport | streams | scaler GPU samples/s (wall) | per server CPU-second | bare tonic GPU samples/s (wall) | per server CPU-second | scaler/bare (per CPU-second) | scaler/bare (wall) | paced at | delay p50 | delay p99 |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let streams: Vec<usize> = std::env::var("INGEST_BENCH_STREAMS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or_else(|| vec![1, 8, 64]);
+    let tls = Tls::new();
     let best = |a: Option<Outcome>, b: Outcome| match a {
         Some(a) if a.gpu_samples_per_cpu_second >= b.gpu_samples_per_cpu_second => Some(a),
         _ => Some(b),
     };
-    for n in [1usize, 8, 64] {
-        let mut scaler: Option<Outcome> = None;
-        let mut bare: Option<Outcome> = None;
-        for _ in 0..repeats.max(1) {
-            scaler = best(
-                scaler,
-                run_case(&clients_rt, Target::Scaler, n, Pace::Max, seconds),
+    for (mode, tls) in [("h2c", None), ("TLS + auth", Some(&tls))] {
+        for &n in streams.iter().filter(|n| (1..=MAX_NODES).contains(*n)) {
+            let mut scaler: Option<Outcome> = None;
+            let mut bare: Option<Outcome> = None;
+            for _ in 0..repeats.max(1) {
+                scaler = best(
+                    scaler,
+                    run_case(&clients_rt, Target::Scaler, tls, n, Pace::Max, seconds),
+                );
+                bare = best(
+                    bare,
+                    run_case(&clients_rt, Target::Bare, tls, n, Pace::Max, seconds),
+                );
+            }
+            let (scaler, bare) = (
+                scaler.expect("at least one run"),
+                bare.expect("at least one run"),
             );
-            bare = best(
-                bare,
-                run_case(&clients_rt, Target::Bare, n, Pace::Max, seconds),
+            let rate = scaler.gpu_samples_per_second / GPUS as f64 * 0.5;
+            let paced = run_case(
+                &clients_rt,
+                Target::Scaler,
+                tls,
+                n,
+                Pace::Rate(rate),
+                seconds,
+            );
+            let mut d = paced.delays_ms;
+            d.sort_by(f64::total_cmp);
+            println!(
+                "| {mode} | {n} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} samples/s | {:.2} ms | {:.2} ms |",
+                scaler.gpu_samples_per_second,
+                scaler.gpu_samples_per_cpu_second,
+                bare.gpu_samples_per_second,
+                bare.gpu_samples_per_cpu_second,
+                scaler.gpu_samples_per_cpu_second / bare.gpu_samples_per_cpu_second,
+                scaler.gpu_samples_per_second / bare.gpu_samples_per_second,
+                rate * GPUS as f64,
+                percentile(&d, 0.5),
+                percentile(&d, 0.99),
             );
         }
-        let (scaler, bare) = (
-            scaler.expect("at least one run"),
-            bare.expect("at least one run"),
-        );
-        let rate = scaler.gpu_samples_per_second / GPUS as f64 * 0.5;
-        let paced = run_case(&clients_rt, Target::Scaler, n, Pace::Rate(rate), seconds);
-        let mut d = paced.delays_ms;
-        d.sort_by(f64::total_cmp);
-        println!(
-            "| {n} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} samples/s | {:.2} ms | {:.2} ms |",
-            scaler.gpu_samples_per_second,
-            scaler.gpu_samples_per_cpu_second,
-            bare.gpu_samples_per_second,
-            bare.gpu_samples_per_cpu_second,
-            scaler.gpu_samples_per_cpu_second / bare.gpu_samples_per_cpu_second,
-            rate * GPUS as f64,
-            percentile(&d, 0.5),
-            percentile(&d, 0.99),
-        );
     }
 }

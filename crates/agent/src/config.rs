@@ -392,6 +392,63 @@ mod tests {
         );
     }
 
+    fn args(extra: &[&str]) -> AgentArgs {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        let mut all = vec!["test", "--node-name", "node-a"];
+        all.extend_from_slice(extra);
+        Cli::try_parse_from(all).expect("flags parse").agent
+    }
+
+    #[test]
+    fn plaintext_needs_the_flag_and_https_needs_a_ca() {
+        let e = args(&["--scaler", "http://scaler:7070"])
+            .to_config()
+            .expect_err("plaintext")
+            .to_string();
+        assert!(
+            e.contains("--insecure-plaintext") && e.contains("https://"),
+            "{e}"
+        );
+        let (c, _) = args(&["--scaler", "http://scaler:7070", "--insecure-plaintext"])
+            .to_config()
+            .expect("plaintext asked for");
+        assert_eq!(c.uplink_security, UplinkSecurity::default());
+        let e = args(&["--scaler", "https://scaler:7070"])
+            .to_config()
+            .expect_err("no CA")
+            .to_string();
+        assert!(e.contains("--ca-file"), "{e}");
+        let (c, _) = args(&[
+            "--scaler",
+            "https://scaler:7070",
+            "--ca-file",
+            "/ca.crt",
+            "--token-file",
+            "/token",
+            "--server-name",
+            "gpuscale-scaler.gpuscale-system.svc",
+        ])
+        .to_config()
+        .expect("TLS with a token");
+        assert_eq!(c.uplink_security.token_file, Some(PathBuf::from("/token")));
+        let e = args(&[
+            "--scaler",
+            "http://scaler:7070",
+            "--insecure-plaintext",
+            "--ca-file",
+            "/ca.crt",
+        ])
+        .to_config()
+        .expect_err("a CA for plaintext")
+        .to_string();
+        assert!(e.contains("https://"), "{e}");
+    }
+
     #[test]
     fn fake_config_file_errors_name_the_flag_and_field() {
         let dir = tempfile::tempdir().expect("tempdir");
