@@ -12,13 +12,19 @@
 //! * started as rendered (its args and env; listen addresses moved to free
 //!   loopback ports, in-cluster Service URLs to the listener behind the
 //!   Service, the Kubernetes API a fake API server holding the rendered CRD
-//!   and Namespace), answers 200 on every probe's path and port.
+//!   and Namespace; mounted volumes as the kubelet fills them: the serving
+//!   certificate's Secret and the CA ConfigMap from a test CA, the projected
+//!   ServiceAccount token issued by the fake API server for the pod's
+//!   account, audience and node), answers 200 on every probe's path and
+//!   port, and the agent streams to the scaler over TLS with its token.
 //!
 //! And an `images:` override in an overlay of one's own (the README's
 //! install path) reaches every container.
 
 mod containerfile;
 mod kustomize;
+#[path = "../crates/scaler/tests/pki/mod.rs"]
+mod pki;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -27,7 +33,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gpuscale_fake_apiserver::{FakeApiServer, FakeApiServerConfig, FakeApiServerHandle};
+use gpuscale_fake_apiserver::{
+    FakeApiServer, FakeApiServerConfig, FakeApiServerHandle, TokenRequest,
+};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use kustomize::strings;
 use serde_json::Value;
@@ -601,9 +609,14 @@ async fn start_as_rendered_and_probe(overlay: &str) {
         }
     }
 
+    // The cluster's CA: the serving certificate's Secret and the CA
+    // ConfigMap are made from it.
+    let ca = pki::Pki::new();
     let mut running = Vec::new();
     for c in all.iter().filter(|c| c.spec["ports"].is_array()) {
         let what = format!("{overlay}: {}", c.what());
+        // Where each mounted volume's files are (mount path → local directory).
+        let mut mounted: Vec<(String, PathBuf)> = Vec::new();
         for m in c.spec["volumeMounts"].as_array().into_iter().flatten() {
             let volume = c.pod["volumes"]
                 .as_array()
@@ -613,12 +626,71 @@ async fn start_as_rendered_and_probe(overlay: &str) {
                 .unwrap_or_else(|| {
                     panic!("{what}: mounts volume {}, which the pod lacks", m["name"])
                 });
-            assert!(
-                volume["hostPath"].is_object() || volume["emptyDir"].is_object(),
-                "{what}: volume {} ({volume}) is one this test cannot provide yet: \
-                 teach `start_as_rendered_and_probe` in tests/manifests.rs to",
-                m["name"]
-            );
+            if volume["hostPath"].is_object() || volume["emptyDir"].is_object() {
+                continue;
+            }
+            let local = dir.path().join(format!(
+                "{}-{}-{}",
+                c.workload,
+                c.name(),
+                m["name"].as_str().unwrap_or("volume")
+            ));
+            std::fs::create_dir_all(&local).expect("a volume directory");
+            if let Some(secret) = volume["secret"]["secretName"].as_str() {
+                // The one Secret: the scaler's serving certificate, for the
+                // Service's names and the loopback address the agent uses here.
+                assert_eq!(secret, "gpuscale-scaler-tls", "{what}: an unknown Secret");
+                ca.write_leaf(
+                    &local.join("tls.crt"),
+                    &local.join("tls.key"),
+                    &[
+                        "gpuscale-scaler.gpuscale-system.svc",
+                        "gpuscale-scaler.gpuscale-system.svc.cluster.local",
+                        "127.0.0.1",
+                    ],
+                    true,
+                );
+            } else if let Some(config_map) = volume["configMap"]["name"].as_str() {
+                assert_eq!(config_map, "gpuscale-ca", "{what}: an unknown ConfigMap");
+                for item in volume["configMap"]["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    assert_eq!(item["key"], "ca.crt");
+                    let path = item["path"].as_str().expect("an item path");
+                    std::fs::write(local.join(path), ca.ca_pem()).expect("write the CA");
+                }
+            } else if let Some(sources) = volume["projected"]["sources"].as_array() {
+                for source in sources {
+                    let t = &source["serviceAccountToken"];
+                    assert!(
+                        t.is_object(),
+                        "{what}: projected {source} is not provided yet"
+                    );
+                    let token = server.issue_token(&TokenRequest {
+                        namespace: c.namespace.clone(),
+                        service_account: c.pod["serviceAccountName"]
+                            .as_str()
+                            .unwrap_or("default")
+                            .to_string(),
+                        pod: Some(format!("{}-0", c.workload)),
+                        node: Some(NODE.to_string()),
+                        audiences: vec![t["audience"].as_str().expect("an audience").to_string()],
+                        lifetime_seconds: t["expirationSeconds"].as_i64().unwrap_or(3600),
+                    });
+                    let path = t["path"].as_str().expect("a token path");
+                    std::fs::write(local.join(path), token).expect("write the token");
+                }
+            } else {
+                panic!(
+                    "{what}: volume {} ({volume}) is one this test cannot provide yet: \
+                     teach `start_as_rendered_and_probe` in tests/manifests.rs to",
+                    m["name"]
+                );
+            }
+            let mount_path = m["mountPath"].as_str().expect("a mount path").to_string();
+            mounted.push((mount_path, local));
         }
         let args: Vec<String> = c
             .args()
@@ -637,6 +709,11 @@ async fn start_as_rendered_and_probe(overlay: &str) {
                         "{flag}{scheme}://127.0.0.1:{}{path}",
                         local_port(&ports, &target, p)
                     );
+                }
+                for (mount_path, local) in &mounted {
+                    if let Some(rest) = value.strip_prefix(mount_path.as_str()) {
+                        return format!("{flag}{}{rest}", local.display());
+                    }
                 }
                 a
             })
