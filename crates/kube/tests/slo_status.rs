@@ -67,7 +67,7 @@ async fn surfaces(cluster: &Cluster, scaler: &gpuscale_kube::RunningKubeScaler) 
             .await
             .expect("the scaler's gRPC port");
     let listed = client
-        .list_workloads(v1::ListWorkloadsRequest::default())
+        .list_workloads(as_reader(cluster, v1::ListWorkloadsRequest::default()))
         .await
         .expect("ListWorkloads")
         .into_inner();
@@ -78,12 +78,15 @@ async fn surfaces(cluster: &Cluster, scaler: &gpuscale_kube::RunningKubeScaler) 
         .and_then(|w| w.recommendation.as_ref())
         .and_then(|r| api_word(r.slo_status));
     let explained = client
-        .explain(v1::ExplainRequest {
-            workload: Some(v1::WorkloadRef {
-                namespace: NS.into(),
-                name: "llama".into(),
-            }),
-        })
+        .explain(as_reader(
+            cluster,
+            v1::ExplainRequest {
+                workload: Some(v1::WorkloadRef {
+                    namespace: NS.into(),
+                    name: "llama".into(),
+                }),
+            },
+        ))
         .await
         .ok()
         .map(|r| r.into_inner());

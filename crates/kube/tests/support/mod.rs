@@ -731,6 +731,25 @@ async fn run_fleet(
     }
 }
 
+/// `message` as an API client allowed to read the test namespace's
+/// InferenceAutoscalers sends it (a user token; `get` granted through the
+/// fake API server, as an RBAC Role would).
+pub fn as_reader<T>(cluster: &Cluster, message: T) -> tonic::Request<T> {
+    cluster.server.grant(
+        gpuscale_fake_apiserver::Subject::User("test-reader".into()),
+        "get",
+        "autoscaling.gpuscale.dev",
+        "inferenceautoscalers",
+        Some(NS),
+    );
+    let token = cluster.server.issue_user_token("test-reader", &[]);
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
 /// The projected token an agent on `node` presents (audience `gpuscale`,
 /// bound to the node), as the fake API server issues it.
 pub fn agent_token(server: &FakeApiServerHandle, node: &str) -> String {
