@@ -187,6 +187,8 @@ async fn the_agent_reads_a_real_llama_cpp_server_through_load_and_a_restart() {
         Command::new(env!("CARGO_BIN_EXE_gpuscale"))
             .args(["agent", "--node-name", "node-a", "--interval", "250ms"])
             .args(["--scaler", &format!("http://{}", scaler.grpc_addr())])
+            // The test's scaler is in-process and plaintext.
+            .arg("--insecure-plaintext")
             .args(["--metrics-addr", &metrics_addr.to_string()])
             .args(["--kubernetes", "auto", "--pod-resources-socket", "off"])
             .args([
