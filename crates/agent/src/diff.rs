@@ -91,11 +91,12 @@ pub fn diff(old: &NodeSnapshot, new: &NodeSnapshot) -> NodeDelta {
 }
 
 fn same_except_time(a: &EngineSample, b: &EngineSample) -> bool {
-    a.sampled_at == b.sampled_at || {
-        let mut a = a.clone();
-        a.sampled_at = b.sampled_at;
-        &a == b
+    if a.sampled_at == b.sampled_at {
+        return a == b;
     }
+    let mut a = a.clone();
+    a.sampled_at = b.sampled_at;
+    &a == b
 }
 
 /// `old` with `delta` applied: the receiver's view of the node afterwards.

@@ -424,3 +424,60 @@ fn config_rejects_a_refresh_interval_that_would_hammer_the_kubelet() {
     .to_string();
     assert!(err.contains("pod_resources.min_refresh_interval"), "{err}");
 }
+
+#[tokio::test]
+async fn a_listing_over_4_mib_is_read_as_kubernetes_own_client_reads_it() {
+    // Many pods, most with CPU devices only (left out after reading), make
+    // the reply larger than tonic's 4 MiB default; the kubelet's own client
+    // takes up to 16 MiB.
+    let kubelet = FakeKubelet::default();
+    let long = "x".repeat(200);
+    let mut pods: Vec<PodResources> = (0..30_000)
+        .map(|i| {
+            pod(
+                "batch",
+                &format!("job-{i}-{long}"),
+                vec![("worker", "example.com/nic", vec!["nic-0"])],
+            )
+        })
+        .collect();
+    pods.push(pod(
+        "llm",
+        "vllm-0",
+        vec![("vllm", "nvidia.com/gpu", vec![GPU0])],
+    ));
+    // The pod names alone are over 4 MiB (and the whole under 16 MiB).
+    let names: usize = pods.iter().map(|p| p.name.len()).sum();
+    assert!(
+        names > 4 << 20 && names < 12 << 20,
+        "{names} bytes of names"
+    );
+    *kubelet.pods.lock().unwrap() = pods;
+    let server = start(kubelet);
+    let mut src = client(&server.socket);
+    src.set_inventory(&inventory());
+    let mapped = src.list_pod_gpus(at(0.0)).await.unwrap();
+    assert!(src.available(), "{:?}", src.last_error());
+    assert_eq!(gpus_of(&mapped, "vllm-0"), vec![GPU0]);
+    assert!(src.last_success().is_some());
+}
+
+#[tokio::test]
+async fn a_gpu_that_is_not_on_this_node_is_counted_not_attributed() {
+    let kubelet = FakeKubelet::default();
+    *kubelet.pods.lock().unwrap() = vec![pod(
+        "llm",
+        "vllm-0",
+        vec![(
+            "vllm",
+            "nvidia.com/gpu",
+            vec![GPU0, "GPU-99999999-0000-0000-0000-000000000000"],
+        )],
+    )];
+    let server = start(kubelet);
+    let mut src = client(&server.socket);
+    src.set_inventory(&inventory());
+    let mapped = src.list_pod_gpus(at(0.0)).await.unwrap();
+    assert_eq!(gpus_of(&mapped, "vllm-0"), vec![GPU0]);
+    assert_eq!(src.stats().unmapped_device_ids_total, 1);
+}
