@@ -125,7 +125,7 @@ enum Command {
     /// deploy/base/crd.yaml holds it.
     Crd,
     /// Replay a request trace against a simulated GPU fleet driven by
-    /// gpuscale, a baseline autoscaler or the oracle; report SLO attainment
+    /// gpuscale, a baseline autoscaler or the lower bound; report SLO attainment
     /// and GPU-hours (`--suite` runs the benchmark suite).
     Sim(Box<gpuscale_sim::cli::SimArgs>),
     /// Run the per-pod request proxy in front of an inference engine: the

@@ -103,14 +103,14 @@ pub(crate) fn render(config: &DemoConfig, o: &Outcome) -> String {
             let p95 = |q: Option<f64>| q.map_or_else(|| "-".to_string(), |v| format!("{v:.3} s"));
             let _ = writeln!(
                 out,
-                "  SLO attainment   TTFT <= {} s {:.1}%, ITL <= {} ms {:.1}%, both {:.1}% (p95 TTFT {}, p95 ITL {})",
+                "  SLO attainment   TTFT <= {} s {:.1}%, TPOT <= {} ms {:.1}%, both {:.1}% (p95 TTFT {}, p95 TPOT {})",
                 config.slo.ttft_s,
                 pct(s.met_ttft, s.arrivals),
                 config.slo.itl_s * 1000.0,
-                pct(s.met_itl, s.arrivals),
+                pct(s.met_tpot, s.arrivals),
                 pct(s.met_both, s.arrivals),
                 p95(s.ttft.quantile(0.95)),
-                p95(s.itl.quantile(0.95)),
+                p95(s.tpot.quantile(0.95)),
             );
         }
         None => {

@@ -96,13 +96,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("`{s}` is not a duration; use e.g. 500ms, 1s, 2m, 1h"))?;
     let scale = match unit {
+        "us" | "µs" => 1e-6,
         "ms" => 0.001,
         "s" => 1.0,
-        "m" => 60.0,
+        "m" | "min" => 60.0,
         "h" => 3600.0,
+        "d" => 86_400.0,
         _ => {
             return Err(format!(
-                "`{s}` has no known unit; use ms, s, m or h (e.g. 500ms, 1s)"
+                "`{s}` has no known unit; use us, ms, s, m, h or d (e.g. 40us, 500ms, 1s)"
             ));
         }
     };

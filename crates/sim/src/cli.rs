@@ -23,7 +23,7 @@ use crate::suite::{SuiteOptions, run_suite};
 use crate::trace::{self, ArrivalProcess, SizePool, Trace, TraceFormat, Workload, WorkloadOptions};
 
 /// Replay a request trace against a simulated GPU fleet, driven by gpuscale,
-/// a baseline autoscaler or the oracle; report SLO attainment and GPU-hours.
+/// a baseline autoscaler or the lower bound; report SLO attainment and GPU-hours.
 #[derive(Debug, Clone, Args)]
 pub struct SimArgs {
     /// Request trace: Azure 2023 CSV, JSONL (timestamp ms, input_length,
@@ -49,12 +49,12 @@ pub struct SimArgs {
         value_name = "PRESET|FILE"
     )]
     pub profile: String,
-    /// Policies, comma-separated: gpuscale, oracle, all, or baselines by name
+    /// Policies, comma-separated: gpuscale, lower-bound, all, or baselines by name
     /// (static, hpa-gpu-util, keda-waiting, kserve-running, knative-kpa,
     /// aibrix-kpa-mean, aibrix-kpa-total, aibrix-apa, wva, llmd-slo,
     /// dynamo-sla-c, dynamo-sla-nc, dynamo-load, dynamo-easy-throughput,
     /// dynamo-easy-latency, aws).
-    #[arg(long, default_value = "gpuscale,oracle", value_name = "LIST")]
+    #[arg(long, default_value = "gpuscale,lower-bound", value_name = "LIST")]
     pub policy: String,
     /// Run each baseline over its sweep of targets instead of its default.
     #[arg(long)]
@@ -68,7 +68,12 @@ pub struct SimArgs {
     /// TTFT SLO (e.g. 2s, 500ms).
     #[arg(long, default_value = "2s", value_name = "DURATION")]
     pub ttft_slo: String,
-    /// Inter-token latency SLO (e.g. 50ms).
+    /// Length-aware TTFT: extra TTFT allowed per prompt token (e.g. 40us);
+    /// a request's TTFT objective is then `--ttft-slo` plus this times its
+    /// prompt length.
+    #[arg(long, default_value = "0s", value_name = "DURATION")]
+    pub ttft_per_input_token: String,
+    /// Time per output token of each request (the `itl` objective, e.g. 50ms).
     #[arg(long, default_value = "50ms", value_name = "DURATION")]
     pub itl_slo: String,
     /// Percentile the SLOs are stated at (for gpuscale's spec).
@@ -102,9 +107,10 @@ pub struct SimArgs {
     /// Replicas ready at time 0 (default: sized for the first minutes).
     #[arg(long, value_name = "N")]
     pub initial_replicas: Option<u32>,
-    /// Attainment the oracle plans each 10 s window for.
-    #[arg(long, default_value_t = 0.99, value_name = "FRACTION")]
-    pub oracle_target: f64,
+    /// The lower bound's frontier targets, comma-separated shares (0..=1]
+    /// of the attainment its curves can reach (see docs/simulator.md).
+    #[arg(long, value_name = "LIST")]
+    pub bound_targets: Option<String>,
     /// Seed of every random draw (arrivals, scaling, cold starts).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -120,10 +126,10 @@ pub struct SimArgs {
     /// Write gpuscale's decisions as JSON lines (every change, and one a minute).
     #[arg(long, value_name = "FILE")]
     pub decision_log: Option<PathBuf>,
-    /// Run the benchmark suite (Azure code, Azure conversation, ServeGen 14 days).
+    /// Run the benchmark suite (Azure code, Azure conversation, Mooncake, ServeGen).
     #[arg(long)]
     pub suite: bool,
-    /// The suite's workloads, comma-separated (code, conv, servegen; default all).
+    /// The suite's workloads, comma-separated (code, conv, mooncake, servegen; default all).
     #[arg(long, value_name = "LIST")]
     pub suite_only: Option<String>,
     /// Days of the suite's ServeGen series to replay (default 2, which keeps
@@ -139,31 +145,21 @@ pub struct SimArgs {
     pub jobs: Option<usize>,
 }
 
-/// Parse `2s`, `50ms`, `1.5m`, `2h`, `1d` or a plain number of seconds.
+/// Parse a duration (`40us`, `50ms`, `2s`, `1.5m`, `2h`, `1d`: the units of
+/// [`gpuscale_core::time::parse_duration`]) or a plain number of seconds, in
+/// seconds; the error names `flag`.
 pub fn parse_duration(flag: &str, s: &str) -> Result<f64, SimError> {
-    let t = s.trim();
-    let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = t.strip_suffix("min") {
-        (n, 60.0)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = t.strip_suffix('h') {
-        (n, 3600.0)
-    } else if let Some(n) = t.strip_suffix('d') {
-        (n, 86_400.0)
-    } else {
-        (t, 1.0)
+    let allowed = "a duration >= 0 such as 40us, 50ms, 2s, 1.5m, 2h or 1d";
+    let secs = match s.trim().parse::<f64>() {
+        Ok(v) => v,
+        Err(_) => gpuscale_core::time::parse_duration(s)
+            .map_err(|_| SimError::config(flag, s, allowed))?
+            .as_secs_f64(),
     };
-    match num.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v * mult),
-        _ => Err(SimError::config(
-            flag,
-            s,
-            "a duration >= 0 such as 2s, 50ms, 1.5m, 2h or 1d",
-        )),
+    if secs.is_finite() && secs >= 0.0 {
+        Ok(secs)
+    } else {
+        Err(SimError::config(flag, s, allowed))
     }
 }
 
@@ -214,7 +210,10 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
         ttft_s: parse_duration("--ttft-slo", &args.ttft_slo)?,
         itl_s: parse_duration("--itl-slo", &args.itl_slo)?,
         percentile: args.slo_percentile,
-        ttft_per_input_token_s: 0.0,
+        ttft_per_input_token_s: parse_duration(
+            "--ttft-per-input-token",
+            &args.ttft_per_input_token,
+        )?,
     };
     if slo.ttft_s <= 0.0 {
         return Err(SimError::config(
@@ -237,13 +236,7 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
             "a percentile strictly between 0 and 100",
         ));
     }
-    if !(args.oracle_target > 0.0 && args.oracle_target <= 1.0) {
-        return Err(SimError::config(
-            "--oracle-target",
-            args.oracle_target,
-            "a fraction in (0, 1]",
-        ));
-    }
+    let bound_targets = parse_bound_targets(args.bound_targets.as_deref())?;
     let arrivals = match args.arrivals.as_str() {
         "poisson" => ArrivalProcess::Poisson,
         "gamma" if args.max_cv.is_finite() && args.max_cv > 0.0 => ArrivalProcess::Gamma {
@@ -343,8 +336,9 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
         None => Comparison::initial_replicas(&workload, &ctx, lead),
     };
     let duration = workload.duration_s();
-    let cmp = Comparison {
-        run: RunConfig {
+    let cmp = Comparison::new(
+        workload,
+        RunConfig {
             slo,
             fleet: FleetConfig {
                 perf: perf.clone(),
@@ -359,10 +353,9 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
             initial_replicas: initial,
             chart_bucket_s: (duration / 400.0).max(10.0),
         },
-        baselines: ctx.clone(),
-        workload,
-    };
-    let choices = policy_choices(&args, spec_file, &ctx, &perf, slo, cold)?;
+        ctx.clone(),
+    );
+    let choices = policy_choices(&args, spec_file, &ctx, &perf, slo, cold, &bound_targets)?;
     let trace_name = cmp.workload.name().to_string();
     let outcomes = if choices.len() == 1 {
         let label = choices[0].label();
@@ -429,6 +422,7 @@ fn policy_choices(
     perf: &gpuscale_policy::PerfModel,
     slo: Slo,
     cold: f64,
+    bound_targets: &[f64],
 ) -> Result<Vec<PolicyChoice>, SimError> {
     let mut names: Vec<String> = Vec::new();
     for p in args
@@ -439,7 +433,7 @@ fn policy_choices(
     {
         if p == "all" {
             names.push("gpuscale".into());
-            names.push("oracle".into());
+            names.push("lower-bound".into());
             names.extend(BASELINE_NAMES.iter().map(|s| (*s).to_string()));
         } else {
             names.push(p.to_string());
@@ -449,7 +443,7 @@ fn policy_choices(
         return Err(SimError::config(
             "--policy",
             &args.policy,
-            "gpuscale, oracle, all, or baseline names, comma-separated",
+            "gpuscale, lower-bound, all, or baseline names, comma-separated",
         ));
     }
     let mut out = Vec::new();
@@ -476,9 +470,11 @@ fn policy_choices(
                     },
                 });
             }
-            "oracle" => out.push(PolicyChoice::Oracle {
-                target: args.oracle_target,
-            }),
+            "lower-bound" => out.extend(
+                bound_targets
+                    .iter()
+                    .map(|&target| PolicyChoice::LowerBound { target }),
+            ),
             name => {
                 // Validates the name (and target) now, with the flag in the message.
                 baselines::baseline(name, args.target, ctx)?;
@@ -498,6 +494,36 @@ fn policy_choices(
             }
         }
     }
+    Ok(out)
+}
+
+/// `--bound-targets`: shares in (0, 1], ascending without duplicates.
+fn parse_bound_targets(list: Option<&str>) -> Result<Vec<f64>, SimError> {
+    let Some(list) = list else {
+        return Ok(crate::compare::LOWER_BOUND_TARGETS.to_vec());
+    };
+    let mut out = Vec::new();
+    for t in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        match t.parse::<f64>() {
+            Ok(v) if v > 0.0 && v <= 1.0 => out.push(v),
+            _ => {
+                return Err(SimError::config(
+                    "--bound-targets",
+                    t,
+                    "shares in (0, 1], comma-separated (e.g. 0.9,0.99,1)",
+                ));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(SimError::config(
+            "--bound-targets",
+            list,
+            "at least one share in (0, 1]",
+        ));
+    }
+    out.sort_by(f64::total_cmp);
+    out.dedup();
     Ok(out)
 }
 
@@ -526,8 +552,12 @@ fn run_suite_command(args: &SimArgs, jobs: usize) -> Result<(), SimError> {
         })
         .unwrap_or_default();
     for o in &only {
-        if !matches!(o.as_str(), "code" | "conv" | "servegen") {
-            return Err(SimError::config("--suite-only", o, "code, conv, servegen"));
+        if !crate::suite::SUITE_KEYS.contains(&o.as_str()) {
+            return Err(SimError::config(
+                "--suite-only",
+                o,
+                crate::suite::SUITE_KEYS.join(", "),
+            ));
         }
     }
     if let Some(d) = args.suite_days
@@ -585,6 +615,9 @@ mod tests {
         assert_eq!(parse_duration("--x", "1.5m").unwrap(), 90.0);
         assert_eq!(parse_duration("--x", "2h").unwrap(), 7200.0);
         assert_eq!(parse_duration("--x", "3").unwrap(), 3.0);
+        assert_eq!(parse_duration("--x", "1d").unwrap(), 86_400.0);
+        assert!((parse_duration("--x", "40us").unwrap() - 40e-6).abs() < 1e-15);
+        assert!(parse_duration("--x", "-1").is_err());
         let e = parse_duration("--ttft-slo", "fast").unwrap_err();
         assert!(e.is_usage());
         let msg = e.to_string();

@@ -557,7 +557,7 @@ impl Fleet {
         let now = req.arrival_s.max(self.now);
         self.now = now;
         self.ingress_total += 1;
-        self.recorder.on_arrival(req.arrival_s);
+        self.recorder.on_arrival(req.arrival_s, req.input_tokens);
         let total = u64::from(req.input_tokens) + u64::from(req.output_tokens);
         if total > self.kv_cap {
             // It can never fit in one replica's KV cache: rejected.

@@ -18,13 +18,14 @@
 pub mod agent;
 pub mod autoscaler;
 pub mod baselines;
+pub mod bound;
+pub mod ceiling;
 pub mod chart;
 pub mod cli;
 pub mod compare;
 pub mod error;
 pub mod fleet;
 pub mod gpuscale;
-pub mod oracle;
 pub mod profile;
 pub mod prometheus;
 pub mod report;

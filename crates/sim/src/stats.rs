@@ -8,6 +8,8 @@
 //! histograms with 64 buckets per octave (about 1.1% resolution).
 
 use gpuscale_core::slo::{LatencyObjective, RequestOutcome, SloObjectives};
+
+use crate::ceiling::LONG_PROMPT_TOKENS;
 use serde::Serialize;
 
 /// The latency SLOs a run is judged against.
@@ -145,8 +147,13 @@ pub struct RunStats {
     pub completed: u64,
     pub dropped: u64,
     pub met_ttft: u64,
-    pub met_itl: u64,
+    /// Requests whose own time per output token met the objective.
+    pub met_tpot: u64,
     pub met_both: u64,
+    /// Arrivals and requests that met the SLO with a prompt of at least
+    /// [`crate::ceiling::LONG_PROMPT_TOKENS`] tokens.
+    pub long_arrivals: u64,
+    pub long_met: u64,
     pub ttft: LogHistogram,
     pub tpot: LogHistogram,
     /// Token-weighted inter-token gaps (each gap of each decode step).
@@ -193,13 +200,27 @@ impl RunStats {
             completed: 0,
             dropped: 0,
             met_ttft: 0,
-            met_itl: 0,
+            met_tpot: 0,
             met_both: 0,
+            long_arrivals: 0,
+            long_met: 0,
             ttft: LogHistogram::default(),
             tpot: LogHistogram::default(),
             itl: LogHistogram::default(),
             series: TimeSeries::new(duration_s, bucket_s),
         }
+    }
+
+    /// Attainment of requests with a prompt under / at least
+    /// [`LONG_PROMPT_TOKENS`] tokens (`None` for a class without requests).
+    pub fn attainment_by_prompt(&self) -> (Option<f64>, Option<f64>) {
+        let short_arrivals = self.arrivals - self.long_arrivals;
+        let short_met = self.met_both - self.long_met;
+        let share = |met: u64, n: u64| (n > 0).then(|| met as f64 / n as f64);
+        (
+            share(short_met, short_arrivals),
+            share(self.long_met, self.long_arrivals),
+        )
     }
 
     /// Fraction of arrived requests that met both SLOs.
@@ -212,14 +233,22 @@ impl RunStats {
     }
 }
 
-/// Counts SLO attainment of the requests that arrive from `from_s` on
-/// (the oracle's replay of one decision window).
+/// Counts SLO attainment of the requests that arrive in `[from_s,
+/// until_s)` (the lower bound's replay of one window).
 #[derive(Debug, Clone, Copy)]
 pub struct WindowCount {
     pub slo: Slo,
     pub from_s: f64,
+    pub until_s: f64,
     pub total: u64,
     pub met: u64,
+}
+
+impl WindowCount {
+    #[inline]
+    fn counts(&self, arrival: f64) -> bool {
+        arrival >= self.from_s && arrival < self.until_s
+    }
 }
 
 /// Where the fleet reports request outcomes.
@@ -231,9 +260,10 @@ pub enum Recorder {
 
 impl Recorder {
     #[inline]
-    pub fn on_arrival(&mut self, arrival: f64) {
+    pub fn on_arrival(&mut self, arrival: f64, input_tokens: u32) {
         if let Recorder::Full(s) = self {
             s.arrivals += 1;
+            s.long_arrivals += u64::from(input_tokens >= LONG_PROMPT_TOKENS);
             let i = s.series.idx(arrival);
             s.series.arrivals[i] += 1;
         }
@@ -248,7 +278,7 @@ impl Recorder {
                 s.series.done[i] += 1;
             }
             Recorder::Window(w) => {
-                if arrival >= w.from_s {
+                if w.counts(arrival) {
                     w.total += 1;
                 }
             }
@@ -264,8 +294,9 @@ impl Recorder {
                 s.completed += 1;
                 let o = s.slo.outcome(ttft, tpot, input_tokens);
                 s.met_ttft += u64::from(o.ttft_met);
-                s.met_itl += u64::from(o.tpot_met);
+                s.met_tpot += u64::from(o.tpot_met);
                 s.met_both += u64::from(o.met());
+                s.long_met += u64::from(o.met() && input_tokens >= LONG_PROMPT_TOKENS);
                 s.ttft.observe_n(ttft, 1);
                 if let Some(tpot) = tpot {
                     s.tpot.observe_n(tpot, 1);
@@ -275,7 +306,7 @@ impl Recorder {
                 s.series.met[i] += u32::from(o.met());
             }
             Recorder::Window(w) => {
-                if arrival >= w.from_s {
+                if w.counts(arrival) {
                     w.total += 1;
                     w.met += u64::from(w.slo.outcome(ttft, tpot, input_tokens).met());
                 }

@@ -353,6 +353,36 @@ fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<Request>, SimError> {
     finish_requests(path, out)
 }
 
+#[derive(Deserialize)]
+struct JsonlPrefixRow {
+    timestamp: f64,
+    #[serde(default)]
+    hash_ids: Vec<u64>,
+}
+
+/// The prompt's prefix blocks of each request of a JSONL trace (Mooncake's
+/// `hash_ids`: one id per 512-token block, shared ids are shared prefixes),
+/// in the order [`read_trace`] returns the requests, for prefix-cache
+/// modelling; a request without `hash_ids` has none.
+pub fn read_prefix_blocks(path: &Path) -> Result<Vec<Vec<u64>>, SimError> {
+    let text = fs::read_to_string(path).map_err(|source| SimError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut rows: Vec<(f64, Vec<u64>)> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: JsonlPrefixRow = serde_json::from_str(line)
+            .map_err(|e| row_error(path, i + 1, e.column().max(1), e.to_string()))?;
+        rows.push((row.timestamp, row.hash_ids));
+    }
+    // The same stable order as the requests.
+    rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(rows.into_iter().map(|(_, h)| h).collect())
+}
+
 fn finish_requests(path: &Path, mut out: Vec<Request>) -> Result<Vec<Request>, SimError> {
     if out.is_empty() {
         return Err(SimError::Trace {
@@ -882,6 +912,26 @@ mod tests {
         let to_midnight = 6.0 * 3600.0 - (17.0 * 60.0 + 3.97996);
         assert!((requests[2].arrival_s - to_midnight).abs() < 1e-4);
         assert_eq!(requests[0].input_tokens, 4808);
+    }
+
+    #[test]
+    fn jsonl_prefix_blocks_follow_the_requests_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.jsonl");
+        std::fs::write(
+            &path,
+            "{\"timestamp\": 500, \"input_length\": 1024, \"output_length\": 3, \"hash_ids\": [7, 8]}\n\
+             {\"timestamp\": 0, \"input_length\": 600, \"output_length\": 2, \"hash_ids\": [7]}\n\
+             {\"timestamp\": 900, \"input_length\": 10, \"output_length\": 1}\n",
+        )
+        .expect("write");
+        let Trace::Requests { requests, .. } = read_trace(&path, None).expect("trace") else {
+            panic!("expected requests")
+        };
+        let blocks = read_prefix_blocks(&path).expect("prefix blocks");
+        assert_eq!(blocks.len(), requests.len());
+        assert_eq!(requests[0].input_tokens, 600);
+        assert_eq!(blocks, vec![vec![7], vec![7, 8], vec![]]);
     }
 
     #[test]

@@ -224,7 +224,9 @@ fn b4_aibrix_kpa_mean_does_not_grow_with_pods_but_total_does() {
 
 #[test]
 fn b5_wva_saturation_v1_spare_capacity_rules() {
-    let w = WvaSaturation::new(1.0, 1, 10);
+    // A profile whose KV use at the SLO reaches the shipped 0.80: the
+    // shipped thresholds.
+    let w = WvaSaturation::new(1.0, 0.9, 1, 10);
     // kv 0.5, 0.6; q 1, 2: spare_kv = mean(0.3, 0.2) = 0.25 ≥ 0.1, spare_q =
     // mean(4, 3) = 3.5 ≥ 3: no scale-up. Down: 0.8 − 1.1/1 < 0.1: not safe.
     assert_eq!(w.analyze(&[0.5, 0.6], &[1.0, 2.0]), 0);
@@ -234,6 +236,12 @@ fn b5_wva_saturation_v1_spare_capacity_rules() {
     assert_eq!(w.analyze(&[0.05, 0.05, 0.05], &[0.0, 0.0, 0.0]), -1);
     // Every pod saturated (q ≥ 5): NS empty → up.
     assert_eq!(w.analyze(&[0.2], &[7.0]), 1);
+    // A model at its SLO with 10% of its KV cache (a 70B on four GPUs): the
+    // threshold follows the profile, so 9.5% is saturated.
+    let big = WvaSaturation::new(1.0, 0.1, 1, 10);
+    assert_eq!(big.analyze(&[0.095, 0.095], &[0.0, 0.0]), 1);
+    // The shipped thresholds read the same pods as idle enough to lose one.
+    assert_eq!(w.analyze(&[0.095, 0.095], &[0.0, 0.0]), -1);
 }
 
 #[test]

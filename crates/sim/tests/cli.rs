@@ -56,7 +56,9 @@ fn a_jsonl_trace_gives_one_json_report_per_policy_with_the_documented_fields() {
         "--trace",
         trace.to_str().unwrap(),
         "--policy",
-        "gpuscale,oracle,static,keda-waiting",
+        "gpuscale,lower-bound,static,keda-waiting",
+        "--bound-targets",
+        "0.9,1",
         "--report",
         "json",
         "--out",
@@ -72,8 +74,8 @@ fn a_jsonl_trace_gives_one_json_report_per_policy_with_the_documented_fields() {
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let rows = report.as_array().expect("a list");
     let policies: Vec<&str> = rows.iter().map(|r| r["policy"].as_str().unwrap()).collect();
-    assert_eq!(rows.len(), 4, "{policies:?}");
-    assert!(policies.contains(&"gpuscale") && policies.contains(&"oracle"));
+    assert_eq!(rows.len(), 5, "{policies:?}");
+    assert!(policies.contains(&"gpuscale") && policies.contains(&"lower-bound"));
     for r in rows {
         for field in [
             "policy",
@@ -83,7 +85,10 @@ fn a_jsonl_trace_gives_one_json_report_per_policy_with_the_documented_fields() {
             "ttft_p99_s",
             "itl_p95_s",
             "gpu_hours",
-            "gpu_hours_vs_oracle",
+            "attainable_ceiling",
+            "ttft_attainment",
+            "tpot_attainment",
+            "gpu_hours_vs_lower_bound",
             "scale_events",
             "oscillations",
             "requests_dropped",
@@ -99,8 +104,14 @@ fn a_jsonl_trace_gives_one_json_report_per_policy_with_the_documented_fields() {
             rows[0]["requests"].as_u64().unwrap()
         );
     }
-    let oracle = rows.iter().find(|r| r["policy"] == "oracle").unwrap();
-    assert!((oracle["gpu_hours_vs_oracle"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    for bound in rows.iter().filter(|r| r["policy"] == "lower-bound") {
+        assert!((bound["gpu_hours_vs_lower_bound"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    }
+    for r in rows {
+        let ceiling = r["attainable_ceiling"].as_f64().unwrap();
+        assert!(r["slo_attainment"].as_f64().unwrap() <= ceiling + 1e-12);
+        assert!(r["gpu_hours_vs_lower_bound"].as_f64().is_some());
+    }
     let svg = std::fs::read_to_string(&chart).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("gpuscale"));
     let first = std::fs::read_to_string(&log).unwrap();
@@ -169,4 +180,98 @@ fn bad_flags_are_usage_errors_naming_the_flag_and_what_is_allowed() {
     let missing = dir.path().join("missing.jsonl");
     let e = run(args(&["--trace", missing.to_str().unwrap()])).expect_err("missing file");
     assert!(e.to_string().contains("missing.jsonl"), "{e}");
+}
+
+/// Ten minutes with a load step and short bursts, prompts of every length
+/// (a few too long for the TTFT objective).
+fn write_bursty_trace(dir: &Path) -> std::path::PathBuf {
+    let mut rng = gpuscale_sim::rng::SimRng::new(17, 0);
+    let mut text = String::new();
+    let mut t = 0.0f64;
+    while t < 600.0 {
+        let rate = match t {
+            t if (240.0..420.0).contains(&t) => 40.0,
+            t if (t % 97.0) < 4.0 => 80.0,
+            _ => 12.0,
+        };
+        t += rng.exponential(1.0 / rate);
+        let long = rng.below(50) == 0;
+        let input = if long {
+            20_000 + rng.below(60_000)
+        } else {
+            100 + rng.below(3_000)
+        };
+        text.push_str(&format!(
+            "{{\"timestamp\": {}, \"input_length\": {input}, \"output_length\": {}}}\n",
+            (t * 1000.0).round() as u64,
+            2 + rng.below(300)
+        ));
+    }
+    let path = dir.join("bursty.jsonl");
+    std::fs::write(&path, text).expect("the temporary directory is writable");
+    path
+}
+
+#[test]
+fn no_policy_or_baseline_setting_reaches_a_lower_bound_point_with_fewer_gpu_hours() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = write_bursty_trace(dir.path());
+    let out = dir.path().join("all.json");
+    run(args(&[
+        "--trace",
+        trace.to_str().unwrap(),
+        "--policy",
+        "all",
+        "--sweep",
+        "--cold-start",
+        "60s",
+        "--report",
+        "json",
+        "--out",
+        out.to_str().unwrap(),
+    ]))
+    .expect("the run succeeds");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let rows = report.as_array().expect("a list");
+    let bound: Vec<(f64, f64)> = rows
+        .iter()
+        .filter(|r| r["policy"] == "lower-bound")
+        .map(|r| {
+            (
+                r["slo_attainment"].as_f64().unwrap(),
+                r["gpu_hours"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(bound.len() >= 5, "the bound's frontier: {bound:?}");
+    let ceiling = rows[0]["attainable_ceiling"].as_f64().unwrap();
+    assert!(
+        ceiling < 1.0,
+        "some prompts are too long for the TTFT objective"
+    );
+    let others: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["policy"] != "lower-bound")
+        .collect();
+    assert!(
+        others.len() > 60,
+        "every baseline over its sweep: {}",
+        others.len()
+    );
+    for r in others {
+        let (a, g) = (
+            r["slo_attainment"].as_f64().unwrap(),
+            r["gpu_hours"].as_f64().unwrap(),
+        );
+        assert!(a <= ceiling + 1e-12, "{} above the ceiling", r["policy"]);
+        for (ba, bg) in &bound {
+            assert!(
+                !(a >= *ba && g < *bg * (1.0 - 1e-9)),
+                "{} [{}] reaches {a} with {g} GPU-h; the bound's point ({ba}, {bg}) is beaten",
+                r["policy"],
+                r["target"]
+            );
+        }
+        assert_eq!(r["beats_lower_bound"], false);
+    }
 }

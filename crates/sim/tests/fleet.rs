@@ -1,13 +1,14 @@
 //! The fleet simulator's acceptance tests: conservation, determinism, an
-//! M/M/1 queue against its closed form, cold starts, and the oracle.
+//! M/M/1 queue against its closed form, cold starts, and the lower bound.
 
 use gpuscale_policy::PerfModel;
 use gpuscale_sim::autoscaler::{Autoscaler, ClusterView, FleetSample, ScaleCommand};
+use gpuscale_sim::bound::{self, BoundSchedule, CurveDetail};
 use gpuscale_sim::fleet::{ColdStart, Fleet, FleetConfig, Lifecycle, VictimOrder};
 use gpuscale_sim::rng::SimRng;
 use gpuscale_sim::stats::{Recorder, RunStats, Slo};
 use gpuscale_sim::trace::{Request, Workload};
-use gpuscale_sim::{FixedReplicas, RunConfig, baselines, oracle, run_policy};
+use gpuscale_sim::{FixedReplicas, RunConfig, baselines, run_policy};
 
 fn h200() -> PerfModel {
     gpuscale_sim::profile::resolve_profile("h200-llama3-8b-bf16").expect("preset")
@@ -346,7 +347,7 @@ fn a_replica_serves_nothing_before_it_is_ready() {
 }
 
 #[test]
-fn the_oracle_meets_its_target_and_pays_for_no_more_than_the_peak() {
+fn the_lower_bound_meets_its_target_for_less_than_the_peak_and_less_than_a_static_fleet() {
     let perf = h200();
     // A step: 20 req/s, then 120 req/s, then back.
     let mut reqs: Vec<Request> = Vec::new();
@@ -365,31 +366,46 @@ fn the_oracle_meets_its_target_and_pays_for_no_more_than_the_peak() {
     let mut fc = fleet_config(perf, 60.0);
     fc.drain_grace_s = None;
     fc.victim_order = VictimOrder::LeastWork;
-    let plan = oracle::plan(&w, &fc, slo(), 0.99, 1, 40);
-    let peak = *plan.ready.iter().max().expect("windows");
-    let first = plan.ready[0];
+    let curves = bound::curves(&w, &fc, slo(), 1, 40, 2, CurveDetail::Full);
+    let sat: Vec<u32> = curves.windows.iter().map(|c| c.saturation()).collect();
+    let peak = *sat.iter().max().expect("windows");
     assert!(
-        peak > first,
-        "the step needs more replicas ({first} → {peak})"
+        peak > sat[0],
+        "the step needs more replicas ({} → {peak})",
+        sat[0]
     );
-    let cfg = RunConfig {
-        slo: slo(),
-        fleet: fc,
-        initial_replicas: first,
-        chart_bucket_s: 10.0,
+    assert!(curves.max_attainment() > 0.99);
+    let run = |target: f64| {
+        let plan = bound::optimize(&curves, target * curves.max_attainment());
+        let cfg = RunConfig {
+            slo: slo(),
+            fleet: fc.clone(),
+            initial_replicas: 2,
+            chart_bucket_s: 10.0,
+        };
+        let mut s = BoundSchedule::new(plan, curves.window_s, 60.0, target);
+        run_policy(&w, &mut s, &cfg, None)
     };
-    let mut o = oracle::OracleSchedule::new(plan, 60.0);
-    let out = run_policy(&w, &mut o, &cfg, None);
+    let all = run(1.0);
     assert!(
-        out.stats.attainment() >= 0.985,
+        all.stats.attainment() >= 0.985,
         "attainment {}",
-        out.stats.attainment()
+        all.stats.attainment()
     );
-    assert_eq!(out.stats.dropped, 0);
+    assert_eq!(all.stats.dropped, 0);
     let peak_static = f64::from(peak) * w.duration_s() / 3600.0;
     assert!(
-        out.gpu_hours < peak_static,
+        all.gpu_hours < peak_static,
         "{} vs {peak_static}",
-        out.gpu_hours
+        all.gpu_hours
     );
+    // A lower target costs less.
+    let most = run(0.9);
+    assert!(
+        most.gpu_hours < all.gpu_hours,
+        "{} vs {}",
+        most.gpu_hours,
+        all.gpu_hours
+    );
+    assert!(most.stats.attainment() < all.stats.attainment());
 }

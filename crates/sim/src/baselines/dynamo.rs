@@ -33,7 +33,13 @@
 //! while the expected count differs from ready. The throughput loop (every
 //! 180 s) forecasts the request count with the Kalman predictor (q_level 1,
 //! q_trend 0.1, r 10, ≥ 5 points) and divides by one engine's best rate at
-//! both SLOs. The online regression is replaced by the exact model.
+//! both SLOs. The online regression is replaced by the exact model; since
+//! our replicas are aggregated (prefill and decode on the same engine), the
+//! regression Dynamo fits on every forward pass would include the mixed
+//! iterations' prefill time, so `ITL_est` is the decode step over `1 − ρ`,
+//! `ρ` the share of the engine's time spent prefilling (its prompt tokens
+//! per second over the last load interval × the prefill time per token at
+//! the average ISL; capped at 0.9).
 //! Easy modes (±1, no throughput loop): `throughput` — up if any
 //! `r = queued prefill / context_length ≥ 1` or `u = (sched + queued KV +
 //! queued prefill) / max_kv > 1`, down if all `r < 0.1` and `u < 0.6`;
@@ -380,6 +386,8 @@ pub struct DynamoLoadPlanner {
     sensitivity: f64,
     max: u32,
     latest: Option<FleetSample>,
+    /// The sample of the previous load interval (for prefill shares).
+    previous: Option<FleetSample>,
     store: MetricStore,
     count: Predictor,
     next_throughput: f64,
@@ -399,6 +407,7 @@ impl DynamoLoadPlanner {
             sensitivity,
             max,
             latest: None,
+            previous: None,
             store: MetricStore::new(INTERVAL_S + 30.0),
             count: Predictor::kalman(),
             next_throughput: INTERVAL_S,
@@ -413,8 +422,31 @@ impl DynamoLoadPlanner {
         self.model.chunked_prefill_s(queued + isl, MBT)
     }
 
-    fn itl_est(&self, running: f64, kv: f64, decode_len: f64) -> f64 {
-        self.model.k.step(running + 1.0, kv + decode_len)
+    /// The inter-token gap of an aggregated engine: the decode step,
+    /// stretched by the share `prefill_share` of its time spent prefilling.
+    fn itl_est(&self, running: f64, kv: f64, decode_len: f64, prefill_share: f64) -> f64 {
+        self.model.k.step(running + 1.0, kv + decode_len) / (1.0 - prefill_share.clamp(0.0, 0.9))
+    }
+
+    /// Each engine's share of time spent prefilling since the previous load
+    /// interval: its prompt tokens per second × seconds per prompt token.
+    fn prefill_shares(&self, s: &FleetSample, isl: f64) -> Vec<f64> {
+        let per_token = self.model.perf.prefill_s(isl) / isl.max(1.0);
+        s.ready()
+            .map(|e| {
+                let Some(prev) = self.previous.as_ref().filter(|p| p.at < s.at) else {
+                    return 0.0;
+                };
+                let Some(before) = prev.replica(e.id) else {
+                    return 0.0;
+                };
+                let tokens =
+                    e.counters
+                        .prompt_tokens
+                        .saturating_sub(before.counters.prompt_tokens) as f64;
+                tokens / (s.at - prev.at) * per_token
+            })
+            .collect()
     }
 
     /// +1, −1 or 0 from the engines' state.
@@ -426,14 +458,15 @@ impl DynamoLoadPlanner {
         let (isl, osl) = self.sizes;
         let decode_len = isl + osl / 2.0;
         let max_kv = self.model.perf.kv_capacity_tokens;
+        let shares = self.prefill_shares(s, isl);
         match self.mode {
             LoadMode::Sla => {
                 let ttft_over = engines
                     .iter()
                     .all(|e| self.ttft_est(e.queued_prompt_tokens as f64, isl) > self.slo.ttft_s);
-                let itl_over = engines.iter().all(|e| {
+                let itl_over = engines.iter().zip(&shares).all(|(e, rho)| {
                     let kv = e.kv_used_tokens + e.queued_prompt_tokens as f64;
-                    self.itl_est(f64::from(e.running), kv, decode_len) > self.slo.itl_s
+                    self.itl_est(f64::from(e.running), kv, decode_len, *rho) > self.slo.itl_s
                 });
                 if ttft_over || itl_over {
                     return 1;
@@ -445,12 +478,13 @@ impl DynamoLoadPlanner {
                 let sens = self.sensitivity;
                 let t_own = self.ttft_est(0.0, isl);
                 let budget = (self.slo.ttft_s - t_own) * sens;
-                let all_ok = engines.iter().all(|e| {
+                let all_ok = engines.iter().zip(&shares).all(|(e, rho)| {
                     let q = e.queued_prompt_tokens as f64;
                     let prefill_ok = budget > 0.0 && self.ttft_est(q * scale, isl) - t_own < budget;
                     let post_kv = (e.kv_used_tokens + q) * scale;
+                    // The prefill share grows with the load moved over too.
                     let decode_ok = post_kv < max_kv
-                        && self.itl_est(f64::from(e.running), post_kv, decode_len)
+                        && self.itl_est(f64::from(e.running), post_kv, decode_len, rho * scale)
                             < self.slo.itl_s * sens;
                     prefill_ok && decode_ok
                 });
@@ -556,6 +590,7 @@ impl Autoscaler for DynamoLoadPlanner {
             return ScaleCommand::replicas(n);
         };
         let step = self.load_decision(s, n);
+        self.previous = Some(s.clone());
         let mut desired = (i64::from(n) + i64::from(step)).max(1) as u32;
         if self.mode == LoadMode::Sla {
             desired = desired.max(self.lower_bound);

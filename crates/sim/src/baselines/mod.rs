@@ -70,6 +70,22 @@ impl BaselineContext {
     pub fn static_peak_replicas(&self) -> u32 {
         ((self.peak_rps / self.capacity_rps()).ceil() as u32).max(1)
     }
+
+    /// Requests in one replica (running) at its capacity at the SLO, by
+    /// Little's law: what profiling the fleet's model says a pod holds
+    /// before its time per output token reaches the SLO.
+    pub fn concurrency_at_capacity(&self) -> f64 {
+        let per_request = self.perf.prefill_s(self.mean_input) + self.mean_output * self.slo.itl_s;
+        (self.capacity_rps() * per_request).max(1.0)
+    }
+
+    /// The KV-cache fraction one replica uses at its capacity at the SLO
+    /// (running requests at their mean context halfway through decoding).
+    pub fn kv_use_at_capacity(&self) -> f64 {
+        let ctx = self.mean_input + 0.5 * self.mean_output;
+        (self.concurrency_at_capacity() * ctx / self.perf.kv_capacity_tokens.max(1.0))
+            .clamp(1e-3, 1.0)
+    }
 }
 
 /// Every baseline name [`baseline`] accepts.
@@ -117,18 +133,39 @@ pub fn sweep_targets(name: &str, ctx: &BaselineContext) -> Vec<f64> {
         "hpa-gpu-util" => vec![40.0, 60.0, 80.0, 90.0],
         "keda-waiting" => vec![1.0, 2.0, 5.0, 10.0, 20.0],
         "kserve-running" => vec![2.0, 16.0, 32.0, 64.0, 128.0],
-        "knative-kpa" => vec![32.0, 64.0, 128.0, 256.0, f64::from(ctx.perf.max_batch)],
-        "aibrix-kpa-mean" | "aibrix-kpa-total" | "aibrix-apa" => {
-            vec![0.05, 0.1, 0.2, 0.3, 0.5]
+        // Per-pod concurrency: the shipped ones and multiples of what a pod
+        // holds at the SLO (profiling the fleet's model).
+        "knative-kpa" => {
+            let c = ctx.concurrency_at_capacity();
+            let mut v = vec![32.0, 64.0, 128.0, 256.0, f64::from(ctx.perf.max_batch)];
+            v.extend([0.75, 1.0, 1.5].map(|f| (f * c / 0.7).round().max(1.0)));
+            sorted(v)
         }
-        "wva" => vec![0.25, 0.5, 0.75, 1.0],
+        // KV use: the anchor's 0.5 and multiples of the KV use at the SLO.
+        "aibrix-kpa-mean" | "aibrix-kpa-total" | "aibrix-apa" => {
+            let kv = ctx.kv_use_at_capacity();
+            let mut v = vec![0.5];
+            v.extend([0.25, 0.5, 0.75, 1.0, 1.25].map(|f| round3(f * kv)));
+            sorted(v)
+        }
+        "wva" => vec![0.5, 0.75, 1.0, 1.5],
         "llmd-slo" => vec![0.35, 0.5, 0.75, 1.0],
         "dynamo-sla-c" | "dynamo-sla-nc" => vec![0.5, 0.75, 1.0],
-        "dynamo-load" => vec![0.5, 0.65, 0.8, 0.95],
+        "dynamo-load" => vec![0.35, 0.5, 0.65, 0.8, 0.95],
         "dynamo-easy-throughput" | "dynamo-easy-latency" => vec![0.0],
         "aws" => vec![0.5 * cap, 0.6 * cap, 0.7 * cap, 0.8 * cap, 0.9 * cap],
         _ => Vec::new(),
     }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round().max(1.0) / 1000.0
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(f64::total_cmp);
+    v.dedup();
+    v
 }
 
 /// One baseline at one target (`None`: the anchor's default).
@@ -189,7 +226,12 @@ pub fn baseline(
             max,
         )),
         "aibrix-apa" => Box::new(aibrix::Aibrix::new(aibrix::AibrixVariant::Apa, t, min, max)),
-        "wva" => Box::new(wva::WvaSaturation::new(t, min, max)),
+        "wva" => Box::new(wva::WvaSaturation::new(
+            t,
+            ctx.kv_use_at_capacity(),
+            min,
+            max,
+        )),
         "llmd-slo" => Box::new(llmd_slo::LlmdSloAware::new(ctx.slo, t, min, max)),
         "dynamo-sla-c" => Box::new(dynamo::DynamoSlaPlanner::new(
             &ctx.perf, ctx.slo, true, t, max,

@@ -19,7 +19,14 @@
 //! asks for ≥ 120 s; project choice). One variant, so cheapest and most
 //! expensive are the same.
 //!
-//! The sweep scales the thresholds and spare triggers together by one factor.
+//! **Configured as its users would.** WVA's thresholds live in a ConfigMap
+//! per model; the shipped 0.80 KV threshold assumes a model whose KV cache
+//! fills before its latency objective breaks. A user who profiled the
+//! fleet's model sets `kvCacheThreshold` where a pod reaches its capacity
+//! at the SLO: the KV use at that load ([`super::BaselineContext::kv_use_at_capacity`],
+//! capped at 0.80), with the spare trigger at the same ratio as the
+//! defaults (1/8 of the threshold). The sweep scales that threshold and its
+//! spare trigger together by one factor; the queue thresholds stay 5 and 3.
 
 use serde_json::{Value, json};
 
@@ -42,13 +49,16 @@ pub struct WvaSaturation {
 }
 
 impl WvaSaturation {
-    /// V1 with thresholds and spare triggers scaled by `factor` (1 = defaults).
-    pub fn new(factor: f64, min: u32, max: u32) -> Self {
+    /// V1 with the KV threshold at `factor` × the profile's KV use at the
+    /// SLO (`kv_at_slo`, capped at the shipped 0.80), its spare trigger at
+    /// 1/8 of it, and the shipped queue thresholds.
+    pub fn new(factor: f64, kv_at_slo: f64, min: u32, max: u32) -> Self {
+        let kv = (kv_at_slo.min(0.80) * factor).clamp(1e-3, 1.0);
         Self {
-            kv_threshold: 0.80 * factor,
-            queue_threshold: 5.0 * factor,
-            kv_spare: 0.10 * factor,
-            queue_spare: 3.0 * factor,
+            kv_threshold: kv,
+            queue_threshold: 5.0,
+            kv_spare: kv / 8.0,
+            queue_spare: 3.0,
             factor,
             store: MetricStore::new(120.0),
             hpa: Hpa::new(
