@@ -28,7 +28,7 @@ use crate::trace::{self, ArrivalProcess, SizePool, Trace, TraceFormat, Workload,
 pub struct SimArgs {
     /// Request trace: Azure 2023 CSV, JSONL (timestamp ms, input_length,
     /// output_length) or a rate series (window_start_s,total_rate_rps,...).
-    #[arg(long, value_name = "FILE", required_unless_present = "suite")]
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["suite", "matrix"])]
     pub trace: Option<PathBuf>,
     /// Trace format, detected from the file when not given: azure, jsonl, rate.
     #[arg(long, value_name = "FORMAT")]
@@ -129,7 +129,14 @@ pub struct SimArgs {
     /// Run the benchmark suite (Azure code, Azure conversation, Mooncake, ServeGen).
     #[arg(long)]
     pub suite: bool,
-    /// The suite's workloads, comma-separated (code, conv, mooncake, servegen; default all).
+    /// The robustness matrix: each suite trace with one factor varied at a
+    /// time (profile, objective, cold start); see docs/simulator.md. Writes
+    /// summary.md, verdicts.json and results.{csv,json} under --out
+    /// (default target/sim-matrix).
+    #[arg(long, conflicts_with = "suite")]
+    pub matrix: bool,
+    /// The suite's (or the matrix's) workloads, comma-separated (code, conv,
+    /// mooncake, servegen; default all).
     #[arg(long, value_name = "LIST")]
     pub suite_only: Option<String>,
     /// Days of the suite's ServeGen series to replay (default 2, which keeps
@@ -203,7 +210,7 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
     if !matches!(format, "table" | "json" | "csv") {
         return Err(SimError::config("--report", format, "table, json, csv"));
     }
-    if args.suite {
+    if args.suite || args.matrix {
         return run_suite_command(&args, jobs);
     }
     let slo = Slo {
@@ -565,20 +572,37 @@ fn run_suite_command(args: &SimArgs, jobs: usize) -> Result<(), SimError> {
     {
         return Err(SimError::config("--suite-days", d, "a number of days > 0"));
     }
+    let (default_out, default_days) = if args.matrix {
+        ("target/sim-matrix", crate::matrix::DEFAULT_MATRIX_DAYS)
+    } else {
+        ("target/sim-suite", crate::suite::DEFAULT_SERVEGEN_DAYS)
+    };
     let opts = SuiteOptions {
         data_dir: args.data_dir.clone(),
         out_dir: args
             .out
             .clone()
-            .unwrap_or_else(|| PathBuf::from("target/sim-suite")),
+            .unwrap_or_else(|| PathBuf::from(default_out)),
         jobs,
         seed: args.seed,
-        servegen_days: Some(
-            args.suite_days
-                .unwrap_or(crate::suite::DEFAULT_SERVEGEN_DAYS),
-        ),
+        servegen_days: Some(args.suite_days.unwrap_or(default_days)),
         only,
     };
+    if args.matrix {
+        let result = crate::matrix::run_matrix(&opts, &|cell, d, t, label| {
+            progress_line(&format!(
+                "{} {cell}: {d}/{t} runs (last: {label})",
+                bar(d as f64 / t as f64)
+            ));
+        })?;
+        progress_line("");
+        print!(
+            "{}",
+            crate::matrix::summary_markdown(&result.verdicts, result.wall_s)
+        );
+        eprintln!("matrix: results in {}", opts.out_dir.display());
+        return Ok(());
+    }
     let result = run_suite(&opts, &|trace, d, t, label| {
         progress_line(&format!(
             "{} {trace}: {d}/{t} runs (last: {label})",

@@ -26,6 +26,7 @@ pub mod compare;
 pub mod error;
 pub mod fleet;
 pub mod gpuscale;
+pub mod matrix;
 pub mod profile;
 pub mod prometheus;
 pub mod report;

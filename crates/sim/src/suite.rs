@@ -70,40 +70,48 @@ const CALIBRATION_SHARE: f64 = 0.99;
 /// setting to compare with: within 0.2 percentage points.
 pub const SAME_ATTAINMENT: f64 = 0.002;
 
-#[derive(Debug, Clone, Copy)]
-enum Scaling {
+/// How a workload's trace is rate-scaled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scaling {
     /// Rate-scale so the lower bound's busiest window needs this many ready
     /// replicas to meet 99% of what it can.
     PeakReplicas(f64),
     /// Rate-scale so the busiest window has this rate.
     PeakRps(f64),
+    /// Rate-scale so the busiest minute needs this many replicas at the
+    /// profile's capacity at the SLO (B11's count).
+    PeakCapacity(f64),
 }
 
+/// One workload of the suite (or a cell of the matrix).
 #[derive(Debug, Clone)]
-struct SuiteWorkload {
-    key: &'static str,
-    title: &'static str,
-    trace: &'static str,
-    sizes: Option<&'static str>,
-    profile: &'static str,
-    ttft_s: f64,
-    ttft_per_input_token_s: f64,
-    itl_s: f64,
-    cold_start_s: f64,
-    scaling: Scaling,
+pub struct SuiteWorkload {
+    pub key: String,
+    pub title: String,
+    /// The trace, relative to the data directory.
+    pub trace: String,
+    /// Request sizes for a rate series, relative to the data directory.
+    pub sizes: Option<String>,
+    pub profile: String,
+    pub ttft_s: f64,
+    pub ttft_per_input_token_s: f64,
+    pub itl_s: f64,
+    pub cold_start_s: f64,
+    pub scaling: Scaling,
 }
 
 /// The suite's workload keys, in order.
 pub const SUITE_KEYS: &[&str] = &["code", "conv", "mooncake", "servegen"];
 
-fn workloads() -> Vec<SuiteWorkload> {
+/// The suite's workloads.
+pub fn workloads() -> Vec<SuiteWorkload> {
     vec![
         SuiteWorkload {
-            key: "code",
-            title: "Azure code 2023 (1 h, bursty), H200 Llama-3-8B",
-            trace: "traces/AzureLLMInferenceTrace_code.csv",
+            key: "code".into(),
+            title: "Azure code 2023 (1 h, bursty), H200 Llama-3-8B".into(),
+            trace: "traces/AzureLLMInferenceTrace_code.csv".into(),
             sizes: None,
-            profile: "h200-llama3-8b-bf16",
+            profile: "h200-llama3-8b-bf16".into(),
             ttft_s: 2.0,
             ttft_per_input_token_s: 0.0,
             itl_s: 0.050,
@@ -111,11 +119,11 @@ fn workloads() -> Vec<SuiteWorkload> {
             scaling: Scaling::PeakReplicas(20.0),
         },
         SuiteWorkload {
-            key: "conv",
-            title: "Azure conversation 2023 (1 h), H200 Llama-3-8B",
-            trace: "traces/AzureLLMInferenceTrace_conv.csv",
+            key: "conv".into(),
+            title: "Azure conversation 2023 (1 h), H200 Llama-3-8B".into(),
+            trace: "traces/AzureLLMInferenceTrace_conv.csv".into(),
             sizes: None,
-            profile: "h200-llama3-8b-bf16",
+            profile: "h200-llama3-8b-bf16".into(),
             ttft_s: 2.0,
             ttft_per_input_token_s: 0.0,
             itl_s: 0.050,
@@ -123,11 +131,11 @@ fn workloads() -> Vec<SuiteWorkload> {
             scaling: Scaling::PeakReplicas(20.0),
         },
         SuiteWorkload {
-            key: "mooncake",
-            title: "Mooncake long-prompt trace (17 min), H200 Llama-3-8B, length-aware TTFT",
-            trace: "traces/mooncake_synthetic_trace.jsonl",
+            key: "mooncake".into(),
+            title: "Mooncake long-prompt trace (17 min), H200 Llama-3-8B, length-aware TTFT".into(),
+            trace: "traces/mooncake_synthetic_trace.jsonl".into(),
             sizes: None,
-            profile: "h200-llama3-8b-bf16",
+            profile: "h200-llama3-8b-bf16".into(),
             ttft_s: 1.0,
             ttft_per_input_token_s: 100e-6,
             itl_s: 0.050,
@@ -135,11 +143,11 @@ fn workloads() -> Vec<SuiteWorkload> {
             scaling: Scaling::PeakReplicas(20.0),
         },
         SuiteWorkload {
-            key: "servegen",
-            title: "ServeGen m-large day/night series, H100 Llama2-70B TP4",
-            trace: "traces/servegen_m-large_rate_10min.csv",
-            sizes: Some("traces/AzureLLMInferenceTrace_conv.csv"),
-            profile: "h100-llama2-70b-tp4",
+            key: "servegen".into(),
+            title: "ServeGen m-large day/night series, H100 Llama2-70B TP4".into(),
+            trace: "traces/servegen_m-large_rate_10min.csv".into(),
+            sizes: Some("traces/AzureLLMInferenceTrace_conv.csv".into()),
+            profile: "h100-llama2-70b-tp4".into(),
             ttft_s: 2.0,
             ttft_per_input_token_s: 0.0,
             itl_s: 0.060,
@@ -173,19 +181,21 @@ fn read(data: &Path, rel: &str) -> Result<Trace, SimError> {
 }
 
 /// Build one workload's comparison and the list of runs.
-fn prepare(
+/// A workload's comparison (every policy on one trace, the same fleet and
+/// SLO), the runs to make and the description of the workload.
+pub fn prepare(
     w: &SuiteWorkload,
     opts: &SuiteOptions,
 ) -> Result<(Comparison, Vec<PolicyChoice>, String), SimError> {
-    let perf = resolve_profile(w.profile)?;
+    let perf = resolve_profile(&w.profile)?;
     let slo = Slo {
         ttft_s: w.ttft_s,
         itl_s: w.itl_s,
         percentile: 95.0,
         ttft_per_input_token_s: w.ttft_per_input_token_s,
     };
-    let tr = read(&opts.data_dir, w.trace)?;
-    let sizes = match w.sizes {
+    let tr = read(&opts.data_dir, &w.trace)?;
+    let sizes = match w.sizes.as_deref() {
         Some(rel) => match read(&opts.data_dir, rel)? {
             Trace::Requests { requests, .. } => Some(SizePool::from_requests(&requests)),
             Trace::Rate { path, .. } => {
@@ -216,9 +226,10 @@ fn prepare(
         mean_output: mean_out,
     };
     let cap = probe.capacity_rps();
-    let horizon_s = match w.scaling {
-        Scaling::PeakRps(_) => opts.servegen_days.map(|d| d * 86_400.0),
-        Scaling::PeakReplicas(_) => None,
+    // Multi-day rate series replay the chosen number of days.
+    let horizon_s = match &tr {
+        Trace::Rate { .. } => opts.servegen_days.map(|d| d * 86_400.0),
+        Trace::Requests { .. } => None,
     };
     let mut fleet = FleetConfig {
         perf: perf.clone(),
@@ -245,6 +256,7 @@ fn prepare(
             rps / windows.iter().map(|x| x.rate_rps).fold(0.0, f64::max)
         }
         (Scaling::PeakRps(rps), Trace::Requests { .. }) => rps / unscaled.peak_rate(60.0),
+        (Scaling::PeakCapacity(n), _) => n * cap / unscaled.peak_rate(60.0).max(1e-9),
     };
     let workload = Workload::new(
         &tr,
@@ -280,7 +292,7 @@ fn prepare(
         ctx.clone(),
     );
     let spec = default_spec(
-        w.profile,
+        &w.profile,
         &slo,
         ctx.min_replicas,
         ctx.max_replicas,
@@ -409,6 +421,38 @@ fn calibrate_scale(
         .unwrap_or((start, 0)))
 }
 
+/// One workload's comparison, run.
+#[derive(Debug)]
+pub struct Compared {
+    pub cmp: Comparison,
+    pub choices: Vec<PolicyChoice>,
+    pub outcomes: Vec<RunOutcome>,
+    pub reports: Vec<PolicyReport>,
+    pub description: String,
+}
+
+/// Prepare and run one workload: every policy, static provisioning then
+/// bisected to gpuscale's attainment, and the reports.
+pub fn compare(
+    w: &SuiteWorkload,
+    opts: &SuiteOptions,
+    on_done: &(dyn Fn(&str, usize, usize, &str) + Sync),
+) -> Result<Compared, SimError> {
+    let (cmp, mut choices, description) = prepare(w, opts)?;
+    let mut outcomes = cmp.run_all(&choices, opts.jobs, &|d, t, label| {
+        on_done(&w.key, d, t, label)
+    })?;
+    tune_static(&cmp, &mut choices, &mut outcomes)?;
+    let reports = cmp.reports(&w.key, &choices, &outcomes);
+    Ok(Compared {
+        cmp,
+        choices,
+        outcomes,
+        reports,
+        description,
+    })
+}
+
 /// Run the suite; writes `results.json`, `results.csv`, `summary.md` and
 /// one chart per workload into `opts.out_dir`.
 pub fn run_suite(
@@ -424,24 +468,24 @@ pub fn run_suite(
     let mut total_requests = 0u64;
     let mut total_wall = 0.0;
     for w in workloads() {
-        if !opts.only.is_empty() && !opts.only.iter().any(|o| o == w.key) {
+        if !opts.only.is_empty() && !opts.only.iter().any(|o| *o == w.key) {
             continue;
         }
-        let (cmp, choices, description) = prepare(&w, opts)?;
-        let mut choices = choices;
-        let mut outcomes = cmp.run_all(&choices, opts.jobs, &|d, t, label| {
-            on_done(w.key, d, t, label)
-        })?;
-        tune_static(&cmp, &mut choices, &mut outcomes)?;
+        let Compared {
+            cmp,
+            outcomes,
+            reports,
+            description,
+            ..
+        } = compare(&w, opts, on_done)?;
         for o in &outcomes {
             total_requests += o.stats.arrivals;
             total_wall += o.wall_s;
         }
-        let reports = cmp.reports(w.key, &choices, &outcomes);
         write_chart(opts, &w, &cmp, &reports, &outcomes)?;
         traces.push(SuiteTraceResult {
-            key: w.key.to_string(),
-            title: w.title.to_string(),
+            key: w.key.clone(),
+            title: w.title.clone(),
             description,
             reports,
             duration_s: cmp.workload.duration_s(),
@@ -562,7 +606,7 @@ fn write_chart(
             series: &outcomes[i].stats.series,
         })
         .collect();
-    let svg = render(w.title, cmp.workload.duration_s(), &series);
+    let svg = render(&w.title, cmp.workload.duration_s(), &series);
     write(&opts.out_dir.join(format!("chart-{}.svg", w.key)), &svg)
 }
 
