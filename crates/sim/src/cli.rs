@@ -123,6 +123,11 @@ pub struct SimArgs {
     /// Write an SVG chart of arrivals, replicas and attainment over time.
     #[arg(long, value_name = "FILE.svg")]
     pub chart: Option<PathBuf>,
+    /// Write every policy's time series as CSV: per chart bucket (see
+    /// --chart) the requests that arrived, finished and met the SLO, and the
+    /// desired and ready replicas.
+    #[arg(long, value_name = "FILE.csv")]
+    pub series: Option<PathBuf>,
     /// Write gpuscale's decisions as JSON lines (every change, and one a minute).
     #[arg(long, value_name = "FILE")]
     pub decision_log: Option<PathBuf>,
@@ -391,6 +396,30 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
             for line in &o.decision_log {
                 text.push_str(line);
                 text.push('\n');
+            }
+        }
+        std::fs::write(path, text).map_err(|source| SimError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    if let Some(path) = &args.series {
+        let mut text = String::from("policy,t_s,arrived,done,met,desired,ready\n");
+        for (r, o) in reports.iter().zip(&outcomes) {
+            let s = &o.stats.series;
+            for (i, arrived) in s.arrivals.iter().enumerate() {
+                let t = i as f64 * s.bucket_s;
+                let (desired, ready) = s
+                    .replicas
+                    .iter()
+                    .find(|x| x.0 >= t)
+                    .map_or((0, 0), |x| (x.1, x.2));
+                text.push_str(&format!(
+                    "{},{t},{arrived},{},{},{desired},{ready}\n",
+                    r.label(),
+                    s.done[i],
+                    s.met[i]
+                ));
             }
         }
         std::fs::write(path, text).map_err(|source| SimError::Io {

@@ -468,7 +468,7 @@ pub fn run_suite(
     let mut total_requests = 0u64;
     let mut total_wall = 0.0;
     for w in workloads() {
-        if !opts.only.is_empty() && !opts.only.iter().any(|o| *o == w.key) {
+        if !opts.only.is_empty() && !opts.only.contains(&w.key) {
             continue;
         }
         let Compared {
