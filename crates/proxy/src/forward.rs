@@ -34,12 +34,23 @@ use crate::error::ProxyError;
 use crate::measure::End;
 use crate::reply;
 
+/// Bytes read from the upstream at a time.
+const UPSTREAM_READ_BUFFER: usize = 4096;
+
 /// How the forwarder connects to its upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwardConfig {
     /// Deadline of a new TCP connection to the upstream.
     pub connect_timeout: Duration,
-    /// An idle pooled connection is closed after this long.
+    /// Send requests over kept-alive connections. Off, every request gets
+    /// a new connection: llama.cpp's `llama-server` closes its connection
+    /// after each streamed response without saying so, and a request sent
+    /// on it then fails; a new loopback connection costs tens of
+    /// microseconds.
+    pub reuse_connections: bool,
+    /// An idle kept-alive connection is closed after this long: shorter
+    /// than the upstream's own keep-alive timeout (uvicorn's is 5 s), so the
+    /// upstream never closes one as a request is sent on it.
     pub pool_idle_timeout: Duration,
 }
 
@@ -47,7 +58,8 @@ impl Default for ForwardConfig {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(5),
-            pool_idle_timeout: Duration::from_secs(90),
+            reuse_connections: false,
+            pool_idle_timeout: Duration::from_secs(4),
         }
     }
 }
@@ -89,10 +101,17 @@ impl Forwarder {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
+            // One page per upstream connection: a streamed event is far
+            // smaller, and a thousand open streams stay cheap.
+            .http1_read_buf_exact_size(UPSTREAM_READ_BUFFER);
+        if !config.reuse_connections {
+            builder.pool_max_idle_per_host(0);
+        }
+        let client = builder.build(connector);
         Ok(Self {
             client,
             scheme: http::uri::Scheme::HTTP,

@@ -534,3 +534,82 @@ async fn the_agent_sets_the_limit_and_the_drain_and_receives_the_stats() {
     p.shutdown().await.unwrap();
     agent.abort();
 }
+
+/// An upstream that, like llama.cpp's server after a streamed response,
+/// closes its connection just after the response is written, without
+/// saying so (no `Connection: close`). Counts the connections it accepted.
+async fn closing_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let event = "data: {\"content\":\"a\"}\n\n";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nKeep-Alive: timeout=5, max=100\r\n\r\n{:x}\r\n{event}\r\n0\r\n\r\n",
+                    event.len()
+                );
+                s.write_all(resp.as_bytes()).await.unwrap();
+                // Closed a moment later (as llama-server's connection
+                // thread ends), the keep-alive header notwithstanding.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_after_each_stream_fails_no_request() {
+    for reuse in [false, true] {
+        let (up, accepted) = closing_upstream().await;
+        let p = proxy(up, |c| {
+            c.default_limit = Limit::At(1);
+            c.forward.reuse_connections = reuse;
+        })
+        .await;
+        // Queued behind one slot: each is sent the moment the one before
+        // it ends, as the upstream closes that one's connection.
+        let calls: Vec<_> = (0..20)
+            .map(|_| {
+                let (c, req) = (client(), post(&p, "/v1/chat/completions", full("{}")));
+                tokio::spawn(async move {
+                    let resp = c.request(req).await.unwrap();
+                    let status = resp.status();
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    (status, body)
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        for call in calls {
+            let (status, body) = call.await.unwrap();
+            if status == StatusCode::OK {
+                assert_eq!(body, "data: {\"content\":\"a\"}\n\n");
+                ok += 1;
+            }
+        }
+        if reuse {
+            // What the default avoids: some were sent on a closing connection.
+            assert!(ok < 20, "the race did not show; this test proves nothing");
+        } else {
+            assert_eq!(ok, 20, "every request answered");
+            assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 20);
+        }
+        p.shutdown().await.unwrap();
+    }
+}

@@ -80,6 +80,12 @@ pub struct ProxyArgs {
     /// Deadline of a new connection to the engine.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// Keep connections to the engine alive between requests (saves a
+    /// loopback connect per request). Off by default: llama.cpp's server
+    /// closes its connection after each streamed response without saying
+    /// so. Safe with vLLM, SGLang, TGI (idle connections close after 4 s).
+    #[arg(long)]
+    pub reuse_upstream_connections: bool,
 }
 
 fn default_unlimited_paths() -> Vec<String> {
@@ -266,6 +272,7 @@ impl ProxyArgs {
         c.report_interval = self.report_interval;
         c.unlimited_paths = self.unlimited_paths.clone();
         c.forward.connect_timeout = self.connect_timeout;
+        c.forward.reuse_connections = self.reuse_upstream_connections;
         c.validate()?;
         Ok(c)
     }
