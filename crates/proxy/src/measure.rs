@@ -11,8 +11,9 @@
 //!   the end of the response body, for streamed responses with at least two
 //!   output tokens. Output tokens come from the response's own count
 //!   (`usage.completion_tokens`, TGI's `details.generated_tokens`,
-//!   llama.cpp's `tokens_predicted`, SGLang's `meta_info.completion_tokens`;
-//!   the last one seen wins), else the content events are counted. A
+//!   llama.cpp's `tokens_predicted` or `timings.predicted_n`, SGLang's
+//!   `meta_info.completion_tokens`; the last one seen wins), else the
+//!   content events are counted. A
 //!   non-streamed response has no observable decode time: no TPOT.
 //! * **Queue time**: from arrival to admission, separately.
 //!
@@ -69,6 +70,9 @@ struct Chunk<'a> {
     tokens_predicted: Option<u64>,
     #[serde(default)]
     tokens_evaluated: Option<u64>,
+    // llama.cpp's OpenAI-compatible streams: `timings` in the last chunk.
+    #[serde(default)]
+    timings: Option<LlamaTimings>,
     // TGI's native /generate_stream.
     #[serde(default)]
     token: Option<IgnoredAny>,
@@ -107,6 +111,14 @@ struct Usage {
     completion_tokens: Option<u64>,
     #[serde(default)]
     prompt_tokens: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct LlamaTimings {
+    #[serde(default)]
+    predicted_n: Option<u64>,
+    #[serde(default)]
+    prompt_n: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -159,11 +171,13 @@ pub fn classify(data: &[u8]) -> EventInfo {
             .and_then(|u| u.completion_tokens)
             .or(c.details.as_ref().and_then(|d| d.generated_tokens))
             .or(c.tokens_predicted)
-            .or(meta.and_then(|m| m.completion_tokens)),
+            .or(meta.and_then(|m| m.completion_tokens))
+            .or(c.timings.as_ref().and_then(|t| t.predicted_n)),
         prompt_tokens: usage
             .and_then(|u| u.prompt_tokens)
             .or(c.tokens_evaluated)
-            .or(meta.and_then(|m| m.prompt_tokens)),
+            .or(meta.and_then(|m| m.prompt_tokens))
+            .or(c.timings.as_ref().and_then(|t| t.prompt_n)),
     }
 }
 
@@ -610,6 +624,13 @@ mod tests {
         );
         let tgi = classify(br#"{"token":{"text":"."},"details":{"generated_tokens":7}}"#);
         assert_eq!(tgi.completion_tokens, Some(7));
+        let llama = classify(
+            br#"{"choices":[{"finish_reason":"length","index":0,"delta":{}}],"timings":{"prompt_n":29,"predicted_n":5}}"#,
+        );
+        assert_eq!(
+            (llama.content, llama.completion_tokens, llama.prompt_tokens),
+            (false, Some(5), Some(29))
+        );
     }
 
     #[test]
