@@ -27,7 +27,7 @@ if ! python3 -c 'import grpc_tools, grpc' >/dev/null 2>&1; then
 fi
 
 # llama.cpp's llama-server for the tests that run a real engine on the CPU
-# (tests/llama_cpp.rs): built from source once and cached under
+# (tests/llama_cpp.rs, tests/proxy.rs): built from source once and cached under
 # target/llama.cpp/ (README: "Run the tests"); a failed build stops here
 # with its reason.
 scripts/llama-server.sh >/dev/null

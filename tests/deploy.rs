@@ -6,8 +6,9 @@
 //! of every overlay succeeds against the fake API server (which serves
 //! discovery for every kind, the Prometheus Operator's and cert-manager's
 //! as CRDs). The CRD in `deploy/` is what `gpuscale crd` prints, the
-//! example autoscaler is valid and its Deployment declares the readiness
-//! gate, and the self-signed certificates of `deploy/scripts` serve TLS.
+//! example autoscaler is valid, its Deployment declares the readiness gate
+//! and runs the engine behind the request proxy, and the self-signed
+//! certificates of `deploy/scripts` serve TLS.
 
 mod kustomize;
 
@@ -530,4 +531,113 @@ async fn the_self_signed_certificates_of_deploy_scripts_serve_tls() {
         .expect("served over TLS to a client with the script's client certificate");
     assert!(listed.into_inner().workloads.is_empty());
     scaler.shutdown().await.unwrap();
+}
+
+/// The port of a `--flag=HOST:PORT` or `--flag=http://HOST:PORT` argument.
+fn flag_port(args: &[String], flag: &str) -> u64 {
+    let value = args
+        .iter()
+        .find_map(|a| a.strip_prefix(&format!("{flag}=")))
+        .unwrap_or_else(|| panic!("no {flag} in {args:?}"));
+    value
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{flag}={value} has no port"))
+}
+
+fn named_port(container: &Value, name: &str) -> u64 {
+    container["ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .and_then(|p| p["containerPort"].as_u64())
+        .unwrap_or_else(|| panic!("no port {name} on {}", container["name"]))
+}
+
+#[test]
+fn the_example_engine_runs_behind_the_proxy_as_a_native_sidecar() {
+    let text = std::fs::read_to_string(root().join("deploy/examples/vllm-llama3-8b.yaml")).unwrap();
+    let objs = docs(&text);
+    let pod = &find(&objs, "Deployment", "llama-8b")["spec"]["template"]["spec"];
+    let proxy = pod["initContainers"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "gpuscale-proxy"))
+        .expect("the proxy is an init container");
+    assert_eq!(proxy["restartPolicy"], "Always", "a native sidecar");
+    let args = strings(&proxy["args"]);
+    assert_eq!(args[0], "proxy");
+    assert_flags_exist("proxy", &args[1..]);
+    let mut help: Vec<&str> = args.iter().map(String::as_str).collect();
+    help.push("--help");
+    gpuscale(&help);
+
+    // Clients reach the proxy, the proxy the engine.
+    let engine = &pod["containers"][0];
+    assert_eq!(engine["name"], "vllm");
+    let service = find(&objs, "Service", "llama-8b");
+    let target = service["spec"]["ports"][0]["targetPort"].as_str().unwrap();
+    assert_eq!(named_port(proxy, target), flag_port(&args, "--listen"));
+    assert!(
+        engine["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["name"] != target),
+        "the Service must not reach the engine past the proxy"
+    );
+    assert_eq!(
+        flag_port(&args, "--upstream"),
+        named_port(engine, "engine"),
+        "the proxy forwards to the engine's port"
+    );
+
+    // Drain: readiness from the proxy, the engine stopped only after /drain.
+    let admin = named_port(proxy, "proxy-admin");
+    assert_eq!(admin, flag_port(&args, "--admin-addr"));
+    assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let pre_stop = &engine["lifecycle"]["preStop"]["httpGet"];
+    assert_eq!(pre_stop["path"], "/drain");
+    assert_eq!(pre_stop["port"].as_u64(), Some(admin));
+    let drain = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--drain-timeout="))
+        .and_then(|d| gpuscale_core::time::parse_duration(d).ok())
+        .expect("--drain-timeout");
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        drain.as_secs() < grace,
+        "the preStop drain fits the grace period"
+    );
+
+    // The agent's socket: the path the agent DaemonSet serves.
+    let socket = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--agent=unix:"))
+        .expect("--agent=unix:PATH");
+    let agent = kustomize::overlay("dev");
+    let agent = find(&agent, "DaemonSet", "gpuscale-agent");
+    let agent_args = strings(&agent["spec"]["template"]["spec"]["containers"][0]["args"]);
+    assert!(
+        agent_args.contains(&format!("--serving-addr=unix:{socket}")),
+        "{agent_args:?}"
+    );
+    let dir = std::path::Path::new(socket).parent().unwrap();
+    let mount = proxy["volumeMounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["mountPath"] == dir.to_str().unwrap()))
+        .expect("the socket's directory is mounted");
+    let volume = pod["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == mount["name"]))
+        .expect("its volume");
+    assert_eq!(volume["hostPath"]["path"], dir.to_str().unwrap());
+    let names: Vec<&str> = env_names(proxy);
+    assert!(names.contains(&"POD_NAME") && names.contains(&"POD_NAMESPACE"));
+}
+
+fn env_names(container: &Value) -> Vec<&str> {
+    container["env"]
+        .as_array()
+        .map(|e| e.iter().filter_map(|e| e["name"].as_str()).collect())
+        .unwrap_or_default()
 }

@@ -10,7 +10,8 @@
 //! * passes args whose every flag and value the binary accepts (`gpuscale
 //!   ARGS --help` parses all of them before it prints help);
 //! * started as rendered (its args and env; listen addresses moved to free
-//!   loopback ports, in-cluster Service URLs to the listener behind the
+//!   loopback ports, unix sockets into a temporary directory, in-cluster
+//!   Service URLs to the listener behind the
 //!   Service, the Kubernetes API a fake API server holding the rendered CRD
 //!   and Namespace; mounted volumes as the kubelet fills them: the serving
 //!   certificate's Secret and the CA ConfigMap from a test CA, the projected
@@ -702,6 +703,13 @@ async fn start_as_rendered_and_probe(overlay: &str) {
                 };
                 if let Some(p) = bind_port(&value) {
                     return format!("{flag}127.0.0.1:{}", local_port(&ports, c, p));
+                }
+                // A unix socket (in a hostPath directory): one of this run's.
+                if let Some(name) = value
+                    .strip_prefix("unix:")
+                    .and_then(|p| Path::new(p).file_name())
+                {
+                    return format!("{flag}unix:{}", dir.path().join(name).display());
                 }
                 if let Some((scheme, name, ns, port, path)) = service_url(&value) {
                     let (target, p) = behind_service(&objs, &all, &name, &ns, port);

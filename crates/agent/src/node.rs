@@ -593,6 +593,13 @@ async fn serve_push(
             }
             let listener =
                 tokio::net::UnixListener::bind(path).map_err(|e| listen_error(shown.clone(), e))?;
+            // Request proxies in inference pods run as other users: who may
+            // connect is decided by who may mount the socket's directory.
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+                    .map_err(|e| listen_error(shown.clone(), e))?;
+            }
             tracing::info!(addr = %shown, "ServingService listening");
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             let task = tokio::spawn(async move {
@@ -1009,5 +1016,28 @@ mod tests {
         }
         let e = parse(&["--once", "--warmup", "sometimes"]).expect_err("not a mode");
         assert!(e.to_string().contains("completion"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_serving_socket_admits_other_users() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("serving.sock");
+        let (service, _source, _limits) = push_source(PushConfig::default()).expect("valid");
+        let (stop, rx) = watch::channel(false);
+        let (_, task) = serve_push(&ServingAddr::Unix(path.clone()), service, rx)
+            .await
+            .expect("listens");
+        let mode = std::fs::metadata(&path)
+            .expect("the socket")
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o666,
+            "a proxy running as another user may connect"
+        );
+        stop.send_replace(true);
+        task.await.expect("stops");
     }
 }
