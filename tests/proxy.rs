@@ -26,7 +26,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use support::eventually;
 use support::llama_server::{self, LlamaServer, LlamaServerOptions};
 use tokio::time::Instant;
@@ -160,28 +160,30 @@ struct Answer {
 /// proxy, measuring as a client: TTFT from the moment the request is sent to
 /// the first event with content, TPOT from that event to the end of the
 /// body over the stated output tokens after the first.
+///
+/// A blocking socket on its own thread, connected before the clock starts
+/// (as a client with a kept-alive connection), timing each read as the
+/// kernel hands it over; HTTP/1.0, so the body is the raw event stream up to
+/// the connection's end.
 async fn chat(proxy: SocketAddr, max_tokens: u64) -> Answer {
+    tokio::task::spawn_blocking(move || chat_blocking(proxy, max_tokens))
+        .await
+        .unwrap()
+}
+
+fn chat_blocking(proxy: SocketAddr, max_tokens: u64) -> Answer {
+    use std::io::{Read, Write};
     let body = format!(
         "{{\"model\":\"tiny-llama\",\"stream\":true,\"stream_options\":{{\"include_usage\":true}},\"ignore_eos\":true,\"max_tokens\":{max_tokens},\"messages\":[{{\"role\":\"user\",\"content\":\"Tell me a story.\"}}]}}"
     );
-    let req = Request::post(format!("http://{proxy}/v1/chat/completions"))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(full(body))
-        .unwrap();
-    // Connected first, as a client with a kept-alive connection is: the
-    // clock starts when the request is sent.
-    let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nHost: {proxy}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = std::net::TcpStream::connect(proxy).unwrap();
     stream.set_nodelay(true).unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let started = Instant::now();
-    let resp = send.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = resp.into_body();
-    let mut buf: Vec<u8> = Vec::new();
-    let mut first = None;
+    let started = std::time::Instant::now();
+    stream.write_all(request.as_bytes()).unwrap();
     let mut a = Answer {
         ttft: 0.0,
         tpot: 0.0,
@@ -190,14 +192,26 @@ async fn chat(proxy: SocketAddr, max_tokens: u64) -> Answer {
         usage_tokens: 0,
         finish_reason: None,
         done: false,
-        ended: started,
+        ended: Instant::now(),
     };
-    while let Some(frame) = body.frame().await {
-        let at = Instant::now();
-        let Ok(data) = frame.unwrap().into_data() else {
-            continue;
-        };
-        buf.extend_from_slice(&data);
+    let mut first = None;
+    let mut head: Option<String> = None;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = stream.read(&mut chunk).unwrap();
+        let at = std::time::Instant::now();
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if head.is_none() {
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let h: Vec<u8> = buf.drain(..end + 4).collect();
+            head = Some(String::from_utf8(h).unwrap());
+        }
         while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = buf.drain(..end + 2).collect();
             let event = String::from_utf8(event).unwrap();
@@ -222,10 +236,13 @@ async fn chat(proxy: SocketAddr, max_tokens: u64) -> Answer {
             }
         }
     }
-    a.ended = Instant::now();
+    let ended = std::time::Instant::now();
+    let head = head.expect("a response head");
+    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
     let first = first.expect("a token");
+    a.ended = Instant::from_std(ended);
     a.ttft = (first - started).as_secs_f64();
-    a.tpot = (a.ended - first).as_secs_f64() / (a.usage_tokens.max(2) - 1) as f64;
+    a.tpot = (ended - first).as_secs_f64() / (a.usage_tokens.max(2) - 1) as f64;
     a
 }
 
