@@ -238,7 +238,10 @@ fn chat_blocking(proxy: SocketAddr, max_tokens: u64) -> Answer {
     }
     let ended = std::time::Instant::now();
     let head = head.expect("a response head");
-    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
     let first = first.expect("a token");
     a.ended = Instant::from_std(ended);
     a.ttft = (first - started).as_secs_f64();
