@@ -1,28 +1,31 @@
-//! Kubernetes HPA behaviour, exactly, as a pure library.
+//! Kubernetes HPA behaviour, exactly, as a pure library: the one
+//! implementation gpuscale has.
 //!
-//! The Horizontal Pod Autoscaler's normalisation of a recommendation —
-//! stabilization windows, `Pods`/`Percent` rate policies per period,
-//! `selectPolicy`, per-direction tolerance, and the legacy path used when an
-//! HPA has no `behavior` — re-implemented from
+//! The Horizontal Pod Autoscaler's proposals (`replica_calculator.go`, with
+//! the correction for unready and missing pods) and its normalisation of a
+//! recommendation — stabilization windows, `Pods`/`Percent` rate policies
+//! per period, `selectPolicy`, per-direction tolerance, and the legacy path
+//! used when an HPA has no `behavior` — re-implemented from
 //! `kubernetes/kubernetes pkg/controller/podautoscaler/horizontal.go` and
 //! `replica_calculator.go` (v1.33+, see REFERENCE.md §1.2), with `now` as an
 //! argument and the state in a value ([`BehaviorState`]) instead of on a
 //! controller struct.
 //!
-//! gpuscale's own policy runs its combined recommendation through
-//! [`BehaviorState::normalize`]; the simulator's HPA and KEDA baselines use
-//! the same code on plain metric-ratio proposals ([`plain_metric_proposal`],
-//! [`external_average_value_proposal`]).
+//! gpuscale's own policy and the proportional decider run their
+//! recommendations through [`BehaviorState::normalize`]; the simulator's HPA
+//! and KEDA baselines are an [`Hpa`] each, fed [`plain_metric_proposal`] or
+//! [`external_average_value_proposal`].
 //!
 //! ```
 //! use gpuscale_core::Timestamp;
-//! use gpuscale_policy::hpa::{plain_metric_proposal, Behavior, BehaviorState};
+//! use gpuscale_policy::hpa::{plain_metric_proposal, Behavior, BehaviorState, PodMetric};
 //!
 //! let behavior = Behavior::hpa_default();
 //! let mut state = BehaviorState::default();
 //! let now = Timestamp::from_millis(0);
 //! // 4 ready pods at 90% CPU against a 50% target: proposal ceil(1.8 × 4) = 8.
-//! let proposal = plain_metric_proposal(90.0 / 50.0, 4, 4, 0.1, 0.1);
+//! let pods = [PodMetric::Ready(90.0); 4];
+//! let proposal = plain_metric_proposal(&pods, 50.0, 4, 0.1, 0.1).expect("ready pods");
 //! let out = state.normalize(&behavior, now, 4, proposal, 1, 10);
 //! assert_eq!(out.desired, 8); // within max(4 pods, 100%) per 15 s
 //! state.record_scale_event(now, 4, out.desired);
@@ -141,6 +144,14 @@ impl Behavior {
             scale_down: ScalingRules::hpa_default_scale_down(),
         }
     }
+
+    /// The defaults with stabilization windows `up_s` and `down_s`.
+    pub fn hpa_default_with_windows(up_s: u32, down_s: u32) -> Self {
+        let mut b = Self::hpa_default();
+        b.scale_up.stabilization_window_s = up_s;
+        b.scale_down.stabilization_window_s = down_s;
+        b
+    }
 }
 
 /// Whether a usage ratio proposes no change: `1 − tol_down ≤ r ≤ 1 + tol_up`.
@@ -148,32 +159,79 @@ pub fn within_tolerance(ratio: f64, tol_up: f64, tol_down: f64) -> bool {
     (1.0 - tol_down) <= ratio && ratio <= 1.0 + tol_up
 }
 
-/// The HPA proposal for a `Resource`/`Pods` metric (or `Object`/`External`
-/// `Value`) with usage ratio `ratio = metric / target` measured over `ready`
-/// pods: `current` if the ratio is within tolerance, else `ceil(ratio × ready)`.
-/// At `current == 0` (scale-to-zero targets) the proposal is `ceil(ratio)`
-/// without tolerance. Non-finite or negative ratios propose `current`.
-///
-/// This is the plain path of `replica_calculator.go` without the correction
-/// for unready and missing pods (the caller groups pods and fills missing
-/// ones if it models them).
+/// One pod's metric sample as the HPA groups it (`groupPods`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PodMetric {
+    /// A pod counted ready, with its value.
+    Ready(f64),
+    /// A pod counted unready (e.g. phase Pending, or not Ready yet).
+    Unready,
+    /// A pod with no sample.
+    Missing,
+}
+
+/// The HPA proposal for a `Pods` (or `Resource` `AverageValue`) metric with
+/// target `target` per pod: `calcPlainMetricReplicas` of
+/// `replica_calculator.go`, with its correction for unready and missing
+/// pods. The usage ratio is taken over ready pods; within tolerance and with
+/// no unready or missing pod to correct for, `current`; else missing pods
+/// are filled with the target (scale-down) or 0 (scale-up), unready pods
+/// with 0 on a scale-up, and the ratio is taken again: `current` if it is
+/// now within tolerance or the direction reversed, else
+/// `ceil(ratio × pods)` unless that, too, reverses the direction. `None`
+/// when no pod is ready with a metric (the HPA then does not scale), or
+/// when the target is not a positive finite number.
 pub fn plain_metric_proposal(
-    ratio: f64,
+    pods: &[PodMetric],
+    target: f64,
     current: u32,
-    ready: u32,
     tol_up: f64,
     tol_down: f64,
-) -> u32 {
-    if !ratio.is_finite() || ratio < 0.0 {
-        return current;
+) -> Option<u32> {
+    if !(target.is_finite() && target > 0.0) {
+        return None;
     }
-    if current == 0 {
-        return ceil_u32(ratio);
+    let (mut sum, mut ready, mut unready, mut missing) = (0.0, 0usize, 0usize, 0usize);
+    for p in pods {
+        match p {
+            PodMetric::Ready(v) => {
+                sum += v;
+                ready += 1;
+            }
+            PodMetric::Unready => unready += 1,
+            PodMetric::Missing => missing += 1,
+        }
     }
-    if within_tolerance(ratio, tol_up, tol_down) {
-        return current;
+    if ready == 0 || !sum.is_finite() {
+        return None;
     }
-    ceil_u32(ratio * f64::from(ready))
+    let ratio = sum / ready as f64 / target;
+    let scale_up_with_unready = unready > 0 && ratio > 1.0;
+    if !scale_up_with_unready && missing == 0 {
+        if within_tolerance(ratio, tol_up, tol_down) {
+            return Some(current);
+        }
+        return Some(ceil_u32(ratio * ready as f64));
+    }
+    let mut counted = ready + missing;
+    if ratio < 1.0 {
+        sum += target * missing as f64;
+    }
+    if scale_up_with_unready {
+        counted += unready;
+    }
+    let new_ratio = sum / counted as f64 / target;
+    if within_tolerance(new_ratio, tol_up, tol_down)
+        || (ratio > 1.0 && new_ratio < 1.0)
+        || (ratio < 1.0 && new_ratio > 1.0)
+    {
+        return Some(current);
+    }
+    let n = ceil_u32(new_ratio * counted as f64);
+    if (new_ratio < 1.0 && n > current) || (new_ratio > 1.0 && n < current) {
+        return Some(current);
+    }
+    Some(n)
 }
 
 /// The HPA proposal for an `External` (or `Object`) metric with an
@@ -593,14 +651,49 @@ fn clamp_u32(x: i64) -> u32 {
     x.clamp(0, i64::from(u32::MAX)) as u32
 }
 
-/// The full HPA reconcile of one target at one sync, behaviour path
-/// (`reconcileAutoscaler` steps 1–5): handles `current == 0` with `min > 0`
-/// (scaling disabled), `current` outside `[min, max]`, then normalises the
-/// metric proposal. Returns the count to set and records a scale event when
-/// it differs from `current`.
+/// How an HPA normalises its recommendation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum Normalization {
+    /// No `behavior`: the controller's downscale stabilization (the
+    /// `--horizontal-pod-autoscaler-downscale-stabilization` flag, 300 s by
+    /// default) and the `max(2·N, 4)` scale-up limit.
+    Legacy { downscale_stabilization_s: u32 },
+    /// With `behavior`.
+    Behavior(Behavior),
+}
+
+/// The full HPA reconcile of one target at one sync, behaviour path, or the
+/// legacy path (with the default 300 s window) when `behavior` is `None`;
+/// see [`Hpa::reconcile`].
 pub fn reconcile(
     state: &mut BehaviorState,
     behavior: Option<&Behavior>,
+    now: Timestamp,
+    current: u32,
+    proposal: u32,
+    min: u32,
+    max: u32,
+) -> Normalized {
+    let normalization = match behavior {
+        Some(b) => NormalizationRef::Behavior(b),
+        None => NormalizationRef::Legacy(HPA_DOWNSCALE_STABILIZATION_S),
+    };
+    reconcile_with(state, normalization, now, current, proposal, min, max)
+}
+
+#[derive(Clone, Copy)]
+enum NormalizationRef<'a> {
+    Legacy(u32),
+    Behavior(&'a Behavior),
+}
+
+/// `reconcileAutoscaler` steps 1–5: handles `current == 0` with `min > 0`
+/// (scaling disabled), `current` outside `[min, max]`, then normalises the
+/// metric proposal. Records a scale event (behaviour path) when the count
+/// to set differs from `current`.
+fn reconcile_with(
+    state: &mut BehaviorState,
+    normalization: NormalizationRef<'_>,
     now: Timestamp,
     current: u32,
     proposal: u32,
@@ -627,22 +720,115 @@ pub fn reconcile(
             ..plain(min)
         }
     } else {
-        match behavior {
-            Some(b) => state.normalize(b, now, current, proposal, min, max),
-            None => state.normalize_legacy(
-                now,
-                HPA_DOWNSCALE_STABILIZATION_S,
-                current,
-                proposal,
-                min,
-                max,
-            ),
+        match normalization {
+            NormalizationRef::Behavior(b) => state.normalize(b, now, current, proposal, min, max),
+            NormalizationRef::Legacy(window_s) => {
+                state.normalize_legacy(now, window_s, current, proposal, min, max)
+            }
         }
     };
-    if out.desired != current && !(current == 0 && min != 0) && behavior.is_some() {
-        state.record_scale_event_with(behavior, now, current, out.desired);
+    if let NormalizationRef::Behavior(b) = normalization
+        && out.desired != current
+        && !(current == 0 && min != 0)
+    {
+        state.record_scale_event_with(Some(b), now, current, out.desired);
     }
     out
+}
+
+/// One HorizontalPodAutoscaler and its controller's state for its target:
+/// bounds, tolerances and normalisation, with the proposals of
+/// `replica_calculator.go`. The simulator's HPA and KEDA baselines run on it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hpa {
+    pub min: u32,
+    pub max: u32,
+    pub tolerance_up: f64,
+    pub tolerance_down: f64,
+    pub normalization: Normalization,
+    #[serde(skip)]
+    state: BehaviorState,
+}
+
+impl Hpa {
+    /// An HPA with the default tolerance (0.1) both ways.
+    pub fn new(min: u32, max: u32, normalization: Normalization) -> Self {
+        Self {
+            min,
+            max,
+            tolerance_up: HPA_DEFAULT_TOLERANCE,
+            tolerance_down: HPA_DEFAULT_TOLERANCE,
+            normalization,
+            state: BehaviorState::default(),
+        }
+    }
+
+    /// Whether the usage ratio `r` proposes no change (`isWithin`).
+    pub fn within(&self, r: f64) -> bool {
+        within_tolerance(r, self.tolerance_up, self.tolerance_down)
+    }
+
+    /// [`plain_metric_proposal`] with this HPA's tolerances.
+    pub fn plain_metric_proposal(
+        &self,
+        current: u32,
+        pods: &[PodMetric],
+        target: f64,
+    ) -> Option<u32> {
+        plain_metric_proposal(
+            pods,
+            target,
+            current,
+            self.tolerance_up,
+            self.tolerance_down,
+        )
+    }
+
+    /// [`external_average_value_proposal`] with this HPA's tolerances.
+    pub fn external_average_value_proposal(
+        &self,
+        total: f64,
+        target: f64,
+        status_replicas: u32,
+    ) -> u32 {
+        external_average_value_proposal(
+            total,
+            target,
+            status_replicas,
+            self.tolerance_up,
+            self.tolerance_down,
+        )
+    }
+
+    /// One reconcile at `now` with `current = spec.replicas` and the largest
+    /// valid metric proposal (`None`: no valid metric, so no change once the
+    /// bounds are satisfied). Returns the count to set (`current` for no
+    /// change).
+    pub fn reconcile(&mut self, now: Timestamp, current: u32, proposal: Option<u32>) -> u32 {
+        let in_bounds =
+            !(current == 0 && self.min != 0) && current <= self.max && current >= self.min;
+        let proposal = match proposal {
+            Some(p) => p,
+            None if in_bounds => return current,
+            None => current,
+        };
+        let normalization = match &self.normalization {
+            Normalization::Behavior(b) => NormalizationRef::Behavior(b),
+            Normalization::Legacy {
+                downscale_stabilization_s,
+            } => NormalizationRef::Legacy(*downscale_stabilization_s),
+        };
+        reconcile_with(
+            &mut self.state,
+            normalization,
+            now,
+            current,
+            proposal,
+            self.min,
+            self.max,
+        )
+        .desired
+    }
 }
 
 #[cfg(test)]
@@ -658,10 +844,96 @@ mod tests {
         assert!(within_tolerance(1.1, 0.1, 0.1));
         assert!(within_tolerance(0.9, 0.1, 0.1));
         assert!(!within_tolerance(1.1000001, 0.1, 0.1));
-        assert_eq!(plain_metric_proposal(1.05, 4, 4, 0.1, 0.1), 4);
-        assert_eq!(plain_metric_proposal(1.5, 4, 4, 0.1, 0.1), 6);
-        assert_eq!(plain_metric_proposal(0.5, 4, 4, 0.1, 0.1), 2);
-        assert_eq!(plain_metric_proposal(2.5, 0, 0, 0.1, 0.1), 3);
+        let at = |v: f64| [PodMetric::Ready(v); 4];
+        assert_eq!(
+            plain_metric_proposal(&at(105.0), 100.0, 4, 0.1, 0.1),
+            Some(4)
+        );
+        assert_eq!(
+            plain_metric_proposal(&at(150.0), 100.0, 4, 0.1, 0.1),
+            Some(6)
+        );
+        assert_eq!(
+            plain_metric_proposal(&at(50.0), 100.0, 4, 0.1, 0.1),
+            Some(2)
+        );
+        assert_eq!(plain_metric_proposal(&[], 100.0, 0, 0.1, 0.1), None);
+        assert_eq!(plain_metric_proposal(&at(50.0), 0.0, 4, 0.1, 0.1), None);
+    }
+
+    #[test]
+    fn missing_pods_count_at_the_target_on_scale_down_and_unready_as_zero_on_scale_up() {
+        // Ready 20 and 20 against 80 (ratio 0.25), one missing: filled with
+        // 80 → (20+20+80)/3/80 = 0.5 → ceil(0.5·3) = 2.
+        let pods = [
+            PodMetric::Ready(20.0),
+            PodMetric::Ready(20.0),
+            PodMetric::Missing,
+        ];
+        assert_eq!(plain_metric_proposal(&pods, 80.0, 3, 0.1, 0.1), Some(2));
+        // Scale-up with an unready pod: it counts as 0 → (160+160+0)/3/80 =
+        // 1.33 → ceil(1.33·3) = 4.
+        let pods = [
+            PodMetric::Ready(160.0),
+            PodMetric::Ready(160.0),
+            PodMetric::Unready,
+        ];
+        assert_eq!(plain_metric_proposal(&pods, 80.0, 3, 0.1, 0.1), Some(4));
+        // A correction that reverses the direction proposes no change: ready
+        // at 90 (ratio 1.125) with one missing pod, filled with 0 on a
+        // scale-up → 0.75 < 1: keep 3.
+        let pods = [
+            PodMetric::Ready(90.0),
+            PodMetric::Ready(90.0),
+            PodMetric::Missing,
+        ];
+        assert_eq!(plain_metric_proposal(&pods, 80.0, 3, 0.1, 0.1), Some(3));
+        // No ready pod: no proposal, the HPA does not scale.
+        let pods = [PodMetric::Unready, PodMetric::Missing];
+        assert_eq!(plain_metric_proposal(&pods, 80.0, 2, 0.1, 0.1), None);
+    }
+
+    #[test]
+    fn an_hpa_enforces_its_bounds_before_its_metric() {
+        let mut h = Hpa::new(2, 5, Normalization::Behavior(Behavior::hpa_default()));
+        assert_eq!(h.reconcile(t(0), 7, None), 5);
+        assert_eq!(h.reconcile(t(15), 1, None), 2);
+        // No metric inside the bounds: no change.
+        assert_eq!(h.reconcile(t(30), 3, None), 3);
+        // Scaling disabled: 0 replicas with minReplicas > 0 stays 0.
+        assert_eq!(h.reconcile(t(45), 0, Some(4)), 0);
+    }
+
+    #[test]
+    fn an_hpa_rate_policy_counts_its_own_scale_events() {
+        let mut b = Behavior::hpa_default();
+        b.scale_up.policies = vec![ScalingPolicy {
+            kind: ScalingPolicyKind::Pods,
+            value: 1,
+            period_s: 60,
+        }];
+        let mut h = Hpa::new(1, 100, Normalization::Behavior(b));
+        assert_eq!(h.reconcile(t(0), 2, Some(9)), 3);
+        // Within the 60 s period the one-pod budget is spent.
+        assert_eq!(h.reconcile(t(15), 3, Some(9)), 3);
+        assert_eq!(h.reconcile(t(61), 3, Some(9)), 4);
+    }
+
+    #[test]
+    fn an_hpa_without_behavior_holds_the_max_of_its_window_and_limits_scale_up() {
+        let mut h = Hpa::new(
+            1,
+            100,
+            Normalization::Legacy {
+                downscale_stabilization_s: 300,
+            },
+        );
+        // From 2 replicas a proposal of 10 is limited to max(2·2, 4) = 4.
+        assert_eq!(h.reconcile(t(0), 2, Some(10)), 4);
+        // A later proposal of 3 is held at the 300 s max (10, capped at 8).
+        assert_eq!(h.reconcile(t(15), 4, Some(3)), 8);
+        // After the window, the low proposal wins.
+        assert_eq!(h.reconcile(t(316), 8, Some(3)), 3);
     }
 
     #[test]

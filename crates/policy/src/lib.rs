@@ -12,6 +12,9 @@
 //! * [`hpa`]: Kubernetes HPA behaviour, exact, for our policy and for the
 //!   simulator's HPA/KEDA baselines.
 //! * [`refine`]: online refinement of the model, with its confidence.
+//! * [`victim`]: which replicas a scale-in removes.
+//! * [`proportional`]: the proportional decider (replicas from tokens per
+//!   second, for workloads without a performance model).
 //! * [`policy`]: [`Policy`], which combines all of the above per workload.
 //!
 //! Not here: talking to Kubernetes, engines or Prometheus, and any notion of
@@ -50,6 +53,7 @@ pub mod hpa;
 pub mod observation;
 pub mod perf;
 pub mod policy;
+pub mod proportional;
 pub mod refine;
 pub mod schedule;
 pub mod sizing;

@@ -30,7 +30,9 @@ fn run(behavior: Option<&Behavior>, series: &[Sync]) {
     let mut current = 2u32;
     for s in series {
         let now = Timestamp::from_millis(s.t * 1000);
-        let proposal = hpa::plain_metric_proposal(s.utilization / 50.0, current, current, 0.1, 0.1);
+        let pods = vec![hpa::PodMetric::Ready(s.utilization); current as usize];
+        let proposal = hpa::plain_metric_proposal(&pods, 50.0, current, 0.1, 0.1)
+            .expect("every pod is ready with a metric");
         let out = hpa::reconcile(&mut state, behavior, now, current, proposal, 1, 10);
         assert_eq!(
             out.desired, s.desired,

@@ -252,23 +252,9 @@ pub enum DeciderConfig {
     Proportional(ProportionalConfig),
 }
 
-/// The proportional rule's parameters (validated).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ProportionalConfig {
-    /// Generated tokens per second one replica sustains.
-    pub capacity_tokens_per_second: f64,
-    /// Fraction of the capacity to run at, 0 < t ≤ 1.
-    pub target_utilization: f64,
-    pub min_replicas: u32,
-    pub max_replicas: u32,
-    /// Scale-in follows the highest recommendation within this window.
-    pub scale_down_stabilization: Duration,
-    /// No change while desired/current is within 1 ± tolerance.
-    pub tolerance: f64,
-    /// Telemetry older than this holds the count.
-    pub stale_after: Duration,
-    pub advisory: bool,
-}
+/// The proportional rule's parameters (validated); the rule is the policy
+/// crate's ([`gpuscale_policy::proportional`]).
+pub use gpuscale_policy::proportional::ProportionalConfig;
 
 // ---------------------------------------------------------------------------
 // The file.

@@ -26,23 +26,23 @@
 //! implementation: the full policy ([`gpuscale_policy::Policy`]) when the
 //! workload has a policy spec, or [`ProportionalDecider`] (replicas
 //! proportional to generated tokens per second against a per-replica
-//! capacity) when it has a `proportional` section.
+//! capacity) when it has a `proportional` section. Both live in the policy
+//! crate: no decision logic is written here.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use gpuscale_core::{PodRef, Timestamp, WorkloadRef};
-use gpuscale_policy::{
-    Action, Decision, Observation, Policy, Recommendation, ReplicaState, Source,
-};
+use gpuscale_policy::proportional::ProportionalDecider;
+use gpuscale_policy::{Action, Decision, Observation, Policy, ReplicaState};
 use gpuscale_proto::Directive;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::actuate::{Actuator, TargetObservation};
 use crate::clock::Clock;
-use crate::config::{DeciderConfig, EngineSelector, ProportionalConfig, WorkloadDef};
+use crate::config::{DeciderConfig, EngineSelector, WorkloadDef};
 use crate::metrics::ScalerMetrics;
 use crate::observe;
 use crate::state::Command;
@@ -72,190 +72,10 @@ pub fn build_decider(config: &DeciderConfig) -> Box<dyn Decider> {
     }
 }
 
-/// Replicas proportional to demand in generated tokens per second:
-/// `ceil(demand / (capacity · target utilization))`, within bounds, with a
-/// tolerance band and HPA-style scale-down stabilization (scale in only to
-/// the highest recommendation of the stabilization window). Demand is the
-/// larger of the measured generation rate and the offered load (arrival rate
-/// × mean output tokens), so a saturated fleet, whose generation rate is
-/// capped, still sees its queue. Missing or stale telemetry holds the count.
-#[derive(Debug, Clone)]
-pub struct ProportionalDecider {
-    config: ProportionalConfig,
-    history: VecDeque<(Timestamp, u32)>,
-}
-
-impl ProportionalDecider {
-    pub fn new(config: ProportionalConfig) -> Self {
-        Self {
-            config,
-            history: VecDeque::new(),
-        }
-    }
-}
-
 impl Decider for ProportionalDecider {
-    fn decide(&mut self, now: Timestamp, obs: &Observation) -> Decision {
-        let c = &self.config;
-        let current = obs.replicas.current;
-        let bound = |n: u32| n.clamp(c.min_replicas, c.max_replicas);
-        let mut limits = Vec::new();
-        let fresh = obs
-            .telemetry_at
-            .is_some_and(|t| now.secs_since(t) <= c.stale_after.as_secs_f64());
-        let offered = match (obs.load.arrival_rate_rps, obs.load.mean_output_tokens) {
-            (Some(a), Some(o)) => Some(a * o),
-            _ => None,
-        };
-        let demand = match (obs.load.generation_tokens_per_second, offered) {
-            (Some(g), Some(o)) => Some(g.max(o)),
-            (g, o) => g.or(o),
-        };
-        let per_replica = c.capacity_tokens_per_second * c.target_utilization;
-        let (recommendation, winner) = match demand {
-            Some(demand) if fresh => {
-                let raw = (demand / per_replica)
-                    .ceil()
-                    .clamp(0.0, f64::from(u32::MAX)) as u32;
-                (
-                    Recommendation {
-                        source: Source::Reactive,
-                        replicas: Some(raw),
-                        reason: format!(
-                            "{demand:.0} tokens/s over {per_replica:.0} tokens/s per replica ({:.0} × {:.0}%)",
-                            c.capacity_tokens_per_second,
-                            c.target_utilization * 100.0
-                        ),
-                    },
-                    Source::Reactive,
-                )
-            }
-            _ => (
-                Recommendation {
-                    source: Source::Hold,
-                    replicas: Some(current),
-                    reason: if fresh {
-                        "no token rate from the engines yet".into()
-                    } else {
-                        match obs.telemetry_at {
-                            None => "no telemetry".into(),
-                            Some(t) => format!("telemetry is {:.0} s old", now.secs_since(t)),
-                        }
-                    },
-                },
-                Source::Hold,
-            ),
-        };
-        let mut proposed = recommendation.replicas.unwrap_or(current);
-        if winner == Source::Reactive {
-            if current > 0 && proposed != current {
-                let ratio = f64::from(proposed) / f64::from(current);
-                if (ratio - 1.0).abs() <= c.tolerance {
-                    limits.push(format!(
-                        "tolerance: {proposed} is within {:.0}% of {current}",
-                        c.tolerance * 100.0
-                    ));
-                    proposed = current;
-                }
-            }
-            self.history.push_back((now, proposed));
-            let window_ms =
-                i64::try_from(c.scale_down_stabilization.as_millis()).unwrap_or(i64::MAX);
-            while self
-                .history
-                .front()
-                .is_some_and(|(t, _)| t.as_millis() < now.as_millis().saturating_sub(window_ms))
-            {
-                self.history.pop_front();
-            }
-            if proposed < current {
-                let highest = self
-                    .history
-                    .iter()
-                    .map(|(_, n)| *n)
-                    .max()
-                    .unwrap_or(proposed);
-                let stabilized = highest.min(current).max(proposed);
-                if stabilized != proposed {
-                    limits.push(format!(
-                        "scale-down stabilization: highest recommendation in {:?} is {stabilized}",
-                        c.scale_down_stabilization
-                    ));
-                    proposed = stabilized;
-                }
-            }
-        } else {
-            // Holding never scales in.
-            proposed = proposed.max(current);
-        }
-        let desired = bound(proposed);
-        if desired != proposed {
-            limits.push(format!(
-                "bounds: {proposed} clamped to {}..={}",
-                c.min_replicas, c.max_replicas
-            ));
-        }
-        let action = match desired.cmp(&current) {
-            std::cmp::Ordering::Greater => Action::ScaleUp,
-            std::cmp::Ordering::Less => Action::ScaleDown,
-            std::cmp::Ordering::Equal => Action::Hold,
-        };
-        let victims = if action == Action::ScaleDown {
-            victims(obs, (current - desired) as usize)
-        } else {
-            Vec::new()
-        };
-        Decision {
-            at: now,
-            current_replicas: current,
-            desired_replicas: desired,
-            batch_limit: None,
-            action,
-            winner,
-            recommendations: vec![recommendation],
-            limits_applied: limits,
-            victims,
-            model_confidence: 0.0,
-            advisory: c.advisory,
-            slo: gpuscale_core::SloAssessment::NONE,
-            inputs: serde_json::json!({
-                "generation_tokens_per_second": obs.load.generation_tokens_per_second,
-                "arrival_rate_rps": obs.load.arrival_rate_rps,
-                "mean_output_tokens": obs.load.mean_output_tokens,
-                "demand_tokens_per_second": demand,
-                "capacity_tokens_per_second": c.capacity_tokens_per_second,
-                "target_utilization": c.target_utilization,
-                "ready": obs.replicas.ready,
-                "telemetry_age_s": obs.telemetry_at.map(|t| now.secs_since(t)),
-            }),
-        }
+    fn decide(&mut self, now: Timestamp, observation: &Observation) -> Decision {
+        ProportionalDecider::decide(self, now, observation)
     }
-}
-
-/// Replicas to remove, best first: loading before ready (no work lost),
-/// then least work in flight; never protected ones.
-fn victims(obs: &Observation, n: usize) -> Vec<String> {
-    let mut candidates: Vec<_> = obs
-        .replica_samples
-        .iter()
-        .filter(|r| !r.protected && matches!(r.state, ReplicaState::Loading | ReplicaState::Ready))
-        .collect();
-    candidates.sort_by(|a, b| {
-        let work = |r: &gpuscale_policy::ReplicaObservation| {
-            r.requests_running.unwrap_or(0.0) + r.requests_waiting.unwrap_or(0.0)
-        };
-        let rank =
-            |r: &gpuscale_policy::ReplicaObservation| u8::from(r.state == ReplicaState::Ready);
-        rank(a)
-            .cmp(&rank(b))
-            .then(work(a).total_cmp(&work(b)))
-            .then(a.id.cmp(&b.id))
-    });
-    candidates
-        .into_iter()
-        .take(n)
-        .map(|r| r.id.clone())
-        .collect()
 }
 
 /// The workloads the decide loop decides for, by reference.
@@ -584,124 +404,5 @@ impl DecideLoop {
                 })
                 .await;
         }));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use gpuscale_policy::{LoadObservation, ReplicaCounts, ReplicaObservation};
-
-    use super::*;
-
-    fn config() -> ProportionalConfig {
-        ProportionalConfig {
-            capacity_tokens_per_second: 1_000.0,
-            target_utilization: 0.8,
-            min_replicas: 1,
-            max_replicas: 10,
-            scale_down_stabilization: Duration::from_secs(60),
-            tolerance: 0.1,
-            stale_after: Duration::from_secs(30),
-            advisory: false,
-        }
-    }
-
-    fn obs(at: i64, current: u32, tokens: Option<f64>) -> Observation {
-        Observation {
-            telemetry_at: Some(Timestamp::from_secs_f64(at as f64)),
-            replicas: ReplicaCounts {
-                current,
-                ready: current,
-                ..ReplicaCounts::default()
-            },
-            replica_samples: (0..current)
-                .map(|i| ReplicaObservation {
-                    id: format!("pod-{i}"),
-                    state: ReplicaState::Ready,
-                    protected: i == 0,
-                    created_at: None,
-                    requests_running: Some(20.0 - f64::from(i)),
-                    requests_waiting: Some(0.0),
-                    kv_cache_usage_ratio: None,
-                    mean_context_tokens: None,
-                    itl_mean_seconds: None,
-                    generation_tokens_per_second: None,
-                    batch_limit: None,
-                })
-                .collect(),
-            load: LoadObservation {
-                generation_tokens_per_second: tokens,
-                ..LoadObservation::default()
-            },
-            latency: Default::default(),
-        }
-    }
-
-    fn t(s: i64) -> Timestamp {
-        Timestamp::from_secs_f64(s as f64)
-    }
-
-    #[test]
-    fn scales_up_in_proportion_to_tokens_per_second() {
-        let mut d = ProportionalDecider::new(config());
-        let decision = d.decide(t(10), &obs(10, 2, Some(4_000.0)));
-        // 4000 / (1000 × 0.8) = 5.
-        assert_eq!(decision.desired_replicas, 5);
-        assert_eq!(decision.action, Action::ScaleUp);
-        assert!(
-            decision.summary().contains("reactive"),
-            "{}",
-            decision.summary()
-        );
-    }
-
-    #[test]
-    fn scale_in_is_held_inside_stabilization_window() {
-        let mut d = ProportionalDecider::new(config());
-        assert_eq!(
-            d.decide(t(0), &obs(0, 5, Some(4_000.0))).desired_replicas,
-            5
-        );
-        let low = d.decide(t(30), &obs(30, 5, Some(800.0)));
-        assert_eq!(low.desired_replicas, 5, "{:?}", low.limits_applied);
-        assert_eq!(low.action, Action::Hold);
-        // 61 s later the high recommendation left the window.
-        let later = d.decide(t(91), &obs(91, 5, Some(800.0)));
-        assert_eq!(later.desired_replicas, 1);
-        // Victims: least work first, never the protected pod-0.
-        assert_eq!(later.victims, vec!["pod-4", "pod-3", "pod-2", "pod-1"]);
-    }
-
-    #[test]
-    fn stale_or_missing_telemetry_never_scales_in() {
-        let mut d = ProportionalDecider::new(config());
-        let missing = d.decide(t(10), &obs(10, 4, None));
-        assert_eq!(
-            (missing.desired_replicas, missing.winner),
-            (4, Source::Hold)
-        );
-        let stale = d.decide(t(100), &obs(10, 4, Some(0.0)));
-        assert_eq!(stale.desired_replicas, 4);
-        assert!(stale.summary().contains("90 s old"), "{}", stale.summary());
-    }
-
-    #[test]
-    fn small_changes_stay_inside_the_tolerance_and_bounds_apply() {
-        let mut d = ProportionalDecider::new(ProportionalConfig {
-            max_replicas: 20,
-            ..config()
-        });
-        // 12.5 → 13 replicas' worth against 12 current: within 10%.
-        let within = d.decide(t(0), &obs(0, 12, Some(10_000.0)));
-        assert_eq!(within.desired_replicas, 12);
-        assert!(
-            within
-                .limits_applied
-                .iter()
-                .any(|l| l.starts_with("tolerance"))
-        );
-        let huge = d.decide(t(1), &obs(1, 12, Some(1e9)));
-        assert_eq!(huge.desired_replicas, 20);
-        assert!(huge.limits_applied.iter().any(|l| l.starts_with("bounds")));
     }
 }

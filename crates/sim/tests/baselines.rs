@@ -2,14 +2,12 @@
 //! REFERENCE.md §3.2 (and §1.2–§2.4 for the engines they sit on).
 
 use gpuscale_policy::PerfModel;
+use gpuscale_policy::hpa::{Behavior, Hpa, Normalization, PodMetric};
 use gpuscale_sim::autoscaler::{Autoscaler, ClusterView, FleetSample, PodView};
 use gpuscale_sim::baselines::aibrix::{Aibrix, AibrixVariant};
 use gpuscale_sim::baselines::aws::AwsPredictiveTargetTracking;
 use gpuscale_sim::baselines::dynamo::{
     DynamoLoadPlanner, DynamoSlaPlanner, IntervalObservation, LoadMode,
-};
-use gpuscale_sim::baselines::engines::{
-    Behavior, Hpa, Normalization, PodMetric, plain_metric_proposal,
 };
 use gpuscale_sim::baselines::hpa_gpu_util::HpaGpuUtil;
 use gpuscale_sim::baselines::keda_prometheus::KedaQueueTrigger;
@@ -149,17 +147,13 @@ fn b12_gpu_utilization_reads_busy_as_eighty_five_percent_and_scales_up() {
 fn e_hpa_plain_metric_fills_missing_pods_with_the_target_on_scale_down() {
     // Ready pods at 20 and 20 against 80 (ratio 0.25), one pod missing:
     // filled with 80 → new ratio (20+20+80)/3/80 = 0.5 → ceil(0.5·3) = 2.
-    let hpa = Hpa::new(
-        1,
-        10,
-        Normalization::Behavior(Behavior::kubernetes_default()),
-    );
+    let hpa = Hpa::new(1, 10, Normalization::Behavior(Behavior::hpa_default()));
     let pods = [
         PodMetric::Ready(20.0),
         PodMetric::Ready(20.0),
         PodMetric::Missing,
     ];
-    assert_eq!(plain_metric_proposal(&hpa, 3, &pods, 80.0), Some(2));
+    assert_eq!(hpa.plain_metric_proposal(3, &pods, 80.0), Some(2));
     // Scale-up with an unready pod: it counts as 0. Ready 160, 160; unready →
     // ratio (160+160+0)/3/80 = 1.33 → ceil(1.33·3) = 4.
     let pods = [
@@ -167,7 +161,7 @@ fn e_hpa_plain_metric_fills_missing_pods_with_the_target_on_scale_down() {
         PodMetric::Ready(160.0),
         PodMetric::Unready,
     ];
-    assert_eq!(plain_metric_proposal(&hpa, 3, &pods, 80.0), Some(4));
+    assert_eq!(hpa.plain_metric_proposal(3, &pods, 80.0), Some(4));
 }
 
 #[test]

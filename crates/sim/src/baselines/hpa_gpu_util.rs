@@ -19,9 +19,10 @@
 
 use serde_json::{Value, json};
 
-use super::engines::{Behavior, Hpa, Normalization, PodMetric, plain_metric_proposal};
 use crate::autoscaler::{Autoscaler, ClusterView, FleetSample, ScaleCommand};
 use crate::fleet::Lifecycle;
+use gpuscale_core::Timestamp;
+use gpuscale_policy::hpa::{Behavior, Hpa, Normalization, PodMetric};
 
 /// NVML duty cycle (percent) of a replica decoding a batch of `batch`.
 pub fn nvml_duty_pct(batch: f64) -> f64 {
@@ -75,7 +76,7 @@ impl HpaGpuUtil {
             hpa: Hpa::new(
                 min.max(1),
                 max,
-                Normalization::Behavior(Behavior::kubernetes_default()),
+                Normalization::Behavior(Behavior::hpa_default()),
             ),
             pods: Vec::new(),
             last_collect: -1,
@@ -168,8 +169,11 @@ impl Autoscaler for HpaGpuUtil {
             metrics.push(m);
         }
         let current = view.spec_replicas;
-        let proposal = plain_metric_proposal(&self.hpa, current, &metrics, self.target);
-        ScaleCommand::replicas(self.hpa.reconcile(view.now, current, proposal))
+        let proposal = self
+            .hpa
+            .plain_metric_proposal(current, &metrics, self.target);
+        let now = Timestamp::from_secs_f64(view.now);
+        ScaleCommand::replicas(self.hpa.reconcile(now, current, proposal))
     }
 }
 

@@ -16,11 +16,16 @@
 //!   `pollingInterval` 30 s, `cooldownPeriod` 300 s, legacy HPA path.
 //!
 //! Both read Prometheus (15 s scrape) at each 15 s HPA sync. `min` 1
-//! (recorded); `max` is the pool maximum of the comparison.
+//! (recorded); `max` is the pool maximum of the comparison. The HPA below
+//! KEDA is gpuscale's one HPA implementation ([`gpuscale_policy::hpa::Hpa`]);
+//! KEDA's own polling loop (§1.4: activation, 0 → `max(min, 1)`, → 0 after
+//! `cooldownPeriod`, `N < min → min`) is [`Keda`].
 
+use gpuscale_core::Timestamp;
+use gpuscale_policy::hpa::{Hpa, Normalization};
+use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::engines::{Hpa, Keda, Normalization, external_average_value_proposal};
 use crate::autoscaler::{Autoscaler, ClusterView, FleetSample, ScaleCommand};
 use crate::prometheus::MetricStore;
 
@@ -56,7 +61,7 @@ impl KedaQueueTrigger {
                 keda.hpa_min(),
                 max,
                 Normalization::Legacy {
-                    downscale_stabilization_s: 300.0,
+                    downscale_stabilization_s: 300,
                 },
             ),
             keda,
@@ -75,7 +80,7 @@ impl KedaQueueTrigger {
                 keda.hpa_min(),
                 max,
                 Normalization::Legacy {
-                    downscale_stabilization_s: 300.0,
+                    downscale_stabilization_s: 300,
                 },
             ),
             keda,
@@ -137,8 +142,79 @@ impl Autoscaler for KedaQueueTrigger {
         }
         let status_replicas = view.pending + view.loading + view.ready;
         let proposal =
-            external_average_value_proposal(&self.hpa, value, self.threshold, status_replicas);
-        let desired = self.hpa.reconcile(now, n, Some(proposal));
+            self.hpa
+                .external_average_value_proposal(value, self.threshold, status_replicas);
+        let desired = self
+            .hpa
+            .reconcile(Timestamp::from_secs_f64(now), n, Some(proposal));
         ScaleCommand::replicas(desired)
+    }
+}
+
+/// KEDA's polling loop for one ScaledObject.
+#[derive(Debug, Clone, Serialize)]
+pub struct Keda {
+    pub polling_s: f64,
+    pub cooldown_s: f64,
+    pub min: u32,
+    #[serde(skip)]
+    last_active: f64,
+    #[serde(skip)]
+    next_poll: f64,
+}
+
+impl Keda {
+    pub fn new(polling_s: f64, cooldown_s: f64, min: u32) -> Self {
+        Self {
+            polling_s,
+            cooldown_s,
+            min,
+            last_active: 0.0,
+            next_poll: 0.0,
+        }
+    }
+
+    /// The HPA's `minReplicas`: `max(minReplicaCount, 1)`.
+    pub fn hpa_min(&self) -> u32 {
+        self.min.max(1)
+    }
+
+    /// Whether a poll is due at `now`.
+    pub fn due(&self, now: f64) -> bool {
+        now >= self.next_poll
+    }
+
+    /// One poll at `now` with `current` replicas and whether any trigger is
+    /// active. Returns the replica count KEDA itself sets, if it sets one.
+    pub fn poll(&mut self, now: f64, current: u32, active: bool) -> Option<u32> {
+        self.next_poll = now + self.polling_s;
+        if active {
+            self.last_active = now;
+            if current == 0 {
+                return Some(self.min.max(1));
+            }
+            return None;
+        }
+        if current > 0 && self.min == 0 {
+            if self.last_active + self.cooldown_s < now {
+                return Some(0);
+            }
+        } else if current < self.min {
+            return Some(self.min);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keda_activates_from_zero_and_deactivates_after_cooldown() {
+        let mut k = Keda::new(15.0, 300.0, 0);
+        assert_eq!(k.poll(0.0, 0, true), Some(1));
+        assert_eq!(k.poll(15.0, 1, false), None);
+        assert_eq!(k.poll(301.0, 1, false), Some(0));
     }
 }

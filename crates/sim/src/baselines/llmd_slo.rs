@@ -22,12 +22,13 @@
 
 use std::collections::VecDeque;
 
+use gpuscale_core::Timestamp;
+use gpuscale_policy::hpa::{
+    Behavior, HPA_DEFAULT_TOLERANCE, Hpa, Normalization, ScalingPolicy, ScalingPolicyKind,
+    ScalingRules, SelectPolicy,
+};
 use serde_json::{Value, json};
 
-use super::engines::{
-    Behavior, Hpa, Normalization, RateKind, RatePolicy, Rules, Select,
-    external_average_value_proposal,
-};
 use crate::autoscaler::{Autoscaler, ClusterView, FleetSample, ScaleCommand};
 use crate::prometheus::{MetricStore, Which};
 use crate::stats::Slo;
@@ -47,30 +48,32 @@ pub struct LlmdSloAware {
 impl LlmdSloAware {
     pub fn new(slo: Slo, factor: f64, min: u32, max: u32) -> Self {
         let behavior = Behavior {
-            scale_up: Rules {
-                stabilization_s: 30.0,
-                select: Select::Max,
+            scale_up: ScalingRules {
+                stabilization_window_s: 30,
+                select_policy: SelectPolicy::Max,
                 policies: vec![
-                    RatePolicy {
-                        kind: RateKind::Percent,
+                    ScalingPolicy {
+                        kind: ScalingPolicyKind::Percent,
                         value: 100,
-                        period_s: 60.0,
+                        period_s: 60,
                     },
-                    RatePolicy {
-                        kind: RateKind::Pods,
+                    ScalingPolicy {
+                        kind: ScalingPolicyKind::Pods,
                         value: 4,
-                        period_s: 60.0,
+                        period_s: 60,
                     },
                 ],
+                tolerance: HPA_DEFAULT_TOLERANCE,
             },
-            scale_down: Rules {
-                stabilization_s: 180.0,
-                select: Select::Max,
-                policies: vec![RatePolicy {
-                    kind: RateKind::Pods,
+            scale_down: ScalingRules {
+                stabilization_window_s: 180,
+                select_policy: SelectPolicy::Max,
+                policies: vec![ScalingPolicy {
+                    kind: ScalingPolicyKind::Pods,
                     value: 1,
-                    period_s: 120.0,
+                    period_s: 120,
                 }],
+                tolerance: HPA_DEFAULT_TOLERANCE,
             },
         };
         Self {
@@ -158,12 +161,12 @@ impl Autoscaler for LlmdSloAware {
         let s = self.signal(view.now);
         let n = view.spec_replicas;
         let d = self.law(s, n, view.ready);
-        let proposal = external_average_value_proposal(
-            &self.hpa,
+        let proposal = self.hpa.external_average_value_proposal(
             f64::from(d),
             1.0,
             view.pending + view.loading + view.ready,
         );
-        ScaleCommand::replicas(self.hpa.reconcile(view.now, n, Some(proposal)))
+        let now = Timestamp::from_secs_f64(view.now);
+        ScaleCommand::replicas(self.hpa.reconcile(now, n, Some(proposal)))
     }
 }

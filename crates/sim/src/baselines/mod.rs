@@ -1,6 +1,8 @@
 //! Re-implementations of the autoscalers users would otherwise pick,
-//! specified in REFERENCE.md §3 (baselines B1–B14) and built on the shared
-//! E-HPA and E-KEDA engines ([`engines`]).
+//! specified in REFERENCE.md §3 (baselines B1–B14). Those that sit on a
+//! HorizontalPodAutoscaler (B1, B3, B5, B9, B12) run gpuscale's one HPA
+//! implementation, [`gpuscale_policy::hpa::Hpa`] (E-HPA of §3.1); KEDA's
+//! polling loop (E-KEDA) is [`keda_prometheus::Keda`].
 //!
 //! Every baseline runs with its anchor's defaults except its main target,
 //! which [`sweep`] varies (defaults included) so comparisons are frontier
@@ -26,7 +28,6 @@
 pub mod aibrix;
 pub mod aws;
 pub mod dynamo;
-pub mod engines;
 pub mod hpa_gpu_util;
 pub mod keda_prometheus;
 pub mod knative_kpa;

@@ -30,9 +30,10 @@
 
 use serde_json::{Value, json};
 
-use super::engines::{Behavior, Hpa, Normalization, external_average_value_proposal};
 use crate::autoscaler::{Autoscaler, ClusterView, FleetSample, ScaleCommand};
 use crate::prometheus::{MetricStore, OverTime};
+use gpuscale_core::Timestamp;
+use gpuscale_policy::hpa::{Behavior, Hpa, Normalization};
 
 /// WVA saturation V1 behind an HPA.
 #[derive(Debug, Clone)]
@@ -64,7 +65,7 @@ impl WvaSaturation {
             hpa: Hpa::new(
                 min.max(1),
                 max,
-                Normalization::Behavior(Behavior::default_with_windows(120.0, 120.0)),
+                Normalization::Behavior(Behavior::hpa_default_with_windows(120, 120)),
             ),
             wva_desired: None,
             next_reconcile: 0.0,
@@ -170,13 +171,13 @@ impl Autoscaler for WvaSaturation {
         }
         let current = view.spec_replicas;
         let proposal = self.wva_desired.map(|d| {
-            external_average_value_proposal(
-                &self.hpa,
+            self.hpa.external_average_value_proposal(
                 f64::from(d),
                 1.0,
                 view.pending + view.loading + view.ready,
             )
         });
-        ScaleCommand::replicas(self.hpa.reconcile(view.now, current, proposal))
+        let now = Timestamp::from_secs_f64(view.now);
+        ScaleCommand::replicas(self.hpa.reconcile(now, current, proposal))
     }
 }
