@@ -5,7 +5,8 @@
 //! implements it against `/scale` (with drain-before-delete and deletion
 //! cost); the demo implements it against its simulated fleet;
 //! [`LoggingActuator`] is what the scaler uses on its own, without a
-//! cluster: it logs and remembers the requested counts.
+//! cluster: it logs each new requested count and knows no target (the
+//! count to decide from is the engines that report).
 //!
 //! Draining is split: the scaler itself asks the victim's agent to drain the
 //! pod (the agent sets the readiness gate False, so routing stops); then it
@@ -81,8 +82,12 @@ pub trait Actuator: Send + Sync + 'static {
     ) -> ActuateFuture<'a, ()>;
 }
 
-/// The standalone actuator: no cluster to act on, so it logs each request
-/// and remembers the requested counts (which it then reports as current).
+/// The standalone actuator: no cluster to act on, so it logs each new
+/// requested count. It knows no target: the count to decide from is the
+/// workload's engines as their agents report them, never a count it asked
+/// for (nothing creates or removes pods without a cluster, so a requested
+/// count is not a count that exists; deciding from it would drain real
+/// pods on a scale-in from a count never reached).
 #[derive(Debug, Default)]
 pub struct LoggingActuator {
     replicas: Mutex<BTreeMap<WorkloadRef, u32>>,
@@ -104,21 +109,20 @@ impl LoggingActuator {
 }
 
 impl Actuator for LoggingActuator {
-    fn current_replicas<'a>(&'a self, workload: &'a WorkloadRef) -> ActuateFuture<'a, Option<u32>> {
-        let current = self.requested(workload);
-        Box::pin(async move { Ok(current) })
-    }
-
     fn set_replicas<'a>(
         &'a self,
         workload: &'a WorkloadRef,
         replicas: u32,
         decision: &'a Decision,
     ) -> ActuateFuture<'a, ()> {
-        self.replicas
+        let previous = self
+            .replicas
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(workload.clone(), replicas);
+        if previous == Some(replicas) {
+            return Box::pin(async { Ok(()) });
+        }
         tracing::info!(%workload, replicas, reason = %decision.summary(), "would scale (standalone: no cluster to act on)");
         Box::pin(async { Ok(()) })
     }

@@ -406,3 +406,169 @@ impl DecideLoop {
         }));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, VecDeque};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use gpuscale_core::sample::{EngineSample, EngineState, Framework};
+    use gpuscale_core::{NodeName, PodRef, Timestamp, WorkloadRef};
+    use gpuscale_policy::proportional::{ProportionalConfig, ProportionalDecider};
+    use gpuscale_policy::victim::choose_victims;
+    use gpuscale_policy::{Action, Decision, Observation};
+    use gpuscale_proto::Directive;
+    use tokio::sync::{mpsc, watch};
+
+    use super::{DecideLoop, Decider, WorkloadRegistry};
+    use crate::actuate::LoggingActuator;
+    use crate::clock::Clock;
+    use crate::config::{DeciderConfig, EngineSelector, WorkloadDef};
+    use crate::metrics::ScalerMetrics;
+    use crate::state::Command;
+    use crate::view::{EngineView, EngineWindowStats, NodeView, StateView};
+
+    fn proportional() -> ProportionalConfig {
+        ProportionalConfig {
+            capacity_tokens_per_second: 100.0,
+            target_utilization: 1.0,
+            min_replicas: 1,
+            max_replicas: 4,
+            scale_down_stabilization: Duration::ZERO,
+            tolerance: 0.0,
+            stale_after: Duration::from_secs(60),
+            advisory: false,
+        }
+    }
+
+    /// Asks for the counts of a script, one per tick, with the policy's
+    /// victim choice (the rest of the decision is the proportional rule's).
+    struct Scripted {
+        counts: VecDeque<u32>,
+        base: ProportionalDecider,
+    }
+
+    impl Decider for Scripted {
+        fn decide(&mut self, now: Timestamp, obs: &Observation) -> Decision {
+            let mut d = self.base.decide(now, obs);
+            let current = obs.replicas.current;
+            let desired = self.counts.pop_front().unwrap_or(current);
+            d.current_replicas = current;
+            d.desired_replicas = desired;
+            d.action = match desired.cmp(&current) {
+                std::cmp::Ordering::Greater => Action::ScaleUp,
+                std::cmp::Ordering::Less => Action::ScaleDown,
+                std::cmp::Ordering::Equal => Action::Hold,
+            };
+            d.victims = choose_victims(
+                &obs.replica_samples,
+                current.saturating_sub(desired) as usize,
+                now,
+                0.0,
+            );
+            d
+        }
+    }
+
+    /// One node with one warm engine (no cluster: nothing creates pods).
+    fn one_engine_view() -> StateView {
+        let mut s = EngineSample::empty(
+            PodRef::new("default", "only"),
+            Framework::Vllm,
+            "m",
+            Timestamp(100),
+        );
+        s.state = EngineState::Warm;
+        s.requests_running = Some(1.0);
+        s.requests_waiting = Some(0.0);
+        let engine = Arc::new(EngineView {
+            node: NodeName::new("n"),
+            sample: Arc::new(s),
+            seen_at: Timestamp(100),
+            window: EngineWindowStats::default(),
+        });
+        let node = NodeView {
+            node: NodeName::new("n"),
+            boot_epoch: 1,
+            last_seq: 1,
+            connected: true,
+            agent_version: String::new(),
+            sample_interval_ms: 1000,
+            sampled_at: Timestamp(0),
+            received_at: Timestamp(0),
+            gpus: vec![],
+            pods: vec![],
+            engines: vec![engine],
+            agent: Default::default(),
+        };
+        StateView {
+            nodes: BTreeMap::from([(NodeName::new("n"), Arc::new(node))]),
+            ..StateView::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn standalone_scale_in_from_a_count_never_reached_drains_no_real_pod() {
+        let workload = WorkloadRef::new("default", "w");
+        let def = Arc::new(WorkloadDef {
+            workload: workload.clone(),
+            labels: BTreeMap::new(),
+            selector: EngineSelector {
+                model: Some("m".into()),
+                namespace: None,
+            },
+            decider: DeciderConfig::Proportional(proportional()),
+        });
+        let registry: WorkloadRegistry = BTreeMap::from([(workload.clone(), def)]);
+        let (_registry_tx, registry_rx) = watch::channel(Arc::new(registry));
+        let (_view_tx, view_rx) = watch::channel(Arc::new(one_engine_view()));
+        let (commands_tx, mut commands_rx) = mpsc::channel(256);
+        let (_shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut lp = DecideLoop::new(
+            registry_rx,
+            None,
+            view_rx,
+            commands_tx.clone(),
+            Arc::new(LoggingActuator::new()),
+            Clock::starting_at(Timestamp::from_millis(1_000)),
+            Duration::from_secs(1),
+            Arc::new(ScalerMetrics::new()),
+            shutdown_rx,
+        );
+        lp.workloads[0].decider = Box::new(Scripted {
+            counts: VecDeque::from([2, 1]),
+            base: ProportionalDecider::new(proportional()),
+        });
+        let mut decided = Vec::new();
+        let mut drained = Vec::new();
+        for _ in 0..2 {
+            lp.tick_once().await;
+            if let Some(task) = lp.workloads[0].actuating.take() {
+                task.await.expect("the actuation finishes");
+            }
+            while let Ok(c) = commands_rx.try_recv() {
+                match c {
+                    Command::Decision { decision, .. } => {
+                        decided.push((decision.current_replicas, decision.desired_replicas));
+                    }
+                    Command::Directive {
+                        directive: Directive::DrainPod { pod, .. },
+                        reply,
+                        ..
+                    } => {
+                        drained.push(pod.name);
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Ok(NodeName::new("n")));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // Scale-out to 2 was asked for but nothing made a second pod: the
+        // only engine is the whole workload, so asking for 1 changes nothing.
+        assert!(drained.is_empty(), "drained {drained:?}: the only real pod");
+        assert_eq!(decided, vec![(1, 2), (1, 1)]);
+    }
+}
