@@ -15,6 +15,10 @@
 //! * [`victim`]: which replicas a scale-in removes.
 //! * [`proportional`]: the proportional decider (replicas from tokens per
 //!   second, for workloads without a performance model).
+//! * [`startup`]: replicas' start-up time learned from observations
+//!   (p50/p90 per phase) and when starting replicas are expected ready.
+//! * [`idle`]: scale to zero: the idle period (ski rental against the
+//!   learned start-up) and whether to go now.
 //! * [`policy`]: [`Policy`], which combines all of the above per workload.
 //!
 //! Not here: talking to Kubernetes, engines or Prometheus, and any notion of
@@ -50,6 +54,7 @@ pub mod decision;
 pub mod error;
 pub mod forecast;
 pub mod hpa;
+pub mod idle;
 pub mod observation;
 pub mod perf;
 pub mod policy;
@@ -58,6 +63,7 @@ pub mod refine;
 pub mod schedule;
 pub mod sizing;
 pub mod spec;
+pub mod startup;
 pub mod victim;
 
 pub use config::{LatencyObjective, PerfModelSource, WorkloadConfig};

@@ -1,0 +1,206 @@
+//! Scale to zero: how long a workload may sit idle before its last replica
+//! goes, and whether it goes now.
+//!
+//! Keeping an idle replica costs one replica-second per second. Removing it
+//! costs, at the next request, a cold start: the replica is paid while it
+//! starts (the learned p90 start-up) and the requests that arrive meanwhile
+//! wait, which the spec prices as `coldStartPenalty` replica-seconds. This
+//! is ski rental: waiting `P / c` (the break-even, `P` the cold start's
+//! cost, `c` a replica's cost per second) before scaling to zero never pays
+//! more than twice the best choice in hindsight, whatever the traffic.
+//! When the forecast says the next request is expected sooner than that
+//! (Poisson arrivals at rate `λ`: an idle replica costs `c / λ` until the
+//! next request, less than `P`), scale to zero does not pay: the period is
+//! the longest allowed. A spec field fixes the period instead.
+//!
+//! Never while a request is in flight at a replica or held at the
+//! activator. Pure: `now` is an argument.
+
+use std::time::Duration;
+
+use gpuscale_core::Timestamp;
+use serde::Serialize;
+
+/// What the idle period is chosen from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IdleInputs {
+    /// The learned p90 start-up, seconds (the replica is paid meanwhile).
+    pub startup_p90_s: f64,
+    /// What a cold start costs the requests that wait for it, in
+    /// replica-seconds (spec `scaleToZero.coldStartPenalty`).
+    pub cold_start_penalty_s: f64,
+    /// The forecast arrival rate over the next period, requests/s.
+    pub forecast_rps: Option<f64>,
+    /// A fixed period from the spec (`scaleToZero.idlePeriod`).
+    pub fixed: Option<Duration>,
+    /// Bounds on the chosen period.
+    pub min: Duration,
+    pub max: Duration,
+}
+
+/// Why the period is what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdleReason {
+    /// The spec fixes it.
+    Fixed,
+    /// Ski rental's break-even: start-up p90 + the cold start's penalty.
+    BreakEven,
+    /// The forecast expects the next request before the break-even: keep
+    /// the replica (the longest period allowed).
+    ForecastBusy,
+}
+
+/// The idle period chosen and why.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct IdleChoice {
+    pub period_s: f64,
+    pub reason: IdleReason,
+    /// The cold start's cost, replica-seconds.
+    pub cold_start_cost_s: f64,
+}
+
+/// Chooses the idle period; see the module docs.
+pub fn idle_period(inputs: &IdleInputs) -> IdleChoice {
+    let cost = inputs.startup_p90_s.max(0.0) + inputs.cold_start_penalty_s.max(0.0);
+    let (min, max) = (
+        inputs.min.as_secs_f64(),
+        inputs.max.as_secs_f64().max(inputs.min.as_secs_f64()),
+    );
+    if let Some(fixed) = inputs.fixed {
+        return IdleChoice {
+            period_s: fixed.as_secs_f64(),
+            reason: IdleReason::Fixed,
+            cold_start_cost_s: cost,
+        };
+    }
+    // An idle replica costs 1/λ replica-seconds until the next request.
+    if let Some(rate) = inputs.forecast_rps
+        && rate > 0.0
+        && 1.0 / rate < cost
+    {
+        return IdleChoice {
+            period_s: max,
+            reason: IdleReason::ForecastBusy,
+            cold_start_cost_s: cost,
+        };
+    }
+    IdleChoice {
+        period_s: cost.clamp(min, max),
+        reason: IdleReason::BreakEven,
+        cold_start_cost_s: cost,
+    }
+}
+
+/// What says whether a workload is idle now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Activity {
+    /// Requests running or queued at the replicas.
+    pub in_flight: f64,
+    /// Requests held at the activator.
+    pub held: u64,
+    /// The last time a request arrived, ran or was held.
+    pub last_active: Timestamp,
+}
+
+/// Whether to scale to zero at `now`: idle (nothing in flight or held) for
+/// at least the chosen period.
+pub fn scale_to_zero(now: Timestamp, activity: &Activity, choice: &IdleChoice) -> bool {
+    activity.in_flight <= 0.0
+        && activity.held == 0
+        && now.secs_since(activity.last_active) >= choice.period_s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs() -> IdleInputs {
+        IdleInputs {
+            startup_p90_s: 60.0,
+            cold_start_penalty_s: 240.0,
+            forecast_rps: None,
+            fixed: None,
+            min: Duration::from_secs(30),
+            max: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn the_period_is_the_break_even_unless_fixed_or_the_forecast_is_busy() {
+        let c = idle_period(&inputs());
+        assert_eq!((c.period_s, c.reason), (300.0, IdleReason::BreakEven));
+        // A longer start-up makes a cold start dearer: wait longer.
+        let slow = idle_period(&IdleInputs {
+            startup_p90_s: 600.0,
+            ..inputs()
+        });
+        assert_eq!(slow.period_s, 840.0);
+        // Bounded.
+        let huge = idle_period(&IdleInputs {
+            cold_start_penalty_s: 1e9,
+            ..inputs()
+        });
+        assert_eq!(huge.period_s, 3600.0);
+        // A request expected every 100 s (< 300 s): keep the replica.
+        let busy = idle_period(&IdleInputs {
+            forecast_rps: Some(0.01),
+            ..inputs()
+        });
+        assert_eq!(
+            (busy.period_s, busy.reason),
+            (3600.0, IdleReason::ForecastBusy)
+        );
+        // One expected every hour (> 300 s): the break-even.
+        let sparse = idle_period(&IdleInputs {
+            forecast_rps: Some(1.0 / 3600.0),
+            ..inputs()
+        });
+        assert_eq!(sparse.reason, IdleReason::BreakEven);
+        let fixed = idle_period(&IdleInputs {
+            fixed: Some(Duration::from_secs(45)),
+            forecast_rps: Some(10.0),
+            ..inputs()
+        });
+        assert_eq!((fixed.period_s, fixed.reason), (45.0, IdleReason::Fixed));
+    }
+
+    #[test]
+    fn never_to_zero_with_requests_in_flight_or_held() {
+        let t0 = Timestamp::from_millis(1_700_000_000_000);
+        let choice = idle_period(&inputs());
+        let idle = Activity {
+            in_flight: 0.0,
+            held: 0,
+            last_active: t0,
+        };
+        assert!(!scale_to_zero(t0.plus_secs(299.0), &idle, &choice));
+        assert!(scale_to_zero(t0.plus_secs(300.0), &idle, &choice));
+        let running = Activity {
+            in_flight: 1.0,
+            ..idle
+        };
+        assert!(!scale_to_zero(t0.plus_secs(10_000.0), &running, &choice));
+        let held = Activity { held: 3, ..idle };
+        assert!(!scale_to_zero(t0.plus_secs(10_000.0), &held, &choice));
+    }
+
+    /// Ski rental's bound: against every gap between requests, waiting the
+    /// break-even costs at most twice what the best choice in hindsight
+    /// (keep if the gap is shorter than the cold start's cost, else scale
+    /// to zero at once) costs.
+    #[test]
+    fn the_break_even_costs_at_most_twice_the_hindsight_optimum() {
+        let c = idle_period(&inputs());
+        let p = c.cold_start_cost_s;
+        for gap in [1.0, 50.0, 299.0, 300.0, 301.0, 1_000.0, 100_000.0] {
+            let ours = if gap <= c.period_s {
+                gap
+            } else {
+                c.period_s + p
+            };
+            let best = gap.min(p);
+            assert!(ours <= 2.0 * best + 1e-9, "gap {gap}: {ours} vs {best}");
+        }
+    }
+}
