@@ -33,6 +33,13 @@
 //!
 //! A `policy.performanceModel.profileFile` path is read relative to the
 //! configuration file.
+//!
+//! Reading is bounded ([`crate::config_file`]): at most 1 MiB is read, more
+//! than 64 unclosed `[`/`{` is refused in one linear pass before the YAML
+//! parser runs, an unknown field anywhere (under `policy:` too) is an error
+//! naming its path and closest known name, every error names the file, and
+//! a bad value is echoed as at most a 120-character prefix. A standalone
+//! scaler with no workloads starts with a warning.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -44,6 +51,7 @@ use gpuscale_policy::config::PerfModelSource;
 use gpuscale_policy::{PerfModel, WorkloadConfig, WorkloadSpec};
 use serde::{Deserialize, Deserializer};
 
+use crate::config_file;
 use crate::edge::auth::{DEFAULT_AGENT_SERVICE_ACCOUNT, DEFAULT_AUDIENCE, parse_service_account};
 use crate::edge::{AuthConfig, AuthMode, ConnLimits, PeerLimitConfig, TlsConfig, Transport};
 use crate::error::ScalerError;
@@ -117,24 +125,13 @@ impl ScalerConfig {
 
     /// Checks every field; the error names the field, the value and what is allowed.
     pub fn validate(&self) -> Result<(), ScalerError> {
-        let ranges: [(&str, Duration, Duration, Duration); 4] = [
+        self.validate_file_fields()?;
+        let ranges: [(&str, Duration, Duration, Duration); 2] = [
             (
                 "--node-ttl",
                 self.node_ttl,
                 Duration::from_millis(100),
                 Duration::from_secs(86_400),
-            ),
-            (
-                "tick",
-                self.tick,
-                Duration::from_millis(10),
-                Duration::from_secs(3600),
-            ),
-            (
-                "window",
-                self.window,
-                Duration::from_millis(100),
-                Duration::from_secs(3600),
             ),
             (
                 "ingest_wait",
@@ -201,6 +198,34 @@ impl ScalerConfig {
                 "with TLS and --tls-client-ca (client certificates are verified against it)",
             ));
         }
+        Ok(())
+    }
+
+    /// Checks the fields the configuration file sets (tick, window,
+    /// workloads), so that their errors can name the file.
+    pub fn validate_file_fields(&self) -> Result<(), ScalerError> {
+        for (field, value, lo, hi) in [
+            (
+                "tick",
+                self.tick,
+                Duration::from_millis(10),
+                Duration::from_secs(3600),
+            ),
+            (
+                "window",
+                self.window,
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            ),
+        ] {
+            if value < lo || value > hi {
+                return Err(ScalerError::config(
+                    field,
+                    format!("{value:?}"),
+                    format!("{lo:?}..={hi:?}"),
+                ));
+            }
+        }
         let mut seen = BTreeSet::new();
         for w in &self.workloads {
             if !seen.insert(w.workload.clone()) {
@@ -212,6 +237,25 @@ impl ScalerConfig {
             }
         }
         Ok(())
+    }
+
+    /// What is worth a warning in a valid configuration: a standalone
+    /// scaler with no workloads decides for nothing.
+    pub fn warnings(&self, kubernetes: bool, file: Option<&Path>) -> Vec<String> {
+        let mut out = Vec::new();
+        if !kubernetes && self.workloads.is_empty() {
+            out.push(match file {
+                Some(path) => format!(
+                    "--config {}: no workloads: the scaler will decide for none (add `workloads:`)",
+                    path.display()
+                ),
+                None => {
+                    "no --config: the standalone scaler has no workloads and will decide for none"
+                        .to_string()
+                }
+            });
+        }
+        out
     }
 }
 
@@ -344,15 +388,22 @@ fn default_stale_after() -> Duration {
 
 impl ScalerFile {
     /// Reads and parses a YAML or JSON file.
+    ///
+    /// The file is read up to [`config_file::MAX_CONFIG_BYTES`], its nesting
+    /// checked in one pass before parsing, and any unknown field (under
+    /// `policy:` too) is an error naming it and its closest known name.
     pub fn load(path: &Path) -> Result<Self, ScalerError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ScalerError::ConfigFile {
+        let fail = |message: String| ScalerError::ConfigFile {
             path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        serde_yaml::from_str(&text).map_err(|e| ScalerError::ConfigFile {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
+            message,
+        };
+        let text = config_file::read_bounded(path, config_file::MAX_CONFIG_BYTES).map_err(fail)?;
+        Self::parse(&text).map_err(fail)
+    }
+
+    /// Parses the file's text (see [`ScalerFile::load`]).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        config_file::parse(text)
     }
 
     /// Validated workloads; profile files are read relative to `base_dir`.
@@ -373,7 +424,7 @@ impl ScalerFile {
             config.window = w;
         }
         config.workloads = self.workloads(base_dir)?;
-        Ok(())
+        config.validate_file_fields()
     }
 }
 
@@ -413,13 +464,16 @@ impl WorkloadFile {
                 let profile = match &config.perf_source {
                     PerfModelSource::ProfileFile { path, .. } => {
                         let file = base_dir.join(path);
-                        Some(std::fs::read_to_string(&file).map_err(|e| {
-                            ScalerError::config(
-                                at("policy.performanceModel.profileFile"),
-                                file.display().to_string(),
-                                format!("a readable profile file ({e})"),
-                            )
-                        })?)
+                        Some(
+                            config_file::read_bounded(&file, config_file::MAX_CONFIG_BYTES)
+                                .map_err(|e| {
+                                    ScalerError::config(
+                                        at("policy.performanceModel.profileFile"),
+                                        file.display().to_string(),
+                                        format!("a readable profile file ({e})"),
+                                    )
+                                })?,
+                        )
                     }
                     _ => None,
                 };
@@ -685,6 +739,9 @@ impl ScalerArgs {
         config.transport = self.transport()?;
         config.auth = self.auth_config(kubernetes)?;
         config.validate()?;
+        for warning in config.warnings(kubernetes, self.config.as_deref()) {
+            tracing::warn!("{warning}");
+        }
         Ok(config)
     }
 
@@ -781,9 +838,9 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<Vec<WorkloadDef>, ScalerError> {
-        let file: ScalerFile = serde_yaml::from_str(yaml).map_err(|e| ScalerError::ConfigFile {
+        let file = ScalerFile::parse(yaml).map_err(|message| ScalerError::ConfigFile {
             path: "test".into(),
-            message: e.to_string(),
+            message,
         })?;
         file.workloads(Path::new("."))
     }
@@ -802,7 +859,7 @@ mod tests {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        let file: ScalerFile = serde_yaml::from_str(&yaml).expect("example parses");
+        let file = ScalerFile::parse(&yaml).expect("example parses");
         assert_eq!(file.tick, Some(Duration::from_secs(2)));
         let workloads = file.workloads(Path::new(".")).expect("example is valid");
         assert_eq!(workloads.len(), 2);
@@ -839,6 +896,137 @@ mod tests {
         assert!(e.to_string().contains("colour"), "{e}");
         let e = parse("tick: soon").expect_err("bad duration");
         assert!(e.to_string().contains("soon"), "{e}");
+    }
+
+    fn file_error(yaml: &str) -> String {
+        ScalerFile::parse(yaml).expect_err("rejected")
+    }
+
+    #[test]
+    fn unknown_fields_are_named_with_their_closest_known_name() {
+        let err = file_error(
+            "workloads:\n- name: chat\n  engines: {model: m}\n  policy:\n    target: {name: chat}\n    maxReplicas: 8\n    minReplica: 2\n",
+        );
+        assert!(
+            err.contains("unknown field `minReplica` at workloads[0].policy.minReplica")
+                && err.contains("did you mean `minReplicas`?"),
+            "{err}"
+        );
+        // Nested below the policy's top level.
+        let err = file_error(
+            "workloads:\n- name: chat\n  engines: {model: m}\n  policy:\n    target: {name: chat}\n    maxReplicas: 8\n    slo: {ttft: {thresholdSeconds: 1, percentil: 0.9}}\n",
+        );
+        assert!(
+            err.contains("workloads[0].policy.slo.ttft.percentil")
+                && err.contains("did you mean `percentile`?"),
+            "{err}"
+        );
+        let err = file_error("tik: 2s\n");
+        assert!(
+            err.contains("unknown field `tik`") && err.contains("did you mean `tick`?"),
+            "{err}"
+        );
+        let err = file_error(
+            "workloads: [{name: chat, engines: {model: m}, proportional: {capacityTokensPerSecond: 1, maxReplica: 2}}]\n",
+        );
+        assert!(
+            err.contains("did you mean `maxReplicas`?") && err.contains("line 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_rejected_with_a_depth_error() {
+        let text = format!("workloads: {}", "[".repeat(200 * 1024));
+        let err = file_error(&text);
+        assert!(err.contains("nesting depth exceeds 64"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_echoed_as_a_bounded_prefix() {
+        let huge = "x".repeat(10 * 1024 * 1024);
+        let err = file_error(&format!("tick: {huge}\n"));
+        assert!(
+            err.len() < 1024 && err.contains("tick"),
+            "{} bytes: {}",
+            err.len(),
+            &err[..err.len().min(300)]
+        );
+        let err = parse(&format!(
+            "workloads: [{{name: {huge}, engines: {{model: m}}, proportional: {{capacityTokensPerSecond: 1, maxReplicas: 2}}}}]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.len() < 1024 && err.contains("workloads[0].name"),
+            "{} bytes",
+            err.len()
+        );
+    }
+
+    #[test]
+    fn file_errors_name_the_file_and_its_size_is_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("scaler.yaml");
+        let path_s = path.to_str().expect("utf-8");
+        let to_config = |yaml: &[u8]| {
+            std::fs::write(&path, yaml).expect("write");
+            args(&["--config", path_s, "--insecure-plaintext", "--auth", "none"])
+                .expect("flags")
+                .to_config()
+                .expect_err("rejected")
+                .to_string()
+        };
+        for (yaml, what) in [
+            (&b"tick: 1ms\n"[..], "invalid tick"),
+            (&b"window: 2h\n"[..], "invalid window"),
+            (
+                &b"workloads: [{name: a, engines: {model: m}, proportional: {capacityTokensPerSecond: 1, maxReplicas: 2}}, {name: a, engines: {model: m}, proportional: {capacityTokensPerSecond: 1, maxReplicas: 2}}]\n"[..],
+                "each workload once",
+            ),
+            (&b"tick: [\n"[..], "line"),
+            (&b"\xff\xfe\n"[..], "not UTF-8"),
+        ] {
+            let err = to_config(yaml);
+            assert!(err.starts_with(&format!("--config {path_s}: ")) && err.contains(what), "{err}");
+        }
+        let mut big = b"# padding\n".repeat(110 * 1024);
+        big.extend_from_slice(b"tick: 2s\n");
+        let err = to_config(&big);
+        assert!(
+            err.contains(path_s) && err.contains("larger than 1048576 bytes"),
+            "{err}"
+        );
+        let err = args(&["--config", "/nonexistent/scaler.yaml"])
+            .expect("flags")
+            .to_config()
+            .expect_err("missing")
+            .to_string();
+        assert!(err.contains("/nonexistent/scaler.yaml"), "{err}");
+    }
+
+    #[test]
+    fn a_standalone_config_with_no_workloads_is_warned_about() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("empty.yaml");
+        std::fs::write(&path, "").expect("write");
+        let a = args(&[
+            "--config",
+            path.to_str().expect("utf-8"),
+            "--insecure-plaintext",
+            "--auth",
+            "none",
+        ])
+        .expect("flags");
+        let config = a.to_config().expect("an empty file is valid");
+        let warnings = config.warnings(false, Some(&path));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("no workloads") && warnings[0].contains("empty.yaml"),
+            "{warnings:?}"
+        );
+        // In Kubernetes mode the workloads come from custom resources.
+        assert!(config.warnings(true, Some(&path)).is_empty());
     }
 
     fn args(extra: &[&str]) -> Result<ScalerArgs, clap::Error> {

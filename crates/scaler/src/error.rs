@@ -55,7 +55,7 @@ impl ScalerError {
     ) -> Self {
         ScalerError::Config {
             field: field.into(),
-            value: value.into(),
+            value: crate::config_file::bounded(&value.into()),
             allowed: allowed.into(),
         }
     }

@@ -38,6 +38,7 @@ pub mod actuate;
 pub mod api;
 mod clock;
 pub mod config;
+pub mod config_file;
 pub mod decide;
 pub mod edge;
 pub mod error;

@@ -871,9 +871,10 @@ impl AuthFile {
             path: path.display().to_string(),
             message,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("--auth-file: {e}")))?;
-        let file: AuthFile =
-            serde_yaml::from_str(&text).map_err(|e| fail(format!("--auth-file: {e}")))?;
+        use crate::config_file::{MAX_CONFIG_BYTES, parse, read_bounded};
+        let text =
+            read_bounded(path, MAX_CONFIG_BYTES).map_err(|e| fail(format!("--auth-file: {e}")))?;
+        let file: AuthFile = parse(&text).map_err(|e| fail(format!("--auth-file: {e}")))?;
         let mut seen = std::collections::BTreeSet::new();
         let tokens = file
             .agents
