@@ -13,8 +13,11 @@
 //!   newer histogram whole; a change of bucket layout restarts the sum);
 //! * [`gauge_change`]: the change of a gauge from the first to the last point.
 //!
-//! Times are the samples' own `sampled_at`, never the scaler's clock: a
-//! window measures what the engine did, however late the report arrived.
+//! Times are the samples' `sampled_at` as the caller places them on one
+//! clock: the scaler maps an agent's timestamps onto its own clock through
+//! the offset it measured for that agent's boot epoch, so a window measures
+//! the engine's own intervals, however late the report arrived and however
+//! far off the agent's clock is.
 
 use std::collections::VecDeque;
 

@@ -159,6 +159,7 @@ pub struct ViewMetrics {
     workload_gpu_seconds: Family<WorkloadLabels, CounterF>,
     gpu_seconds: CounterF,
     report_age: Family<NodeLabels, GaugeF>,
+    clock_offset: Family<NodeLabels, GaugeF>,
 }
 
 impl ViewMetrics {
@@ -196,6 +197,7 @@ impl ViewMetrics {
             workload_gpu_seconds: Family::default(),
             gpu_seconds: CounterF::default(),
             report_age: Family::default(),
+            clock_offset: Family::default(),
         };
         r.register(
             "ingest_queue_depth_commands",
@@ -321,6 +323,12 @@ impl ViewMetrics {
             "Time since the node's agent last reported, by node (until the node expires)",
             Unit::Seconds,
             m.report_age.clone(),
+        );
+        r.register_with_unit(
+            "agent_clock_offset",
+            "The agent's clock minus the scaler's as measured in its boot epoch, by node (its timestamps count for intervals only)",
+            Unit::Seconds,
+            m.clock_offset.clone(),
         );
         m
     }
@@ -491,6 +499,7 @@ impl ViewExporter {
         let nodes: BTreeSet<String> = view.nodes.keys().map(|n| n.to_string()).collect();
         for gone in self.nodes.difference(&nodes) {
             m.report_age.remove(&NodeLabels { node: gone.clone() });
+            m.clock_offset.remove(&NodeLabels { node: gone.clone() });
         }
         for (name, n) in &view.nodes {
             m.report_age
@@ -498,6 +507,11 @@ impl ViewExporter {
                     node: name.to_string(),
                 })
                 .set(now.secs_since(n.received_at).max(0.0));
+            m.clock_offset
+                .get_or_create(&NodeLabels {
+                    node: name.to_string(),
+                })
+                .set(n.clock_offset_ms as f64 / 1000.0);
         }
         self.nodes = nodes;
         let all_gpus = view.gpus().count();

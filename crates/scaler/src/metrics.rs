@@ -83,6 +83,8 @@ pub struct ScalerMetrics {
     engines_rejected: Counter,
     gpu_samples: Counter,
     superseded: Counter,
+    clock_clamped: Counter,
+    clock_skewed: Counter,
     streams: Gauge,
     active: Gauge,
     ingest_queue_full: Counter,
@@ -147,6 +149,18 @@ impl ScalerMetrics {
             "reports_superseded",
             "Reports ignored because a newer stream of the same node took over",
             superseded.clone(),
+        );
+        let clock_clamped = Counter::default();
+        r.register(
+            "agent_clock_clamped",
+            "Reports whose timestamp lay more than 10 s from their receive time (after the agent's measured clock offset) and were taken as received-now",
+            clock_clamped.clone(),
+        );
+        let clock_skewed = Counter::default();
+        r.register(
+            "agent_clock_skewed",
+            "Agent boot epochs whose clock was more than 10 s off the scaler's (see gpuscale_scaler_agent_clock_offset_seconds)",
+            clock_skewed.clone(),
         );
         let streams = Gauge::default();
         r.register("agent_streams", "Open agent streams", streams.clone());
@@ -289,6 +303,8 @@ impl ScalerMetrics {
             engines_rejected,
             gpu_samples,
             superseded,
+            clock_clamped,
+            clock_skewed,
             streams,
             active,
             ingest_queue_full,
@@ -369,6 +385,20 @@ impl ScalerMetrics {
     }
     pub(crate) fn peer_limited(&self, kind: &'static str) {
         self.peer_limited.get_or_create(&KindLabels { kind }).inc();
+    }
+    pub(crate) fn clock_clamped(&self) {
+        self.clock_clamped.inc();
+    }
+    pub(crate) fn clock_skewed(&self) {
+        self.clock_skewed.inc();
+    }
+    /// Reports clamped so far (their timestamp was too far off).
+    pub fn clock_clamped_total(&self) -> u64 {
+        self.clock_clamped.get()
+    }
+    /// Agent epochs seen with a clock off by more than the bound.
+    pub fn clock_skewed_total(&self) -> u64 {
+        self.clock_skewed.get()
     }
     pub(crate) fn superseded(&self) {
         self.superseded.inc();

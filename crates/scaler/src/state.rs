@@ -17,6 +17,11 @@
 //! gone disappear; windows of engines that persist are kept); a delta
 //! changes what it names and re-stamps every other engine with the delta's
 //! time. A node that reported nothing for the node TTL is forgotten.
+//!
+//! Times in windows and freshness are on the scaler's clock: a report's
+//! agent timestamp is mapped through the node's [`AgentClock`] (one per boot
+//! epoch; a report too far from its receive time is clamped and counted),
+//! and a new boot epoch starts the node's windows over.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -42,6 +47,9 @@ use crate::view::{
     ActuationRecord, EngineView, GpuView, ModelView, NodeView, StateView, WorkloadView,
 };
 use gpuscale_observe::EngineTracker;
+
+mod agent_clock;
+pub(crate) use agent_clock::{AgentClock, SKEW_BOUND_MS};
 
 /// Most commands applied before a view is published.
 pub const MAX_BATCH: usize = 4096;
@@ -120,7 +128,11 @@ struct NodeState {
     received_at: Timestamp,
     agent_version: String,
     sample_interval_ms: u32,
+    /// The newest report's time on the agent's clock.
     sampled_at: Timestamp,
+    /// The same on the scaler's clock (through `clock`).
+    seen_at: Timestamp,
+    clock: AgentClock,
     gpus: BTreeMap<GpuUuid, GpuView>,
     pods: BTreeMap<PodRef, PodGpus>,
     engines: BTreeMap<PodRef, EngineTracker>,
@@ -144,6 +156,9 @@ impl NodeState {
             sample_interval_ms: self.sample_interval_ms,
             sampled_at: self.sampled_at,
             received_at: self.received_at,
+            seen_at: self.seen_at,
+            clock_offset_ms: self.clock.offset_ms,
+            clock_clamped: self.clock.clamped,
             gpus,
             pods: self.pods.values().cloned().collect(),
             engines: self
@@ -153,7 +168,7 @@ impl NodeState {
                     Arc::new(EngineView {
                         node: self.name.clone(),
                         sample: e.sample().clone(),
-                        seen_at: self.sampled_at,
+                        seen_at: self.seen_at,
                         window: e.stats(),
                     })
                 })
@@ -332,7 +347,23 @@ impl State {
                     );
                 }
                 let window_ms = self.window_ms();
-                snapshot_node(&mut self.nodes, window_ms, stream, epoch, seq, s, now, wall)
+                let clock = self
+                    .nodes
+                    .get(&s.node)
+                    .map(|n| n.clock)
+                    .filter(|c| c.epoch == epoch)
+                    .unwrap_or_else(|| AgentClock::start(epoch, s.sampled_at, wall));
+                let metrics = &self.metrics;
+                snapshot_node(
+                    &mut self.nodes,
+                    window_ms,
+                    stream,
+                    seq,
+                    s,
+                    (now, wall),
+                    clock,
+                    metrics,
+                )
             }
             ReportBody::Delta(d) => {
                 let node = self
@@ -342,7 +373,7 @@ impl State {
                     .and_then(|name| self.nodes.get_mut(name));
                 match node {
                     Some(node) if node.stream == stream => {
-                        node.apply_delta(d, &self.config, seq, now, wall);
+                        node.apply_delta(d, &self.config, seq, now, wall, &self.metrics);
                         node
                     }
                     _ => {
@@ -514,30 +545,38 @@ impl State {
 /// Replaces the node of snapshot `s` wholesale, keeping the windows of
 /// engines that persist and the standing directives of pods that remain.
 #[allow(clippy::too_many_arguments)]
-fn snapshot_node(
-    nodes: &mut BTreeMap<NodeName, NodeState>,
+fn snapshot_node<'a>(
+    nodes: &'a mut BTreeMap<NodeName, NodeState>,
     window_ms: i64,
     stream: StreamId,
-    epoch: u64,
     seq: u64,
     s: NodeSnapshot,
-    now: Instant,
-    wall: Timestamp,
-) -> &mut NodeState {
+    (now, wall): (Instant, Timestamp),
+    mut clock: AgentClock,
+    metrics: &ScalerMetrics,
+) -> &'a mut NodeState {
+    let epoch = clock.epoch;
+    let fresh = nodes.get(&s.node).is_none_or(|p| p.clock.epoch != epoch);
     let previous = nodes.remove(&s.node);
     let (mut old_engines, standing) = match previous {
-        Some(p) => (p.engines, p.standing),
+        // Windows carry over a reconnect of the same boot epoch only: a
+        // restarted agent's samples are on a clock measured anew.
+        Some(p) if p.clock.epoch == epoch => (p.engines, p.standing),
+        Some(p) => (BTreeMap::new(), p.standing),
         None => (BTreeMap::new(), Standing::default()),
     };
+    let at = clock.map(s.sampled_at, wall);
+    note_clock(&s.node, &clock, at.clamped, fresh, metrics);
+    let at = at.at;
     let mut engines = BTreeMap::new();
     for e in s.engines {
         let pod = e.pod.clone();
         let tracker = match old_engines.remove(&pod) {
             Some(mut old) => {
-                old.update(e, s.sampled_at);
+                old.update(e, at);
                 old
             }
-            None => EngineTracker::new(e, s.sampled_at, window_ms),
+            None => EngineTracker::new(e, at, window_ms),
         };
         engines.insert(pod, tracker);
     }
@@ -556,6 +595,8 @@ fn snapshot_node(
         agent_version: s.agent_version,
         sample_interval_ms: s.sample_interval_ms,
         sampled_at: s.sampled_at,
+        seen_at: at,
+        clock,
         gpus: s
             .gpus
             .into_iter()
@@ -585,6 +626,35 @@ fn snapshot_node(
     }
 }
 
+/// Counts a clamped report, and an epoch (`fresh`: its first report) whose
+/// agent's clock is off by more than the bound; both are logged.
+fn note_clock(
+    node: &NodeName,
+    clock: &AgentClock,
+    clamped: bool,
+    fresh: bool,
+    metrics: &ScalerMetrics,
+) {
+    if clamped {
+        metrics.clock_clamped();
+        tracing::warn!(
+            %node,
+            epoch = clock.epoch,
+            offset_ms = clock.offset_ms,
+            "a report's timestamp was more than {} s from its receive time: clamped to the receive time",
+            SKEW_BOUND_MS / 1000
+        );
+    } else if fresh && clock.skewed() {
+        metrics.clock_skewed();
+        tracing::warn!(
+            %node,
+            epoch = clock.epoch,
+            offset_ms = clock.offset_ms,
+            "the agent's clock is off from the scaler's; its timestamps are used for intervals only"
+        );
+    }
+}
+
 fn send(out: &StreamOut, d: Directive) -> Result<(), ()> {
     match out.try_send((&d).into()) {
         Ok(()) => Ok(()),
@@ -602,12 +672,17 @@ impl NodeState {
         seq: u64,
         now: Instant,
         wall: Timestamp,
+        metrics: &ScalerMetrics,
     ) {
         let _ = config;
         self.last_seq = seq;
         self.last_report = now;
         self.received_at = wall;
         self.sampled_at = d.sampled_at;
+        let mapped = self.clock.map(d.sampled_at, wall);
+        note_clock(&self.name, &self.clock, mapped.clamped, false, metrics);
+        let at = mapped.at;
+        self.seen_at = at;
         self.connected = true;
         self.view = None;
         for u in &d.gpus_removed {
@@ -655,14 +730,14 @@ impl NodeState {
         for (pod, tracker) in &mut self.engines {
             // Engines the delta does not name are unchanged as of its time.
             match upserted.remove(pod) {
-                Some(e) => tracker.update(e, d.sampled_at),
-                None => tracker.confirm(d.sampled_at),
+                Some(e) => tracker.update(e, at),
+                None => tracker.confirm(at),
             }
         }
         let window_ms = i64::try_from(config.window.as_millis()).unwrap_or(i64::MAX);
         for (pod, e) in upserted {
             self.engines
-                .insert(pod, EngineTracker::new(e, d.sampled_at, window_ms));
+                .insert(pod, EngineTracker::new(e, at, window_ms));
         }
         if let Some(a) = d.agent {
             self.agent = a;

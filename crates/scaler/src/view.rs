@@ -70,6 +70,14 @@ pub struct NodeView {
     pub sampled_at: Timestamp,
     /// When the scaler applied the newest report (scaler clock).
     pub received_at: Timestamp,
+    /// When the agent sampled the newest state, on the scaler's clock (what
+    /// windows and freshness use).
+    pub seen_at: Timestamp,
+    /// The agent's clock minus the scaler's, milliseconds, as measured in
+    /// this boot epoch.
+    pub clock_offset_ms: i64,
+    /// Reports of this boot epoch whose timestamp was clamped.
+    pub clock_clamped: u64,
     /// By GPU index.
     pub gpus: Vec<GpuView>,
     pub pods: Vec<PodGpus>,
