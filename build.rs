@@ -39,8 +39,8 @@ fn main() {
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty() && s != "unknown");
     let commit = given.unwrap_or_else(|| git_commit(&root));
-    if root.join(".git/HEAD").exists() {
-        println!("cargo:rerun-if-changed=.git/HEAD");
+    for path in git_head_files(&root) {
+        println!("cargo:rerun-if-changed={}", path.display());
     }
     println!("cargo:rustc-env=GPUSCALE_GIT_COMMIT={commit}");
     println!(
@@ -65,6 +65,34 @@ fn git_commit(root: &Path) -> String {
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The files whose change moves HEAD: HEAD itself, the branch it points
+/// to and `packed-refs`, wherever git keeps them. In a linked worktree
+/// `.git` is a file and HEAD lives in the main repository's
+/// `worktrees/<name>/`, the branch in its common directory; git says where.
+/// Outside a checkout: none.
+pub(crate) fn git_head_files(root: &Path) -> Vec<PathBuf> {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(root)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    let mut refs = vec!["HEAD".to_owned(), "packed-refs".to_owned()];
+    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        refs.push(branch);
+    }
+    refs.iter()
+        .filter_map(|r| git(&["rev-parse", "--path-format=absolute", "--git-path", r]))
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .collect()
 }
 
 fn collect_protos(dir: &Path, out: &mut Vec<PathBuf>) {

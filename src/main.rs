@@ -170,14 +170,8 @@ fn main() -> ExitCode {
         Command::Scaler(args) => serve(gpuscale_scaler::ScalerError::is_config, async move {
             gpuscale_scaler::run_from_args(&args.scaler, shutdown_signal()).await
         }),
-        Command::Crd => {
-            print!("{}", gpuscale_kube::crd_yaml());
-            ExitCode::SUCCESS
-        }
-        Command::Version => {
-            println!("{}", version::long());
-            ExitCode::SUCCESS
-        }
+        Command::Crd => stdout_exit(&gpuscale_kube::crd_yaml()),
+        Command::Version => stdout_exit(&format!("{}\n", version::long())),
         Command::Proxy(args) => serve(gpuscale_proxy::ProxyError::is_config, async move {
             gpuscale_proxy::run_from_args(&args, shutdown_signal()).await
         }),
@@ -191,6 +185,28 @@ fn main() -> ExitCode {
                 ExitCode::from(if e.is_usage() { 2 } else { 1 })
             }
         },
+    }
+}
+
+/// Writes `text` to stdout. A reader that went away (`gpuscale version |
+/// head -c 5`) is not an error: the rest is not wanted.
+pub(crate) fn write_stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+/// [`write_stdout`] as the command's exit code.
+fn stdout_exit(text: &str) -> ExitCode {
+    match write_stdout(text) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: writing to stdout: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

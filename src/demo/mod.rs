@@ -383,12 +383,12 @@ pub async fn run(
 ) -> Result<(), DemoError> {
     let config = DemoConfig::from_args(args)?;
     let outcome = run_config(&config, shutdown).await?;
-    print!("{}", summary::render(&config, &outcome));
+    let mut text = summary::render(&config, &outcome);
     if let Some(path) = &config.chart {
         summary::write_chart(path, &config, &outcome)?;
-        println!("  chart            {}", path.display());
+        text.push_str(&format!("  chart            {}\n", path.display()));
     }
-    Ok(())
+    crate::write_stdout(&text).map_err(|e| DemoError::part("writing the summary to stdout", e))
 }
 
 async fn run_config(

@@ -915,13 +915,15 @@ pub async fn run(
             text.push('\n');
         }
         let mut out = std::io::stdout().lock();
-        return out
-            .write_all(text.as_bytes())
-            .and_then(|()| out.flush())
-            .map_err(|e| AgentError::Task {
-                task: "writing the snapshot to stdout",
-                message: e.to_string(),
-            });
+        return match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            // The reader went away (`| head`): the rest is not wanted.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => other,
+        }
+        .map_err(|e| AgentError::Task {
+            task: "writing the snapshot to stdout",
+            message: e.to_string(),
+        });
     }
     let (config, fake) = args.to_config()?;
     let node = args.node.to_node_config(fake)?;

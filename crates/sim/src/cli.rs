@@ -197,10 +197,21 @@ fn emit(text: &str, out: Option<&PathBuf>) -> Result<(), SimError> {
             path: p.clone(),
             source,
         }),
-        None => {
-            print!("{text}");
-            Ok(())
-        }
+        None => stdout(text),
+    }
+}
+
+/// Writes `text` to stdout; a reader that went away (`| head`) is not an
+/// error.
+fn stdout(text: &str) -> Result<(), SimError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(SimError::Io {
+            path: PathBuf::from("<stdout>"),
+            source: e,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -625,10 +636,10 @@ fn run_suite_command(args: &SimArgs, jobs: usize) -> Result<(), SimError> {
             ));
         })?;
         progress_line("");
-        print!(
-            "{}",
-            crate::matrix::summary_markdown(&result.verdicts, result.wall_s)
-        );
+        stdout(&crate::matrix::summary_markdown(
+            &result.verdicts,
+            result.wall_s,
+        ))?;
         eprintln!("matrix: results in {}", opts.out_dir.display());
         return Ok(());
     }
@@ -645,9 +656,9 @@ fn run_suite_command(args: &SimArgs, jobs: usize) -> Result<(), SimError> {
         .flat_map(|t| t.reports.clone())
         .collect();
     match args.report.as_str() {
-        "json" => println!("{}", report::json(&all)?),
-        "csv" => print!("{}", report::csv(&all)),
-        _ => print!("{}", crate::suite::summary_markdown(&result)),
+        "json" => stdout(&format!("{}\n", report::json(&all)?))?,
+        "csv" => stdout(&report::csv(&all))?,
+        _ => stdout(&crate::suite::summary_markdown(&result))?,
     }
     eprintln!(
         "suite: results in {} ({:.2} M simulated requests/s per core)",
