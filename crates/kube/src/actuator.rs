@@ -1,11 +1,12 @@
 //! The scaler's [`Actuator`] on Kubernetes: `/scale` with readiness gating
 //! and drain-before-delete, through the registered [`WorkloadEntry`]s.
+//! Drains go to agents through the [`gpuscale_scaler::DrainSink`] the
+//! shared context was built with (see [`crate::workload`]).
 
 use std::sync::Arc;
 
-use gpuscale_core::{PodRef, WorkloadRef};
-use gpuscale_policy::Decision;
-use gpuscale_scaler::{ActuateFuture, Actuator, ScalerError, TargetObservation};
+use gpuscale_core::WorkloadRef;
+use gpuscale_scaler::{ActuateFuture, Actuator, Plan, ScalerError, TargetObservation};
 
 use crate::context::Shared;
 use crate::error::KubeError;
@@ -34,14 +35,7 @@ fn failed(workload: &WorkloadRef, e: KubeError) -> ScalerError {
 }
 
 impl Actuator for KubeActuator {
-    fn current_replicas<'a>(&'a self, workload: &'a WorkloadRef) -> ActuateFuture<'a, Option<u32>> {
-        Box::pin(async move { Ok(self.observe_target(workload).await?.current) })
-    }
-
-    fn observe_target<'a>(
-        &'a self,
-        workload: &'a WorkloadRef,
-    ) -> ActuateFuture<'a, TargetObservation> {
+    fn observe<'a>(&'a self, workload: &'a WorkloadRef) -> ActuateFuture<'a, TargetObservation> {
         Box::pin(async move {
             let entry = self.entry(workload)?;
             entry
@@ -51,45 +45,25 @@ impl Actuator for KubeActuator {
         })
     }
 
-    fn set_replicas<'a>(
-        &'a self,
-        workload: &'a WorkloadRef,
-        replicas: u32,
-        decision: &'a Decision,
-    ) -> ActuateFuture<'a, ()> {
+    fn apply<'a>(&'a self, workload: &'a WorkloadRef, plan: &'a Plan) -> ActuateFuture<'a, ()> {
         Box::pin(async move {
             let entry = self.entry(workload)?;
+            let shared = &self.shared;
+            let reason = plan.decision.summary();
+            for pod in &plan.drain {
+                entry
+                    .start_drain(shared, pod, &reason)
+                    .await
+                    .map_err(|e| failed(workload, e))?;
+            }
+            for pod in &plan.undrain {
+                entry
+                    .cancel_drain(shared, pod, "scale-up: the replica is needed again")
+                    .await
+                    .map_err(|e| failed(workload, e))?;
+            }
             entry
-                .set_replicas(&self.shared, replicas, decision)
-                .await
-                .map_err(|e| failed(workload, e))
-        })
-    }
-
-    fn drain_pod<'a>(
-        &'a self,
-        workload: &'a WorkloadRef,
-        pod: &'a PodRef,
-        reason: &'a str,
-    ) -> ActuateFuture<'a, ()> {
-        Box::pin(async move {
-            let entry = self.entry(workload)?;
-            entry
-                .start_drain(&self.shared, pod, reason)
-                .await
-                .map_err(|e| failed(workload, e))
-        })
-    }
-
-    fn undrain_pod<'a>(
-        &'a self,
-        workload: &'a WorkloadRef,
-        pod: &'a PodRef,
-    ) -> ActuateFuture<'a, ()> {
-        Box::pin(async move {
-            let entry = self.entry(workload)?;
-            entry
-                .cancel_drain(&self.shared, pod, "scale-up: the replica is needed again")
+                .set_replicas(shared, &plan.decision)
                 .await
                 .map_err(|e| failed(workload, e))
         })

@@ -1,15 +1,16 @@
 //! What every part of the Kubernetes mode shares: the client, the
 //! configuration, leadership, the clock, the Event publisher, the scaler's
-//! handle and the registered workloads.
+//! handle and drain sink (both given at construction) and the registered
+//! workloads.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gpuscale_core::WorkloadRef;
-use gpuscale_scaler::{Clock, ScalerHandle};
+use gpuscale_scaler::{Clock, DrainSink, ScalerHandle};
 use tokio::sync::Notify;
 
 use crate::config::KubeConfig;
@@ -24,7 +25,10 @@ pub(crate) struct Shared {
     pub(crate) leadership: Leadership,
     pub(crate) clock: Clock,
     pub(crate) events: EventPublisher,
-    pub(crate) scaler: OnceLock<ScalerHandle>,
+    /// The scaler: its view and workload registry.
+    pub(crate) scaler: ScalerHandle,
+    /// The only way this crate asks agents to drain or undrain a pod.
+    pub(crate) drains: DrainSink,
     pub(crate) workloads: Mutex<BTreeMap<WorkloadRef, Arc<WorkloadEntry>>>,
     /// Status writes of the controller and the status writer, one at a time.
     pub(crate) status_lock: tokio::sync::Mutex<()>,
@@ -49,6 +53,8 @@ impl Shared {
         config: KubeConfig,
         leadership: Leadership,
         clock: Clock,
+        scaler: ScalerHandle,
+        drains: DrainSink,
     ) -> Self {
         let events = EventPublisher::new(
             client.clone(),
@@ -62,7 +68,8 @@ impl Shared {
             leadership,
             clock,
             events,
-            scaler: OnceLock::new(),
+            scaler,
+            drains,
             workloads: Mutex::new(BTreeMap::new()),
             status_lock: tokio::sync::Mutex::new(()),
             status_wake: Notify::new(),
@@ -132,9 +139,5 @@ impl Shared {
                 self.config.request_timeout
             ))),
         }
-    }
-
-    pub(crate) fn scaler(&self) -> Option<&ScalerHandle> {
-        self.scaler.get()
     }
 }

@@ -161,20 +161,18 @@ async fn reconcile(ias: Arc<InferenceAutoscaler>, ctx: Arc<Ctx>) -> Result<Actio
         shared,
     );
     let previous = shared.lock_workloads().insert(workload.clone(), entry);
-    if let Some(handle) = shared.scaler() {
-        handle.register_workload(WorkloadDef {
-            workload: workload.clone(),
-            labels: ias.labels().clone().into_iter().collect(),
-            selector: EngineSelector {
-                model: None,
-                namespace: Some(namespace.clone()),
-            },
-            decider: DeciderConfig::Policy {
-                config: Box::new(config),
-                model: Box::new(model),
-            },
-        });
-    }
+    shared.scaler.register_workload(WorkloadDef {
+        workload: workload.clone(),
+        labels: ias.labels().clone().into_iter().collect(),
+        selector: EngineSelector {
+            model: None,
+            namespace: Some(namespace.clone()),
+        },
+        decider: DeciderConfig::Policy {
+            config: Box::new(config),
+            model: Box::new(model),
+        },
+    });
     drop(previous);
     shared.status_wake.notify_one();
     tracing::info!(%workload, target = %describe, %selector, generation, advisory, "acting on an InferenceAutoscaler");
@@ -269,9 +267,7 @@ pub(crate) async fn remove(shared: &Arc<Shared>, workload: &WorkloadRef, why: &s
         let _writes = shared.status_lock.lock().await;
         shared.lock_workloads().remove(workload)
     };
-    if let Some(handle) = shared.scaler() {
-        handle.unregister_workload(workload);
-    }
+    shared.scaler.unregister_workload(workload);
     if let Some(entry) = entry {
         tracing::info!(%workload, why, "no longer acting on the InferenceAutoscaler");
         entry.cancel_all_drains(shared, why).await;
@@ -332,9 +328,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut shutdown: watch::Receiver
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut run).await;
         let workloads: Vec<WorkloadRef> = shared.lock_workloads().keys().cloned().collect();
         for w in workloads {
-            if let Some(handle) = shared.scaler() {
-                handle.unregister_workload(&w);
-            }
+            shared.scaler.unregister_workload(&w);
             shared.lock_workloads().remove(&w);
         }
         tracing::info!("stopped the InferenceAutoscaler controller");

@@ -126,13 +126,16 @@ impl KubeScaler {
             || self.scaler.auth.agent_service_account.0.clone(),
             |l| l.namespace.clone(),
         );
+        let scaler = Scaler::new(self.scaler);
         let shared = Arc::new(Shared::new(
             self.client,
             self.config,
             leadership.clone(),
             clock,
+            scaler.handle().clone(),
+            scaler.drain_sink(),
         ));
-        let scaler = Scaler::new(self.scaler)
+        let scaler = scaler
             .with_auth_backend(Arc::new(auth::KubeAuthBackend::new(
                 shared.clone(),
                 namespace,
@@ -142,7 +145,6 @@ impl KubeScaler {
             .with_active(leadership.active())
             .start()
             .await?;
-        let _ = shared.scaler.set(scaler.handle().clone());
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         if let Some(elector) = elector {

@@ -288,9 +288,7 @@ pub(crate) async fn patch_status(
 /// Writes the status of every autoscaler being acted on, when it changed:
 /// on every new view of the scaler, when woken, and every sync period.
 pub(crate) async fn run_writer(shared: Arc<Shared>, store: Store<InferenceAutoscaler>) {
-    let Some(handle) = shared.scaler().cloned() else {
-        return;
-    };
+    let handle = shared.scaler.clone();
     let mut view = handle.view();
     let mut written: std::collections::HashMap<
         gpuscale_core::WorkloadRef,

@@ -3,14 +3,23 @@
 //! drains. The actuator, the drainer and the status writer all work through
 //! a [`WorkloadEntry`].
 //!
-//! **Counting.** With `S` the target's `/scale` `spec.replicas`, the count
-//! the policy decides from is `S` minus the replicas `S` still counts that
-//! are on their way out (drain records `Draining`, and `Removing` not yet
+//! **Counting** ([`Count`], the one conversion between the two counts).
+//! With `S` the target's `/scale` `spec.replicas`, the count the policy
+//! decides from is `S` minus the replicas `S` still counts that are on
+//! their way out (drain records `Draining`, and `Removing` not yet
 //! applied): a draining replica is already gone for the policy, so a
 //! scale-in is never requested twice. Setting a count `desired` writes
 //! `desired` plus those replicas; the drainer lowers `/scale` by one per
 //! replica as each finishes draining, which leaves the policy's count
 //! unchanged.
+//!
+//! **One `/scale` read per tick.** [`WorkloadEntry::observe`] reads `/scale`;
+//! [`WorkloadEntry::set_replicas`] writes from that reading (its
+//! resourceVersion guards the write: a change since is a 409, which re-reads).
+//!
+//! **Drains.** Only this crate asks agents to drain or undrain a pod, through
+//! the [`gpuscale_scaler::DrainSink`] in [`Shared`]; the decide loop names
+//! victims and never sends a drain itself.
 //!
 //! **Never fighting a user.** Every `/scale` read compares `spec.replicas`
 //! with the last value gpuscale saw or wrote. A different value was set by
@@ -55,6 +64,43 @@ const OVERLAY_TTL: Duration = Duration::from_secs(10);
 const REMOVAL_GRACE_MS: i64 = 60_000;
 /// Attempts of one `/scale` write (conflicts and retryable errors).
 const WRITE_ATTEMPTS: u32 = 3;
+
+/// The target's `spec.replicas` and the replicas it still counts that are on
+/// their way out: the one conversion between `/scale` and the count the
+/// policy decides from (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Count {
+    pub(crate) spec: u32,
+    pub(crate) leaving: u32,
+}
+
+impl Count {
+    /// The count of `spec_replicas` given the target's pods.
+    pub(crate) fn of(spec_replicas: u32, facts: &[PodFacts]) -> Self {
+        let leaving = facts
+            .iter()
+            .filter(|f| {
+                f.drain
+                    .as_ref()
+                    .is_some_and(|d| d.counted_in(spec_replicas))
+            })
+            .count();
+        Self {
+            spec: spec_replicas,
+            leaving: u32::try_from(leaving).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// The count the policy decides from.
+    pub(crate) fn current(self) -> u32 {
+        self.spec.saturating_sub(self.leaving)
+    }
+
+    /// The `spec.replicas` that gives the policy's count `desired`.
+    pub(crate) fn spec_for(self, desired: u32) -> u32 {
+        desired.saturating_add(self.leaving)
+    }
+}
 
 /// A condition's value as the controller keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,12 +289,8 @@ impl WorkloadEntry {
         let s = reading.spec_replicas;
         let facts = self.facts(&shared.config.readiness_gate);
         let replicas: Vec<ClusterReplica> = facts.iter().filter_map(|f| f.replica(s)).collect();
-        let leaving = facts
-            .iter()
-            .filter(|f| f.drain.as_ref().is_some_and(|d| d.counted_in(s)))
-            .count();
         Ok(TargetObservation {
-            current: Some(s.saturating_sub(u32::try_from(leaving).unwrap_or(u32::MAX))),
+            current: Some(Count::of(s, &facts).current()),
             replicas: Some(replicas),
         })
     }
@@ -403,20 +445,26 @@ impl WorkloadEntry {
         Ok(None)
     }
 
-    /// The actuator's `set_replicas`: `desired` is relative to the count the
-    /// policy decided from (see the module docs).
+    /// The actuator's count: `decision.desired_replicas` is relative to the
+    /// count the policy decided from (see the module docs). Writes from the
+    /// reading [`WorkloadEntry::observe`] made this tick; `/scale` is read
+    /// again only when there is none or the write conflicts.
     pub(crate) async fn set_replicas(
         &self,
         shared: &Shared,
-        desired: u32,
         decision: &Decision,
     ) -> Result<(), KubeError> {
         shared.may_write()?;
         if self.advisory() {
             return Ok(());
         }
+        let desired = decision.desired_replicas;
         let _scale = self.scale_lock.lock().await;
-        let reading = self.read_scale(shared).await?;
+        let last = self.state().last.clone();
+        let reading = match last {
+            Some(r) => r,
+            None => self.read_scale(shared).await?,
+        };
         let gate = shared.config.readiness_gate.clone();
         let s = reading.spec_replicas;
         let down = decision.desired_replicas < decision.current_replicas;
@@ -425,16 +473,7 @@ impl WorkloadEntry {
             return Ok(());
         }
         let plan = |r: &ScaleReading| {
-            let leaving = self
-                .facts(&gate)
-                .iter()
-                .filter(|f| {
-                    f.drain
-                        .as_ref()
-                        .is_some_and(|d| d.counted_in(r.spec_replicas))
-                })
-                .count();
-            Some(desired.saturating_add(u32::try_from(leaving).unwrap_or(u32::MAX)))
+            Some(Count::of(r.spec_replicas, &self.facts(&gate)).spec_for(desired))
         };
         let Some((from, to)) = self.write_scale(shared, reading, plan).await? else {
             return Ok(());
@@ -517,8 +556,13 @@ impl WorkloadEntry {
             reason,
             facts.lifecycle == ReplicaState::Ready,
         );
+        // Routing stops first (the agent sets the gate False); an agent that
+        // does not report the pod yet is asked again by the drainer.
+        let asked = shared.drains.drain(pod, reason).await.is_ok();
         self.write_drain(shared, pod, Some(&record), false).await?;
-        self.state().drain_directives.insert(pod.name.clone());
+        if asked {
+            self.state().drain_directives.insert(pod.name.clone());
+        }
         tracing::info!(workload = %self.workload, pod = %pod.name, timeout_s = self.drain_timeout_s, "draining a replica before scale-in");
         shared
             .events
@@ -547,9 +591,7 @@ impl WorkloadEntry {
         pod: &PodRef,
         why: &str,
     ) -> Result<(), KubeError> {
-        if let Some(handle) = shared.scaler() {
-            let _ = handle.undrain_pod(pod).await;
-        }
+        let _ = shared.drains.undrain(pod).await;
         self.state().drain_directives.remove(&pod.name);
         self.write_drain(shared, pod, None, false).await?;
         tracing::info!(workload = %self.workload, pod = %pod.name, why, "drain cancelled; the pod returns to service");
@@ -620,7 +662,7 @@ impl WorkloadEntry {
         if facts.iter().all(|f| f.drain.is_none()) {
             return Ok(());
         }
-        let view = shared.scaler().map(|h| h.current());
+        let view = shared.drains.view();
         let now = shared.clock.now();
         let mut finished: Vec<(PodFacts, bool)> = Vec::new();
         for f in &facts {
@@ -635,9 +677,7 @@ impl WorkloadEntry {
             }
             self.resend_drain_directive(shared, &f.pod, &record.reason)
                 .await;
-            let engine = view
-                .as_deref()
-                .map_or(EngineDrain::NotReported, |v| engine_drain(v, &f.pod));
+            let engine = engine_drain(&view, &f.pod);
             if let DrainStep::Remove { timed_out } = record.step(now, !f.gate_up, engine) {
                 finished.push((f.clone(), timed_out));
             }
@@ -769,10 +809,7 @@ impl WorkloadEntry {
         if self.state().drain_directives.contains(&pod.name) {
             return;
         }
-        let Some(handle) = shared.scaler() else {
-            return;
-        };
-        match handle.drain_pod(pod, reason).await {
+        match shared.drains.drain(pod, reason).await {
             Ok(node) => {
                 tracing::info!(pod = %pod.name, %node, "asked the agent to drain (resumed drain)");
                 self.state().drain_directives.insert(pod.name.clone());

@@ -4,14 +4,17 @@
 //! each workload's [`Observation`] ([`crate::observe::assemble`]), asks the
 //! workload's [`Decider`], sends the decision to the state task (so the view
 //! and the public APIs carry it), and — unless the decision is advisory —
-//! publishes batch limits to the replicas' agents and hands replica changes
-//! to the [`Actuator`] in a task of their own (one at a time per workload;
-//! a slow actuator delays nothing else).
+//! publishes batch limits to the replicas' agents (through the state owner,
+//! which sends a directive only when it changes) and hands a [`Plan`] to
+//! [`Actuator::apply`] in a task of its own (one at a time per workload; a
+//! slow actuator delays nothing else). Drains are the actuator's: the loop
+//! only names the victims.
 //!
-//! Each tick first asks the actuator for the target
-//! ([`Actuator::observe_target`]): the count to decide from and, when it
-//! knows them (Kubernetes), the target's replicas and their states. A
-//! workload whose target cannot be read this tick is not decided for.
+//! Each tick first asks the actuator for every workload's target at once
+//! ([`Actuator::observe`], all within one deadline of
+//! [`OBSERVE_TIMEOUT`]): the count to decide from and, when it knows them
+//! (Kubernetes), the target's replicas and their states. A workload whose
+//! target cannot be read in time this tick is not decided for.
 //!
 //! The workloads come from the registry ([`crate::ScalerHandle::register_workload`]):
 //! the configured ones at start, then whatever is registered or removed at
@@ -40,7 +43,7 @@ use gpuscale_proto::Directive;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::actuate::{Actuator, TargetObservation};
+use crate::actuate::{Actuator, Plan, TargetObservation};
 use crate::clock::Clock;
 use crate::config::{DeciderConfig, EngineSelector, WorkloadDef};
 use crate::metrics::ScalerMetrics;
@@ -90,7 +93,6 @@ struct WorkloadRuntime {
     decider: Box<dyn Decider>,
     actuating: Option<JoinHandle<()>>,
     last_summary: Option<(u32, Action)>,
-    limits_sent: BTreeMap<PodRef, u32>,
 }
 
 impl WorkloadRuntime {
@@ -103,7 +105,6 @@ impl WorkloadRuntime {
             target: TargetObservation::default(),
             actuating: None,
             last_summary: None,
-            limits_sent: BTreeMap::new(),
         }
     }
 }
@@ -121,8 +122,8 @@ pub(crate) struct DecideLoop {
     shutdown: watch::Receiver<bool>,
 }
 
-/// Longest wait for the actuator's current replica count.
-const CURRENT_REPLICAS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for the actuator's observation of all targets at a tick.
+pub const OBSERVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl DecideLoop {
     #[allow(clippy::too_many_arguments)]
@@ -193,7 +194,6 @@ impl DecideLoop {
                     let mut fresh = WorkloadRuntime::new(def.clone());
                     if let Some(p) = previous {
                         fresh.actuating = p.actuating;
-                        fresh.limits_sent = p.limits_sent;
                     }
                     let _ = self
                         .commands
@@ -231,24 +231,14 @@ impl DecideLoop {
             return;
         }
         self.sync_workloads().await;
+        let workloads: Vec<WorkloadRef> =
+            self.workloads.iter().map(|w| w.workload.clone()).collect();
+        let mut targets = observe_all(&self.actuator, workloads).await;
         let view = self.view.borrow().clone();
         for i in 0..self.workloads.len() {
             let workload = self.workloads[i].workload.clone();
-            let target = match tokio::time::timeout(
-                CURRENT_REPLICAS_TIMEOUT,
-                self.actuator.observe_target(&workload),
-            )
-            .await
-            {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::debug!(%workload, error = %e, "actuator could not read the target; not deciding this tick");
-                    continue;
-                }
-                Err(_) => {
-                    tracing::debug!(%workload, "actuator did not describe the target in time; not deciding this tick");
-                    continue;
-                }
+            let Some(target) = targets.remove(&workload) else {
+                continue;
             };
             let now = self.clock.now();
             let started = std::time::Instant::now();
@@ -291,6 +281,8 @@ impl DecideLoop {
         }
     }
 
+    /// The decision's batch limit to each replica's agent; the state owner
+    /// sends it only when it differs from the standing one.
     async fn publish_batch_limits(&mut self, i: usize, view: &StateView, decision: &Decision) {
         let Some(limit) = decision.batch_limit else {
             return;
@@ -298,10 +290,6 @@ impl DecideLoop {
         let w = &self.workloads[i];
         let pods = observe::member_pods(view, &w.selector, &w.target);
         for pod in pods {
-            if self.workloads[i].limits_sent.get(&pod) == Some(&limit) {
-                continue;
-            }
-            self.workloads[i].limits_sent.insert(pod.clone(), limit);
             let _ = self
                 .commands
                 .send(Command::Directive {
@@ -353,42 +341,14 @@ impl DecideLoop {
         let metrics = self.metrics.clone();
         let clock = self.clock;
         let workload = w.workload.clone();
-        let decision = decision.clone();
+        let plan = Plan {
+            decision: decision.clone(),
+            drain: to_drain,
+            undrain: to_undrain,
+        };
         w.actuating = Some(tokio::spawn(async move {
-            let reason = decision.summary();
-            for pod in &to_drain {
-                let _ = commands
-                    .send(Command::Directive {
-                        pod: pod.clone(),
-                        directive: Directive::DrainPod {
-                            pod: pod.clone(),
-                            reason: reason.clone(),
-                        },
-                        reply: None,
-                    })
-                    .await;
-            }
-            for pod in &to_undrain {
-                let _ = commands
-                    .send(Command::Directive {
-                        pod: pod.clone(),
-                        directive: Directive::UndrainPod { pod: pod.clone() },
-                        reply: None,
-                    })
-                    .await;
-            }
-            let result = async {
-                for pod in &to_drain {
-                    actuator.drain_pod(&workload, pod, &reason).await?;
-                }
-                for pod in &to_undrain {
-                    actuator.undrain_pod(&workload, pod).await?;
-                }
-                actuator
-                    .set_replicas(&workload, decision.desired_replicas, &decision)
-                    .await
-            }
-            .await;
+            let result = actuator.apply(&workload, &plan).await;
+            let decision = plan.decision;
             metrics.actuated(&workload, result.is_ok());
             if let Err(e) = &result {
                 tracing::warn!(%workload, desired = decision.desired_replicas, error = %e, "actuation failed; the next decision retries");
@@ -407,6 +367,47 @@ impl DecideLoop {
     }
 }
 
+/// Every workload's target, observed at once within [`OBSERVE_TIMEOUT`];
+/// a workload missing from the result is not decided for this tick.
+async fn observe_all(
+    actuator: &Arc<dyn Actuator>,
+    workloads: Vec<WorkloadRef>,
+) -> BTreeMap<WorkloadRef, TargetObservation> {
+    let mut set = tokio::task::JoinSet::new();
+    for workload in workloads {
+        let actuator = actuator.clone();
+        set.spawn(async move {
+            let target = actuator.observe(&workload).await;
+            (workload, target)
+        });
+    }
+    let mut targets = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + OBSERVE_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, set.join_next()).await {
+            Ok(Some(Ok((workload, Ok(t))))) => {
+                targets.insert(workload, t);
+            }
+            Ok(Some(Ok((workload, Err(e))))) => {
+                tracing::debug!(%workload, error = %e, "actuator could not read the target; not deciding this tick");
+            }
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %e, "observing a target failed");
+            }
+            Ok(None) => break,
+            Err(_) => {
+                tracing::debug!(
+                    late = set.len(),
+                    "actuator did not describe every target in time; those are not decided this tick"
+                );
+                set.abort_all();
+                break;
+            }
+        }
+    }
+    targets
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, VecDeque};
@@ -422,7 +423,7 @@ mod tests {
     use tokio::sync::{mpsc, watch};
 
     use super::{DecideLoop, Decider, WorkloadRegistry};
-    use crate::actuate::LoggingActuator;
+    use crate::actuate::{DrainSink, LoggingActuator};
     use crate::clock::Clock;
     use crate::config::{DeciderConfig, EngineSelector, WorkloadDef};
     use crate::metrics::ScalerMetrics;
@@ -528,12 +529,13 @@ mod tests {
         let (_view_tx, view_rx) = watch::channel(Arc::new(one_engine_view()));
         let (commands_tx, mut commands_rx) = mpsc::channel(256);
         let (_shutdown_tx, shutdown_rx) = watch::channel(false);
+        let sink = DrainSink::new(commands_tx.clone(), view_rx.clone());
         let mut lp = DecideLoop::new(
             registry_rx,
             None,
             view_rx,
-            commands_tx.clone(),
-            Arc::new(LoggingActuator::new()),
+            commands_tx,
+            Arc::new(LoggingActuator::new(sink)),
             Clock::starting_at(Timestamp::from_millis(1_000)),
             Duration::from_secs(1),
             Arc::new(ScalerMetrics::new()),
@@ -543,14 +545,12 @@ mod tests {
             counts: VecDeque::from([2, 1]),
             base: ProportionalDecider::new(proportional()),
         });
-        let mut decided = Vec::new();
-        let mut drained = Vec::new();
-        for _ in 0..2 {
-            lp.tick_once().await;
-            if let Some(task) = lp.workloads[0].actuating.take() {
-                task.await.expect("the actuation finishes");
-            }
-            while let Ok(c) = commands_rx.try_recv() {
+        // The state owner's side: records decisions and drains, answers
+        // directives.
+        let owner = tokio::spawn(async move {
+            let mut decided = Vec::new();
+            let mut drained = Vec::new();
+            while let Some(c) = commands_rx.recv().await {
                 match c {
                     Command::Decision { decision, .. } => {
                         decided.push((decision.current_replicas, decision.desired_replicas));
@@ -568,10 +568,100 @@ mod tests {
                     _ => {}
                 }
             }
+            (decided, drained)
+        });
+        for _ in 0..2 {
+            lp.tick_once().await;
+            if let Some(task) = lp.workloads[0].actuating.take() {
+                task.await.expect("the actuation finishes");
+            }
         }
+        drop(lp);
+        let (decided, drained) = owner.await.expect("the owner finishes");
         // Scale-out to 2 was asked for but nothing made a second pod: the
         // only engine is the whole workload, so asking for 1 changes nothing.
         assert!(drained.is_empty(), "drained {drained:?}: the only real pod");
         assert_eq!(decided, vec![(1, 2), (1, 1)]);
+    }
+
+    /// Observes after a delay per workload (`None`: never answers).
+    struct Slow(BTreeMap<String, Option<Duration>>);
+
+    impl crate::actuate::Actuator for Slow {
+        fn observe<'a>(
+            &'a self,
+            workload: &'a WorkloadRef,
+        ) -> crate::actuate::ActuateFuture<'a, crate::actuate::TargetObservation> {
+            let delay = self.0.get(&workload.name).copied().flatten();
+            Box::pin(async move {
+                match delay {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending::<()>().await,
+                }
+                Ok(crate::actuate::TargetObservation::default())
+            })
+        }
+
+        fn apply<'a>(
+            &'a self,
+            _workload: &'a WorkloadRef,
+            _plan: &'a crate::actuate::Plan,
+        ) -> crate::actuate::ActuateFuture<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn targets_are_observed_at_once_within_one_deadline() {
+        let def = |name: &str| {
+            Arc::new(WorkloadDef {
+                workload: WorkloadRef::new("default", name),
+                labels: BTreeMap::new(),
+                selector: EngineSelector {
+                    model: Some("m".into()),
+                    namespace: None,
+                },
+                decider: DeciderConfig::Proportional(proportional()),
+            })
+        };
+        let registry: WorkloadRegistry = ["a", "b", "hung"]
+            .into_iter()
+            .map(|n| (WorkloadRef::new("default", n), def(n)))
+            .collect();
+        let (_registry_tx, registry_rx) = watch::channel(Arc::new(registry));
+        let (_view_tx, view_rx) = watch::channel(Arc::new(one_engine_view()));
+        let (commands_tx, mut commands_rx) = mpsc::channel(256);
+        let (_shutdown_tx, shutdown_rx) = watch::channel(false);
+        let slow = Slow(BTreeMap::from([
+            ("a".to_string(), Some(Duration::from_millis(1_500))),
+            ("b".to_string(), Some(Duration::from_millis(1_500))),
+            ("hung".to_string(), None),
+        ]));
+        let mut lp = DecideLoop::new(
+            registry_rx,
+            None,
+            view_rx,
+            commands_tx,
+            Arc::new(slow),
+            Clock::starting_at(Timestamp::from_millis(1_000)),
+            Duration::from_secs(1),
+            Arc::new(ScalerMetrics::new()),
+            shutdown_rx,
+        );
+        let started = tokio::time::Instant::now();
+        lp.tick_once().await;
+        let took = started.elapsed();
+        let mut decided = Vec::new();
+        while let Ok(c) = commands_rx.try_recv() {
+            if let Command::Decision { workload, .. } = c {
+                decided.push(workload.name);
+            }
+        }
+        // One at a time, a and b alone would take 3 s (tokio's paused clock).
+        assert_eq!(decided, vec!["a".to_string(), "b".to_string()]);
+        assert!(
+            took <= super::OBSERVE_TIMEOUT + Duration::from_millis(10),
+            "the tick took {took:?}"
+        );
     }
 }

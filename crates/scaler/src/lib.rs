@@ -57,14 +57,13 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use gpuscale_core::{NodeName, PodRef, WorkloadRef};
-use gpuscale_proto::Directive;
+use gpuscale_core::WorkloadRef;
 use gpuscale_proto::v1::agent_service_server::AgentServiceServer;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tonic::service::Routes;
 
-pub use actuate::{ActuateFuture, Actuator, LoggingActuator};
+pub use actuate::{ActuateFuture, Actuator, DrainSink, LoggingActuator, Plan};
 pub use clock::Clock;
 pub use config::{ScalerArgs, ScalerConfig, ScalerFile, WorkloadDef};
 pub use decide::{Decider, build_decider};
@@ -85,9 +84,16 @@ use crate::state::{Command, State, StateConfig};
 pub type ServiceBuilder = Box<dyn FnOnce(&ScalerHandle, Routes) -> Routes + Send>;
 
 /// A scaler to start: configuration, actuator, optional extra services.
+///
+/// Its channels exist from [`Scaler::new`] on, so what an actuator needs is
+/// there before the actuator is built: [`Scaler::handle`] and
+/// [`Scaler::drain_sink`].
 pub struct Scaler {
     config: ScalerConfig,
-    actuator: Arc<dyn Actuator>,
+    handle: ScalerHandle,
+    commands_rx: mpsc::Receiver<Command>,
+    view_tx: watch::Sender<Arc<StateView>>,
+    actuator: Option<Arc<dyn Actuator>>,
     clock: Option<Clock>,
     services: Option<ServiceBuilder>,
     active: Option<watch::Receiver<bool>>,
@@ -103,11 +109,31 @@ impl std::fmt::Debug for Scaler {
 }
 
 impl Scaler {
-    /// A scaler acting through a [`LoggingActuator`] (standalone).
+    /// A scaler acting through a [`LoggingActuator`] (standalone) unless
+    /// [`Scaler::with_actuator`] gives another.
     pub fn new(config: ScalerConfig) -> Self {
+        // A zero-sized queue is refused by `start` (validation); the channel
+        // itself needs one slot.
+        let (commands_tx, commands_rx) = mpsc::channel(config.ingest_queue.max(1));
+        let (view_tx, view_rx) = watch::channel(Arc::new(StateView::default()));
+        let registry: WorkloadRegistry = config
+            .workloads
+            .iter()
+            .map(|w| (w.workload.clone(), Arc::new(w.clone())))
+            .collect();
+        let (registry_tx, _) = watch::channel(Arc::new(registry));
+        let handle = ScalerHandle {
+            commands: commands_tx,
+            view: view_rx,
+            metrics: Arc::new(ScalerMetrics::new()),
+            registry: Arc::new(registry_tx),
+        };
         Self {
             config,
-            actuator: Arc::new(LoggingActuator::new()),
+            handle,
+            commands_rx,
+            view_tx,
+            actuator: None,
             clock: None,
             services: None,
             active: None,
@@ -133,10 +159,23 @@ impl Scaler {
         self
     }
 
-    /// Act through `actuator` (the Kubernetes controller, the demo's fleet).
+    /// Act through `actuator` (the Kubernetes controller), built with
+    /// [`Scaler::drain_sink`] and [`Scaler::handle`].
     pub fn with_actuator(mut self, actuator: Arc<dyn Actuator>) -> Self {
-        self.actuator = actuator;
+        self.actuator = Some(actuator);
         self
+    }
+
+    /// The scaler's handle, usable before [`Scaler::start`] (requests queue
+    /// until the state task runs).
+    pub fn handle(&self) -> &ScalerHandle {
+        &self.handle
+    }
+
+    /// Where an actuator sends its drains (see [`actuate`]): to be given to
+    /// the actuator when it is built.
+    pub fn drain_sink(&self) -> DrainSink {
+        DrainSink::new(self.handle.commands.clone(), self.handle.view.clone())
     }
 
     /// Use `clock` instead of the system clock (simulations).
@@ -158,10 +197,15 @@ impl Scaler {
 
     /// Binds the listeners and starts every task on the current runtime.
     pub async fn start(self) -> Result<RunningScaler, ScalerError> {
+        let actuator = match self.actuator.clone() {
+            Some(a) => a,
+            None => Arc::new(LoggingActuator::new(self.drain_sink())),
+        };
         let config = self.config;
         config.validate()?;
         let clock = self.clock.unwrap_or_else(Clock::start);
-        let metrics = Arc::new(ScalerMetrics::new());
+        let handle = self.handle;
+        let metrics = handle.metrics.clone();
         let auth = Arc::new(edge::authenticator(
             &config.auth,
             self.auth_backend.clone(),
@@ -197,25 +241,17 @@ impl Scaler {
             };
         let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
 
-        let (commands_tx, commands_rx) = mpsc::channel(config.ingest_queue);
-        let (view_tx, view_rx) = watch::channel(Arc::new(StateView {
+        let commands_tx = handle.commands.clone();
+        let commands_rx = self.commands_rx;
+        let view_tx = self.view_tx;
+        view_tx.send_replace(Arc::new(StateView {
             published_at: clock.now(),
             ..StateView::default()
         }));
+        let view_rx = handle.view.clone();
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (serving_tx, serving_rx) = watch::channel(false);
-        let registry: WorkloadRegistry = config
-            .workloads
-            .iter()
-            .map(|w| (w.workload.clone(), Arc::new(w.clone())))
-            .collect();
-        let (registry_tx, registry_rx) = watch::channel(Arc::new(registry));
-        let handle = ScalerHandle {
-            commands: commands_tx.clone(),
-            view: view_rx.clone(),
-            metrics: metrics.clone(),
-            registry: Arc::new(registry_tx),
-        };
+        let registry_rx = handle.registry.subscribe();
         let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
 
         let state = State::new(
@@ -244,7 +280,7 @@ impl Scaler {
             self.active.clone(),
             view_rx.clone(),
             commands_tx.clone(),
-            self.actuator.clone(),
+            actuator,
             clock,
             config.tick,
             metrics.clone(),
@@ -553,54 +589,6 @@ impl ScalerHandle {
     }
     pub fn metrics(&self) -> &Arc<ScalerMetrics> {
         &self.metrics
-    }
-
-    async fn directive(&self, pod: &PodRef, directive: Directive) -> Result<NodeName, ScalerError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Directive {
-                pod: pod.clone(),
-                directive,
-                reply: Some(tx),
-            })
-            .await
-            .map_err(|_| ScalerError::ShuttingDown)?;
-        rx.await.map_err(|_| ScalerError::ShuttingDown)?
-    }
-
-    /// Asks the agent of the node running `pod` to take it out of routing.
-    /// Returns the node. Standing: sent again whenever the agent reconnects.
-    pub async fn drain_pod(&self, pod: &PodRef, reason: &str) -> Result<NodeName, ScalerError> {
-        self.directive(
-            pod,
-            Directive::DrainPod {
-                pod: pod.clone(),
-                reason: reason.to_string(),
-            },
-        )
-        .await
-    }
-
-    /// Puts a drained pod back into routing.
-    pub async fn undrain_pod(&self, pod: &PodRef) -> Result<NodeName, ScalerError> {
-        self.directive(pod, Directive::UndrainPod { pod: pod.clone() })
-            .await
-    }
-
-    /// Publishes a batch limit to the pod's engine through its agent.
-    pub async fn set_batch_limit(
-        &self,
-        pod: &PodRef,
-        batch_limit: u32,
-    ) -> Result<NodeName, ScalerError> {
-        self.directive(
-            pod,
-            Directive::SetBatchLimit {
-                pod: pod.clone(),
-                batch_limit,
-            },
-        )
-        .await
     }
 }
 
