@@ -73,6 +73,10 @@ pub struct ScalerConfig {
     pub node_ttl: Duration,
     /// How often every workload is decided.
     pub tick: Duration,
+    /// Longest warm-up after start or a change of leader (see
+    /// `--warmup`); zero: none (the library's default, for tests and
+    /// embedders that feed the state themselves).
+    pub warmup: Duration,
     /// Span of the rate and latency windows.
     pub window: Duration,
     /// Capacity of the queue from the gRPC handlers to the state task.
@@ -109,6 +113,7 @@ impl ScalerConfig {
             metrics_addr: None,
             node_ttl: Duration::from_secs(30),
             tick: Duration::from_secs(2),
+            warmup: Duration::ZERO,
             window: Duration::from_secs(30),
             ingest_queue: 1024,
             ingest_wait: Duration::from_secs(5),
@@ -126,12 +131,18 @@ impl ScalerConfig {
     /// Checks every field; the error names the field, the value and what is allowed.
     pub fn validate(&self) -> Result<(), ScalerError> {
         self.validate_file_fields()?;
-        let ranges: [(&str, Duration, Duration, Duration); 2] = [
+        let ranges: [(&str, Duration, Duration, Duration); 3] = [
             (
                 "--node-ttl",
                 self.node_ttl,
                 Duration::from_millis(100),
                 Duration::from_secs(86_400),
+            ),
+            (
+                "--warmup",
+                self.warmup,
+                Duration::ZERO,
+                Duration::from_secs(600),
             ),
             (
                 "ingest_wait",
@@ -605,6 +616,13 @@ pub struct ScalerArgs {
         env = "GPUSCALE_METRICS_ADDR"
     )]
     pub metrics_addr: String,
+    /// After start and after becoming leader, decide, publish and act for a
+    /// workload only once every replica it expects has reported (Kubernetes:
+    /// the target's ready pods) or this long has passed (0s..=10m; standalone
+    /// waits the whole of it: whom to expect is not known after a restart).
+    /// Meanwhile the APIs answer UNAVAILABLE.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration, env = "GPUSCALE_WARMUP")]
+    pub warmup: Duration,
     /// Forget a node that has not reported for this long (100ms..=24h).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, env = "GPUSCALE_NODE_TTL")]
     pub node_ttl: Duration,
@@ -715,6 +733,7 @@ impl ScalerArgs {
             })?),
         };
         config.node_ttl = self.node_ttl;
+        config.warmup = self.warmup;
         config.api.max_watchers = self.max_watchers;
         config.api.max_keda_streams = self.max_keda_streams;
         config.peers.max_streams = self.max_streams_per_peer;

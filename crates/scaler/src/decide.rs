@@ -93,6 +93,8 @@ struct WorkloadRuntime {
     decider: Box<dyn Decider>,
     actuating: Option<JoinHandle<()>>,
     last_summary: Option<(u32, Action)>,
+    /// The warm-up after start (or after gaining leadership) is over.
+    warm: bool,
 }
 
 impl WorkloadRuntime {
@@ -105,6 +107,7 @@ impl WorkloadRuntime {
             target: TargetObservation::default(),
             actuating: None,
             last_summary: None,
+            warm: false,
         }
     }
 }
@@ -120,6 +123,27 @@ pub(crate) struct DecideLoop {
     tick: Duration,
     metrics: Arc<ScalerMetrics>,
     shutdown: watch::Receiver<bool>,
+    /// The longest warm-up, and when the current one began (`None`: not
+    /// begun, or a standby).
+    warmup: Duration,
+    warm_since: Option<tokio::time::Instant>,
+}
+
+/// What a workload in warm-up says instead of a decision.
+fn warming_message(
+    observation: &Observation,
+    target: &TargetObservation,
+    left: Duration,
+) -> String {
+    let heard = observation.replicas.ready + observation.replicas.loading;
+    let expected = match &target.replicas {
+        Some(r) => format!("{heard} of {} replicas reported", r.len()),
+        None => format!("{heard} replicas reported so far"),
+    };
+    format!(
+        "warming up after start: {expected}; deciding when all have reported, at most {:.0} s from now",
+        left.as_secs_f64().ceil()
+    )
 }
 
 /// Longest wait for the actuator's observation of all targets at a tick.
@@ -154,7 +178,19 @@ impl DecideLoop {
             tick,
             metrics,
             shutdown,
+            warmup: Duration::ZERO,
+            warm_since: None,
         }
+    }
+
+    /// After start and after gaining leadership, nothing is decided,
+    /// published or actuated for a workload until every replica it expects
+    /// has reported (known in Kubernetes mode: the target's ready pods) or
+    /// `warmup` has passed (standalone: who to expect is not known after a
+    /// restart, so the whole bound).
+    pub(crate) fn with_warmup(mut self, warmup: Duration) -> Self {
+        self.warmup = warmup;
+        self
     }
 
     pub(crate) async fn run(mut self) {
@@ -227,9 +263,14 @@ impl DecideLoop {
                     task.abort();
                 }
                 w.last_summary = None;
+                w.warm = false;
             }
+            self.warm_since = None;
             return;
         }
+        let warm_since = *self
+            .warm_since
+            .get_or_insert_with(tokio::time::Instant::now);
         self.sync_workloads().await;
         let workloads: Vec<WorkloadRef> =
             self.workloads.iter().map(|w| w.workload.clone()).collect();
@@ -245,6 +286,22 @@ impl DecideLoop {
             let w = &mut self.workloads[i];
             w.target = target;
             let observation = observe::assemble_target(&view, &w.selector, &w.target);
+            if !w.warm {
+                let elapsed = warm_since.elapsed();
+                // Kubernetes: the target names its replicas, and the
+                // observation is complete once each ready one has reported.
+                let heard_all = w.target.replicas.is_some() && observation.telemetry_at.is_some();
+                if elapsed < self.warmup && !heard_all {
+                    let left = self.warmup - elapsed;
+                    let message = warming_message(&observation, &w.target, left);
+                    let _ = self
+                        .commands
+                        .send(Command::WarmingUp { workload, message })
+                        .await;
+                    continue;
+                }
+                w.warm = true;
+            }
             let decision = w.decider.decide(now, &observation);
             self.metrics.decided(
                 &workload,

@@ -254,7 +254,7 @@ impl Scaler {
         let registry_rx = handle.registry.subscribe();
         let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
 
-        let state = State::new(
+        let mut state = State::new(
             StateConfig {
                 window: config.window,
                 node_ttl: config.node_ttl,
@@ -265,6 +265,9 @@ impl Scaler {
                 .iter()
                 .map(|w| (w.workload.clone(), w.labels.clone())),
         );
+        // The configured workloads are known from the first view on: a
+        // request right after start is `UNAVAILABLE`, never `NOT_FOUND`.
+        view_tx.send_replace(state.publish(clock.now()));
         tasks.push((
             "state",
             tokio::spawn(state::run(
@@ -285,7 +288,8 @@ impl Scaler {
             config.tick,
             metrics.clone(),
             shutdown_rx.clone(),
-        );
+        )
+        .with_warmup(config.warmup);
         tasks.push(("decide", tokio::spawn(decide.run())));
         tasks.push((
             "workload metrics",

@@ -79,6 +79,12 @@ pub(crate) enum Command {
         observation: Box<Observation>,
         decision: Box<Decision>,
     },
+    /// The workload is in its warm-up: no decision is published (a
+    /// previous one, from before a change of leader, is withdrawn).
+    WarmingUp {
+        workload: WorkloadRef,
+        message: String,
+    },
     /// What the actuator made of a decision.
     Actuated {
         workload: WorkloadRef,
@@ -233,6 +239,7 @@ impl State {
                             observation: None,
                             decision: None,
                             last_actuation: None,
+                            warming_up: None,
                         }),
                     )
                 })
@@ -278,6 +285,17 @@ impl State {
                     let _ = reply.send(result);
                 }
             }
+            Command::WarmingUp { workload, message } => {
+                if let Some(w) = self.workloads.get_mut(&workload)
+                    && w.warming_up.as_ref() != Some(&message)
+                {
+                    let w = Arc::make_mut(w);
+                    w.warming_up = Some(message);
+                    w.decision = None;
+                    w.observation = None;
+                    self.changed = true;
+                }
+            }
             Command::Decision {
                 workload,
                 observation,
@@ -287,6 +305,7 @@ impl State {
                     let w = Arc::make_mut(w);
                     w.observation = Some(*observation);
                     w.decision = Some(*decision);
+                    w.warming_up = None;
                     self.changed = true;
                 }
             }
@@ -308,6 +327,7 @@ impl State {
                                 observation: None,
                                 decision: None,
                                 last_actuation: None,
+                                warming_up: None,
                             }),
                         );
                     }

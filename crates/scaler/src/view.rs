@@ -182,6 +182,9 @@ pub struct WorkloadView {
     pub observation: Option<Observation>,
     pub decision: Option<Decision>,
     pub last_actuation: Option<ActuationRecord>,
+    /// Set while the workload is in its warm-up after start (or after a
+    /// change of leader): what it has heard so far; no decision meanwhile.
+    pub warming_up: Option<String>,
 }
 
 /// What the scaler last asked the actuator to do for a workload.

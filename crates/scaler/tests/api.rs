@@ -116,6 +116,7 @@ fn wv(name: &str, labels: &[(&str, &str)], decided: Option<(u32, u32, &str)>) ->
         observation: decided.map(|_| observation(2, 1, Some(3.0), 0.2)),
         decision: decided.map(|(c, d, r)| decision(c, d, r)),
         last_actuation: None,
+        warming_up: None,
     }
 }
 

@@ -32,8 +32,11 @@
 //! (`workload: namespace/name`, or `workload: name` in the ScaledObject's
 //! namespace); without it, the workload named like the ScaledObject in its
 //! namespace. An unknown workload is `NOT_FOUND` naming it; before its
-//! first decision `UNAVAILABLE` (KEDA counts a failure and, past the
-//! ScaledObject's `fallback.failureThreshold`, applies its fallback).
+//! first decision, and through the scaler's warm-up after start or a change
+//! of leader, `UNAVAILABLE` (KEDA counts a failure and, past the
+//! ScaledObject's `fallback.failureThreshold`, applies its fallback; without
+//! a fallback the HPA keeps the current replica count) — never a count
+//! made from no data.
 //!
 //! KEDA calls `GetMetrics` then `IsActive` on every poll and HPA query.
 //! `StreamIsActive` (trigger type `external-push`) sends the activity now
@@ -120,10 +123,13 @@ pub fn scaled_workload(r: &ScaledObjectRef) -> Result<WorkloadRef, Status> {
 /// The desired replica count, or `UNAVAILABLE` before the first decision.
 fn desired(w: &WorkloadView) -> Result<u32, Status> {
     w.decision.as_ref().map(|d| d.desired_replicas).ok_or_else(|| {
-        Status::unavailable(format!(
-            "workload {} has no decision yet (every workload is decided each tick); retry shortly",
-            w.workload
-        ))
+        Status::unavailable(match &w.warming_up {
+            Some(warming) => format!("workload {}: {warming}; retry shortly", w.workload),
+            None => format!(
+                "workload {} has no decision yet (every workload is decided each tick); retry shortly",
+                w.workload
+            ),
+        })
     })
 }
 

@@ -127,7 +127,12 @@ pub fn recommendation(w: &WorkloadView) -> v1::Recommendation {
             r.action = action_str(d.action).to_string();
             r.winner = d.winner.as_str().to_string();
         }
-        None => r.reason = "no decision yet".to_string(),
+        None => {
+            r.reason = w
+                .warming_up
+                .clone()
+                .unwrap_or_else(|| "no decision yet".to_string())
+        }
     }
     r
 }
@@ -354,9 +359,12 @@ impl ScalerService for RecommendationService {
         decision_record(wv)
             .map(Response::new)
             .ok_or_else(|| {
-                Status::unavailable(format!(
-                    "workload {workload} has no decision yet (every workload is decided each tick); retry shortly"
-                ))
+                Status::unavailable(match &wv.warming_up {
+                    Some(warming) => format!("workload {workload}: {warming}; retry shortly"),
+                    None => format!(
+                        "workload {workload} has no decision yet (every workload is decided each tick); retry shortly"
+                    ),
+                })
             })
     }
 

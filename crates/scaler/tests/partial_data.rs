@@ -1,0 +1,245 @@
+//! Never act on partial data, over real gRPC on loopback with crafted agent
+//! streams: a scaler that just started publishes and actuates nothing until
+//! its warm-up is over (KEDA's `GetMetrics` answers `UNAVAILABLE`, never a
+//! count made from no data), and a node that goes silent without closing its
+//! stream causes no scale-in while it is missing.
+
+#![allow(clippy::unwrap_used)]
+#![allow(dead_code)] // FakeAgent's controls are for the partition test
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use gpuscale_core::sample::{
+    AgentHealth, EngineSample, EngineState, Framework, NodeDelta, NodeSnapshot,
+};
+use gpuscale_core::{NodeName, PodRef, Timestamp, WorkloadRef};
+use gpuscale_proto::externalscaler::external_scaler_client::ExternalScalerClient;
+use gpuscale_proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
+use gpuscale_proto::v1;
+use gpuscale_proto::v1::agent_service_client::AgentServiceClient;
+use gpuscale_proto::{AgentReport, Directive, ReportBody};
+use gpuscale_scaler::{RunningScaler, Scaler, ScalerConfig, ScalerFile};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+/// Generated tokens per second one replica sustains in these workloads.
+const CAPACITY: f64 = 100.0;
+
+fn config(warmup: Duration, node_ttl: Duration) -> ScalerConfig {
+    let file: ScalerFile = serde_yaml::from_str(&format!(
+        "workloads:
+  - {{name: chat, namespace: llm, engines: {{model: m}}, proportional: {{capacityTokensPerSecond: {CAPACITY}, targetUtilization: 0.8, maxReplicas: 20, scaleDownStabilization: 1s, tolerance: 0.05, staleAfter: 30s}}}}
+"
+    ))
+    .unwrap();
+    let mut c = ScalerConfig::new("127.0.0.1:0".parse().unwrap());
+    c.tick = Duration::from_millis(100);
+    c.warmup = warmup;
+    c.node_ttl = node_ttl;
+    c.window = Duration::from_secs(2);
+    c.workloads = file.workloads(Path::new(".")).unwrap();
+    c
+}
+
+fn chat() -> WorkloadRef {
+    WorkloadRef::new("llm", "chat")
+}
+
+async fn channel(scaler: &RunningScaler) -> Channel {
+    Endpoint::from_shared(format!("http://{}", scaler.grpc_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn wall_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// A crafted agent: one node, its pods each generating `rate` tokens/s,
+/// reporting every 100 ms. While `silent` is set it sends nothing but keeps
+/// its stream open; `reconnect` makes it open a new stream with a snapshot
+/// (as an agent does when a partition heals). Drain directives it receives
+/// are counted.
+struct FakeAgent {
+    silent: Arc<AtomicBool>,
+    reconnect: Arc<AtomicBool>,
+    drains: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeAgent {
+    fn start(channel: Channel, node: &str, pods: &[&str], rate: f64) -> Self {
+        let silent = Arc::new(AtomicBool::new(false));
+        let reconnect = Arc::new(AtomicBool::new(false));
+        let drains = Arc::new(AtomicU64::new(0));
+        let node = node.to_string();
+        let pods: Vec<String> = pods.iter().map(|p| p.to_string()).collect();
+        let task = tokio::spawn({
+            let (silent, reconnect, drains) = (silent.clone(), reconnect.clone(), drains.clone());
+            async move {
+                let started = wall_ms();
+                let engines = |at: i64| -> Vec<EngineSample> {
+                    pods.iter()
+                        .map(|p| {
+                            let mut e = EngineSample::empty(
+                                PodRef::new("llm", p.as_str()),
+                                Framework::Fake,
+                                "m",
+                                Timestamp::from_millis(at),
+                            );
+                            e.state = EngineState::Warm;
+                            e.generation_tokens_total = Some(rate * (at - started) as f64 / 1000.0);
+                            e.requests_running = Some(1.0);
+                            e.requests_waiting = Some(0.0);
+                            e
+                        })
+                        .collect()
+                };
+                let mut seq = 0u64;
+                let mut tx: Option<mpsc::Sender<v1::NodeReport>> = None;
+                let mut ticker = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    ticker.tick().await;
+                    if silent.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let at = wall_ms();
+                    seq += 1;
+                    if tx.is_none() || reconnect.swap(false, Ordering::SeqCst) {
+                        let snapshot = ReportBody::Snapshot(NodeSnapshot {
+                            node: NodeName::new(node.as_str()),
+                            agent_version: "test".into(),
+                            sampled_at: Timestamp::from_millis(at),
+                            sample_interval_ms: 100,
+                            gpus: vec![],
+                            pods: vec![],
+                            engines: engines(at),
+                            agent: AgentHealth::default(),
+                        });
+                        let (new_tx, rx) = mpsc::channel(64);
+                        new_tx.send(wire(seq, snapshot)).await.unwrap();
+                        let mut inbound = AgentServiceClient::new(channel.clone())
+                            .report(ReceiverStream::new(rx))
+                            .await
+                            .unwrap()
+                            .into_inner();
+                        let drains = drains.clone();
+                        tokio::spawn(async move {
+                            while let Ok(Some(d)) = inbound.message().await {
+                                if matches!(Directive::try_from(d), Ok(Directive::DrainPod { .. }))
+                                {
+                                    drains.fetch_add(1, Ordering::SeqCst);
+                                }
+                            }
+                        });
+                        tx = Some(new_tx);
+                        continue;
+                    }
+                    let delta = ReportBody::Delta(NodeDelta {
+                        sampled_at: Timestamp::from_millis(at),
+                        engines_upserted: engines(at),
+                        ..NodeDelta::default()
+                    });
+                    if let Some(t) = &tx
+                        && t.send(wire(seq, delta)).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        Self {
+            silent,
+            reconnect,
+            drains,
+            task,
+        }
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn wire(seq: u64, body: ReportBody) -> v1::NodeReport {
+    (&AgentReport {
+        boot_epoch: 1,
+        seq,
+        sent_at: Timestamp::from_millis(wall_ms()),
+        body,
+    })
+        .into()
+}
+
+async fn get_metrics(channel: Channel) -> Result<i64, tonic::Status> {
+    ExternalScalerClient::new(channel)
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(ScaledObjectRef {
+                name: "chat".into(),
+                namespace: "llm".into(),
+                scaler_metadata: Default::default(),
+            }),
+            metric_name: "gpuscale-desired-replicas".into(),
+        })
+        .await
+        .map(|r| r.into_inner().metric_values[0].metric_value_float.round() as i64)
+}
+
+#[tokio::test]
+async fn a_started_scaler_publishes_and_actuates_nothing_until_its_warm_up_is_over() {
+    let warmup = Duration::from_millis(1500);
+    let started = Instant::now();
+    let scaler = Scaler::new(config(warmup, Duration::from_secs(5)))
+        .start()
+        .await
+        .unwrap();
+    let ch = channel(&scaler).await;
+    // Two nodes, 180 tokens/s each: 5 replicas at 80 tokens/s per replica.
+    let _a = FakeAgent::start(ch.clone(), "node-a", &["a-0"], 180.0);
+    let _b = FakeAgent::start(ch.clone(), "node-b", &["b-0"], 180.0);
+    let mut answered = Vec::new();
+    while started.elapsed() < warmup + Duration::from_secs(2) {
+        let at = started.elapsed();
+        let r = get_metrics(ch.clone()).await;
+        let view = scaler.view().borrow().clone();
+        let w = view.workloads.get(&chat());
+        match &r {
+            // The one count it may publish is from data: never 1.
+            Ok(v) => assert_ne!(*v, 1, "published 1 at {at:?}"),
+            Err(s) => {
+                assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                // Said from the decide loop's first tick on.
+                if at > Duration::from_millis(300) && at < warmup {
+                    assert!(s.message().contains("warming up"), "{s:?}");
+                }
+            }
+        }
+        if started.elapsed() < warmup - Duration::from_millis(100) {
+            assert!(r.is_err(), "published during the warm-up: {r:?} at {at:?}");
+            assert!(
+                w.is_none_or(|w| w.decision.is_none() && w.last_actuation.is_none()),
+                "acted at {at:?}"
+            );
+        }
+        answered.push(r.ok());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // After the warm-up: decided from both nodes' load.
+    assert_eq!(answered.last().copied().flatten(), Some(5), "{answered:?}");
+    scaler.shutdown().await.unwrap();
+}
