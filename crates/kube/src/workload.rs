@@ -137,6 +137,8 @@ pub(crate) struct EntryState {
     pub(crate) advisory_announced: Option<(u32, u32)>,
     /// A count set outside gpuscale, and when it was adopted.
     adopted: Option<(u32, Timestamp)>,
+    /// Pods on an unhealthy GPU, with the reason last announced in an Event.
+    gpu_faults: BTreeMap<String, String>,
 }
 
 /// One InferenceAutoscaler being acted on.
@@ -214,6 +216,7 @@ impl WorkloadEntry {
                 drain_directives: BTreeSet::new(),
                 advisory_announced: None,
                 adopted: None,
+                gpu_faults: BTreeMap::new(),
             }),
             tasks: Mutex::new(Vec::new()),
         });
@@ -289,10 +292,54 @@ impl WorkloadEntry {
         let s = reading.spec_replicas;
         let facts = self.facts(&shared.config.readiness_gate);
         let replicas: Vec<ClusterReplica> = facts.iter().filter_map(|f| f.replica(s)).collect();
+        self.announce_gpu_faults(shared, &replicas).await;
         Ok(TargetObservation {
             current: Some(Count::of(s, &facts).current()),
             replicas: Some(replicas),
         })
+    }
+
+    /// An Event for each replica newly seen on an unhealthy GPU (the
+    /// observation counts it as no capacity and the policy drains it first).
+    async fn announce_gpu_faults(&self, shared: &Shared, replicas: &[ClusterReplica]) {
+        let view = shared.drains.view();
+        let faults: BTreeMap<String, String> = view
+            .engines()
+            .filter(|e| replicas.iter().any(|r| r.pod == e.sample.pod))
+            .filter_map(|e| {
+                gpuscale_scaler::observe::gpu_fault(&view, e)
+                    .map(|reason| (e.sample.pod.name.clone(), reason.to_string()))
+            })
+            .collect();
+        let new: Vec<(String, String)> = {
+            let mut st = self.state();
+            let new = faults
+                .iter()
+                .filter(|(pod, reason)| st.gpu_faults.get(*pod) != Some(*reason))
+                .map(|(p, r)| (p.clone(), r.clone()))
+                .collect();
+            st.gpu_faults = faults;
+            new
+        };
+        for (pod, reason) in new {
+            tracing::warn!(workload = %self.workload, %pod, %reason, "replica on an unhealthy GPU: not capacity, first scale-in victim");
+            let pod_ref = PodRef::new(&self.workload.namespace, &pod);
+            shared
+                .events
+                .publish(
+                    &self.ias,
+                    EventSpec {
+                        type_: EventType::Warning,
+                        reason: "GpuUnhealthy",
+                        action: "Observe",
+                        note: format!(
+                            "pod {pod} runs on an unhealthy GPU ({reason}): not counted as ready capacity, and the first scale-in victim"
+                        ),
+                        related: Some(pod_reference(&pod_ref)),
+                    },
+                )
+                .await;
+        }
     }
 
     /// GET `/scale`, adopting a change made outside gpuscale. The caller

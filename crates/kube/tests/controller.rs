@@ -252,6 +252,61 @@ async fn a_protected_pod_survives_scale_in() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_replica_on_an_unhealthy_gpu_is_the_scale_in_victim_with_an_event() {
+    let cluster = Cluster::start(&["node-a"], Duration::from_secs(2)).await;
+    cluster.create_deployment("llama", 3).await;
+    let scaler = start_scaler(&cluster, "a").await;
+    let fleet = Fleet::start(
+        &cluster,
+        &["node-a"],
+        vec![url(&scaler)],
+        THREE_RPS,
+        Duration::from_secs(5),
+    );
+    eventually("three warm pods", Duration::from_secs(60), || {
+        cluster.warm_pods("llama").len() == 3
+    })
+    .await;
+    run_for(Duration::from_secs(40)).await;
+    let pods: Vec<String> = cluster.pod_names("llama").into_iter().collect();
+    // The busiest pod is on a GPU that fell off the bus: without its fault
+    // it would be the last victim.
+    fleet.set_running(&pods[0], 0.0);
+    fleet.set_running(&pods[1], 5.0);
+    fleet.set_running(&pods[2], 9.0);
+    fleet.set_gpu_fault(&pods[2], "Xid 79: GPU has fallen off the bus");
+    cluster
+        .create_ias("llama", spec("llama", 1, 3, json!({})))
+        .await;
+    ready(&cluster, "llama").await;
+    eventually("an Event says why", Duration::from_secs(30), || {
+        !cluster.events("llama", "GpuUnhealthy").is_empty()
+    })
+    .await;
+    let note = cluster.events("llama", "GpuUnhealthy")[0]["note"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        note.contains(&pods[2]) && note.contains("Xid 79") && note.contains("not counted"),
+        "{note}"
+    );
+    fleet.set_rps(TWO_RPS);
+    eventually("scaled in by one", Duration::from_secs(180), || {
+        cluster.pods("llama").len() == 2
+    })
+    .await;
+    assert!(
+        !cluster.pod_names("llama").contains(&pods[2]),
+        "the replica on the unhealthy GPU went first: {:?}",
+        cluster.pod_names("llama")
+    );
+    assert!(fleet.drained().contains(&pods[2]));
+    rbac::assert_allowed(&cluster.server.request_log());
+    scaler.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_manual_edit_of_replicas_is_adopted_with_an_event() {
     let cluster = Cluster::start(&["node-a"], Duration::from_secs(2)).await;
     cluster.create_deployment("llama", 2).await;

@@ -11,7 +11,9 @@
 //! * **replicas**: engines by state — `Warm` is ready (capacity), `Loading`
 //!   (and `Unknown`) is loading, `Draining` is draining; `Failed` engines are
 //!   not replicas. Pending pods are invisible to agents (no GPU yet), so
-//!   `pending` is 0 in [`assemble`]; the target knows better.
+//!   `pending` is 0 in [`assemble`]; the target knows better. A ready
+//!   replica whose engine's GPU is unhealthy ([`EngineInput::gpu_fault`]) is
+//!   `unhealthy`, not ready: not capacity, and the first scale-in victim.
 //! * **arrival rate**: per engine, the arrival counter's rate when exported,
 //!   else finished requests per second plus the growth of requests in the
 //!   engine (waiting + running) over the window; summed over engines.
@@ -44,6 +46,9 @@ pub struct EngineInput<'a> {
     pub sample: &'a EngineSample,
     pub seen_at: Timestamp,
     pub window: &'a EngineWindowStats,
+    /// Why a GPU the engine's pod holds is unhealthy (Xid 48/79, lost), as
+    /// its agent reports the GPU; `None`: none is known to be.
+    pub gpu_fault: Option<&'a str>,
 }
 
 /// The observation of a workload whose replicas are `engines` (standalone:
@@ -149,7 +154,9 @@ fn build(members: Vec<Member<'_>>, current: Option<u32>) -> Observation {
 
     for m in &members {
         let state = m.state;
+        let gpu_fault = m.engine.and_then(|e| e.gpu_fault);
         match state {
+            ReplicaState::Ready if gpu_fault.is_some() => replicas.unhealthy += 1,
             ReplicaState::Ready => replicas.ready += 1,
             ReplicaState::Loading => replicas.loading += 1,
             ReplicaState::Draining => replicas.draining += 1,
@@ -168,6 +175,7 @@ fn build(members: Vec<Member<'_>>, current: Option<u32>) -> Observation {
                 itl_mean_seconds: None,
                 generation_tokens_per_second: None,
                 batch_limit: None,
+                gpu_fault: None,
             });
             continue;
         };
@@ -188,6 +196,7 @@ fn build(members: Vec<Member<'_>>, current: Option<u32>) -> Observation {
         add(&mut load.requests_running, s.requests_running);
         add(&mut load.queued_prompt_tokens, s.queued_prompt_tokens);
         if state == ReplicaState::Ready
+            && gpu_fault.is_none()
             && let Some(kv) = s.kv_cache_usage_ratio
         {
             kv_sum += kv;
@@ -214,6 +223,7 @@ fn build(members: Vec<Member<'_>>, current: Option<u32>) -> Observation {
             itl_mean_seconds: w.itl_seconds.as_ref().and_then(|h| h.mean()),
             generation_tokens_per_second: w.generation_tokens_per_second,
             batch_limit: s.batch_limit,
+            gpu_fault: gpu_fault.map(str::to_string),
         });
     }
     if kv_n > 0 {
@@ -225,7 +235,8 @@ fn build(members: Vec<Member<'_>>, current: Option<u32>) -> Observation {
     let request_rate = load.arrival_rate_rps.or(finished_rate);
     load.mean_input_tokens = ratio(load.prompt_tokens_per_second, request_rate);
     load.mean_output_tokens = ratio(load.generation_tokens_per_second, finished_rate);
-    replicas.current = current.unwrap_or(replicas.ready + replicas.loading + replicas.pending);
+    replicas.current = current
+        .unwrap_or(replicas.ready + replicas.unhealthy + replicas.loading + replicas.pending);
     Observation {
         telemetry_at,
         replicas,
@@ -291,7 +302,61 @@ mod tests {
                 sample: &e.sample,
                 seen_at: e.seen,
                 window: &e.window,
+                gpu_fault: None,
             })
+    }
+
+    #[test]
+    fn a_warm_engine_on_an_unhealthy_gpu_is_not_capacity_and_goes_first() {
+        let engines = [
+            engine(
+                "ok",
+                "m",
+                EngineState::Warm,
+                100,
+                EngineWindowStats::default(),
+            ),
+            engine(
+                "sick",
+                "m",
+                EngineState::Warm,
+                100,
+                EngineWindowStats::default(),
+            ),
+        ];
+        let mut sick_kv = engines[1].sample.clone();
+        sick_kv.kv_cache_usage_ratio = Some(1.0);
+        let obs = assemble(
+            [
+                EngineInput {
+                    sample: &engines[0].sample,
+                    seen_at: engines[0].seen,
+                    window: &engines[0].window,
+                    gpu_fault: None,
+                },
+                EngineInput {
+                    sample: &sick_kv,
+                    seen_at: engines[1].seen,
+                    window: &engines[1].window,
+                    gpu_fault: Some("Xid 79"),
+                },
+            ],
+            None,
+        );
+        assert_eq!(obs.replicas.ready, 1);
+        assert_eq!(obs.replicas.unhealthy, 1);
+        assert_eq!(obs.replicas.current, 2, "it still holds a replica");
+        assert_eq!(obs.load.kv_cache_usage_ratio, Some(0.5), "only capacity");
+        let sick = obs
+            .replica_samples
+            .iter()
+            .find(|r| r.id == "sick")
+            .expect("the sick replica is observed");
+        assert_eq!(sick.gpu_fault.as_deref(), Some("Xid 79"));
+        assert_eq!(
+            gpuscale_policy::victim::choose_victims(&obs.replica_samples, 1, Timestamp(100), 0.0),
+            vec!["sick"]
+        );
     }
 
     #[test]

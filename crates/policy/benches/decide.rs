@@ -87,6 +87,7 @@ fn observation(i: usize, now: Timestamp, tick: u64) -> Observation {
             itl_mean_seconds: Some(0.012),
             generation_tokens_per_second: Some(800.0),
             batch_limit: Some(256),
+            gpu_fault: None,
         })
         .collect();
     o

@@ -49,6 +49,11 @@ pub struct ReplicaCounts {
     pub loading: u32,
     /// Out of routing, finishing their work before deletion.
     pub draining: u32,
+    /// Running but on an unhealthy GPU (an Xid such as 48 or 79, or the GPU
+    /// lost): not capacity, the first scale-in victims. Counted in
+    /// `current` like any replica the target holds.
+    #[serde(default)]
+    pub unhealthy: u32,
 }
 
 impl ReplicaCounts {
@@ -88,6 +93,10 @@ pub struct ReplicaObservation {
     pub generation_tokens_per_second: Option<f64>,
     /// The batch limit the engine applies now.
     pub batch_limit: Option<u32>,
+    /// Why a GPU of this replica is unhealthy (`None`: none is known to
+    /// be). Such a replica is not ready capacity whatever its state says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_fault: Option<String>,
 }
 
 /// Offered load and engine-side load, summed over the workload's replicas.

@@ -242,6 +242,7 @@ mod tests {
             itl_mean_seconds: Some(itl),
             generation_tokens_per_second: None,
             batch_limit: None,
+            gpu_fault: None,
         }
     }
 

@@ -8,7 +8,8 @@ use crate::observation::{ReplicaObservation, ReplicaState};
 ///
 /// Never chosen: replicas annotated for scale-in protection, replicas
 /// already draining, and replicas younger than `min_age_s` (when their
-/// creation time is known). Among the rest, pending replicas go first, then
+/// creation time is known). Among the rest, replicas on an unhealthy GPU go
+/// first (they serve nothing well), then pending replicas, then
 /// loading ones (neither has work), then ready ones by least work in flight
 /// (running + waiting; unknown work counts as the most), newest first among
 /// equals, then by name so the choice is deterministic.
@@ -26,8 +27,10 @@ pub fn choose_victims(
         .filter(|r| is_eligible(r, now, min_age_s))
         .collect();
     eligible.sort_by(|a, b| {
-        state_rank(a.state)
-            .cmp(&state_rank(b.state))
+        b.gpu_fault
+            .is_some()
+            .cmp(&a.gpu_fault.is_some())
+            .then(state_rank(a.state).cmp(&state_rank(b.state)))
             .then(work(a).total_cmp(&work(b)))
             .then(b.created_at.cmp(&a.created_at))
             .then(a.id.cmp(&b.id))
@@ -88,6 +91,7 @@ mod tests {
             itl_mean_seconds: None,
             generation_tokens_per_second: None,
             batch_limit: None,
+            gpu_fault: None,
         }
     }
 
@@ -119,5 +123,24 @@ mod tests {
             vec!["old"]
         );
         assert_eq!(choose_victims(&[young, old], 1, now, 0.0), vec!["young"]);
+    }
+
+    #[test]
+    fn a_replica_on_an_unhealthy_gpu_goes_first_unless_protected() {
+        let mut sick = rep("sick", ReplicaState::Ready, Some(40.0), false);
+        sick.gpu_fault = Some("Xid 79: fallen off the bus".into());
+        let mut sick_protected = rep("sick-protected", ReplicaState::Ready, Some(0.0), true);
+        sick_protected.gpu_fault = Some("lost".into());
+        let reps = vec![
+            rep("pending", ReplicaState::Pending, None, false),
+            rep("idle", ReplicaState::Ready, Some(0.0), false),
+            sick,
+            sick_protected,
+        ];
+        let now = Timestamp::from_millis(1_000_000);
+        assert_eq!(
+            choose_victims(&reps, 3, now, 0.0),
+            vec!["sick", "pending", "idle"]
+        );
     }
 }

@@ -95,6 +95,7 @@ fn consistent_replica_samples_refine_the_model_and_raise_confidence() {
                 ),
                 generation_tokens_per_second: None,
                 batch_limit: None,
+                gpu_fault: None,
             })
             .collect();
         d = p.decide(now, &o);

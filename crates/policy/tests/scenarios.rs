@@ -423,6 +423,7 @@ fn observation(
                 itl_mean_seconds: None,
                 generation_tokens_per_second: None,
                 batch_limit: None,
+                gpu_fault: None,
             })
             .collect();
     }

@@ -4,6 +4,7 @@
 //! builds its observations with the same code).
 
 use gpuscale_core::PodRef;
+use gpuscale_core::sample::GpuHealth;
 use gpuscale_observe::{EngineInput, TargetObservation};
 use gpuscale_policy::Observation;
 
@@ -20,18 +21,37 @@ pub fn select<'a>(
         .filter(|e| selector.matches(&e.sample.model, &e.sample.pod.namespace))
 }
 
-fn input(e: &EngineView) -> EngineInput<'_> {
+fn input<'a>(view: &'a StateView, e: &'a EngineView) -> EngineInput<'a> {
     EngineInput {
         sample: &e.sample,
         seen_at: e.seen_at,
         window: &e.window,
+        gpu_fault: gpu_fault(view, e),
     }
+}
+
+/// Why a GPU the kubelet assigned to `e`'s pod is unhealthy, as the agent of
+/// its node reports the GPU (the first such GPU); `None` when none is known
+/// to be (healthy, unknown, or no assignment reported).
+pub fn gpu_fault<'a>(view: &'a StateView, e: &EngineView) -> Option<&'a str> {
+    let node = view.nodes.get(&e.node)?;
+    let pod = node.pods.iter().find(|p| p.pod == e.sample.pod)?;
+    pod.containers
+        .iter()
+        .flat_map(|c| c.gpu_uuids.iter())
+        .find_map(|uuid| {
+            let gpu = node.gpus.iter().find(|g| g.info.uuid == *uuid)?;
+            match &gpu.metrics.health {
+                GpuHealth::Unhealthy { reason } => Some(reason.as_str()),
+                GpuHealth::Healthy | GpuHealth::Unknown => None,
+            }
+        })
 }
 
 /// The observation of the workload whose engines `selector` matches, with
 /// the target's current replica count `current` (`None`: count the engines).
 pub fn assemble(view: &StateView, selector: &EngineSelector, current: Option<u32>) -> Observation {
-    gpuscale_observe::assemble(select(view, selector).map(input), current)
+    gpuscale_observe::assemble(select(view, selector).map(|e| input(view, e)), current)
 }
 
 /// The observation of a workload whose actuator may know the target (see
@@ -44,7 +64,9 @@ pub fn assemble_target(
     target: &TargetObservation,
 ) -> Observation {
     match &target.replicas {
-        Some(_) => gpuscale_observe::assemble_target(view.engines().map(|e| input(e)), target),
+        Some(_) => {
+            gpuscale_observe::assemble_target(view.engines().map(|e| input(view, e)), target)
+        }
         None => assemble(view, selector, target.current),
     }
 }

@@ -79,3 +79,77 @@ fn an_engine_with_no_data_is_not_serving_capacity() {
     ]);
     assert_eq!(assemble(&v, &selector, None).replicas.ready, 3);
 }
+
+#[test]
+fn a_warm_engine_on_an_unhealthy_gpu_is_not_capacity_and_is_the_first_victim() {
+    use gpuscale_core::GpuUuid;
+    use gpuscale_core::sample::{ContainerGpus, GpuHealth, GpuInfo, GpuMetrics, PodGpus};
+    use gpuscale_scaler::view::GpuView;
+
+    let selector = EngineSelector {
+        model: Some("m".into()),
+        namespace: None,
+    };
+    let gpu = |uuid: &str, health: GpuHealth| GpuView {
+        info: Arc::new(GpuInfo {
+            uuid: GpuUuid::new(uuid),
+            index: 0,
+            model_name: "H100".into(),
+            memory_total_bytes: 80 << 30,
+            pci_bus_id: String::new(),
+            parent_uuid: None,
+            mig_gpu_instance_id: None,
+            gpm_supported: false,
+            driver_version: String::new(),
+        }),
+        metrics: Arc::new(GpuMetrics {
+            uuid: GpuUuid::new(uuid),
+            health,
+            ..GpuMetrics::default()
+        }),
+    };
+    let holds = |pod: &str, uuid: &str| PodGpus {
+        pod: PodRef::new("default", pod),
+        containers: vec![ContainerGpus {
+            container: "engine".into(),
+            resource_name: "nvidia.com/gpu".into(),
+            gpu_uuids: vec![GpuUuid::new(uuid)],
+        }],
+    };
+    let mut v = view(vec![
+        engine("warm-0", EngineState::Warm),
+        engine("warm-1", EngineState::Warm),
+    ]);
+    let node = Arc::make_mut(v.nodes.get_mut(&NodeName::new("n")).expect("node n"));
+    node.gpus = vec![
+        gpu("GPU-a", GpuHealth::Healthy),
+        gpu(
+            "GPU-b",
+            GpuHealth::Unhealthy {
+                reason: "Xid 79: GPU has fallen off the bus".into(),
+            },
+        ),
+    ];
+    node.pods = vec![holds("warm-0", "GPU-a"), holds("warm-1", "GPU-b")];
+    let obs = assemble(&v, &selector, None);
+    assert_eq!(
+        obs.replicas.ready, 1,
+        "the replica on GPU-b is not capacity"
+    );
+    assert_eq!(obs.replicas.unhealthy, 1);
+    assert_eq!(obs.replicas.current, 2);
+    let sick = obs
+        .replica_samples
+        .iter()
+        .find(|r| r.id == "warm-1")
+        .expect("warm-1 observed");
+    assert_eq!(
+        sick.gpu_fault.as_deref(),
+        Some("Xid 79: GPU has fallen off the bus")
+    );
+    assert_eq!(
+        gpuscale_policy::victim::choose_victims(&obs.replica_samples, 1, Timestamp(100), 0.0),
+        vec!["warm-1"],
+        "the replica on the unhealthy GPU is the scale-in victim although it is as busy"
+    );
+}

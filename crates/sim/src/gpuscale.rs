@@ -130,6 +130,8 @@ impl GpuscaleAutoscaler {
                 sample: self.engines.get(&id)?.sample(),
                 seen_at,
                 window: stats.get(&id)?,
+                // The simulated fleet's GPUs do not fail.
+                gpu_fault: None,
             })
         };
         let replicas = target.replicas.as_deref().unwrap_or_default();

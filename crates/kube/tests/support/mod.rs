@@ -18,7 +18,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gpuscale_core::sample::{AgentHealth, EngineSample, EngineState, Framework, NodeSnapshot};
+use gpuscale_core::sample::{
+    AgentHealth, ContainerGpus, EngineSample, EngineState, Framework, GpuHealth, GpuInfo,
+    GpuMetrics, GpuSample, NodeSnapshot, PodGpus,
+};
 use gpuscale_core::{Histogram, NodeName, PodRef, Timestamp};
 use gpuscale_fake_apiserver::{
     FakeApiServer, FakeApiServerConfig, FakeApiServerHandle, RequestRecord, Verb,
@@ -446,6 +449,9 @@ struct FleetState {
     /// Every warm engine's requests take this TTFT and TPOT, seconds
     /// (`None`: the engines report no latency histograms).
     latency: Option<(f64, f64)>,
+    /// Pods whose GPU the agent reports unhealthy, with the reason (every
+    /// other pod's GPUs are not reported).
+    gpu_faults: HashMap<String, String>,
 }
 
 /// Simulated engines of every pod in `default`, with one agent per node.
@@ -482,6 +488,7 @@ impl Fleet {
             log: Vec::new(),
             last_tick: None,
             latency: None,
+            gpu_faults: HashMap::new(),
         }));
         let task = tokio::spawn(run_fleet(
             cluster.server.clone(),
@@ -510,6 +517,15 @@ impl Fleet {
             .unwrap()
             .running
             .insert(pod.to_string(), running);
+    }
+
+    /// The agent of `pod`'s node reports the pod's GPU unhealthy for `reason`.
+    pub fn set_gpu_fault(&self, pod: &str, reason: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .gpu_faults
+            .insert(pod.to_string(), reason.to_string());
     }
 
     /// A draining engine keeps `running` requests for `busy_for` after the drain.
@@ -562,6 +578,7 @@ async fn run_fleet(
             .collect();
         let mut gate_writes: Vec<(String, bool)> = Vec::new();
         let mut samples: HashMap<String, Vec<EngineSample>> = HashMap::new();
+        let mut faults: HashMap<String, (Vec<GpuSample>, Vec<PodGpus>)> = HashMap::new();
         {
             let mut st = state.lock().unwrap();
             let dt = st
@@ -663,6 +680,38 @@ async fn run_fleet(
                     s.tpot_seconds = Some(e.tpot.clone());
                 }
                 samples.entry(node.to_string()).or_default().push(s);
+                if let Some(reason) = st.gpu_faults.get(&name) {
+                    let (gpus, held) = faults.entry(node.to_string()).or_default();
+                    let uuid = gpuscale_core::GpuUuid::new(format!("GPU-{name}"));
+                    gpus.push(GpuSample {
+                        info: GpuInfo {
+                            uuid: uuid.clone(),
+                            index: u32::try_from(gpus.len()).unwrap(),
+                            model_name: "NVIDIA H200".into(),
+                            memory_total_bytes: 141 << 30,
+                            pci_bus_id: String::new(),
+                            parent_uuid: None,
+                            mig_gpu_instance_id: None,
+                            gpm_supported: false,
+                            driver_version: String::new(),
+                        },
+                        metrics: GpuMetrics {
+                            uuid: uuid.clone(),
+                            health: GpuHealth::Unhealthy {
+                                reason: reason.clone(),
+                            },
+                            ..GpuMetrics::default()
+                        },
+                    });
+                    held.push(PodGpus {
+                        pod: PodRef::new(NS, &name),
+                        containers: vec![ContainerGpus {
+                            container: "engine".into(),
+                            resource_name: "nvidia.com/gpu".into(),
+                            gpu_uuids: vec![uuid],
+                        }],
+                    });
+                }
                 let want_up = is_warm;
                 if (gate_of(p) == Some("True")) != want_up {
                     gate_writes.push((name, want_up));
@@ -684,6 +733,7 @@ async fn run_fleet(
         }
         for node in &nodes {
             let engines = samples.remove(node).unwrap_or_default();
+            let (gpus, held) = faults.remove(node).unwrap_or_default();
             let mut report = AgentReport {
                 boot_epoch: 7,
                 seq: 0,
@@ -693,8 +743,8 @@ async fn run_fleet(
                     agent_version: "test".into(),
                     sampled_at: now_ts(),
                     sample_interval_ms: 1000,
-                    gpus: vec![],
-                    pods: vec![],
+                    gpus,
+                    pods: held,
                     engines,
                     agent: AgentHealth::default(),
                 }),
