@@ -36,6 +36,7 @@
 //! per pod; the writer itself never waits on them, and sampling never waits
 //! on the writer.
 
+use gpuscale_core::jitter::Jitter;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,25 +129,7 @@ impl ReadinessConfig {
     /// Checks every field; the error names the flag, the value and what is allowed.
     pub fn validate(&self) -> Result<(), AgentError> {
         let gate = self.gate.as_str();
-        let (prefix, name) = gate.rsplit_once('/').unwrap_or(("", gate));
-        let name_ok = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-            && name
-                .bytes()
-                .next()
-                .is_some_and(|b| b.is_ascii_alphanumeric())
-            && name
-                .bytes()
-                .last()
-                .is_some_and(|b| b.is_ascii_alphanumeric());
-        let prefix_ok = prefix.len() <= 253
-            && prefix
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b));
-        if !name_ok || !prefix_ok {
+        if !gpuscale_core::names::is_label_key(gate) {
             return Err(AgentError::config(
                 "--readiness-gate",
                 gate,
@@ -371,19 +354,6 @@ enum Done {
     },
 }
 
-/// SplitMix64 draws in [0, 1) for the backoff's jitter.
-struct Jitter(u64);
-
-impl Jitter {
-    fn draw(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// The writer task; see the module docs.
 pub(crate) struct ReadinessWriter {
     pub(crate) config: ReadinessConfig,
@@ -403,7 +373,7 @@ impl ReadinessWriter {
     pub(crate) async fn run(mut self) {
         let mut states: BTreeMap<PodRef, PodState> = BTreeMap::new();
         let mut tasks: JoinSet<Done> = JoinSet::new();
-        let mut jitter = Jitter(self.seed);
+        let mut jitter = Jitter::new(self.seed);
         tracing::info!(gate = %self.config.gate, warmup = ?self.config.warmup.mode, "readiness-gate writer started");
         loop {
             self.reconcile(&mut states, &mut tasks);

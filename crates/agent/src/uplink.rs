@@ -34,6 +34,7 @@
 //! are logged as errors and retried with backoff, as is an expired token
 //! (the next connection reads the rotated one).
 
+use gpuscale_core::jitter::Jitter;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -160,19 +161,6 @@ fn failure_from_status(status: &tonic::Status) -> Failure {
     }
 }
 
-/// SplitMix64 for the backoff's jitter draws.
-struct Jitter(u64);
-
-impl Jitter {
-    fn draw(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 fn read_file(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
 }
@@ -229,7 +217,7 @@ impl Uplink {
             tracing::error!(url = %self.config.scaler_url, error = %e, "the scaler URL is not usable; the uplink is off");
             return;
         }
-        let mut jitter = Jitter(self.seed);
+        let mut jitter = Jitter::new(self.seed);
         let mut progress = Progress {
             seq: 0,
             ever_connected: false,

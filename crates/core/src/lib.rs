@@ -3,8 +3,9 @@
 //! The types every other crate speaks: identifiers ([`ids`]), points in time
 //! ([`time`]), cumulative latency histograms ([`histogram`]), what a node
 //! agent samples ([`sample`]), the SLO's one definition ([`slo`]),
-//! Kubernetes label selectors ([`selector`]) and the address of the
-//! agent's node-local API ([`serving`]).
+//! Kubernetes label selectors ([`selector`]) and name rules ([`names`]), the
+//! address of the agent's node-local API ([`serving`]) and backoff jitter
+//! ([`jitter`]).
 //!
 //! **Architecture invariant:** this crate is pure. It has no async code, does
 //! no I/O, never reads a clock or the environment, and does not log. Time is
@@ -12,6 +13,8 @@
 
 pub mod histogram;
 pub mod ids;
+pub mod jitter;
+pub mod names;
 pub mod sample;
 pub mod selector;
 pub mod serving;

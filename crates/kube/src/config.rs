@@ -110,17 +110,7 @@ impl KubeConfig {
             ));
         }
         let gate = self.readiness_gate.as_str();
-        let (prefix, name) = gate.rsplit_once('/').unwrap_or(("", gate));
-        let ok = !name.is_empty()
-            && name.len() <= 63
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-            && prefix.len() <= 253
-            && prefix
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b));
-        if !ok {
+        if !gpuscale_core::names::is_label_key(gate) {
             return Err(KubeError::config(
                 "--readiness-gate",
                 gate,

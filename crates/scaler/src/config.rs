@@ -41,6 +41,7 @@
 //! a bad value is echoed as at most a 120-character prefix. A standalone
 //! scaler with no workloads starts with a warning.
 
+use gpuscale_core::names::is_dns_label;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -584,15 +585,6 @@ impl ProportionalFile {
             advisory: self.advisory,
         })
     }
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 pub use gpuscale_core::time::parse_duration;

@@ -72,7 +72,7 @@ pub use gpuscale_observe::{ClusterReplica, TargetObservation};
 pub use gpuscale_policy::proportional::ProportionalDecider;
 pub use http::OPENMETRICS_CONTENT_TYPE;
 pub use metrics::ScalerMetrics;
-pub use view::{EngineView, GpuView, ModelView, NodeView, StateView, WorkloadView};
+pub use view::{EngineView, GpuView, NodeView, StateView, WorkloadView};
 
 use crate::decide::WorkloadRegistry;
 use crate::ingest::Ingest;

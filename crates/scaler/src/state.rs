@@ -43,9 +43,7 @@ use crate::error::ScalerError;
 use crate::ingest::StreamId;
 use crate::metrics::ScalerMetrics;
 use crate::stopped;
-use crate::view::{
-    ActuationRecord, EngineView, GpuView, ModelView, NodeView, StateView, WorkloadView,
-};
+use crate::view::{ActuationRecord, EngineView, GpuView, NodeView, StateView, WorkloadView};
 use gpuscale_observe::EngineTracker;
 
 mod agent_clock;
@@ -211,8 +209,6 @@ pub(crate) struct State {
     nodes: BTreeMap<NodeName, NodeState>,
     streams: HashMap<StreamId, StreamEntry>,
     workloads: BTreeMap<WorkloadRef, Arc<WorkloadView>>,
-    models: BTreeMap<String, Arc<ModelView>>,
-    models_dirty: bool,
     changed: bool,
     generation: u64,
 }
@@ -244,8 +240,6 @@ impl State {
                     )
                 })
                 .collect(),
-            models: BTreeMap::new(),
-            models_dirty: false,
             changed: true,
             generation: 0,
         }
@@ -405,7 +399,6 @@ impl State {
             }
         };
         self.metrics.report(snapshot, gpu_samples);
-        self.models_dirty |= !node.engines.is_empty() || snapshot;
         self.changed = true;
         let Some(entry) = self.streams.get_mut(&stream) else {
             return;
@@ -484,7 +477,6 @@ impl State {
             tracing::info!(node = %name, ttl_s = ttl.as_secs_f64(), "node expired: no report within the node TTL");
         }
         if !expired.is_empty() {
-            self.models_dirty = true;
             self.changed = true;
         }
         expired
@@ -539,24 +531,10 @@ impl State {
             };
             nodes.insert(name.clone(), view);
         }
-        if self.models_dirty {
-            self.models_dirty = false;
-            let mut by_model: BTreeMap<&str, Vec<&Arc<EngineView>>> = BTreeMap::new();
-            for v in nodes.values() {
-                for e in &v.engines {
-                    by_model.entry(e.sample.model.as_str()).or_default().push(e);
-                }
-            }
-            self.models = by_model
-                .into_iter()
-                .map(|(m, engines)| (m.to_string(), Arc::new(ModelView::build(m, &engines))))
-                .collect();
-        }
         Arc::new(StateView {
             generation: self.generation,
             published_at: wall,
             nodes,
-            models: self.models.clone(),
             workloads: self.workloads.clone(),
         })
     }

@@ -11,12 +11,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use gpuscale_core::sample::{
-    AgentHealth, EngineSample, EngineState, GpuInfo, GpuMetrics, GpuSample, PodGpus,
-};
-use gpuscale_core::{Histogram, NodeName, PodRef, Timestamp, WorkloadRef};
+use gpuscale_core::sample::{AgentHealth, EngineSample, GpuInfo, GpuMetrics, GpuSample, PodGpus};
+use gpuscale_core::{NodeName, PodRef, Timestamp, WorkloadRef};
 pub use gpuscale_observe::EngineWindowStats;
-use gpuscale_observe::engine::{add, merge};
 use gpuscale_policy::{Decision, Observation};
 
 /// Everything the scaler knows, at one instant.
@@ -27,8 +24,6 @@ pub struct StateView {
     /// The scaler's clock when this view was published.
     pub published_at: Timestamp,
     pub nodes: BTreeMap<NodeName, Arc<NodeView>>,
-    /// Engines grouped by served model.
-    pub models: BTreeMap<String, Arc<ModelView>>,
     /// Configured workloads with their latest decision.
     pub workloads: BTreeMap<WorkloadRef, Arc<WorkloadView>>,
 }
@@ -119,58 +114,6 @@ pub struct EngineView {
     /// a delta that does not name an engine says it is unchanged).
     pub seen_at: Timestamp,
     pub window: EngineWindowStats,
-}
-
-/// All engines serving one model.
-#[derive(Debug, Clone, Default)]
-pub struct ModelView {
-    pub model: String,
-    /// Engines by state (`warm`, `loading`, ...).
-    pub engines_by_state: BTreeMap<&'static str, u32>,
-    pub generation_tokens_per_second: Option<f64>,
-    pub prompt_tokens_per_second: Option<f64>,
-    pub arrival_rate_rps: Option<f64>,
-    pub requests_waiting: Option<f64>,
-    pub requests_running: Option<f64>,
-    /// Window observations merged over the model's engines.
-    pub ttft_seconds: Option<Histogram>,
-    pub itl_seconds: Option<Histogram>,
-}
-
-impl ModelView {
-    pub(crate) fn build(model: &str, engines: &[&Arc<EngineView>]) -> Self {
-        let mut v = ModelView {
-            model: model.to_string(),
-            ..ModelView::default()
-        };
-        for e in engines {
-            *v.engines_by_state
-                .entry(e.sample.state.as_str())
-                .or_insert(0) += 1;
-            add(
-                &mut v.generation_tokens_per_second,
-                e.window.generation_tokens_per_second,
-            );
-            add(
-                &mut v.prompt_tokens_per_second,
-                e.window.prompt_tokens_per_second,
-            );
-            add(&mut v.arrival_rate_rps, e.window.arrival_rate());
-            add(&mut v.requests_waiting, e.sample.requests_waiting);
-            add(&mut v.requests_running, e.sample.requests_running);
-            merge(&mut v.ttft_seconds, e.window.ttft_seconds.as_ref());
-            merge(&mut v.itl_seconds, e.window.itl_seconds.as_ref());
-        }
-        v
-    }
-
-    /// Warm engines: the model's serving capacity.
-    pub fn warm(&self) -> u32 {
-        self.engines_by_state
-            .get(EngineState::Warm.as_str())
-            .copied()
-            .unwrap_or(0)
-    }
 }
 
 /// A configured workload, its latest decision and actuation.

@@ -34,6 +34,7 @@
 pub mod keda;
 pub mod recommend;
 
+use gpuscale_core::names::is_dns_label;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -391,15 +392,6 @@ pub(crate) fn workload_ref(
         }
     }
     Ok(WorkloadRef::new(namespace.to_string(), name.to_string()))
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// Waits for the next view or the end of the stream.
