@@ -45,6 +45,7 @@ use tokio::task::JoinHandle;
 
 use crate::actuate::{Actuator, Plan, TargetObservation};
 use crate::clock::Clock;
+use crate::complete::{self, Freshness, Roster};
 use crate::config::{DeciderConfig, EngineSelector, WorkloadDef};
 use crate::metrics::ScalerMetrics;
 use crate::observe;
@@ -95,6 +96,8 @@ struct WorkloadRuntime {
     last_summary: Option<(u32, Action)>,
     /// The warm-up after start (or after gaining leadership) is over.
     warm: bool,
+    /// The replicas it has heard from, with their last load.
+    roster: Roster,
 }
 
 impl WorkloadRuntime {
@@ -108,6 +111,7 @@ impl WorkloadRuntime {
             actuating: None,
             last_summary: None,
             warm: false,
+            roster: Roster::default(),
         }
     }
 }
@@ -127,6 +131,8 @@ pub(crate) struct DecideLoop {
     /// begun, or a standby).
     warmup: Duration,
     warm_since: Option<tokio::time::Instant>,
+    /// When a replica counts as silent, and when a silent one is forgotten.
+    freshness: Freshness,
 }
 
 /// What a workload in warm-up says instead of a decision.
@@ -180,6 +186,10 @@ impl DecideLoop {
             shutdown,
             warmup: Duration::ZERO,
             warm_since: None,
+            freshness: Freshness {
+                silent_after: 2 * tick,
+                horizon: Duration::from_secs(300),
+            },
         }
     }
 
@@ -190,6 +200,13 @@ impl DecideLoop {
     /// restart, so the whole bound).
     pub(crate) fn with_warmup(mut self, warmup: Duration) -> Self {
         self.warmup = warmup;
+        self
+    }
+
+    /// Standalone, a replica silent for `horizon` is no longer expected
+    /// (see [`crate::complete`]).
+    pub(crate) fn with_replica_horizon(mut self, horizon: Duration) -> Self {
+        self.freshness.horizon = horizon;
         self
     }
 
@@ -285,12 +302,18 @@ impl DecideLoop {
             let started = std::time::Instant::now();
             let w = &mut self.workloads[i];
             w.target = target;
-            let observation = observe::assemble_target(&view, &w.selector, &w.target);
+            let (engines, completeness) =
+                w.roster
+                    .update(&view, &w.selector, &w.target, now, self.freshness);
+            let observation = observe::assemble_engines(&engines, &w.target);
+            self.metrics.completeness(&workload, &completeness);
             if !w.warm {
                 let elapsed = warm_since.elapsed();
                 // Kubernetes: the target names its replicas, and the
                 // observation is complete once each ready one has reported.
-                let heard_all = w.target.replicas.is_some() && observation.telemetry_at.is_some();
+                let heard_all = w.target.replicas.is_some()
+                    && completeness.complete()
+                    && observation.telemetry_at.is_some();
                 if elapsed < self.warmup && !heard_all {
                     let left = self.warmup - elapsed;
                     let message = warming_message(&observation, &w.target, left);
@@ -302,7 +325,8 @@ impl DecideLoop {
                 }
                 w.warm = true;
             }
-            let decision = w.decider.decide(now, &observation);
+            let mut decision = w.decider.decide(now, &observation);
+            complete::hold(&mut decision, &completeness);
             self.metrics.decided(
                 &workload,
                 &decision,

@@ -37,6 +37,7 @@
 pub mod actuate;
 pub mod api;
 mod clock;
+pub mod complete;
 pub mod config;
 pub mod config_file;
 pub mod decide;
@@ -289,7 +290,8 @@ impl Scaler {
             metrics.clone(),
             shutdown_rx.clone(),
         )
-        .with_warmup(config.warmup);
+        .with_warmup(config.warmup)
+        .with_replica_horizon((config.node_ttl * 10).max(Duration::from_secs(300)));
         tasks.push(("decide", tokio::spawn(decide.run())));
         tasks.push((
             "workload metrics",

@@ -96,6 +96,8 @@ pub struct ScalerMetrics {
     apply_batch: Histogram,
     decisions: Family<DecisionLabels, Counter>,
     desired_replicas: Family<WorkloadLabels, Gauge>,
+    replicas_expected: Family<WorkloadLabels, Gauge>,
+    replicas_reporting: Family<WorkloadLabels, Gauge>,
     ready_replicas: Family<WorkloadLabels, Gauge>,
     in_flight_replicas: Family<WorkloadLabels, Gauge>,
     batch_limit: Family<WorkloadLabels, Gauge>,
@@ -214,6 +216,18 @@ impl ScalerMetrics {
             "Decisions made, by workload, action and the recommendation that won",
             decisions.clone(),
         );
+        let replicas_expected = Family::<WorkloadLabels, Gauge>::default();
+        r.register(
+            "workload_replicas_expected",
+            "Replicas the workload expects to hear from (Kubernetes: the target's ready pods; standalone: those heard recently)",
+            replicas_expected.clone(),
+        );
+        let replicas_reporting = Family::<WorkloadLabels, Gauge>::default();
+        r.register(
+            "workload_replicas_reporting",
+            "Expected replicas that reported within the freshness bound; fewer than expected holds scale-in",
+            replicas_reporting.clone(),
+        );
         let desired_replicas = Family::<WorkloadLabels, Gauge>::default();
         r.register(
             "desired_replicas",
@@ -316,6 +330,8 @@ impl ScalerMetrics {
             apply_batch,
             decisions,
             desired_replicas,
+            replicas_expected,
+            replicas_reporting,
             ready_replicas,
             in_flight_replicas,
             batch_limit,
@@ -431,6 +447,16 @@ impl ScalerMetrics {
             self.engines.get_or_create(&StateLabels { state }).set(*n);
         }
     }
+    pub(crate) fn completeness(&self, workload: &WorkloadRef, c: &crate::complete::Completeness) {
+        let labels = WorkloadLabels::from(workload);
+        self.replicas_expected
+            .get_or_create(&labels)
+            .set(i64::from(c.expected));
+        self.replicas_reporting
+            .get_or_create(&labels)
+            .set(i64::from(c.reporting));
+    }
+
     pub(crate) fn decided(
         &self,
         workload: &WorkloadRef,

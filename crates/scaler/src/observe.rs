@@ -3,6 +3,8 @@
 //! [`gpuscale_observe`], which builds the [`Observation`] (the simulator
 //! builds its observations with the same code).
 
+use std::sync::Arc;
+
 use gpuscale_core::PodRef;
 use gpuscale_core::sample::GpuHealth;
 use gpuscale_observe::{EngineInput, TargetObservation};
@@ -68,6 +70,16 @@ pub fn assemble_target(
             gpuscale_observe::assemble_target(view.engines().map(|e| input(view, e)), target)
         }
         None => assemble(view, selector, target.current),
+    }
+}
+
+/// [`assemble_target`] over a given set of engines (the view's, with
+/// missing replicas carried as last heard: see [`crate::complete`]).
+pub fn assemble_engines(engines: &[Arc<EngineView>], target: &TargetObservation) -> Observation {
+    let inputs = engines.iter().map(|e| input(e));
+    match &target.replicas {
+        Some(_) => gpuscale_observe::assemble_target(inputs, target),
+        None => gpuscale_observe::assemble(inputs, target.current),
     }
 }
 

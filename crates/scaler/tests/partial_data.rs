@@ -5,7 +5,6 @@
 //! stream causes no scale-in while it is missing.
 
 #![allow(clippy::unwrap_used)]
-#![allow(dead_code)] // FakeAgent's controls are for the partition test
 
 use std::path::Path;
 use std::sync::Arc;
@@ -241,5 +240,125 @@ async fn a_started_scaler_publishes_and_actuates_nothing_until_its_warm_up_is_ov
     }
     // After the warm-up: decided from both nodes' load.
     assert_eq!(answered.last().copied().flatten(), Some(5), "{answered:?}");
+    scaler.shutdown().await.unwrap();
+}
+
+fn metric(scaler: &RunningScaler, name: &str) -> Option<f64> {
+    let text = scaler.handle().metrics().encode();
+    let prefix = format!("{name}{{namespace=\"llm\",workload=\"chat\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn a_silent_node_causes_no_scale_in_and_decisions_resume_when_it_returns() {
+    let node_ttl = Duration::from_secs(1);
+    let tick = Duration::from_millis(100);
+    let scaler = Scaler::new(config(Duration::ZERO, node_ttl))
+        .start()
+        .await
+        .unwrap();
+    let ch = channel(&scaler).await;
+    // Three nodes of two replicas, 70 tokens/s each: 420 tokens/s needs
+    // 6 replicas at 80 tokens/s; without node-c's 140 it would be 4.
+    let a = FakeAgent::start(ch.clone(), "node-a", &["a-0", "a-1"], 70.0);
+    let b = FakeAgent::start(ch.clone(), "node-b", &["b-0", "b-1"], 70.0);
+    let c = FakeAgent::start(ch.clone(), "node-c", &["c-0", "c-1"], 70.0);
+    let decision = || {
+        let view = scaler.view().borrow().clone();
+        view.workloads.get(&chat()).and_then(|w| w.decision.clone())
+    };
+    let guard = Instant::now();
+    loop {
+        if let Some(d) = decision()
+            && d.current_replicas == 6
+            && d.desired_replicas == 6
+            && !d.summary().contains("incomplete")
+        {
+            break;
+        }
+        assert!(
+            guard.elapsed() < Duration::from_secs(20),
+            "never settled: {:?}",
+            decision().map(|d| d.summary())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // node-c goes silent without closing its stream, for twice the node
+    // TTL and the stabilization window (1 s) and a second more.
+    c.silent.store(true, Ordering::SeqCst);
+    let silent_from = Instant::now();
+    let mut said_incomplete = false;
+    let mut expired = false;
+    while silent_from.elapsed() < 2 * node_ttl + Duration::from_secs(2) {
+        let d = decision().unwrap();
+        assert!(
+            d.desired_replicas >= 6,
+            "scaled in on missing data: {}",
+            d.summary()
+        );
+        said_incomplete |= d
+            .summary()
+            .contains("incomplete: 4 of 6 replicas reported (silent: node-c)");
+        expired |= !scaler
+            .view()
+            .borrow()
+            .nodes
+            .contains_key(&NodeName::new("node-c"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(said_incomplete, "{}", decision().unwrap().summary());
+    assert!(expired, "node-c outlived its TTL");
+    assert_eq!(
+        metric(&scaler, "gpuscale_scaler_workload_replicas_expected"),
+        Some(6.0)
+    );
+    assert_eq!(
+        metric(&scaler, "gpuscale_scaler_workload_replicas_reporting"),
+        Some(4.0)
+    );
+    assert_eq!(
+        a.drains.load(Ordering::SeqCst) + b.drains.load(Ordering::SeqCst),
+        0,
+        "healthy pods drained"
+    );
+    // It returns (a new stream, as after a partition): decisions are complete
+    // again within two ticks of its engines reporting with a window.
+    c.reconnect.store(true, Ordering::SeqCst);
+    c.silent.store(false, Ordering::SeqCst);
+    let returned = Instant::now();
+    let mut reported_at = None;
+    loop {
+        let view = scaler.view().borrow().clone();
+        if reported_at.is_none()
+            && view.nodes.get(&NodeName::new("node-c")).is_some_and(|n| {
+                n.engines.len() == 2 && n.engines.iter().all(|e| e.window.covered_seconds > 0.0)
+            })
+        {
+            reported_at = Some(view.published_at);
+        }
+        if let (Some(at), Some(d)) = (reported_at, view.workloads[&chat()].decision.as_ref())
+            && d.at >= at
+            && !d.summary().contains("incomplete")
+        {
+            let ticks = d.at.secs_since(at) / tick.as_secs_f64();
+            assert!(
+                ticks <= 2.0,
+                "complete again {ticks:.1} ticks after node-c reported"
+            );
+            assert_eq!(d.desired_replicas, 6, "{}", d.summary());
+            break;
+        }
+        assert!(
+            returned.elapsed() < Duration::from_secs(10),
+            "never complete again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        a.drains.load(Ordering::SeqCst) + b.drains.load(Ordering::SeqCst),
+        0
+    );
     scaler.shutdown().await.unwrap();
 }

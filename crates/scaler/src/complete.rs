@@ -1,0 +1,424 @@
+//! Completeness is part of freshness: which replicas a workload expects to
+//! hear from, which of them reported, and what is carried for the rest.
+//!
+//! A [`Roster`] per workload remembers every replica it has heard from, with
+//! its last engine view (its load as last reported). The replicas it
+//! **expects** are, in Kubernetes mode, the target's ready pods; standalone,
+//! every replica heard within the horizon. A replica **reports** when its
+//! engine's newest sample is fresh (within `silent_after` of now, on the
+//! scaler's clock) and its window holds a rate. One that does not is
+//! missing: its last known engine is carried into the observation as it was
+//! (its load is never read as zero) until it is **confirmed gone** — its pod
+//! is no longer a replica of the target (Kubernetes), or its node reports
+//! freshly without it (standalone) — never merely because it went silent.
+//! Standalone, a replica silent for longer than the horizon is forgotten.
+//!
+//! With any expected replica missing the decision holds: no scale-in,
+//! scale-up allowed from what is seen and carried, and the decision says
+//! `incomplete: 4 of 6 replicas reported (silent: node-c)`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpuscale_core::{NodeName, PodRef, Timestamp};
+use gpuscale_observe::TargetObservation;
+use gpuscale_policy::{Action, Decision, ReplicaState};
+
+use crate::config::EngineSelector;
+use crate::view::{EngineView, StateView};
+
+/// What a workload heard from the replicas it expects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Completeness {
+    pub expected: u32,
+    pub reporting: u32,
+    /// Nodes of the missing replicas (as last heard), for the message.
+    pub silent_nodes: BTreeSet<NodeName>,
+}
+
+impl Completeness {
+    pub fn complete(&self) -> bool {
+        self.reporting >= self.expected
+    }
+
+    /// `incomplete: 4 of 6 replicas reported (silent: node-c)`.
+    pub fn describe(&self) -> String {
+        let mut nodes: Vec<String> = self
+            .silent_nodes
+            .iter()
+            .take(5)
+            .map(|n| n.to_string())
+            .collect();
+        if self.silent_nodes.len() > 5 {
+            nodes.push(format!("and {} more", self.silent_nodes.len() - 5));
+        }
+        let mut line = format!(
+            "incomplete: {} of {} replicas reported",
+            self.reporting, self.expected
+        );
+        if !nodes.is_empty() {
+            line.push_str(&format!(" (silent: {})", nodes.join(", ")));
+        }
+        line
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    /// The engine as last heard with a windowed rate.
+    engine: Arc<EngineView>,
+}
+
+/// The replicas one workload has heard from.
+#[derive(Debug, Clone, Default)]
+pub struct Roster {
+    entries: BTreeMap<PodRef, Entry>,
+}
+
+/// How [`Roster::update`] judges silence.
+#[derive(Debug, Clone, Copy)]
+pub struct Freshness {
+    /// A replica whose newest sample is older than this (plus three of its
+    /// node's sample intervals) is silent.
+    pub silent_after: Duration,
+    /// Standalone: a replica silent this long is forgotten.
+    pub horizon: Duration,
+}
+
+impl Roster {
+    /// Updates the roster from `view` at `now`; returns the engines to
+    /// observe (those that report as they are, missing ones as last heard)
+    /// and the completeness.
+    pub fn update(
+        &mut self,
+        view: &StateView,
+        selector: &EngineSelector,
+        target: &TargetObservation,
+        now: Timestamp,
+        freshness: Freshness,
+    ) -> (Vec<Arc<EngineView>>, Completeness) {
+        let fresh_within = |node: &NodeName| -> f64 {
+            let interval_ms = view
+                .nodes
+                .get(node)
+                .map_or(0, |n| u64::from(n.sample_interval_ms));
+            freshness.silent_after.as_secs_f64() + 3.0 * interval_ms as f64 / 1000.0
+        };
+        let reports = |e: &EngineView| {
+            now.secs_since(e.seen_at) <= fresh_within(&e.node) && e.window.covered_seconds > 0.0
+        };
+        // The engines this workload's replicas run, by pod.
+        let engines: BTreeMap<&PodRef, &Arc<EngineView>> = match &target.replicas {
+            Some(_) => view.engines().map(|e| (&e.sample.pod, e)).collect(),
+            None => view
+                .engines()
+                .filter(|e| selector.matches(&e.sample.model, &e.sample.pod.namespace))
+                .map(|e| (&e.sample.pod, e))
+                .collect(),
+        };
+        let expected: BTreeSet<PodRef> = match &target.replicas {
+            Some(replicas) => {
+                // Confirmed gone: no longer a replica of the target.
+                let members: BTreeSet<&PodRef> = replicas.iter().map(|r| &r.pod).collect();
+                self.entries.retain(|pod, _| members.contains(pod));
+                replicas
+                    .iter()
+                    .filter(|r| r.state == ReplicaState::Ready)
+                    .map(|r| r.pod.clone())
+                    .collect()
+            }
+            None => {
+                self.entries.retain(|pod, entry| {
+                    if engines.contains_key(pod) {
+                        return true;
+                    }
+                    let node = &entry.engine.node;
+                    // Its node reports freshly without it: gone.
+                    let node_fresh = view.nodes.get(node).is_some_and(|n| {
+                        n.connected && now.secs_since(n.seen_at) <= fresh_within(node)
+                    });
+                    let forgotten =
+                        now.secs_since(entry.engine.seen_at) > freshness.horizon.as_secs_f64();
+                    if forgotten {
+                        tracing::warn!(%pod, %node, "a replica silent for longer than the horizon is no longer expected");
+                    }
+                    !node_fresh && !forgotten
+                });
+                // Those heard before, and those that report now; an engine
+                // not yet heard with a rate (just started) is observed but
+                // not expected yet.
+                engines
+                    .iter()
+                    .filter(|(_, e)| reports(e))
+                    .map(|(p, _)| (*p).clone())
+                    .chain(self.entries.keys().cloned())
+                    .collect()
+            }
+        };
+        let mut completeness = Completeness {
+            expected: u32::try_from(expected.len()).unwrap_or(u32::MAX),
+            ..Completeness::default()
+        };
+        let mut observed: Vec<Arc<EngineView>> = Vec::with_capacity(engines.len());
+        let mut used: BTreeSet<&PodRef> = BTreeSet::new();
+        for pod in &expected {
+            match engines.get(pod) {
+                Some(e) if reports(e) => {
+                    completeness.reporting += 1;
+                    self.entries.insert(
+                        pod.clone(),
+                        Entry {
+                            engine: Arc::clone(e),
+                        },
+                    );
+                    observed.push(Arc::clone(e));
+                }
+                current => {
+                    let carried = self.entries.get(pod).map(|entry| &entry.engine);
+                    let node = carried.or(current.copied()).map(|e| e.node.clone());
+                    if let Some(node) = node {
+                        completeness.silent_nodes.insert(node);
+                    }
+                    // Carried as last heard; else whatever the view has.
+                    if let Some(e) = carried.or(current.copied()) {
+                        observed.push(Arc::clone(e));
+                    }
+                }
+            }
+            used.insert(pod);
+        }
+        // Engines of the view that are not expected replicas (Kubernetes:
+        // pods not ready yet) are observed as they are.
+        observed.extend(
+            engines
+                .iter()
+                .filter(|(pod, _)| !used.contains(**pod))
+                .map(|(_, e)| Arc::clone(e)),
+        );
+        (observed, completeness)
+    }
+}
+
+/// Holds `decision` for an incomplete observation: no scale-in (scale-up
+/// stands), and the decision says how incomplete.
+pub fn hold(decision: &mut Decision, completeness: &Completeness) {
+    if completeness.complete() {
+        return;
+    }
+    let mut line = completeness.describe();
+    if decision.desired_replicas < decision.current_replicas {
+        line.push_str(&format!(
+            "; no scale-in (held at {} instead of {})",
+            decision.current_replicas, decision.desired_replicas
+        ));
+        decision.desired_replicas = decision.current_replicas;
+        decision.action = Action::Hold;
+        decision.victims.clear();
+    }
+    decision.limits_applied.push(line);
+}
+
+#[cfg(test)]
+mod tests {
+    use gpuscale_core::sample::{AgentHealth, EngineSample, EngineState, Framework};
+    use gpuscale_observe::{ClusterReplica, EngineWindowStats};
+    use gpuscale_policy::Source;
+
+    use super::*;
+    use crate::view::NodeView;
+
+    fn engine(node: &str, pod: &str, seen_at: i64) -> Arc<EngineView> {
+        let mut s = EngineSample::empty(
+            PodRef::new("llm", pod),
+            Framework::Fake,
+            "m",
+            Timestamp(seen_at),
+        );
+        s.state = EngineState::Warm;
+        Arc::new(EngineView {
+            node: NodeName::new(node),
+            sample: Arc::new(s),
+            seen_at: Timestamp(seen_at),
+            window: EngineWindowStats {
+                covered_seconds: 10.0,
+                generation_tokens_per_second: Some(100.0),
+                ..EngineWindowStats::default()
+            },
+        })
+    }
+
+    fn view(nodes: &[(&str, i64, Vec<Arc<EngineView>>)]) -> StateView {
+        StateView {
+            nodes: nodes
+                .iter()
+                .map(|(name, seen, engines)| {
+                    (
+                        NodeName::new(*name),
+                        Arc::new(NodeView {
+                            node: NodeName::new(*name),
+                            boot_epoch: 1,
+                            last_seq: 1,
+                            connected: true,
+                            agent_version: String::new(),
+                            sample_interval_ms: 1000,
+                            sampled_at: Timestamp(*seen),
+                            received_at: Timestamp(*seen),
+                            seen_at: Timestamp(*seen),
+                            clock_offset_ms: 0,
+                            clock_clamped: 0,
+                            gpus: vec![],
+                            pods: vec![],
+                            engines: engines.clone(),
+                            agent: AgentHealth::default(),
+                        }),
+                    )
+                })
+                .collect(),
+            ..StateView::default()
+        }
+    }
+
+    const FRESH: Freshness = Freshness {
+        silent_after: Duration::from_secs(4),
+        horizon: Duration::from_secs(300),
+    };
+
+    fn selector() -> EngineSelector {
+        EngineSelector {
+            model: Some("m".into()),
+            namespace: None,
+        }
+    }
+
+    #[test]
+    fn a_silent_replica_is_carried_until_its_node_reports_without_it() {
+        let mut roster = Roster::default();
+        let standalone = TargetObservation::default();
+        let v = view(&[
+            ("a", 0, vec![engine("a", "a-0", 0)]),
+            ("c", 0, vec![engine("c", "c-0", 0)]),
+        ]);
+        let (observed, c) = roster.update(&v, &selector(), &standalone, Timestamp(0), FRESH);
+        assert_eq!((c.expected, c.reporting, observed.len()), (2, 2, 2));
+        // Node c is gone from the view (expired after silence): carried.
+        let v = view(&[("a", 60_000, vec![engine("a", "a-0", 60_000)])]);
+        let (observed, c) = roster.update(&v, &selector(), &standalone, Timestamp(60_000), FRESH);
+        assert_eq!((c.expected, c.reporting), (2, 1));
+        assert_eq!(
+            c.describe(),
+            "incomplete: 1 of 2 replicas reported (silent: c)"
+        );
+        let carried = observed
+            .iter()
+            .find(|e| e.sample.pod.name == "c-0")
+            .unwrap();
+        assert_eq!(carried.window.generation_tokens_per_second, Some(100.0));
+        // Node c reports again, without c-0: confirmed gone.
+        let v = view(&[
+            ("a", 61_000, vec![engine("a", "a-0", 61_000)]),
+            ("c", 61_000, vec![]),
+        ]);
+        let (observed, c) = roster.update(&v, &selector(), &standalone, Timestamp(61_000), FRESH);
+        assert_eq!((c.expected, c.reporting, observed.len()), (1, 1, 1));
+        // Past the horizon a silent replica is forgotten.
+        let v = view(&[
+            ("a", 62_000, vec![engine("a", "a-0", 62_000)]),
+            ("d", 62_000, vec![engine("d", "d-0", 62_000)]),
+        ]);
+        roster.update(&v, &selector(), &standalone, Timestamp(62_000), FRESH);
+        let v = view(&[("a", 400_000, vec![engine("a", "a-0", 400_000)])]);
+        let (_, c) = roster.update(&v, &selector(), &standalone, Timestamp(400_000), FRESH);
+        assert!(c.complete(), "{c:?}");
+    }
+
+    #[test]
+    fn kubernetes_expects_the_targets_ready_pods_until_they_are_deleted() {
+        let mut roster = Roster::default();
+        let replica = |pod: &str| ClusterReplica {
+            pod: PodRef::new("llm", pod),
+            state: ReplicaState::Ready,
+            protected: false,
+            created_at: None,
+        };
+        let target = TargetObservation {
+            current: Some(2),
+            replicas: Some(vec![replica("a-0"), replica("c-0")]),
+        };
+        let v = view(&[
+            ("a", 0, vec![engine("a", "a-0", 0)]),
+            ("c", 0, vec![engine("c", "c-0", 0)]),
+        ]);
+        let (_, c) = roster.update(&v, &selector(), &target, Timestamp(0), FRESH);
+        assert!(c.complete());
+        // c's engine is stale but its pod still exists: missing, carried.
+        let v = view(&[
+            ("a", 20_000, vec![engine("a", "a-0", 20_000)]),
+            ("c", 0, vec![engine("c", "c-0", 0)]),
+        ]);
+        let (observed, c) = roster.update(&v, &selector(), &target, Timestamp(20_000), FRESH);
+        assert_eq!((c.expected, c.reporting, observed.len()), (2, 1, 2));
+        // The pod is deleted: no longer expected.
+        let target = TargetObservation {
+            current: Some(1),
+            replicas: Some(vec![replica("a-0")]),
+        };
+        let (_, c) = roster.update(&v, &selector(), &target, Timestamp(20_000), FRESH);
+        assert!(c.complete(), "{c:?}");
+    }
+
+    fn decision(current: u32, desired: u32, action: Action) -> Decision {
+        Decision {
+            at: Timestamp(0),
+            current_replicas: current,
+            desired_replicas: desired,
+            batch_limit: None,
+            action,
+            winner: Source::Reactive,
+            recommendations: vec![],
+            limits_applied: vec![],
+            victims: vec!["a-0".into()],
+            model_confidence: 1.0,
+            advisory: false,
+            slo: Default::default(),
+            inputs: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn an_incomplete_observation_holds_scale_in_and_lets_scale_up_through() {
+        let incomplete = Completeness {
+            expected: 6,
+            reporting: 5,
+            silent_nodes: [NodeName::new("node-c")].into(),
+        };
+        let mut d = decision(6, 4, Action::ScaleDown);
+        hold(&mut d, &incomplete);
+        assert_eq!((d.desired_replicas, d.action), (6, Action::Hold));
+        assert!(d.victims.is_empty());
+        assert!(
+            d.summary()
+                .contains("incomplete: 5 of 6 replicas reported (silent: node-c); no scale-in"),
+            "{}",
+            d.summary()
+        );
+        let mut d = decision(6, 8, Action::ScaleUp);
+        hold(&mut d, &incomplete);
+        assert_eq!((d.desired_replicas, d.action), (8, Action::ScaleUp));
+        assert!(
+            d.summary().contains("incomplete: 5 of 6"),
+            "{}",
+            d.summary()
+        );
+        let mut d = decision(6, 4, Action::ScaleDown);
+        hold(
+            &mut d,
+            &Completeness {
+                expected: 6,
+                reporting: 6,
+                ..Completeness::default()
+            },
+        );
+        assert_eq!(d.desired_replicas, 4);
+    }
+}
