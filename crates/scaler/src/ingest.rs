@@ -36,7 +36,11 @@
 //!   number that goes backwards, a node name that changes: `INVALID_ARGUMENT`;
 //! * a delta without a snapshot first, a delta of another boot epoch, a gap
 //!   in the sequence: `FAILED_PRECONDITION` (the agent reconnects and resends
-//!   a snapshot).
+//!   a snapshot);
+//! * a stream whose node sent nothing for the node TTL (a partition, a hung
+//!   agent: silent, not closed) is ended with `FAILED_PRECONDITION` when the
+//!   node is forgotten, so that what it sends after the silence starts with
+//!   a snapshot instead of deltas of a node the scaler no longer has.
 //!
 //! **Directives** flow back through a bounded per-stream queue; the state
 //! task only ever `try_send`s into it (see `state`), so an agent that does
@@ -412,6 +416,29 @@ impl StreamTask {
         });
         let rate = self.ingest.report_rate;
         let mut bucket = rate.map(|r| crate::edge::Bucket::full(2.0 * r));
+        // The state ends the stream when its node expires.
+        let (end_tx, end_rx) = oneshot::channel::<Rejection>();
+        let mut end_rx = Some(end_rx);
+        let opened = tokio::time::timeout(
+            self.ingest.ingest_wait,
+            self.ingest.commands.send(Command::StreamOpened {
+                stream: self.id,
+                end: end_tx,
+            }),
+        )
+        .await;
+        if !matches!(opened, Ok(Ok(()))) {
+            self.reject(match opened {
+                Err(_) => Rejection {
+                    code: Code::Unavailable,
+                    reason: "ingest_queue_full",
+                    message: "the scaler's ingest queue is full; reconnect with backoff".into(),
+                },
+                Ok(_) => shutting_down(),
+            });
+            self.ingest.metrics.stream_closed();
+            return;
+        }
         loop {
             if let (Some(rate), Some(b)) = (rate, bucket.as_mut())
                 && let Err(wait) = b.take(rate, 2.0 * rate)
@@ -431,6 +458,7 @@ impl StreamTask {
                 }),
                 _ = standby(&mut active) => Next::Reject(standby_status()),
                 _ = self.terminal.closed() => Next::End,
+                r = ended_by_state(&mut end_rx) => Next::Reject(r),
                 _ = until(expiry) => Next::Reject(Rejection {
                     code: Code::Unauthenticated,
                     reason: "token_expired",
@@ -572,6 +600,18 @@ impl StreamTask {
         let terminal = std::mem::replace(&mut self.terminal, oneshot::channel().0);
         let _ = terminal.send(Status::new(r.code, r.message));
     }
+}
+
+/// The rejection the state ends the stream with; never once the state
+/// dropped its end without using it.
+async fn ended_by_state(rx: &mut Option<oneshot::Receiver<Rejection>>) -> Rejection {
+    if let Some(r) = rx.as_mut()
+        && let Ok(rejection) = r.await
+    {
+        return rejection;
+    }
+    *rx = None;
+    std::future::pending().await
 }
 
 /// Resolves at `at`; never without one.

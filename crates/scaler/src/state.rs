@@ -63,6 +63,12 @@ pub(crate) enum Command {
         report: Box<AgentReport>,
         out: Option<StreamOut>,
     },
+    /// A stream opened: `end` ends it (its node expired, so anything more
+    /// it sends must start with a snapshot).
+    StreamOpened {
+        stream: StreamId,
+        end: oneshot::Sender<crate::ingest::Rejection>,
+    },
     /// The stream ended.
     StreamClosed { stream: StreamId },
     /// Ask the node that runs `pod` for something.
@@ -208,6 +214,8 @@ pub(crate) struct State {
     metrics: Arc<ScalerMetrics>,
     nodes: BTreeMap<NodeName, NodeState>,
     streams: HashMap<StreamId, StreamEntry>,
+    /// How to end each open stream.
+    enders: HashMap<StreamId, oneshot::Sender<crate::ingest::Rejection>>,
     workloads: BTreeMap<WorkloadRef, Arc<WorkloadView>>,
     changed: bool,
     generation: u64,
@@ -224,6 +232,7 @@ impl State {
             metrics,
             nodes: BTreeMap::new(),
             streams: HashMap::new(),
+            enders: HashMap::new(),
             workloads: workloads
                 .into_iter()
                 .map(|(w, labels)| {
@@ -257,7 +266,11 @@ impl State {
                 report,
                 out,
             } => self.report(stream, *report, out, now, wall),
+            Command::StreamOpened { stream, end } => {
+                self.enders.insert(stream, end);
+            }
             Command::StreamClosed { stream } => {
+                self.enders.remove(&stream);
                 if let Some(StreamEntry {
                     node: Some(node), ..
                 }) = self.streams.remove(&stream)
@@ -472,6 +485,21 @@ impl State {
             .map(|n| n.name.clone())
             .collect();
         for name in &expired {
+            // Its stream (silent, not closed: a partition, a hung agent)
+            // is ended: whatever it sends later would be a delta of a node
+            // the scaler no longer has, so the agent must resend a snapshot.
+            if let Some(node) = self.nodes.get(name)
+                && let Some(end) = self.enders.remove(&node.stream)
+            {
+                let _ = end.send(crate::ingest::Rejection {
+                    code: tonic::Code::FailedPrecondition,
+                    reason: "node_expired",
+                    message: format!(
+                        "node {name} sent nothing for the node TTL ({:?}) and was forgotten; reconnect and send a snapshot",
+                        ttl
+                    ),
+                });
+            }
             self.nodes.remove(name);
             self.metrics.node_expired();
             tracing::info!(node = %name, ttl_s = ttl.as_secs_f64(), "node expired: no report within the node TTL");

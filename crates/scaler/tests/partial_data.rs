@@ -69,12 +69,12 @@ fn wall_ms() -> i64 {
 
 /// A crafted agent: one node, its pods each generating `rate` tokens/s,
 /// reporting every 100 ms. While `silent` is set it sends nothing but keeps
-/// its stream open; `reconnect` makes it open a new stream with a snapshot
-/// (as an agent does when a partition heals). Drain directives it receives
-/// are counted.
+/// its stream open; when the scaler ends its stream it opens a new one with
+/// a snapshot, as the agent does. Drain directives it receives are counted,
+/// and so are the streams it opened.
 struct FakeAgent {
     silent: Arc<AtomicBool>,
-    reconnect: Arc<AtomicBool>,
+    streams: Arc<AtomicU64>,
     drains: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -82,12 +82,12 @@ struct FakeAgent {
 impl FakeAgent {
     fn start(channel: Channel, node: &str, pods: &[&str], rate: f64) -> Self {
         let silent = Arc::new(AtomicBool::new(false));
-        let reconnect = Arc::new(AtomicBool::new(false));
+        let streams = Arc::new(AtomicU64::new(0));
         let drains = Arc::new(AtomicU64::new(0));
         let node = node.to_string();
         let pods: Vec<String> = pods.iter().map(|p| p.to_string()).collect();
         let task = tokio::spawn({
-            let (silent, reconnect, drains) = (silent.clone(), reconnect.clone(), drains.clone());
+            let (silent, streams, drains) = (silent.clone(), streams.clone(), drains.clone());
             async move {
                 let started = wall_ms();
                 let engines = |at: i64| -> Vec<EngineSample> {
@@ -109,6 +109,7 @@ impl FakeAgent {
                 };
                 let mut seq = 0u64;
                 let mut tx: Option<mpsc::Sender<v1::NodeReport>> = None;
+                let ended = Arc::new(AtomicBool::new(false));
                 let mut ticker = tokio::time::interval(Duration::from_millis(100));
                 loop {
                     ticker.tick().await;
@@ -117,7 +118,8 @@ impl FakeAgent {
                     }
                     let at = wall_ms();
                     seq += 1;
-                    if tx.is_none() || reconnect.swap(false, Ordering::SeqCst) {
+                    if tx.is_none() || ended.swap(false, Ordering::SeqCst) {
+                        streams.fetch_add(1, Ordering::SeqCst);
                         let snapshot = ReportBody::Snapshot(NodeSnapshot {
                             node: NodeName::new(node.as_str()),
                             agent_version: "test".into(),
@@ -135,7 +137,7 @@ impl FakeAgent {
                             .await
                             .unwrap()
                             .into_inner();
-                        let drains = drains.clone();
+                        let (drains, ended) = (drains.clone(), ended.clone());
                         tokio::spawn(async move {
                             while let Ok(Some(d)) = inbound.message().await {
                                 if matches!(Directive::try_from(d), Ok(Directive::DrainPod { .. }))
@@ -143,6 +145,7 @@ impl FakeAgent {
                                     drains.fetch_add(1, Ordering::SeqCst);
                                 }
                             }
+                            ended.store(true, Ordering::SeqCst);
                         });
                         tx = Some(new_tx);
                         continue;
@@ -162,7 +165,7 @@ impl FakeAgent {
         });
         Self {
             silent,
-            reconnect,
+            streams,
             drains,
             task,
         }
@@ -323,9 +326,10 @@ async fn a_silent_node_causes_no_scale_in_and_decisions_resume_when_it_returns()
         0,
         "healthy pods drained"
     );
-    // It returns (a new stream, as after a partition): decisions are complete
+    // It returns. The scaler ended its silent stream when the node expired;
+    // the agent opens a new one with a snapshot, and decisions are complete
     // again within two ticks of its engines reporting with a window.
-    c.reconnect.store(true, Ordering::SeqCst);
+    assert_eq!(c.streams.load(Ordering::SeqCst), 1);
     c.silent.store(false, Ordering::SeqCst);
     let returned = Instant::now();
     let mut reported_at = None;
@@ -359,6 +363,16 @@ async fn a_silent_node_causes_no_scale_in_and_decisions_resume_when_it_returns()
     assert_eq!(
         a.drains.load(Ordering::SeqCst) + b.drains.load(Ordering::SeqCst),
         0
+    );
+    assert_eq!(
+        c.streams.load(Ordering::SeqCst),
+        2,
+        "resent a snapshot on a new stream"
+    );
+    // The others' streams were never ended.
+    assert_eq!(
+        a.streams.load(Ordering::SeqCst) + b.streams.load(Ordering::SeqCst),
+        2
     );
     scaler.shutdown().await.unwrap();
 }
