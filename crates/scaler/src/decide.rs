@@ -305,7 +305,7 @@ impl DecideLoop {
             let (engines, completeness) =
                 w.roster
                     .update(&view, &w.selector, &w.target, now, self.freshness);
-            let observation = observe::assemble_engines(&engines, &w.target);
+            let observation = observe::assemble_engines(&view, &engines, &w.target);
             self.metrics.completeness(&workload, &completeness);
             if !w.warm {
                 let elapsed = warm_since.elapsed();

@@ -75,8 +75,12 @@ pub fn assemble_target(
 
 /// [`assemble_target`] over a given set of engines (the view's, with
 /// missing replicas carried as last heard: see [`crate::complete`]).
-pub fn assemble_engines(engines: &[Arc<EngineView>], target: &TargetObservation) -> Observation {
-    let inputs = engines.iter().map(|e| input(e));
+pub fn assemble_engines(
+    view: &StateView,
+    engines: &[Arc<EngineView>],
+    target: &TargetObservation,
+) -> Observation {
+    let inputs = engines.iter().map(|e| input(view, e));
     match &target.replicas {
         Some(_) => gpuscale_observe::assemble_target(inputs, target),
         None => gpuscale_observe::assemble(inputs, target.current),
