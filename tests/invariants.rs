@@ -178,9 +178,7 @@ fn code_only(src: &str) -> String {
             };
             match end {
                 Some(e) => {
-                    for _ in i..=e {
-                        out.push(b' ');
-                    }
+                    out.extend(std::iter::repeat_n(b' ', e + 1 - i));
                     i = e + 1;
                 }
                 None => {
