@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use gpuscale_core::WorkloadRef;
-use gpuscale_policy::config::PerfModelSource;
+use gpuscale_policy::config::ResolveError;
 use gpuscale_policy::{PerfModel, SpecError, WorkloadConfig};
 use gpuscale_scaler::WorkloadDef;
 use gpuscale_scaler::config::{DeciderConfig, EngineSelector};
@@ -70,7 +70,18 @@ pub fn validate(
         },
         message: e.to_string(),
     };
-    let config = spec.workload.validate().map_err(invalid)?;
+    let (config, model) = spec
+        .workload
+        .resolve(|path| std::fs::read_to_string(path))
+        .map_err(|e| match e {
+            ResolveError::Spec(e) => invalid(e),
+            ResolveError::Profile { file, error } => Problem {
+                reason: "UnknownPerformanceModel",
+                message: format!(
+                    "spec.performanceModel.profileFile: cannot read {file:?} on the scaler ({error}); mount it into the scaler or use profileCsv"
+                ),
+            },
+        })?;
     let drain = spec
         .drain_timeout_seconds
         .unwrap_or(DEFAULT_DRAIN_TIMEOUT_SECONDS);
@@ -80,18 +91,6 @@ pub fn validate(
             message: format!("spec.drainTimeoutSeconds: {drain} is not allowed; 1..=3600 seconds"),
         });
     }
-    let profile = match &config.perf_source {
-        PerfModelSource::ProfileFile { path, .. } => {
-            Some(std::fs::read_to_string(path).map_err(|e| Problem {
-                reason: "UnknownPerformanceModel",
-                message: format!(
-                    "spec.performanceModel.profileFile: cannot read {path:?} on the scaler ({e}); mount it into the scaler or use profileCsv"
-                ),
-            })?)
-        }
-        _ => None,
-    };
-    let model = config.perf_model(profile.as_deref()).map_err(invalid)?;
     Ok((config, model, drain))
 }
 
@@ -416,6 +415,17 @@ mod tests {
         .unwrap_err();
         assert_eq!(p.reason, "UnknownPerformanceModel");
         assert!(p.message.contains("tpu-v9"), "{}", p.message);
+        let p = validate(&spec(|w| {
+            w.performance_model.preset = None;
+            w.performance_model.profile_file = Some("/nonexistent/profile.csv".into());
+        }))
+        .unwrap_err();
+        assert_eq!(p.reason, "UnknownPerformanceModel");
+        assert!(
+            p.message.contains("/nonexistent/profile.csv") && p.message.contains("cannot read"),
+            "{}",
+            p.message
+        );
         let p = validate(&spec(|w| w.gpu_type = Some("A10".into()))).unwrap_err();
         assert!(p.message.contains("spec.gpuType"), "{}", p.message);
         let mut s = spec(|_| {});

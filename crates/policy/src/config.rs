@@ -8,7 +8,7 @@ use crate::error::SpecError;
 use crate::hpa::Behavior;
 use crate::perf::{self, PerfModel, ProfileFormat};
 use crate::schedule::ScheduleRule;
-use crate::spec::{PredictiveMode, TargetRef};
+use crate::spec::{PredictiveMode, TargetRef, WorkloadSpec};
 
 pub use gpuscale_core::slo::LatencyObjective;
 use gpuscale_core::slo::SloObjectives;
@@ -113,6 +113,14 @@ impl WorkloadConfig {
         }
     }
 
+    /// The spec's `profileFile`, when its performance model is read from one.
+    pub fn profile_file(&self) -> Option<&str> {
+        match &self.perf_source {
+            PerfModelSource::ProfileFile { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
     /// Resolve the performance model. `profile_file_text` is the content of
     /// the spec's `profileFile` (the caller reads it; ignored for other
     /// sources).
@@ -138,5 +146,39 @@ impl WorkloadConfig {
             }
             PerfModelSource::Inline(m) => Ok(m.clone()),
         }
+    }
+}
+
+/// Why a spec could not be resolved into a configuration and a model.
+#[derive(Debug)]
+pub enum ResolveError<E> {
+    /// The spec itself (or the profile's content) is invalid.
+    Spec(SpecError),
+    /// The caller could not read the spec's `profileFile`.
+    Profile { file: String, error: E },
+}
+
+impl WorkloadSpec {
+    /// The one path from a spec to what a decider needs: validate it, read
+    /// its `profileFile` (if it names one) through `read_profile` (the
+    /// caller's I/O: the standalone scaler reads relative to its config
+    /// file, the Kubernetes controller from the scaler's file system), and
+    /// resolve the performance model.
+    pub fn resolve<E>(
+        &self,
+        read_profile: impl FnOnce(&str) -> Result<String, E>,
+    ) -> Result<(WorkloadConfig, PerfModel), ResolveError<E>> {
+        let config = self.validate().map_err(ResolveError::Spec)?;
+        let text = match config.profile_file() {
+            Some(file) => Some(read_profile(file).map_err(|error| ResolveError::Profile {
+                file: file.to_string(),
+                error,
+            })?),
+            None => None,
+        };
+        let model = config
+            .perf_model(text.as_deref())
+            .map_err(ResolveError::Spec)?;
+        Ok((config, model))
     }
 }

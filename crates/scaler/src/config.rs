@@ -48,7 +48,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gpuscale_core::WorkloadRef;
-use gpuscale_policy::config::PerfModelSource;
+use gpuscale_policy::config::ResolveError;
 use gpuscale_policy::{PerfModel, WorkloadConfig, WorkloadSpec};
 use serde::{Deserialize, Deserializer};
 
@@ -470,28 +470,24 @@ impl WorkloadFile {
         }
         let decider = match (&self.policy, &self.proportional) {
             (Some(spec), None) => {
-                let config = spec
-                    .validate()
-                    .map_err(|e| ScalerError::config(at("policy"), "", e.to_string()))?;
-                let profile = match &config.perf_source {
-                    PerfModelSource::ProfileFile { path, .. } => {
+                let (config, model) = spec
+                    .resolve(|path| {
                         let file = base_dir.join(path);
-                        Some(
-                            config_file::read_bounded(&file, config_file::MAX_CONFIG_BYTES)
-                                .map_err(|e| {
-                                    ScalerError::config(
-                                        at("policy.performanceModel.profileFile"),
-                                        file.display().to_string(),
-                                        format!("a readable profile file ({e})"),
-                                    )
-                                })?,
-                        )
-                    }
-                    _ => None,
-                };
-                let model = config
-                    .perf_model(profile.as_deref())
-                    .map_err(|e| ScalerError::config(at("policy"), "", e.to_string()))?;
+                        config_file::read_bounded(&file, config_file::MAX_CONFIG_BYTES)
+                            .map_err(|e| (file, e))
+                    })
+                    .map_err(|e| match e {
+                        ResolveError::Spec(e) => {
+                            ScalerError::config(at("policy"), "", e.to_string())
+                        }
+                        ResolveError::Profile {
+                            error: (file, e), ..
+                        } => ScalerError::config(
+                            at("policy.performanceModel.profileFile"),
+                            file.display().to_string(),
+                            format!("a readable profile file ({e})"),
+                        ),
+                    })?;
                 DeciderConfig::Policy {
                     config: Box::new(config),
                     model: Box::new(model),
