@@ -29,6 +29,12 @@
 //! 4. *Memory*: a fresh proxy process, 1,000 concurrent streams (one event
 //!    every 100 ms) all open; its resident memory then.
 //!
+//! 5. *Activator*: `gpuscale activator` (no scaler, its workload ready)
+//!    in front of the same upstream: sequential completions interleaved
+//!    with direct ones (added p50/p99), and the closed loop's requests
+//!    per activator CPU-second. `PROXY_BENCH_CASES=activator` runs only
+//!    this case.
+//!
 //! Run: `cargo bench --bench proxy`. `PROXY_BENCH_PROXY_THREADS` sets the
 //! proxy's worker threads (default 1, a sidecar's core),
 //! `PROXY_BENCH_CLIENT_THREADS` this process's (default 1).
@@ -73,6 +79,9 @@ async fn upstream(req: Request<Incoming>, epoch: Instant) -> Response<Body> {
     let path = uri.path().to_string();
     // Read the request body first, as an engine does.
     let _ = req.into_body().collect().await;
+    if path == "/health" {
+        return Response::new(full("ok"));
+    }
     if path == "/v1/completions" {
         let mut r = Response::new(full(COMPLETION));
         r.headers_mut().insert(
@@ -149,24 +158,33 @@ impl Drop for ProxyProcess {
 
 impl ProxyProcess {
     async fn start(upstream: SocketAddr, reuse: bool) -> Self {
+        let args = [
+            "proxy".to_string(),
+            "--agent=off".into(),
+            format!("--upstream=http://{upstream}"),
+            "--max-queue=100000".into(),
+        ];
+        Self::spawn(&args, reuse).await
+    }
+
+    /// `gpuscale activator` with one workload at `upstream` (no scaler).
+    async fn activator(upstream: SocketAddr) -> Self {
+        let args = [
+            "activator".to_string(),
+            "--scaler=off".into(),
+            format!("--workload=bench/m=http://{upstream}"),
+            "--max-held=100000".into(),
+        ];
+        Self::spawn(&args, false).await
+    }
+
+    async fn spawn(args: &[String], reuse: bool) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
             .parse()
             .expect("an address");
         let child = Command::new(env!("CARGO_BIN_EXE_gpuscale"))
-            .args([
-                "proxy",
-                "--listen",
-                &addr.to_string(),
-                "--admin-addr",
-                "off",
-            ])
-            .args([
-                "--agent",
-                "off",
-                "--upstream",
-                &format!("http://{upstream}"),
-            ])
-            .args(["--max-queue", "100000"])
+            .args(args)
+            .args(["--listen", &addr.to_string(), "--admin-addr", "off"])
             .args(reuse.then_some("--reuse-upstream-connections"))
             .env("RUST_LOG", "warn")
             .env("TOKIO_WORKER_THREADS", proxy_threads().to_string())
@@ -181,7 +199,7 @@ impl ProxyProcess {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("gpuscale proxy did not listen on {addr}");
+        panic!("gpuscale {} did not listen on {addr}", args[0]);
     }
 
     fn pid(&self) -> u32 {
@@ -377,8 +395,76 @@ async fn throughput(
     (n / wall, per_cpu)
 }
 
+/// Case 5: the activator against a direct connection, in the same run.
+async fn activator_case(c: &Client<HttpConnector, Body>, up: SocketAddr, window: Duration) {
+    let act = ProxyProcess::activator(up).await;
+    // Ready once its probe found the upstream's /health.
+    for _ in 0..500 {
+        let req = Request::post(format!("http://{}/v1/completions", act.addr))
+            .body(full("{}"))
+            .expect("a request");
+        if let Ok(r) = c.request(req).await
+            && r.status().is_success()
+        {
+            let _ = r.into_body().collect().await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let n = 5000;
+    for _ in 0..500 {
+        complete(c, up).await;
+        complete(c, act.addr).await;
+    }
+    let (mut d, mut a) = (Vec::new(), Vec::new());
+    let cpu0 = cpu_seconds(act.pid());
+    for _ in 0..n {
+        d.push(complete(c, up).await);
+        a.push(complete(c, act.addr).await);
+    }
+    let cpu_per_request = (cpu_seconds(act.pid()) - cpu0) / n as f64;
+    let (d, a) = (dist(d), dist(a));
+    let (direct_rps, _) = throughput(c, up, None, window).await;
+    let (act_rps, act_cpu) = throughput(c, act.addr, Some(act.pid()), window).await;
+    println!(
+        "\ngpuscale activator (workload ready, no scaler; a new upstream connection per request), load average {}\n",
+        load_average()
+    );
+    println!("| path | p50 | p99 | p99.9 | added p50 | added p99 |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| request, direct | {:.0} µs | {:.0} µs | {:.0} µs | | |",
+        us(d.p50),
+        us(d.p99),
+        us(d.p999)
+    );
+    println!(
+        "| request, through the activator | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs |",
+        us(a.p50),
+        us(a.p99),
+        us(a.p999),
+        added(a.p50, d.p50),
+        added(a.p99, d.p99)
+    );
+    println!(
+        "\nactivator CPU time {:.0} µs per request; closed loop, 64 clients, {:.0} s each: direct {direct_rps:.0} requests/s; through the activator {act_rps:.0} requests/s, {:.0} per activator CPU-second",
+        cpu_per_request * 1e6,
+        window.as_secs_f64(),
+        act_cpu.unwrap_or(f64::NAN)
+    );
+}
+
 async fn run() {
     let epoch = Instant::now();
+    if std::env::var("PROXY_BENCH_CASES").is_ok_and(|c| c == "activator") {
+        let seconds: f64 = std::env::var("PROXY_BENCH_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3.0);
+        let up = start_upstream(epoch).await;
+        activator_case(&client(), up, Duration::from_secs_f64(seconds)).await;
+        return;
+    }
     let seconds: f64 = std::env::var("PROXY_BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -549,6 +635,10 @@ async fn run() {
         "\nmemory: idle {idle_rss:.1} MiB; {streams} concurrent streams open: RSS {rss:.1} MiB (peak VmHWM {hwm:.1} MiB), target < 50 MiB: {}",
         verdict(rss < 50.0 && hwm < 50.0)
     );
+    drop(proxy);
+
+    // 5. The activator.
+    activator_case(&c, up, window).await;
 }
 
 fn main() {

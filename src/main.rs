@@ -133,6 +133,12 @@ enum Command {
     /// request's TTFT and TPOT measured and reported to the agent, drain on
     /// scale-in; /healthz, /readyz, /drain and /metrics on the admin port.
     Proxy(Box<gpuscale_proxy::ProxyArgs>),
+    /// Run the scale-to-zero activator in front of workloads that can reach
+    /// zero replicas: requests for a workload with no ready replica are
+    /// held (bounded, with a deadline) and the scaler is told at once; they
+    /// are forwarded in order once a replica is warm; 429/503 with
+    /// Retry-After beyond the bounds; /healthz, /readyz, /metrics.
+    Activator(Box<gpuscale_proxy::ActivatorArgs>),
     /// Run everything on this machine, with no cluster and no GPU: a
     /// simulated GPU fleet replaying a request trace, real agents streaming
     /// to a real scaler that acts through a fake Kubernetes API server; a
@@ -174,6 +180,9 @@ fn main() -> ExitCode {
         Command::Version => stdout_exit(&format!("{}\n", version::long())),
         Command::Proxy(args) => serve(gpuscale_proxy::ProxyError::is_config, async move {
             gpuscale_proxy::run_from_args(&args, shutdown_signal()).await
+        }),
+        Command::Activator(args) => serve(gpuscale_proxy::ProxyError::is_config, async move {
+            gpuscale_proxy::activator::run_from_args(&args, shutdown_signal()).await
         }),
         Command::Demo(args) => serve(demo::DemoError::is_config, async move {
             demo::run(&args, shutdown_signal()).await

@@ -385,6 +385,64 @@ fn the_example_autoscaler_is_valid_and_its_deployment_declares_the_readiness_gat
     gpuscale_kube::controller::validate(&ias.spec).expect("the example is valid");
 }
 
+#[test]
+fn the_scale_to_zero_example_is_valid_and_its_activator_routes_to_the_warm_pods() {
+    let text = std::fs::read_to_string(root().join("deploy/examples/scale-to-zero.yaml")).unwrap();
+    let objs = docs(&text);
+    let ias: gpuscale_kube::InferenceAutoscaler =
+        serde_json::from_value(find(&objs, "InferenceAutoscaler", "chat").clone()).unwrap();
+    assert_eq!(ias.spec.workload.min_replicas, 0);
+    gpuscale_kube::controller::validate(&ias.spec).expect("the example is valid");
+    let config = ias.spec.workload.validate().unwrap();
+    assert_eq!(config.scale_to_zero.cold_start_penalty_s, 240.0);
+    // The clients' Service selects the activator; the activator forwards to
+    // the Service of the model's pods, which declare the readiness gate.
+    let activator = find(&objs, "Deployment", "gpuscale-activator");
+    let tmpl = &activator["spec"]["template"];
+    let front = find(&objs, "Service", "chat");
+    assert_eq!(
+        front["spec"]["externalName"],
+        "gpuscale-activator.gpuscale-system.svc.cluster.local"
+    );
+    let svc = find(&objs, "Service", "gpuscale-activator");
+    assert_eq!(svc["spec"]["selector"], tmpl["metadata"]["labels"]);
+    let args = strings(&tmpl["spec"]["containers"][0]["args"]);
+    assert_eq!(args[0], "activator");
+    assert!(args.contains(&"--workload=llm/chat=http://chat-ready.llm:80".to_string()));
+    let ready = find(&objs, "Service", "chat-ready");
+    let model = find(&objs, "Deployment", "chat");
+    assert_eq!(
+        ready["spec"]["selector"],
+        model["spec"]["template"]["metadata"]["labels"]
+    );
+    assert_eq!(
+        model["spec"]["template"]["spec"]["readinessGates"][0]["conditionType"],
+        "gpuscale.dev/engine-warm"
+    );
+    assert_secure(&tmpl["spec"]["containers"][0], "scale-to-zero");
+    // The binary accepts the activator's flags as written.
+    let args: Vec<String> = args
+        .into_iter()
+        .map(|a| {
+            if a.starts_with("--listen=") {
+                "--listen=256.0.0.1:1".to_string()
+            } else {
+                a
+            }
+        })
+        .collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_gpuscale"))
+        .args(&args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("invalid --listen `256.0.0.1:1`"),
+        "only the bad --listen is refused: {err}"
+    );
+}
+
 /// CRDs the fake API server serves for the kinds of other operators the
 /// manifests use (schemas left open: only the kinds are checked here).
 fn foreign_crd(group: &str, kind: &str, plural: &str, namespaced: bool) -> serde_json::Value {

@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "gpuscale/v1/agent.proto",
     "gpuscale/v1/serving.proto",
     "gpuscale/v1/scaler.proto",
+    "gpuscale/v1/activator.proto",
     "kubelet/podresources/v1/api.proto",
     "externalscaler/externalscaler.proto",
 ];

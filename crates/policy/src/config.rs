@@ -88,6 +88,8 @@ pub struct WorkloadConfig {
     pub min_replicas: u32,
     pub max_replicas: u32,
     pub gpu_type: Option<String>,
+    /// The idle policy, used when `min_replicas` is 0.
+    pub scale_to_zero: crate::idle::ScaleToZeroConfig,
     pub gpus_per_replica: u32,
     pub perf_source: PerfModelSource,
     pub cold_start_s: f64,

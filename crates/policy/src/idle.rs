@@ -19,7 +19,124 @@
 use std::time::Duration;
 
 use gpuscale_core::Timestamp;
-use serde::Serialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::error::SpecError;
+
+/// `spec.scaleToZero`: the idle policy of a workload with `minReplicas: 0`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleToZeroSpec {
+    /// Scale to zero after exactly this many idle seconds instead of the
+    /// period chosen from the cold start's cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_seconds: Option<f64>,
+    /// What one cold start costs the requests that wait for it, in
+    /// replica-seconds (default 240): the chosen idle period is the p90
+    /// start-up plus this.
+    #[serde(default = "default_penalty")]
+    pub cold_start_penalty_seconds: f64,
+    /// Bounds on the chosen idle period (default 30 and 3600 seconds).
+    #[serde(default = "default_min_idle")]
+    pub min_idle_seconds: f64,
+    #[serde(default = "default_max_idle")]
+    pub max_idle_seconds: f64,
+}
+
+fn default_penalty() -> f64 {
+    240.0
+}
+fn default_min_idle() -> f64 {
+    30.0
+}
+fn default_max_idle() -> f64 {
+    3600.0
+}
+
+impl Default for ScaleToZeroSpec {
+    fn default() -> Self {
+        Self {
+            idle_seconds: None,
+            cold_start_penalty_seconds: default_penalty(),
+            min_idle_seconds: default_min_idle(),
+            max_idle_seconds: default_max_idle(),
+        }
+    }
+}
+
+/// The validated idle policy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScaleToZeroConfig {
+    pub fixed: Option<Duration>,
+    pub cold_start_penalty_s: f64,
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Default for ScaleToZeroConfig {
+    fn default() -> Self {
+        ScaleToZeroSpec::default()
+            .validate()
+            .expect("invariant: the defaults are valid")
+    }
+}
+
+impl ScaleToZeroSpec {
+    /// Checks every field; the error names it (`spec.scaleToZero.*`).
+    pub fn validate(&self) -> Result<ScaleToZeroConfig, SpecError> {
+        let secs = |field: &str, v: f64| -> Result<Duration, SpecError> {
+            if v.is_finite() && (0.0..=86_400.0).contains(&v) {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(SpecError::invalid(
+                    format!("spec.scaleToZero.{field}"),
+                    v,
+                    "0..=86400 seconds",
+                ))
+            }
+        };
+        let fixed = self
+            .idle_seconds
+            .map(|v| secs("idleSeconds", v))
+            .transpose()?;
+        let penalty = secs("coldStartPenaltySeconds", self.cold_start_penalty_seconds)?;
+        let min = secs("minIdleSeconds", self.min_idle_seconds)?;
+        let max = secs("maxIdleSeconds", self.max_idle_seconds)?;
+        if min > max {
+            return Err(SpecError::invalid(
+                "spec.scaleToZero.minIdleSeconds",
+                self.min_idle_seconds,
+                "at most maxIdleSeconds",
+            ));
+        }
+        Ok(ScaleToZeroConfig {
+            fixed,
+            cold_start_penalty_s: penalty.as_secs_f64(),
+            min,
+            max,
+        })
+    }
+}
+
+impl IdleInputs {
+    /// The inputs from the validated spec, the learned p90 start-up and
+    /// the forecast.
+    pub fn from_config(
+        c: &ScaleToZeroConfig,
+        startup_p90_s: f64,
+        forecast_rps: Option<f64>,
+    ) -> Self {
+        Self {
+            startup_p90_s,
+            cold_start_penalty_s: c.cold_start_penalty_s,
+            forecast_rps,
+            fixed: c.fixed,
+            min: c.min,
+            max: c.max,
+        }
+    }
+}
 
 /// What the idle period is chosen from.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -163,6 +280,34 @@ mod tests {
             ..inputs()
         });
         assert_eq!((fixed.period_s, fixed.reason), (45.0, IdleReason::Fixed));
+    }
+
+    #[test]
+    fn the_spec_validates_each_field_by_name() {
+        let c = ScaleToZeroSpec::default().validate().unwrap();
+        assert_eq!(c.cold_start_penalty_s, 240.0);
+        let bad = ScaleToZeroSpec {
+            idle_seconds: Some(-1.0),
+            ..ScaleToZeroSpec::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("spec.scaleToZero.idleSeconds")
+        );
+        let crossed = ScaleToZeroSpec {
+            min_idle_seconds: 100.0,
+            max_idle_seconds: 10.0,
+            ..ScaleToZeroSpec::default()
+        };
+        assert!(
+            crossed
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("minIdleSeconds")
+        );
     }
 
     #[test]

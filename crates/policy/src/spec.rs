@@ -47,6 +47,9 @@ pub struct WorkloadSpec {
     /// Fewest replicas. Default 1; 0 allows scale to zero.
     #[serde(default = "default_min_replicas")]
     pub min_replicas: u32,
+    /// The idle policy when `minReplicas` is 0 (docs/activator.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_to_zero: Option<crate::idle::ScaleToZeroSpec>,
     /// Most replicas (required, at least 1 and at least `minReplicas`).
     pub max_replicas: u32,
     /// GPU type of the replicas (e.g. `H200`); when set, it must match the
@@ -411,6 +414,7 @@ impl WorkloadSpec {
             },
             slo: SloSpec::default(),
             min_replicas: default_min_replicas(),
+            scale_to_zero: None,
             max_replicas,
             gpu_type: None,
             gpus_per_replica: default_gpus_per_replica(),
@@ -574,6 +578,7 @@ impl WorkloadSpec {
                 stable_window_s: f64::from(sw),
             },
             stale_after_s: f64::from(stale),
+            scale_to_zero: self.scale_to_zero.clone().unwrap_or_default().validate()?,
         })
     }
 }

@@ -24,10 +24,15 @@
 //! `ServingService/WatchLimits`, the measurements reported with
 //! `ReportEngineStats`, drain on the agent's word, `/drain` or SIGTERM.
 //!
+//! [`activator`] is `gpuscale activator`: it holds requests for workloads
+//! with no ready replica (scaled to zero), tells the scaler at once, and
+//! forwards them in order once a replica is warm.
+//!
 //! **Not for** load balancing between replicas (the Service or the
 //! activator picks the pod), TLS termination, or retries: a request is
 //! forwarded once, and a refusal tells the client when to retry.
 
+pub mod activator;
 pub mod admission;
 pub mod error;
 pub mod forward;
@@ -36,6 +41,7 @@ pub mod reply;
 pub mod server;
 pub mod sidecar;
 
+pub use activator::{ActivatorArgs, ActivatorConfig, RunningActivator, WorkloadRoute};
 pub use admission::{Admission, Limit, Load, Permit, QueueBudget, Refusal};
 pub use error::ProxyError;
 pub use forward::{ForwardConfig, Forwarder, Observe, ObservedBody, ResponseBody};

@@ -101,11 +101,11 @@ struct WorkloadRuntime {
 }
 
 impl WorkloadRuntime {
-    fn new(def: Arc<WorkloadDef>) -> Self {
+    fn new(def: Arc<WorkloadDef>, zero: &crate::zero::ZeroHooks) -> Self {
         Self {
             workload: def.workload.clone(),
             selector: def.selector.clone(),
-            decider: build_decider(&def.decider),
+            decider: zero.wrap(&def, build_decider(&def.decider)),
             def,
             target: TargetObservation::default(),
             actuating: None,
@@ -133,6 +133,7 @@ pub(crate) struct DecideLoop {
     warm_since: Option<tokio::time::Instant>,
     /// When a replica counts as silent, and when a silent one is forgotten.
     freshness: Freshness,
+    zero: crate::zero::ZeroHooks,
 }
 
 /// What a workload in warm-up says instead of a decision.
@@ -168,12 +169,17 @@ impl DecideLoop {
         metrics: Arc<ScalerMetrics>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let zero = crate::zero::ZeroHooks {
+            activators: None,
+            metrics: metrics.clone(),
+        };
         let workloads = registry
             .borrow_and_update()
             .values()
-            .map(|def| WorkloadRuntime::new(def.clone()))
+            .map(|def| WorkloadRuntime::new(def.clone(), &zero))
             .collect();
         Self {
+            zero,
             workloads,
             registry,
             active,
@@ -210,6 +216,18 @@ impl DecideLoop {
         self
     }
 
+    /// Workloads with `minReplicas: 0` scale to zero and back with the
+    /// activators' reports; a wake-up decides at once.
+    pub(crate) fn with_activators(mut self, activators: crate::zero::Activators) -> Self {
+        self.zero.activators = Some(activators);
+        let registry = self.registry.borrow().clone();
+        self.workloads = registry
+            .values()
+            .map(|def| WorkloadRuntime::new(def.clone(), &self.zero))
+            .collect();
+        self
+    }
+
     pub(crate) async fn run(mut self) {
         let mut ticker = tokio::time::interval(self.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -219,6 +237,7 @@ impl DecideLoop {
                 biased;
                 _ = stopped(&mut shutdown) => break,
                 _ = ticker.tick() => self.tick_once().await,
+                _ = crate::zero::woken(&self.zero.activators) => self.tick_once().await,
             }
         }
         for w in &mut self.workloads {
@@ -244,7 +263,7 @@ impl DecideLoop {
             let runtime = match old.remove(workload) {
                 Some(w) if Arc::ptr_eq(&w.def, def) => w,
                 previous => {
-                    let mut fresh = WorkloadRuntime::new(def.clone());
+                    let mut fresh = WorkloadRuntime::new(def.clone(), &self.zero);
                     if let Some(p) = previous {
                         fresh.actuating = p.actuating;
                     }
@@ -310,10 +329,11 @@ impl DecideLoop {
             if !w.warm {
                 let elapsed = warm_since.elapsed();
                 // Kubernetes: the target names its replicas, and the
-                // observation is complete once each ready one has reported.
+                // observation is complete once each ready one has reported
+                // (at once when none is ready: a workload at zero).
                 let heard_all = w.target.replicas.is_some()
                     && completeness.complete()
-                    && observation.telemetry_at.is_some();
+                    && (observation.telemetry_at.is_some() || observation.replicas.ready == 0);
                 if elapsed < self.warmup && !heard_all {
                     let left = self.warmup - elapsed;
                     let message = warming_message(&observation, &w.target, left);

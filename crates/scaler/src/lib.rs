@@ -51,6 +51,7 @@ pub mod observe;
 pub mod slo;
 mod state;
 pub mod view;
+pub mod zero;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -124,6 +125,7 @@ impl Scaler {
             .collect();
         let (registry_tx, _) = watch::channel(Arc::new(registry));
         let handle = ScalerHandle {
+            activators: zero::Activators::default(),
             commands: commands_tx,
             view: view_rx,
             metrics: Arc::new(ScalerMetrics::new()),
@@ -291,7 +293,8 @@ impl Scaler {
             shutdown_rx.clone(),
         )
         .with_warmup(config.warmup)
-        .with_replica_horizon((config.node_ttl * 10).max(Duration::from_secs(300)));
+        .with_replica_horizon((config.node_ttl * 10).max(Duration::from_secs(300)))
+        .with_activators(handle.activators.clone());
         tasks.push(("decide", tokio::spawn(decide.run())));
         tasks.push((
             "workload metrics",
@@ -349,6 +352,7 @@ impl Scaler {
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .with_service_name(gpuscale_proto::v1::agent_service_server::SERVICE_NAME)
                 .with_service_name(gpuscale_proto::v1::scaler_service_server::SERVICE_NAME)
+                .with_service_name(gpuscale_proto::v1::activator_service_server::SERVICE_NAME)
                 .with_service_name(
                     gpuscale_proto::externalscaler::external_scaler_server::SERVICE_NAME,
                 )
@@ -547,6 +551,7 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 /// the workload registry.
 #[derive(Debug, Clone)]
 pub struct ScalerHandle {
+    activators: zero::Activators,
     commands: mpsc::Sender<Command>,
     view: watch::Receiver<Arc<StateView>>,
     metrics: Arc<ScalerMetrics>,
@@ -595,6 +600,10 @@ impl ScalerHandle {
     }
     pub fn metrics(&self) -> &Arc<ScalerMetrics> {
         &self.metrics
+    }
+    /// What the activators hold (scale from zero).
+    pub fn activators(&self) -> &zero::Activators {
+        &self.activators
     }
 }
 

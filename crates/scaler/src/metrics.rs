@@ -106,6 +106,7 @@ pub struct ScalerMetrics {
     decide_duration: Histogram,
     actuations: Family<ActuationLabels, Counter>,
     views: crate::export::ViewMetrics,
+    zero: crate::zero::ZeroMetrics,
     auth_refused: Family<RefusalLabels, Counter>,
     repeat_offenders: Counter,
     connections_closed: Family<ReasonLabels, Counter>,
@@ -280,6 +281,7 @@ impl ScalerMetrics {
             actuations.clone(),
         );
         let views = crate::export::ViewMetrics::register(&mut r);
+        let zero = crate::zero::ZeroMetrics::register(&mut r);
         let auth_refused = Family::<RefusalLabels, Counter>::default();
         r.register(
             "auth_refused",
@@ -340,6 +342,7 @@ impl ScalerMetrics {
             decide_duration,
             actuations,
             views,
+            zero,
             auth_refused,
             repeat_offenders,
             connections_closed,
@@ -349,6 +352,10 @@ impl ScalerMetrics {
     }
 
     /// The per-workload series derived from the view and the public APIs' metrics.
+    pub(crate) fn zero(&self) -> &crate::zero::ZeroMetrics {
+        &self.zero
+    }
+
     pub(crate) fn views(&self) -> &crate::export::ViewMetrics {
         &self.views
     }

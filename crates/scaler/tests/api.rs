@@ -871,6 +871,7 @@ async fn a_live_scaler_serves_the_apis_with_reflection_and_health() {
         listed,
         [
             "externalscaler.ExternalScaler",
+            "gpuscale.v1.ActivatorService",
             "gpuscale.v1.AgentService",
             "gpuscale.v1.ScalerService",
             "grpc.health.v1.Health",

@@ -25,7 +25,7 @@ use super::Shared;
 use crate::admission::Limit;
 use crate::error::ProxyError;
 
-const BACKOFF_BASE: Duration = Duration::from_millis(100);
+pub(crate) const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
 /// A lazily connecting channel to the agent (it reconnects by itself).
@@ -56,12 +56,12 @@ fn wire_pod(pod: &PodRef) -> v1::PodRef {
     v1::PodRef::from(pod)
 }
 
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Sleeps the next backoff step unless stopped first; false when stopped.
-async fn backoff(delay: &mut Duration, stop: &mut watch::Receiver<bool>) -> bool {
+pub(crate) async fn backoff(delay: &mut Duration, stop: &mut watch::Receiver<bool>) -> bool {
     let d = *delay;
     *delay = (*delay * 2).min(BACKOFF_CAP);
     tokio::select! {

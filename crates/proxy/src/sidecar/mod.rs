@@ -18,9 +18,9 @@
 //!   requests finish (up to `--drain-timeout`), and the proxy reports
 //!   itself empty to the agent the moment it is.
 
-mod admin;
+pub(crate) mod admin;
 pub mod config;
-mod link;
+pub(crate) mod link;
 
 use std::convert::Infallible;
 use std::future::Future;

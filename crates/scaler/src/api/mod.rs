@@ -31,6 +31,7 @@
 //!
 //! Not for: deciding (the decide loop) or acting (the actuator).
 
+pub mod activator;
 pub mod keda;
 pub mod recommend;
 
@@ -314,7 +315,17 @@ pub(crate) async fn serve(
     health
         .set_serving::<gpuscale_proto::externalscaler::external_scaler_server::ExternalScalerServer<KedaScaler>>()
         .await;
+    health
+        .set_serving::<gpuscale_proto::v1::activator_service_server::ActivatorServiceServer<
+            activator::ActivatorLink,
+        >>()
+        .await;
     routes
+        .add_service(
+            activator::ActivatorLink::new(context.clone(), handle.activators().clone())
+                .into_server()
+                .max_decoding_message_size(max_message_bytes),
+        )
         .add_service(
             RecommendationService::new(context.clone())
                 .into_server()

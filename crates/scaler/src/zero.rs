@@ -1,0 +1,619 @@
+//! Scale to zero and back.
+//!
+//! * [`Activators`]: what the activators hold, per workload and activator
+//!   replica (reports older than [`REPORT_TTL`] count for nothing: an
+//!   activator that went away holds nothing), and the wake-up that makes
+//!   the decide loop decide at once when a workload at zero receives a
+//!   request (scale from zero does not wait for the next tick).
+//! * [`ZeroDecider`]: wraps a workload's decider when its `minReplicas` is
+//!   0. It learns the replicas' start-up time
+//!   ([`gpuscale_policy::startup`]), counts held requests as demand, scales
+//!   from zero at once when requests are held (saying when the first
+//!   replica is expected), keeps at least one replica while the workload is
+//!   active, and scales to zero after the idle period
+//!   ([`gpuscale_policy::idle`]), never while a request is in flight or
+//!   held. What it did and why is in the decision (`limits_applied` and
+//!   `inputs.scale_to_zero`).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use gpuscale_core::{Timestamp, WorkloadRef};
+use gpuscale_policy::idle::{self, Activity, IdleInputs, ScaleToZeroConfig};
+use gpuscale_policy::startup::{Phase, StartupModel, StartupSummary, StartupTracker};
+use gpuscale_policy::{Action, Decision, Observation};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::sync::Notify;
+
+use crate::config::{DeciderConfig, WorkloadDef};
+use crate::decide::Decider;
+
+/// A report older than this counts for nothing.
+pub const REPORT_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Start-ups kept per workload for the quantiles.
+const STARTUP_WINDOW: usize = 64;
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    held: u32,
+    arrivals_total: u64,
+    oldest_s: f64,
+    /// When the report arrived (its freshness is real time).
+    at: std::time::Instant,
+}
+
+/// What every activator holds now for one workload.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct HeldNow {
+    pub held: u32,
+    /// Summed over activators (each counts from its own start).
+    pub arrivals_total: u64,
+    pub oldest_s: f64,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    held: BTreeMap<WorkloadRef, BTreeMap<String, Held>>,
+    startup: BTreeMap<WorkloadRef, WorkloadStartup>,
+}
+
+/// A workload's learned start-up and its first replica's expected time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WorkloadStartup {
+    pub summary: StartupSummary,
+    /// When the first replica is expected ready (none ready, one starting).
+    pub first_ready_expected: Option<Timestamp>,
+}
+
+/// The activators' reports and the wake-up; cloning shares them.
+#[derive(Debug, Clone, Default)]
+pub struct Activators {
+    table: Arc<Mutex<Table>>,
+    wake: Arc<Notify>,
+}
+
+impl Activators {
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // Critical sections only replace map entries.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records what `activator` holds for `workload` now; `wake` (a
+    /// request arrived with no ready replica) wakes the decide loop.
+    pub fn report(
+        &self,
+        activator: &str,
+        workload: &WorkloadRef,
+        held: u32,
+        arrivals_total: u64,
+        oldest_s: f64,
+        wake: bool,
+    ) {
+        let now = std::time::Instant::now();
+        self.lock()
+            .held
+            .entry(workload.clone())
+            .or_default()
+            .insert(
+                activator.to_string(),
+                Held {
+                    held,
+                    arrivals_total,
+                    oldest_s: if oldest_s.is_finite() {
+                        oldest_s.max(0.0)
+                    } else {
+                        0.0
+                    },
+                    at: now,
+                },
+            );
+        if wake && held > 0 {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Forgets an activator whose stream ended (it holds nothing now).
+    pub fn forget(&self, activator: &str) {
+        for per in self.lock().held.values_mut() {
+            per.remove(activator);
+        }
+    }
+
+    /// What the activators hold for `workload` now (reports received
+    /// within [`REPORT_TTL`] only).
+    pub fn held(&self, workload: &WorkloadRef) -> HeldNow {
+        let t = self.lock();
+        let mut out = HeldNow::default();
+        for h in t.held.get(workload).into_iter().flat_map(|m| m.values()) {
+            if h.at.elapsed() > REPORT_TTL {
+                continue;
+            }
+            out.held += h.held;
+            out.arrivals_total += h.arrivals_total;
+            out.oldest_s = out.oldest_s.max(h.oldest_s);
+        }
+        out
+    }
+
+    /// The learned start-up of `workload`, once decided for.
+    pub fn startup(&self, workload: &WorkloadRef) -> Option<WorkloadStartup> {
+        self.lock().startup.get(workload).copied()
+    }
+
+    fn set_startup(&self, workload: &WorkloadRef, s: WorkloadStartup) {
+        self.lock().startup.insert(workload.clone(), s);
+    }
+
+    /// Resolves at the next wake-up (one pending wake-up is kept).
+    pub async fn woken(&self) {
+        self.wake.notified().await;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StartupLabels {
+    namespace: String,
+    workload: String,
+    phase: &'static str,
+    quantile: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HeldLabels {
+    namespace: String,
+    workload: String,
+}
+
+type GaugeF = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// `gpuscale_scaler_startup_seconds` and `gpuscale_scaler_activator_held_requests`.
+#[derive(Debug, Default)]
+pub struct ZeroMetrics {
+    startup: Family<StartupLabels, GaugeF>,
+    held: Family<HeldLabels, Gauge>,
+}
+
+impl ZeroMetrics {
+    pub(crate) fn register(r: &mut Registry) -> Self {
+        let m = Self::default();
+        r.register_with_unit(
+            "startup",
+            "Learned start-up time of a workload's replicas, by phase (scheduling, engine_start, warm_up, total) and quantile (0.5, 0.9)",
+            Unit::Seconds,
+            m.startup.clone(),
+        );
+        r.register(
+            "activator_held_requests",
+            "Requests the activators hold for a workload with no ready replica",
+            m.held.clone(),
+        );
+        m
+    }
+
+    fn publish(&self, workload: &WorkloadRef, model: &StartupModel, held: u32) {
+        for phase in Phase::ALL {
+            for (q, name) in [(0.5, "0.5"), (0.9, "0.9")] {
+                if let Some(v) = model.quantile(phase, q) {
+                    self.startup
+                        .get_or_create(&StartupLabels {
+                            namespace: workload.namespace.clone(),
+                            workload: workload.name.clone(),
+                            phase: phase.as_str(),
+                            quantile: name,
+                        })
+                        .set(v);
+                }
+            }
+        }
+        self.held
+            .get_or_create(&HeldLabels {
+                namespace: workload.namespace.clone(),
+                workload: workload.name.clone(),
+            })
+            .set(i64::from(held));
+    }
+}
+
+/// A decider for a workload that may scale to zero; see the module docs.
+pub struct ZeroDecider {
+    inner: Box<dyn Decider>,
+    workload: WorkloadRef,
+    activators: Activators,
+    metrics: Option<Arc<crate::ScalerMetrics>>,
+    config: ScaleToZeroConfig,
+    tracker: StartupTracker,
+    last_active: Option<Timestamp>,
+    last_arrivals: u64,
+}
+
+impl std::fmt::Debug for ZeroDecider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZeroDecider")
+            .field("workload", &self.workload)
+            .field("config", &self.config)
+            .field("last_active", &self.last_active)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ZeroDecider {
+    /// Wraps `inner`; `prior_s` is the start-up assumed before one is seen.
+    pub fn new(
+        inner: Box<dyn Decider>,
+        workload: WorkloadRef,
+        activators: Activators,
+        config: ScaleToZeroConfig,
+        prior_s: f64,
+    ) -> Self {
+        Self {
+            inner,
+            workload,
+            activators,
+            metrics: None,
+            config,
+            tracker: StartupTracker::new(StartupModel::new(prior_s, STARTUP_WINDOW)),
+            last_active: None,
+            last_arrivals: 0,
+        }
+    }
+
+    /// Export the learned start-up and the held requests.
+    pub fn with_metrics(mut self, metrics: Arc<crate::ScalerMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+}
+
+impl Decider for ZeroDecider {
+    fn decide(&mut self, now: Timestamp, obs: &Observation) -> Decision {
+        let mut d = self.inner.decide(now, obs);
+        let engine_up = |_: &str| false;
+        self.tracker.observe(now, &obs.replica_samples, &engine_up);
+        let model = self.tracker.model();
+        let summary = model.summary();
+        let held = self.activators.held(&self.workload);
+        let in_flight =
+            obs.load.requests_running.unwrap_or(0.0) + obs.load.requests_waiting.unwrap_or(0.0);
+        let arrived = held.arrivals_total > self.last_arrivals
+            || obs.load.arrival_rate_rps.is_some_and(|r| r > 0.0);
+        self.last_arrivals = held.arrivals_total;
+        if held.held > 0 || in_flight > 0.0 || arrived || self.last_active.is_none() {
+            self.last_active = Some(now);
+        }
+        let last_active = self.last_active.unwrap_or(now);
+        let choice = idle::idle_period(&IdleInputs::from_config(
+            &self.config,
+            summary.p90_s,
+            obs.load.arrival_rate_rps,
+        ));
+        let starting = self.tracker.starting(now, &obs.replica_samples);
+        let first_ready_expected = (obs.replicas.ready == 0)
+            .then(|| starting.first().map(|s| s.expected_ready_at))
+            .flatten();
+        let current = obs.replicas.current;
+        let mut note = String::new();
+        if current == 0 {
+            if held.held > 0 && d.desired_replicas == 0 {
+                d.desired_replicas = 1;
+                d.action = Action::ScaleUp;
+                let expected = now.plus_secs(summary.p50_s);
+                note = format!(
+                    "scale from zero: {} requests held at the activator (oldest {:.1} s); first replica expected at {} (p50 start-up {:.1} s, p90 {:.1} s, {} seen)",
+                    held.held,
+                    held.oldest_s,
+                    expected,
+                    summary.p50_s,
+                    summary.p90_s,
+                    summary.samples
+                );
+            }
+        } else if d.desired_replicas <= 1 {
+            let activity = Activity {
+                in_flight,
+                held: u64::from(held.held),
+                last_active,
+            };
+            // Never blind: the replicas' running and waiting requests are known.
+            let known = obs.load.requests_running.is_some();
+            if known && idle::scale_to_zero(now, &activity, &choice) {
+                d.desired_replicas = 0;
+                d.action = Action::ScaleDown;
+                d.victims = obs.replica_samples.iter().map(|r| r.id.clone()).collect();
+                note = format!(
+                    "scale to zero: idle {:.0} s ≥ idle period {:.0} s ({:?})",
+                    now.secs_since(last_active),
+                    choice.period_s,
+                    choice.reason
+                );
+            } else if d.desired_replicas == 0 {
+                d.desired_replicas = 1;
+                d.action = if current > 1 {
+                    Action::ScaleDown
+                } else {
+                    Action::Hold
+                };
+                note = format!(
+                    "at least 1 replica: active {:.0} s ago, scale to zero after {:.0} s idle ({:?}){}",
+                    now.secs_since(last_active),
+                    choice.period_s,
+                    choice.reason,
+                    if held.held > 0 || in_flight > 0.0 {
+                        ", requests in flight or held"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        if !starting.is_empty() {
+            let list: Vec<String> = starting
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} ({:?}, {:.0} s old) expected ready at {}",
+                        s.id, s.state, s.age_s, s.expected_ready_at
+                    )
+                })
+                .collect();
+            d.limits_applied
+                .push(format!("in-flight replicas: {}", list.join("; ")));
+        }
+        if !note.is_empty() {
+            d.limits_applied.push(note);
+        }
+        let ready_by_lead =
+            self.tracker
+                .ready_by(now, now.plus_secs(summary.p90_s), &obs.replica_samples);
+        if !d.inputs.is_object() {
+            d.inputs = serde_json::json!({});
+        }
+        if let Some(map) = d.inputs.as_object_mut() {
+            map.insert(
+                "scale_to_zero".into(),
+                serde_json::json!({
+                    "held": held.held,
+                    "oldest_held_s": held.oldest_s,
+                    "in_flight": in_flight,
+                    "idle_s": now.secs_since(last_active),
+                    "idle_period": choice,
+                    "startup": summary,
+                    "starting": starting,
+                    "ready_at_p90_lead": ready_by_lead,
+                    "first_ready_expected": first_ready_expected.map(|t| t.to_string()),
+                }),
+            );
+        }
+        self.activators.set_startup(
+            &self.workload,
+            WorkloadStartup {
+                summary,
+                first_ready_expected: if current == 0 && d.desired_replicas > 0 {
+                    Some(now.plus_secs(summary.p50_s))
+                } else {
+                    first_ready_expected
+                },
+            },
+        );
+        if let Some(m) = &self.metrics {
+            m.zero().publish(&self.workload, model, held.held);
+        }
+        d
+    }
+}
+
+/// What wraps the decider of a workload that may scale to zero.
+#[derive(Clone)]
+pub(crate) struct ZeroHooks {
+    pub(crate) activators: Option<Activators>,
+    pub(crate) metrics: Arc<crate::ScalerMetrics>,
+}
+
+impl ZeroHooks {
+    pub(crate) fn wrap(&self, def: &WorkloadDef, inner: Box<dyn Decider>) -> Box<dyn Decider> {
+        let (min, config, prior) = match &def.decider {
+            DeciderConfig::Policy { config, .. } => (
+                config.min_replicas,
+                config.scale_to_zero,
+                config.cold_start_s,
+            ),
+            DeciderConfig::Proportional(p) => (p.min_replicas, Default::default(), 60.0),
+        };
+        match &self.activators {
+            Some(a) if min == 0 => Box::new(
+                ZeroDecider::new(inner, def.workload.clone(), a.clone(), config, prior)
+                    .with_metrics(self.metrics.clone()),
+            ),
+            _ => inner,
+        }
+    }
+}
+
+/// The next scale-from-zero wake-up; never without activators.
+pub(crate) async fn woken(activators: &Option<Activators>) {
+    match activators {
+        Some(a) => a.woken().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use gpuscale_policy::proportional::{ProportionalConfig, ProportionalDecider};
+    use gpuscale_policy::{ReplicaObservation, ReplicaState};
+
+    use super::*;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    fn t(s: f64) -> Timestamp {
+        Timestamp::from_millis(T0).plus_secs(s)
+    }
+
+    fn decider(activators: &Activators, fixed_idle: Option<f64>) -> ZeroDecider {
+        let inner = ProportionalDecider::new(ProportionalConfig {
+            capacity_tokens_per_second: 1_000.0,
+            target_utilization: 0.8,
+            min_replicas: 0,
+            max_replicas: 4,
+            scale_down_stabilization: Duration::ZERO,
+            tolerance: 0.1,
+            stale_after: Duration::from_secs(60),
+            advisory: false,
+        });
+        let config = gpuscale_policy::idle::ScaleToZeroSpec {
+            idle_seconds: fixed_idle,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        ZeroDecider::new(
+            Box::new(inner),
+            WorkloadRef::new("ns", "chat"),
+            activators.clone(),
+            config,
+            30.0,
+        )
+    }
+
+    fn replica(id: &str, state: ReplicaState, created: f64) -> ReplicaObservation {
+        ReplicaObservation {
+            id: id.into(),
+            state,
+            protected: false,
+            created_at: Some(t(created)),
+            requests_running: None,
+            requests_waiting: None,
+            kv_cache_usage_ratio: None,
+            mean_context_tokens: None,
+            itl_mean_seconds: None,
+            generation_tokens_per_second: None,
+            batch_limit: None,
+        }
+    }
+
+    fn obs(now: f64, replicas: Vec<ReplicaObservation>, running: Option<f64>) -> Observation {
+        let mut o = Observation::empty();
+        o.replicas.current = replicas.len() as u32;
+        o.replicas.ready = replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::Ready)
+            .count() as u32;
+        if running.is_some() {
+            o.telemetry_at = Some(t(now));
+            o.load.requests_running = running;
+            o.load.requests_waiting = Some(0.0);
+            o.load.generation_tokens_per_second = Some(0.0);
+            o.load.arrival_rate_rps = Some(0.0);
+        }
+        o.replica_samples = replicas;
+        o
+    }
+
+    #[tokio::test]
+    async fn held_requests_wake_the_loop_and_scale_from_zero_saying_when_the_first_replica_is_expected()
+     {
+        let clock = crate::Clock::starting_at(t(0.0));
+        let activators = Activators::default();
+        let mut d = decider(&activators, None);
+        let w = WorkloadRef::new("ns", "chat");
+        let at_zero = d.decide(t(0.0), &obs(0.0, vec![], None));
+        assert_eq!(at_zero.desired_replicas, 0, "{at_zero:?}");
+        activators.report("act-1", &w, 3, 3, 0.2, true);
+        tokio::time::timeout(Duration::from_secs(1), activators.woken())
+            .await
+            .expect("a wake-up");
+        assert_eq!(activators.held(&w).held, 3);
+        let up = d.decide(clock.now(), &obs(0.0, vec![], None));
+        assert_eq!((up.desired_replicas, up.action), (1, Action::ScaleUp));
+        let why = up.limits_applied.join("\n");
+        assert!(why.contains("scale from zero: 3 requests held"), "{why}");
+        assert!(why.contains("p50 start-up 30.0 s"), "{why}");
+        let s = activators.startup(&w).unwrap();
+        assert!(s.first_ready_expected.is_some());
+        // The activator's stream ended: it holds nothing.
+        activators.forget("act-1");
+        assert_eq!(activators.held(&w).held, 0);
+    }
+
+    #[tokio::test]
+    async fn in_flight_replicas_are_logged_at_their_learned_expected_ready_times() {
+        let activators = Activators::default();
+        let mut d = decider(&activators, None);
+        // Three start-ups of 40 s observed (created at c, ready at c + 40).
+        for (i, c) in [0.0, 100.0, 200.0].into_iter().enumerate() {
+            let id = format!("r{i}");
+            d.decide(
+                t(c + 1.0),
+                &obs(c + 1.0, vec![replica(&id, ReplicaState::Loading, c)], None),
+            );
+            d.decide(
+                t(c + 40.0),
+                &obs(c + 40.0, vec![replica(&id, ReplicaState::Ready, c)], None),
+            );
+        }
+        // A replica created at 300 s, seen loading at 310 s: expected at 340 s.
+        let dec = d.decide(
+            t(310.0),
+            &obs(
+                310.0,
+                vec![replica("r9", ReplicaState::Loading, 300.0)],
+                None,
+            ),
+        );
+        let why = dec.limits_applied.join("\n");
+        assert!(
+            why.contains(&format!(
+                "r9 (Loading, 10 s old) expected ready at {}",
+                t(340.0)
+            )),
+            "{why}"
+        );
+        let z = &dec.inputs["scale_to_zero"];
+        assert_eq!(z["startup"]["samples"], 3);
+        assert_eq!(z["startup"]["p50_s"], 40.0);
+        assert_eq!(
+            z["starting"][0]["expected_ready_at"],
+            serde_json::json!(t(340.0))
+        );
+    }
+
+    #[tokio::test]
+    async fn scales_to_zero_after_the_idle_period_never_while_busy_or_held() {
+        let clock = crate::Clock::starting_at(t(0.0));
+        let activators = Activators::default();
+        let mut d = decider(&activators, Some(60.0));
+        let w = WorkloadRef::new("ns", "chat");
+        let ready = || vec![replica("r0", ReplicaState::Ready, -500.0)];
+        // Busy at 0 s: one request running.
+        let busy = d.decide(t(0.0), &obs(0.0, ready(), Some(1.0)));
+        assert_eq!(busy.desired_replicas, 1, "{busy:?}");
+        // Idle 59 s later: still one (the period is 60 s).
+        let early = d.decide(t(59.0), &obs(59.0, ready(), Some(0.0)));
+        assert_eq!(early.desired_replicas, 1, "{:?}", early.limits_applied);
+        // Without telemetry, never to zero.
+        let blind = d.decide(t(120.0), &obs(120.0, ready(), None));
+        assert_eq!(blind.desired_replicas, 1);
+        let gone = d.decide(t(120.0), &obs(120.0, ready(), Some(0.0)));
+        assert_eq!((gone.desired_replicas, gone.action), (0, Action::ScaleDown));
+        assert_eq!(gone.victims, vec!["r0".to_string()]);
+        assert!(
+            gone.limits_applied
+                .join("\n")
+                .contains("scale to zero: idle")
+        );
+        // Held at the activator (a report just now): not idle, though
+        // nothing ran for 100 s.
+        let mut d = decider(&activators, Some(60.0));
+        d.decide(t(-100.0), &obs(-100.0, ready(), Some(0.0)));
+        activators.report("act-1", &w, 1, 1, 0.0, false);
+        let now = clock.now();
+        let kept = d.decide(now, &obs(now.secs_since(t(0.0)), ready(), Some(0.0)));
+        assert_eq!(kept.desired_replicas, 1, "{:?}", kept.limits_applied);
+    }
+}
