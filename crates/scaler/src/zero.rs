@@ -494,6 +494,7 @@ mod tests {
             itl_mean_seconds: None,
             generation_tokens_per_second: None,
             batch_limit: None,
+            gpu_fault: None,
         }
     }
 
