@@ -429,6 +429,7 @@ fn wire_types_are_named_only_in_proto_and_at_the_grpc_edges() {
         "crates/agent/src/uplink.rs",         // the agent stream's client
         "crates/telemetry/src/push.rs",       // the agent's ServingService
         "crates/proxy/src/sidecar/link.rs",   // the proxy, a ServingService client
+        "crates/proxy/src/activator/link.rs", // the activator, an ActivatorService client
         "crates/scaler/src/ingest.rs",        // the agent stream's server
         "crates/scaler/src/state.rs",         // directives onto a stream's queue
         "crates/scaler/src/state/parity.rs",  // test: reports as the wire carries them
@@ -436,6 +437,7 @@ fn wire_types_are_named_only_in_proto_and_at_the_grpc_edges() {
         "crates/scaler/src/api/mod.rs",       // the public APIs
         "crates/scaler/src/api/recommend.rs", // ScalerService
         "crates/scaler/src/api/keda.rs",      // KEDA's external scaler
+        "crates/scaler/src/api/activator.rs", // ActivatorService
     ];
     let mut broken = Vec::new();
     for krate in crates().into_iter().filter(|c| c != "proto") {
