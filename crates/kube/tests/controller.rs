@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use gpuscale_fake_apiserver::{Fault, FaultKind, Verb};
-use serde_json::json;
+use serde_json::{Value, json};
 use support::rbac;
 use support::*;
 
@@ -205,6 +205,76 @@ async fn a_scale_in_drains_the_chosen_pod_and_the_replicaset_removes_exactly_it(
         .to_string();
     assert!(note.contains("3 -> 2") && note.contains(&victim), "{note}");
     rbac::assert_allowed(&cluster.server.request_log());
+    scaler.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_node_with_pods_that_still_exist_causes_no_scale_in_and_is_named() {
+    let cluster = Cluster::start(&["node-a", "node-b"], Duration::from_secs(2)).await;
+    cluster.create_deployment("llama", 3).await;
+    let scaler = start_scaler(&cluster, "a").await;
+    let fleet = Fleet::start(
+        &cluster,
+        &["node-a", "node-b"],
+        vec![url(&scaler)],
+        THREE_RPS,
+        Duration::from_secs(5),
+    );
+    eventually("three warm pods", Duration::from_secs(60), || {
+        cluster.warm_pods("llama").len() == 3
+    })
+    .await;
+    run_for(Duration::from_secs(40)).await;
+    cluster
+        .create_ias("llama", spec("llama", 1, 3, json!({})))
+        .await;
+    ready(&cluster, "llama").await;
+    run_for(Duration::from_secs(20)).await;
+    assert_eq!(cluster.spec_replicas("llama"), 3);
+    let pods = cluster.pods("llama");
+    let on = |node: &str| {
+        pods.values()
+            .filter(|p| p.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node))
+            .count()
+    };
+    let (silent, reporting) = if on("node-b") > 0 {
+        ("node-b", 3 - on("node-b"))
+    } else {
+        ("node-a", 3 - on("node-a"))
+    };
+    // The node goes silent for twice the node TTL (30 s) and more; its
+    // pods still exist. Nothing is scaled in or drained, and the decision
+    // names what is missing.
+    fleet.set_silent(silent, true);
+    let said = format!("incomplete: {reporting} of 3 replicas reported (silent: {silent})");
+    let mut named = false;
+    for _ in 0..75 {
+        run_for(Duration::from_secs(1)).await;
+        assert_eq!(
+            cluster.spec_replicas("llama"),
+            3,
+            "scaled in on missing data: {}",
+            cluster.ias("llama")["status"]["lastDecision"]
+        );
+        named |= cluster.ias("llama")["status"]["lastDecision"]
+            .as_str()
+            .is_some_and(|d| d.contains(&said));
+    }
+    assert!(
+        named,
+        "{said}: {}",
+        cluster.ias("llama")["status"]["lastDecision"]
+    );
+    assert!(cluster.events("llama", "DrainStarted").is_empty());
+    assert!(fleet.drained().is_empty());
+    // Back: the decision is complete again.
+    fleet.set_silent(silent, false);
+    eventually("complete again", Duration::from_secs(30), || {
+        cluster.ias("llama")["status"]["lastDecision"]
+            .as_str()
+            .is_some_and(|d| !d.contains("incomplete"))
+    })
+    .await;
     scaler.shutdown().await.unwrap();
 }
 

@@ -452,6 +452,8 @@ struct FleetState {
     /// Pods whose GPU the agent reports unhealthy, with the reason (every
     /// other pod's GPUs are not reported).
     gpu_faults: HashMap<String, String>,
+    /// Nodes whose agent sends nothing (its stream stays open).
+    silent: BTreeSet<String>,
 }
 
 /// Simulated engines of every pod in `default`, with one agent per node.
@@ -489,6 +491,7 @@ impl Fleet {
             last_tick: None,
             latency: None,
             gpu_faults: HashMap::new(),
+            silent: BTreeSet::new(),
         }));
         let task = tokio::spawn(run_fleet(
             cluster.server.clone(),
@@ -526,6 +529,17 @@ impl Fleet {
             .unwrap()
             .gpu_faults
             .insert(pod.to_string(), reason.to_string());
+    }
+
+    /// `node`'s agent sends nothing while `silent` (a partition, a hung
+    /// agent), without closing its stream.
+    pub fn set_silent(&self, node: &str, silent: bool) {
+        let mut st = self.state.lock().unwrap();
+        if silent {
+            st.silent.insert(node.to_string());
+        } else {
+            st.silent.remove(node);
+        }
     }
 
     /// A draining engine keeps `running` requests for `busy_for` after the drain.
@@ -731,7 +745,11 @@ async fn run_fleet(
                 .patch_status(&pod, &patch_params(AGENT), &Patch::Strategic(patch))
                 .await;
         }
+        let silent = state.lock().unwrap().silent.clone();
         for node in &nodes {
+            if silent.contains(node) {
+                continue;
+            }
             let engines = samples.remove(node).unwrap_or_default();
             let (gpus, held) = faults.remove(node).unwrap_or_default();
             let mut report = AgentReport {
