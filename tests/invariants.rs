@@ -559,11 +559,6 @@ const LONG_FUNCTIONS: &[(&str, &str, &str)] = &[
         "not split yet: the suite's workloads",
     ),
     (
-        "crates/scaler/src/lib.rs",
-        "start",
-        "not split yet: the scaler's tasks",
-    ),
-    (
         "crates/telemetry/src/engine/scrape.rs",
         "apply",
         "not split yet: one scrape's families",

@@ -219,30 +219,7 @@ impl Scaler {
             edge::Transport::Tls(tls) => Some((edge::tls::server_tls(tls)?, tls.clone())),
             edge::Transport::Plaintext => None,
         };
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ScalerError::Bind {
-                what: "gRPC",
-                addr: config.listen,
-                source,
-            })?;
-        let grpc_addr = listener.local_addr().map_err(|source| ScalerError::Bind {
-            what: "gRPC",
-            addr: config.listen,
-            source,
-        })?;
-        let http_listener =
-            match config.metrics_addr {
-                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(
-                    |source| ScalerError::Bind {
-                        what: "metrics",
-                        addr,
-                        source,
-                    },
-                )?),
-                None => None,
-            };
-        let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let (listener, grpc_addr, http_listener, http_addr) = bind(&config).await?;
 
         let commands_tx = handle.commands.clone();
         let commands_rx = self.commands_rx;
@@ -257,29 +234,9 @@ impl Scaler {
         let registry_rx = handle.registry.subscribe();
         let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
 
-        let mut state = State::new(
-            StateConfig {
-                window: config.window,
-                node_ttl: config.node_ttl,
-            },
-            metrics.clone(),
-            config
-                .workloads
-                .iter()
-                .map(|w| (w.workload.clone(), w.labels.clone())),
-        );
-        // The configured workloads are known from the first view on: a
-        // request right after start is `UNAVAILABLE`, never `NOT_FOUND`.
-        view_tx.send_replace(state.publish(clock.now()));
         tasks.push((
             "state",
-            tokio::spawn(state::run(
-                state,
-                commands_rx,
-                view_tx,
-                clock,
-                shutdown_rx.clone(),
-            )),
+            spawn_state(&config, &metrics, commands_rx, view_tx, clock, &shutdown_rx),
         ));
         let decide = decide::DecideLoop::new(
             registry_rx,
@@ -306,24 +263,8 @@ impl Scaler {
                 shutdown_rx.clone(),
             )),
         ));
-        match self.active.clone() {
-            None => metrics.set_active(true),
-            Some(mut active) => {
-                let metrics = metrics.clone();
-                let mut stop = shutdown_rx.clone();
-                tasks.push((
-                    "active gauge",
-                    tokio::spawn(async move {
-                        loop {
-                            metrics.set_active(*active.borrow_and_update());
-                            tokio::select! {
-                                _ = stopped(&mut stop) => break,
-                                changed = active.changed() => if changed.is_err() { break },
-                            }
-                        }
-                    }),
-                ));
-            }
+        if let Some(task) = active_gauge(self.active.clone(), &metrics, &shutdown_rx) {
+            tasks.push(("active gauge", task));
         }
 
         let ingest = Ingest {
@@ -344,35 +285,7 @@ impl Scaler {
             edge::EdgeHealth::new(health.clone(), shutdown_rx.clone()),
         );
         health.set_serving::<AgentServiceServer<Ingest>>().await;
-        // Reflection advertises what this port serves (the descriptor set
-        // also holds the agent's ServingService and the kubelet's API).
-        let reflection_builder = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(gpuscale_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .with_service_name(gpuscale_proto::v1::agent_service_server::SERVICE_NAME)
-                .with_service_name(gpuscale_proto::v1::scaler_service_server::SERVICE_NAME)
-                .with_service_name(gpuscale_proto::v1::activator_service_server::SERVICE_NAME)
-                .with_service_name(
-                    gpuscale_proto::externalscaler::external_scaler_server::SERVICE_NAME,
-                )
-                .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
-                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(
-                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-                )
-                .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
-                .with_service_name(
-                    tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
-                )
-        };
-        let reflection = reflection_builder()
-            .build_v1()
-            .map_err(|e| ScalerError::Serve(format!("reflection: {e}")))?;
-        // v1alpha too: older grpcurl and grpcio-reflection clients speak only it.
-        let reflection_v1alpha = reflection_builder()
-            .build_v1alpha()
-            .map_err(|e| ScalerError::Serve(format!("reflection: {e}")))?;
+        let (reflection, reflection_v1alpha) = reflection()?;
         let mut routes = Routes::new(health_service)
             .add_service(reflection)
             .add_service(reflection_v1alpha)
@@ -392,76 +305,28 @@ impl Scaler {
         if let Some(build) = self.services {
             routes = build(&handle, routes);
         }
-        let edge = Arc::new(edge::Edge {
-            auth: auth.clone(),
-            peers: Arc::new(edge::PeerLimits::new(config.peers)),
-            max_message_bytes: config.max_message_bytes,
-        });
-        let router = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            // Headers are small; a client cannot make the scaler buffer more.
-            .http2_max_header_list_size(Some(16 * 1024))
-            .max_concurrent_streams(Some(
-                u32::try_from(config.peers.max_streams.saturating_add(64)).unwrap_or(u32::MAX),
-            ))
-            .layer(edge::EdgeLayer(edge))
-            .add_routes(routes);
-        let mut stop = shutdown_rx.clone();
-        let acceptor = tls
-            .as_ref()
-            .map(|(t, c)| (t.acceptor.clone(), c.handshake_timeout));
-        let incoming = edge::conn::incoming(
+        tasks.extend(serve_grpc(
+            routes,
             listener,
-            acceptor,
-            config.conn,
-            metrics.clone(),
-            shutdown_rx.clone(),
-        );
-        if let Some((t, c)) = tls {
-            tasks.push((
-                "certificate reload",
-                tokio::spawn(edge::tls::watch_files(
-                    c,
-                    t.store,
-                    metrics.clone(),
-                    shutdown_rx.clone(),
-                )),
-            ));
-        }
-        tasks.push((
-            "gRPC server",
-            tokio::spawn(async move {
-                let serve = router.serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                });
-                if let Err(e) = serve.await {
-                    tracing::error!(error = %e, "gRPC server failed");
-                }
-            }),
+            tls,
+            &config,
+            auth.clone(),
+            &metrics,
+            &shutdown_rx,
         ));
         serving_tx.send_replace(true);
 
         if let Some(listener) = http_listener {
-            let router = http::router(http::HttpState {
+            let state = http::HttpState {
                 metrics: metrics.clone(),
                 view: view_rx.clone(),
                 serving: serving_rx,
                 active: self.active.clone(),
                 clock,
-            });
-            let mut stop = shutdown_rx.clone();
+            };
             tasks.push((
                 "metrics server",
-                tokio::spawn(async move {
-                    let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    });
-                    if let Err(e) = serve.await {
-                        tracing::error!(error = %e, "metrics server failed");
-                    }
-                }),
+                serve_http(listener, state, shutdown_rx.clone()),
             ));
         }
         tracing::info!(grpc = %grpc_addr, tls = matches!(config.transport, edge::Transport::Tls(_)), auth = ?config.auth.mode, metrics = ?http_addr, workloads = config.workloads.len(), node_ttl_s = config.node_ttl.as_secs_f64(), "scaler serving");
@@ -475,6 +340,226 @@ impl Scaler {
             tasks,
         })
     }
+}
+
+/// The gRPC listener and its address, and the metrics listener and its
+/// address when one is configured.
+async fn bind(
+    config: &ScalerConfig,
+) -> Result<
+    (
+        tokio::net::TcpListener,
+        SocketAddr,
+        Option<tokio::net::TcpListener>,
+        Option<SocketAddr>,
+    ),
+    ScalerError,
+> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ScalerError::Bind {
+            what: "gRPC",
+            addr: config.listen,
+            source,
+        })?;
+    let grpc_addr = listener.local_addr().map_err(|source| ScalerError::Bind {
+        what: "gRPC",
+        addr: config.listen,
+        source,
+    })?;
+    let http_listener = match config.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ScalerError::Bind {
+                    what: "metrics",
+                    addr,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+    Ok((listener, grpc_addr, http_listener, http_addr))
+}
+
+/// Keeps the active gauge equal to `active` (none to keep: always active).
+fn active_gauge(
+    active: Option<watch::Receiver<bool>>,
+    metrics: &Arc<ScalerMetrics>,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<JoinHandle<()>> {
+    let Some(mut active) = active else {
+        metrics.set_active(true);
+        return None;
+    };
+    let metrics = metrics.clone();
+    let mut stop = shutdown.clone();
+    Some(tokio::spawn(async move {
+        loop {
+            metrics.set_active(*active.borrow_and_update());
+            tokio::select! {
+                _ = stopped(&mut stop) => break,
+                changed = active.changed() => if changed.is_err() { break },
+            }
+        }
+    }))
+}
+
+/// gRPC reflection, v1 and v1alpha (older grpcurl and grpcio-reflection
+/// clients speak only v1alpha): it advertises what the port serves (the
+/// descriptor set also holds the agent's ServingService and the kubelet's
+/// API).
+fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ScalerError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(gpuscale_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(gpuscale_proto::v1::agent_service_server::SERVICE_NAME)
+            .with_service_name(gpuscale_proto::v1::scaler_service_server::SERVICE_NAME)
+            .with_service_name(gpuscale_proto::v1::activator_service_server::SERVICE_NAME)
+            .with_service_name(gpuscale_proto::externalscaler::external_scaler_server::SERVICE_NAME)
+            .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+            .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
+            .with_service_name(
+                tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME,
+            )
+    };
+    let v1 = builder()
+        .build_v1()
+        .map_err(|e| ScalerError::Serve(format!("reflection: {e}")))?;
+    let v1alpha = builder()
+        .build_v1alpha()
+        .map_err(|e| ScalerError::Serve(format!("reflection: {e}")))?;
+    Ok((v1, v1alpha))
+}
+
+/// Serves `routes` on `listener` behind the edge (authentication, per-peer
+/// limits, TLS when configured, its certificate reloaded) until `shutdown`:
+/// the server's task and the reload's.
+fn serve_grpc(
+    routes: Routes,
+    listener: tokio::net::TcpListener,
+    tls: Option<(edge::tls::ServerTls, edge::tls::TlsConfig)>,
+    config: &ScalerConfig,
+    auth: Arc<edge::Authenticator>,
+    metrics: &Arc<ScalerMetrics>,
+    shutdown: &watch::Receiver<bool>,
+) -> Vec<(&'static str, JoinHandle<()>)> {
+    let mut tasks = Vec::new();
+    let edge = Arc::new(edge::Edge {
+        auth,
+        peers: Arc::new(edge::PeerLimits::new(config.peers)),
+        max_message_bytes: config.max_message_bytes,
+    });
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Headers are small; a client cannot make the scaler buffer more.
+        .http2_max_header_list_size(Some(16 * 1024))
+        .max_concurrent_streams(Some(
+            u32::try_from(config.peers.max_streams.saturating_add(64)).unwrap_or(u32::MAX),
+        ))
+        .layer(edge::EdgeLayer(edge))
+        .add_routes(routes);
+    let mut stop = shutdown.clone();
+    let acceptor = tls
+        .as_ref()
+        .map(|(t, c)| (t.acceptor.clone(), c.handshake_timeout));
+    let incoming = edge::conn::incoming(
+        listener,
+        acceptor,
+        config.conn,
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    if let Some((t, c)) = tls {
+        tasks.push((
+            "certificate reload",
+            tokio::spawn(edge::tls::watch_files(
+                c,
+                t.store,
+                metrics.clone(),
+                shutdown.clone(),
+            )),
+        ));
+    }
+    tasks.push((
+        "gRPC server",
+        tokio::spawn(async move {
+            let serve = router.serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }),
+    ));
+    tasks
+}
+
+/// The task that owns all state, its first view (the configured workloads,
+/// so a request right after start is `UNAVAILABLE`, never `NOT_FOUND`)
+/// already published.
+fn spawn_state(
+    config: &ScalerConfig,
+    metrics: &Arc<ScalerMetrics>,
+    commands: mpsc::Receiver<Command>,
+    view_tx: watch::Sender<Arc<StateView>>,
+    clock: Clock,
+    shutdown: &watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let mut state = State::new(
+        StateConfig {
+            window: config.window,
+            node_ttl: config.node_ttl,
+        },
+        metrics.clone(),
+        config
+            .workloads
+            .iter()
+            .map(|w| (w.workload.clone(), w.labels.clone())),
+    );
+    view_tx.send_replace(state.publish(clock.now()));
+    tokio::spawn(state::run(
+        state,
+        commands,
+        view_tx,
+        clock,
+        shutdown.clone(),
+    ))
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
+fn serve_http(
+    listener: tokio::net::TcpListener,
+    state: http::HttpState,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let router = http::router(state);
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    })
 }
 
 /// A started scaler.
