@@ -713,6 +713,65 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_warm_up_starts_again_when_leadership_is_regained() {
+        let workload = WorkloadRef::new("default", "w");
+        let def = Arc::new(WorkloadDef {
+            workload: workload.clone(),
+            labels: BTreeMap::new(),
+            selector: EngineSelector {
+                model: Some("m".into()),
+                namespace: None,
+            },
+            decider: DeciderConfig::Proportional(proportional()),
+        });
+        let registry: WorkloadRegistry = BTreeMap::from([(workload.clone(), def)]);
+        let (_registry_tx, registry_rx) = watch::channel(Arc::new(registry));
+        let (_view_tx, view_rx) = watch::channel(Arc::new(one_engine_view()));
+        let (commands_tx, mut commands_rx) = mpsc::channel(256);
+        let (_shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (active_tx, active_rx) = watch::channel(true);
+        let sink = DrainSink::new(commands_tx.clone(), view_rx.clone());
+        let mut lp = DecideLoop::new(
+            registry_rx,
+            Some(active_rx),
+            view_rx,
+            commands_tx,
+            Arc::new(LoggingActuator::new(sink)),
+            Clock::starting_at(Timestamp::from_millis(1_000)),
+            Duration::from_secs(1),
+            Arc::new(ScalerMetrics::new()),
+            shutdown_rx,
+        )
+        .with_warmup(Duration::from_secs(10));
+        // What each tick published: a decision, or the warm-up's message.
+        let mut tick = async |lp: &mut DecideLoop| {
+            lp.tick_once().await;
+            let mut out = Vec::new();
+            while let Ok(c) = commands_rx.try_recv() {
+                match c {
+                    Command::Decision { .. } => out.push("decision"),
+                    Command::WarmingUp { message, .. } => {
+                        assert!(message.contains("warming up"), "{message}");
+                        out.push("warming");
+                    }
+                    _ => {}
+                }
+            }
+            out
+        };
+        assert_eq!(tick(&mut lp).await, ["warming"]);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(tick(&mut lp).await, ["decision"]);
+        // A standby decides nothing; the new leader warms up again.
+        active_tx.send_replace(false);
+        assert!(tick(&mut lp).await.is_empty());
+        active_tx.send_replace(true);
+        assert_eq!(tick(&mut lp).await, ["warming"]);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(tick(&mut lp).await, ["decision"]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn targets_are_observed_at_once_within_one_deadline() {
         let def = |name: &str| {
             Arc::new(WorkloadDef {
