@@ -9,7 +9,10 @@
 //!   `TargetKindUnknown`, `TargetNotScalable`, `TargetNotFound`,
 //!   `TargetHasNoSelector`).
 //! * `ScalingActive`: decisions are made from fresh telemetry
-//!   (`TelemetryFresh`), or held for missing or stale data (`MissingTelemetry`).
+//!   (`TelemetryFresh`), from fresh telemetry of only some of the expected
+//!   replicas with the rest carried and scale-in held (`TelemetryIncomplete`,
+//!   "incomplete: 2 of 3 replicas reported (silent: node-b)"), or held for
+//!   missing or stale data (`MissingTelemetry`).
 //! * `AbleToScale`: `/scale` can be read and written (`ReadyForNewScale`,
 //!   `SucceededRescale`, `ExternalChangeAdopted`), or not
 //!   (`FailedGetScale`, `FailedUpdateScale`).
@@ -132,9 +135,12 @@ pub(crate) fn compose(
 ) -> InferenceAutoscalerStatus {
     let prev_conditions: &[Condition] = prev.map_or(&[], |p| &p.conditions);
     let g = i.generation;
-    let scaling = match i.decision {
-        None => ("Unknown", "AwaitingDecision", "no decision yet".to_string()),
-        Some(d) if d.winner == Source::Hold => (
+    let incomplete = i
+        .decision
+        .and_then(gpuscale_scaler::complete::incomplete_line);
+    let scaling = match (i.decision, incomplete) {
+        (None, _) => ("Unknown", "AwaitingDecision", "no decision yet".to_string()),
+        (Some(d), _) if d.winner == Source::Hold => (
             "False",
             "MissingTelemetry",
             d.recommendations
@@ -142,7 +148,12 @@ pub(crate) fn compose(
                 .find(|r| r.source == Source::Hold)
                 .map_or_else(|| d.summary(), |r| r.reason.clone()),
         ),
-        Some(d) => (
+        (Some(_), Some(line)) => (
+            "True",
+            "TelemetryIncomplete",
+            format!("{line}; scale-in held, scale-up allowed"),
+        ),
+        (Some(d), None) => (
             "True",
             "TelemetryFresh",
             format!(

@@ -267,6 +267,19 @@ async fn a_silent_node_with_pods_that_still_exist_causes_no_scale_in_and_is_name
     );
     assert!(cluster.events("llama", "DrainStarted").is_empty());
     assert!(fleet.drained().is_empty());
+    // The status condition says so too.
+    let scaling = cluster.ias("llama")["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "ScalingActive")
+        .cloned()
+        .unwrap();
+    assert_eq!(scaling["reason"], "TelemetryIncomplete", "{scaling}");
+    assert!(
+        scaling["message"].as_str().unwrap().contains(&said),
+        "{scaling}"
+    );
     // Back: the decision is complete again.
     fleet.set_silent(silent, false);
     eventually("complete again", Duration::from_secs(30), || {

@@ -28,6 +28,18 @@ use gpuscale_policy::{Action, Decision, ReplicaState};
 use crate::config::EngineSelector;
 use crate::view::{EngineView, StateView};
 
+/// How the line an incomplete decision carries in its limits starts.
+pub const INCOMPLETE: &str = "incomplete: ";
+
+/// The incomplete-data line of `decision`, if it has one.
+pub fn incomplete_line(decision: &Decision) -> Option<&str> {
+    decision
+        .limits_applied
+        .iter()
+        .find(|l| l.starts_with(INCOMPLETE))
+        .map(String::as_str)
+}
+
 /// What a workload heard from the replicas it expects.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Completeness {
@@ -54,7 +66,7 @@ impl Completeness {
             nodes.push(format!("and {} more", self.silent_nodes.len() - 5));
         }
         let mut line = format!(
-            "incomplete: {} of {} replicas reported",
+            "{INCOMPLETE}{} of {} replicas reported",
             self.reporting, self.expected
         );
         if !nodes.is_empty() {
