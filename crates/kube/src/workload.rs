@@ -139,6 +139,8 @@ pub(crate) struct EntryState {
     adopted: Option<(u32, Timestamp)>,
     /// Pods on an unhealthy GPU, with the reason last announced in an Event.
     gpu_faults: BTreeMap<String, String>,
+    /// Nodes of this workload's replicas whose agent's clock is skewed.
+    skewed_nodes: BTreeMap<String, i64>,
 }
 
 /// One InferenceAutoscaler being acted on.
@@ -217,6 +219,7 @@ impl WorkloadEntry {
                 advisory_announced: None,
                 adopted: None,
                 gpu_faults: BTreeMap::new(),
+                skewed_nodes: BTreeMap::new(),
             }),
             tasks: Mutex::new(Vec::new()),
         });
@@ -293,6 +296,7 @@ impl WorkloadEntry {
         let facts = self.facts(&shared.config.readiness_gate);
         let replicas: Vec<ClusterReplica> = facts.iter().filter_map(|f| f.replica(s)).collect();
         self.announce_gpu_faults(shared, &replicas).await;
+        self.announce_clock_skew(shared, &replicas).await;
         Ok(TargetObservation {
             current: Some(Count::of(s, &facts).current()),
             replicas: Some(replicas),
@@ -336,6 +340,52 @@ impl WorkloadEntry {
                             "pod {pod} runs on an unhealthy GPU ({reason}): not counted as ready capacity, and the first scale-in victim"
                         ),
                         related: Some(pod_reference(&pod_ref)),
+                    },
+                )
+                .await;
+        }
+    }
+
+    /// A Warning Event for each node of this workload's replicas newly seen
+    /// with an agent clock off by more than the bound (its timestamps count
+    /// for intervals only; the scaler's clock decides).
+    async fn announce_clock_skew(&self, shared: &Shared, replicas: &[ClusterReplica]) {
+        let view = shared.drains.view();
+        let bound = gpuscale_scaler::AGENT_CLOCK_SKEW_BOUND_MS;
+        let skewed: BTreeMap<String, i64> = view
+            .engines()
+            .filter(|e| replicas.iter().any(|r| r.pod == e.sample.pod))
+            .filter_map(|e| {
+                let node = view.nodes.get(&e.node)?;
+                (node.clock_offset_ms.abs() > bound)
+                    .then(|| (e.node.to_string(), node.clock_offset_ms))
+            })
+            .collect();
+        let new: Vec<(String, i64)> = {
+            let mut st = self.state();
+            let new = skewed
+                .iter()
+                .filter(|(node, _)| !st.skewed_nodes.contains_key(*node))
+                .map(|(n, o)| (n.clone(), *o))
+                .collect();
+            st.skewed_nodes = skewed;
+            new
+        };
+        for (node, offset_ms) in new {
+            let seconds = offset_ms as f64 / 1000.0;
+            tracing::warn!(workload = %self.workload, %node, offset_s = seconds, "agent clock skewed");
+            shared
+                .events
+                .publish(
+                    &self.ias,
+                    EventSpec {
+                        type_: EventType::Warning,
+                        reason: "AgentClockSkewed",
+                        action: "Observe",
+                        note: format!(
+                            "the agent on node {node} is {seconds:+.0} s off the scaler's clock: its timestamps are used for intervals only, the scaler's clock decides"
+                        ),
+                        related: None,
                     },
                 )
                 .await;

@@ -292,6 +292,47 @@ async fn a_silent_node_with_pods_that_still_exist_causes_no_scale_in_and_is_name
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_agent_an_hour_ahead_changes_nothing_and_is_announced() {
+    let cluster = Cluster::start(&["node-a", "node-b"], Duration::from_secs(2)).await;
+    cluster.create_deployment("llama", 2).await;
+    let scaler = start_scaler(&cluster, "a").await;
+    let fleet = Fleet::start(
+        &cluster,
+        &["node-a", "node-b"],
+        vec![url(&scaler)],
+        TWO_RPS,
+        Duration::from_secs(5),
+    );
+    // node-b's agent runs an hour ahead from its first report on.
+    fleet.set_clock_skew("node-b", 3_600_000);
+    eventually("two warm pods", Duration::from_secs(60), || {
+        cluster.warm_pods("llama").len() == 2
+    })
+    .await;
+    run_for(Duration::from_secs(40)).await;
+    cluster
+        .create_ias("llama", spec("llama", 1, 3, json!({})))
+        .await;
+    ready(&cluster, "llama").await;
+    run_for(Duration::from_secs(30)).await;
+    // Two replicas' worth of load is read as such: nothing scaled.
+    assert_eq!(
+        cluster.spec_replicas("llama"),
+        2,
+        "{}",
+        cluster.ias("llama")["status"]["lastDecision"]
+    );
+    let events = cluster.events("llama", "AgentClockSkewed");
+    assert_eq!(events.len(), 1, "{events:?}");
+    let note = events[0]["note"].as_str().unwrap();
+    assert!(
+        note.contains("node-b") && note.contains("+3600 s"),
+        "{note}"
+    );
+    scaler.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_protected_pod_survives_scale_in() {
     let cluster = Cluster::start(&["node-a"], Duration::from_secs(2)).await;
     cluster.create_deployment("llama", 3).await;

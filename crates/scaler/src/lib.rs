@@ -76,6 +76,11 @@ pub use http::OPENMETRICS_CONTENT_TYPE;
 pub use metrics::ScalerMetrics;
 pub use view::{EngineView, GpuView, NodeView, StateView, WorkloadView};
 
+/// An agent whose clock is further than this from the scaler's (as measured
+/// per boot epoch) is reported as skewed; a report further than this from
+/// its receive time is clamped. Milliseconds.
+pub const AGENT_CLOCK_SKEW_BOUND_MS: i64 = state::SKEW_BOUND_MS;
+
 use crate::decide::WorkloadRegistry;
 use crate::ingest::Ingest;
 use crate::state::{Command, State, StateConfig};

@@ -454,6 +454,8 @@ struct FleetState {
     gpu_faults: HashMap<String, String>,
     /// Nodes whose agent sends nothing (its stream stays open).
     silent: BTreeSet<String>,
+    /// Nodes whose agent's clock is off by this many milliseconds.
+    skew_ms: HashMap<String, i64>,
 }
 
 /// Simulated engines of every pod in `default`, with one agent per node.
@@ -492,6 +494,7 @@ impl Fleet {
             latency: None,
             gpu_faults: HashMap::new(),
             silent: BTreeSet::new(),
+            skew_ms: HashMap::new(),
         }));
         let task = tokio::spawn(run_fleet(
             cluster.server.clone(),
@@ -529,6 +532,15 @@ impl Fleet {
             .unwrap()
             .gpu_faults
             .insert(pod.to_string(), reason.to_string());
+    }
+
+    /// `node`'s agent stamps its reports `ms` off the true time.
+    pub fn set_clock_skew(&self, node: &str, ms: i64) {
+        self.state
+            .lock()
+            .unwrap()
+            .skew_ms
+            .insert(node.to_string(), ms);
     }
 
     /// `node`'s agent sends nothing while `silent` (a partition, a hung
@@ -745,7 +757,10 @@ async fn run_fleet(
                 .patch_status(&pod, &patch_params(AGENT), &Patch::Strategic(patch))
                 .await;
         }
-        let silent = state.lock().unwrap().silent.clone();
+        let (silent, skew_ms) = {
+            let st = state.lock().unwrap();
+            (st.silent.clone(), st.skew_ms.clone())
+        };
         for node in &nodes {
             if silent.contains(node) {
                 continue;
@@ -759,7 +774,9 @@ async fn run_fleet(
                 body: ReportBody::Snapshot(NodeSnapshot {
                     node: NodeName::new(node),
                     agent_version: "test".into(),
-                    sampled_at: now_ts(),
+                    sampled_at: Timestamp::from_millis(
+                        now_ts().as_millis() + skew_ms.get(node).copied().unwrap_or(0),
+                    ),
                     sample_interval_ms: 1000,
                     gpus,
                     pods: held,
