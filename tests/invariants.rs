@@ -564,11 +564,6 @@ const LONG_FUNCTIONS: &[(&str, &str, &str)] = &[
         "not split yet: one scrape's families",
     ),
     (
-        "crates/fake-apiserver/src/http.rs",
-        "resource_request",
-        "not split yet: the fake API server's routing",
-    ),
-    (
         "crates/kube/tests/support/mod.rs",
         "run_fleet",
         "not split yet: the simulated agents' loop",

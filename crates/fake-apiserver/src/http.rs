@@ -415,7 +415,6 @@ fn dry_run(query: &HashMap<String, String>) -> bool {
     query.get("dryRun").is_some_and(|v| v == "All")
 }
 
-#[allow(clippy::too_many_lines)]
 fn resource_request(
     shared: &Arc<Shared>,
     r: &ResourcePath,
@@ -528,45 +527,53 @@ fn resource_request(
                     .map(|o| (StatusCode::OK, present(&o, &rt, meta_only)))
             }
         }
-        Verb::DeleteCollection => {
-            let listed = list(&shared.lock(), &rt, r.namespace.as_deref(), query, false);
-            listed.map(|(_, l)| {
-                let names: Vec<(String, String)> = l["items"]
-                    .as_array()
-                    .map(|items| {
-                        items
-                            .iter()
-                            .map(|i| {
-                                (
-                                    meta_str(i, "namespace").unwrap_or("").to_string(),
-                                    meta_str(i, "name").unwrap_or("").to_string(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let deleted: Vec<Value> = shared.mutate(|s| {
-                    names
-                        .iter()
-                        .filter_map(|(n_ns, n)| {
-                            let key = ObjectKey::new(&rt.group, &rt.plural, n_ns, n);
-                            write::delete(s, &rt, &key, None).ok()
-                        })
-                        .map(|o| present(&o, &rt, false))
-                        .collect()
-                });
-                (
-                    StatusCode::OK,
-                    json!({"apiVersion": rt.api_version(), "kind": format!("{}List", rt.kind),
-                           "metadata": {}, "items": deleted}),
-                )
-            })
-        }
+        Verb::DeleteCollection => delete_collection(shared, &rt, r.namespace.as_deref(), query),
     };
     match result {
         Ok((code, v)) => json_response(code, &v),
         Err(e) => error_response(&e),
     }
+}
+
+/// DELETE on a collection: every object the list selects, deleted.
+fn delete_collection(
+    shared: &Arc<Shared>,
+    rt: &ResourceType,
+    namespace: Option<&str>,
+    query: &HashMap<String, String>,
+) -> Result<(StatusCode, Value), ApiError> {
+    let listed = list(&shared.lock(), rt, namespace, query, false);
+    listed.map(|(_, l)| {
+        let names: Vec<(String, String)> = l["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|i| {
+                        (
+                            meta_str(i, "namespace").unwrap_or("").to_string(),
+                            meta_str(i, "name").unwrap_or("").to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let deleted: Vec<Value> = shared.mutate(|s| {
+            names
+                .iter()
+                .filter_map(|(n_ns, n)| {
+                    let key = ObjectKey::new(&rt.group, &rt.plural, n_ns, n);
+                    write::delete(s, rt, &key, None).ok()
+                })
+                .map(|o| present(&o, rt, false))
+                .collect()
+        });
+        (
+            StatusCode::OK,
+            json!({"apiVersion": rt.api_version(), "kind": format!("{}List", rt.kind),
+                   "metadata": {}, "items": deleted}),
+        )
+    })
 }
 
 /// A TokenReview or SubjectAccessReview: create only, answered, not stored.
