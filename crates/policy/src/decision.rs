@@ -5,9 +5,14 @@
 //! inputs used and the performance model's confidence: enough to answer "why
 //! did it scale?" in one line ([`Decision::summary`]) and in full (serde).
 
+use std::fmt;
+
 use gpuscale_core::Timestamp;
 use gpuscale_core::slo::{SloAssessment, TpotSource};
 use serde::{Deserialize, Serialize};
+
+use crate::hpa::LimitReason;
+use crate::sizing::Prediction;
 
 /// What a decision does to the scale target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -100,9 +105,10 @@ pub struct Decision {
     /// The recommendation that set the desired count before limits.
     pub winner: Source,
     pub recommendations: Vec<Recommendation>,
-    /// Limits applied after combining, in order, as one line each
-    /// (bounds, stabilization, rate policies, consolidation, hold).
-    pub limits_applied: Vec<String>,
+    /// Limits applied after combining, in order (bounds, tolerance,
+    /// consolidation, panic, cooldown, stabilization, rate policies,
+    /// protection); [`Limit`]'s `Display` renders each as one line.
+    pub limits: Vec<Limit>,
     /// Replicas to remove on scale-in, best victim first (never protected ones).
     pub victims: Vec<String>,
     /// Confidence of the performance model behind the sizing, 0..=1.
@@ -116,10 +122,252 @@ pub struct Decision {
     #[serde(default)]
     pub slo: SloAssessment,
     /// The numbers the decision used, for the full explanation.
-    pub inputs: serde_json::Value,
+    pub inputs: DecisionInputs,
+}
+
+/// A direction of scaling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Up,
+    Down,
+}
+
+/// One limit applied to the combined recommendation, as data. `Display`
+/// renders the line that explanations, logs and the API show.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "limit", rename_all = "snake_case")]
+pub enum Limit {
+    /// Open schedule rules set the bounds.
+    ScheduleBounds {
+        schedules: Vec<String>,
+        min: u32,
+        max: u32,
+    },
+    /// `minReplicas` raised the proposal.
+    MinReplicas {
+        min: u32,
+        proposed: u32,
+    },
+    /// `maxReplicas` capped the proposal.
+    MaxReplicas {
+        max: u32,
+        proposed: u32,
+    },
+    /// The proposal was within the direction's tolerance of the current count.
+    Tolerance {
+        direction: Direction,
+        proposed: u32,
+        current: u32,
+        tolerance: f64,
+    },
+    /// Scale-in only to a count that meets the SLOs with the consolidation
+    /// margin at the load raised by the same margin.
+    Consolidation {
+        proposed: u32,
+        keep: u32,
+        load_rps: f64,
+        headroom: f64,
+        margin: f64,
+    },
+    /// No scale-in while panicking.
+    PanicNoScaleIn,
+    /// No scale-in within the cooldown after the last scale event.
+    Cooldown {
+        since_s: f64,
+        cooldown_s: f64,
+    },
+    /// The current count is outside the bounds: set to the bound.
+    CurrentAboveMax {
+        current: u32,
+        max: u32,
+    },
+    CurrentBelowMin {
+        current: u32,
+        min: u32,
+    },
+    /// An HPA stabilization window held the proposal.
+    Stabilized {
+        reason: LimitReason,
+        proposed: u32,
+        held_at: u32,
+    },
+    /// An HPA rate policy or bound limited the stabilized count.
+    RateLimited {
+        reason: LimitReason,
+        from: u32,
+        to: u32,
+    },
+    /// Fewer replicas may be removed than the scale-in asked for.
+    Protected {
+        removable: u32,
+        keep: u32,
+    },
+    /// The proportional decider's bounds clamped its count.
+    Bounds {
+        wanted: u32,
+        min: u32,
+        max: u32,
+    },
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Limit::ScheduleBounds {
+                schedules,
+                min,
+                max,
+            } => write!(
+                f,
+                "schedule {} sets bounds [{min}, {max}]",
+                schedules.join(", ")
+            ),
+            Limit::MinReplicas { min, proposed } => {
+                write!(f, "minReplicas {min} raises {proposed}")
+            }
+            Limit::MaxReplicas { max, proposed } => write!(f, "maxReplicas {max} caps {proposed}"),
+            Limit::Tolerance {
+                direction,
+                proposed,
+                current,
+                tolerance,
+            } => write!(
+                f,
+                "{proposed} within scale-{} tolerance {tolerance:.2} of {current}",
+                match direction {
+                    Direction::Up => "up",
+                    Direction::Down => "down",
+                }
+            ),
+            Limit::Consolidation {
+                proposed,
+                keep,
+                load_rps,
+                headroom,
+                margin,
+            } => write!(
+                f,
+                "consolidation: {proposed} would not meet the SLOs with {:.0}% margin at {load_rps:.2} req/s × {headroom:.2}; keep {keep}",
+                100.0 * margin
+            ),
+            Limit::PanicNoScaleIn => write!(f, "panic: no scale-in"),
+            Limit::Cooldown {
+                since_s,
+                cooldown_s,
+            } => write!(
+                f,
+                "cooldown: last scale {since_s:.0} s ago (< {cooldown_s:.0} s)"
+            ),
+            Limit::CurrentAboveMax { current, max } => {
+                write!(f, "current {current} above maxReplicas {max}")
+            }
+            Limit::CurrentBelowMin { current, min } => {
+                write!(f, "current {current} below minReplicas {min}")
+            }
+            Limit::Stabilized {
+                reason,
+                proposed,
+                held_at,
+            } => write!(f, "{}: {proposed} held at {held_at}", reason.as_str()),
+            Limit::RateLimited { reason, from, to } => {
+                write!(f, "{}: {from} limited to {to}", reason.as_str())
+            }
+            Limit::Protected { removable, keep } => write!(
+                f,
+                "only {removable} replicas may be removed (protected, draining or too young): keep {keep}"
+            ),
+            Limit::Bounds { wanted, min, max } => {
+                write!(f, "bounds: {wanted} clamped to {min}..={max}")
+            }
+        }
+    }
+}
+
+/// The numbers a decision used, typed; serialised for the full explanation.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "decider", rename_all = "snake_case")]
+pub enum DecisionInputs {
+    /// No inputs recorded (a decision built elsewhere, e.g. in tests).
+    #[default]
+    None,
+    /// gpuscale's SLO policy ([`crate::Policy`]).
+    Slo(Box<SloInputs>),
+    /// The throughput-proportional decider.
+    Proportional(ProportionalInputs),
+}
+
+impl DecisionInputs {
+    /// The forecast arrival rate the decision saw, if any.
+    pub fn forecast_rps(&self) -> Option<f64> {
+        match self {
+            DecisionInputs::Slo(i) => i.forecast_rps,
+            _ => None,
+        }
+    }
+
+    /// The SLO policy's inputs, if this decision came from it.
+    pub fn slo(&self) -> Option<&SloInputs> {
+        match self {
+            DecisionInputs::Slo(i) => Some(i),
+            _ => None,
+        }
+    }
+}
+
+/// The numbers behind a decision of the SLO policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SloInputs {
+    pub telemetry_age_s: Option<f64>,
+    pub current: u32,
+    pub ready: u32,
+    pub in_flight: u32,
+    pub arrival_rps: Option<f64>,
+    pub stable_arrival_rps: Option<f64>,
+    pub forecast_rps: Option<f64>,
+    pub waiting: Option<f64>,
+    pub kv_cache_usage_ratio: Option<f64>,
+    pub measured_ttft_s: Option<f64>,
+    /// The TPOT percentile judged (per request; token-level ITL where the
+    /// engines report nothing else).
+    pub measured_tpot_s: Option<f64>,
+    pub input_tokens: f64,
+    pub output_tokens: f64,
+    pub context_tokens: f64,
+    /// The TTFT objective of the typical request (the threshold plus its
+    /// prompt's allowance where the objective is length-aware).
+    pub ttft_objective_s: f64,
+    pub batch_limit: u32,
+    pub model_factor: f64,
+    pub slo_demand_factor: f64,
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    pub schedules_open: Vec<String>,
+    /// The combined recommendation after bounds, tolerance, consolidation,
+    /// panic and cooldown: what the behaviour layer stabilized and limited.
+    pub proposed: u32,
+    pub prediction_at_desired: Option<Prediction>,
+}
+
+/// The numbers behind a decision of the throughput-proportional decider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProportionalInputs {
+    pub generation_tokens_per_second: Option<f64>,
+    pub arrival_rate_rps: Option<f64>,
+    pub mean_output_tokens: Option<f64>,
+    pub demand_tokens_per_second: Option<f64>,
+    pub capacity_tokens_per_second: f64,
+    pub target_utilization: f64,
+    pub ready: u32,
+    pub telemetry_age_s: Option<f64>,
 }
 
 impl Decision {
+    /// The limits as the lines explanations show.
+    pub fn limits_applied(&self) -> Vec<String> {
+        self.limits.iter().map(ToString::to_string).collect()
+    }
+
     /// One line: what was decided and why.
     pub fn summary(&self) -> String {
         let what = match self.action {
@@ -143,9 +391,9 @@ impl Decision {
         }
         let reason = winning.map(|r| r.reason.as_str()).unwrap_or("");
         let mut line = format!("{what}: {} ({reason})", self.winner.as_str());
-        if !self.limits_applied.is_empty() {
+        for l in &self.limits {
             line.push_str("; ");
-            line.push_str(&self.limits_applied.join("; "));
+            line.push_str(&l.to_string());
         }
         if let Some(b) = self.batch_limit {
             line.push_str(&format!("; batch limit {b}"));
@@ -196,12 +444,12 @@ mod tests {
                 rec(Source::Reactive, 9, "replicas needed 9"),
                 rec(Source::Reactive, 9, "a later tie"),
             ],
-            limits_applied: Vec::new(),
+            limits: Vec::new(),
             victims: Vec::new(),
             model_confidence: 1.0,
             advisory: false,
             slo: SloAssessment::NONE,
-            inputs: serde_json::Value::Null,
+            inputs: DecisionInputs::None,
         };
         assert_eq!(d.summary(), "3 -> 9: reactive (replicas needed 9)");
     }

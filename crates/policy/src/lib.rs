@@ -55,6 +55,7 @@ pub mod error;
 pub mod forecast;
 pub mod hpa;
 pub mod idle;
+mod limits;
 pub mod observation;
 pub mod perf;
 pub mod policy;
@@ -62,12 +63,16 @@ pub mod proportional;
 pub mod refine;
 pub mod schedule;
 pub mod sizing;
+mod sources;
 pub mod spec;
 pub mod startup;
 pub mod victim;
 
 pub use config::{LatencyObjective, PerfModelSource, WorkloadConfig};
-pub use decision::{Action, Decision, Recommendation, Source};
+pub use decision::{
+    Action, Decision, DecisionInputs, Direction, Limit, ProportionalInputs, Recommendation,
+    SloInputs, Source,
+};
 pub use error::SpecError;
 pub use forecast::RateSample;
 pub use observation::{

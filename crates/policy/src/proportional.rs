@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use gpuscale_core::Timestamp;
 
-use crate::decision::{Action, Decision, Recommendation, Source};
+use crate::decision::{
+    Action, Decision, DecisionInputs, Direction, Limit, ProportionalInputs, Recommendation, Source,
+};
 use crate::hpa::{
     Behavior, BehaviorState, LimitReason, ScalingRules, SelectPolicy, within_tolerance,
 };
@@ -121,10 +123,16 @@ impl ProportionalDecider {
                     c.tolerance,
                 )
             {
-                limits.push(format!(
-                    "tolerance: {proposed} is within {:.0}% of {current}",
-                    c.tolerance * 100.0
-                ));
+                limits.push(Limit::Tolerance {
+                    direction: if proposed > current {
+                        Direction::Up
+                    } else {
+                        Direction::Down
+                    },
+                    proposed,
+                    current,
+                    tolerance: c.tolerance,
+                });
                 proposed = current;
             }
             let n = self.state.normalize(
@@ -135,11 +143,12 @@ impl ProportionalDecider {
                 c.min_replicas,
                 c.max_replicas,
             );
-            if n.stabilization == Some(LimitReason::ScaleDownStabilized) {
-                limits.push(format!(
-                    "scale-down stabilization: highest recommendation in {:?} is {}",
-                    c.scale_down_stabilization, n.stabilized
-                ));
+            if let Some(reason @ LimitReason::ScaleDownStabilized) = n.stabilization {
+                limits.push(Limit::Stabilized {
+                    reason,
+                    proposed: n.proposed,
+                    held_at: n.stabilized,
+                });
             }
             if matches!(
                 n.rate,
@@ -174,31 +183,32 @@ impl ProportionalDecider {
             action,
             winner,
             recommendations: vec![recommendation],
-            limits_applied: limits,
+            limits,
             victims,
             model_confidence: 0.0,
             advisory: c.advisory,
             slo: gpuscale_core::SloAssessment::NONE,
-            inputs: serde_json::json!({
-                "generation_tokens_per_second": obs.load.generation_tokens_per_second,
-                "arrival_rate_rps": obs.load.arrival_rate_rps,
-                "mean_output_tokens": obs.load.mean_output_tokens,
-                "demand_tokens_per_second": demand,
-                "capacity_tokens_per_second": c.capacity_tokens_per_second,
-                "target_utilization": c.target_utilization,
-                "ready": obs.replicas.ready,
-                "telemetry_age_s": obs.telemetry_at.map(|t| now.secs_since(t)),
+            inputs: DecisionInputs::Proportional(ProportionalInputs {
+                generation_tokens_per_second: obs.load.generation_tokens_per_second,
+                arrival_rate_rps: obs.load.arrival_rate_rps,
+                mean_output_tokens: obs.load.mean_output_tokens,
+                demand_tokens_per_second: demand,
+                capacity_tokens_per_second: c.capacity_tokens_per_second,
+                target_utilization: c.target_utilization,
+                ready: obs.replicas.ready,
+                telemetry_age_s: obs.telemetry_at.map(|t| now.secs_since(t)),
             }),
         }
     }
 }
 
 impl ProportionalDecider {
-    fn bounds(&self, wanted: u32) -> String {
-        format!(
-            "bounds: {wanted} clamped to {}..={}",
-            self.config.min_replicas, self.config.max_replicas
-        )
+    fn bounds(&self, wanted: u32) -> Limit {
+        Limit::Bounds {
+            wanted,
+            min: self.config.min_replicas,
+            max: self.config.max_replicas,
+        }
     }
 }
 
@@ -292,7 +302,7 @@ mod tests {
             5
         );
         let low = d.decide(t(30), &obs(30, 5, Some(800.0)));
-        assert_eq!(low.desired_replicas, 5, "{:?}", low.limits_applied);
+        assert_eq!(low.desired_replicas, 5, "{:?}", low.limits);
         assert_eq!(low.action, Action::Hold);
         // 61 s later the high recommendation left the window.
         let later = d.decide(t(91), &obs(91, 5, Some(800.0)));
@@ -325,12 +335,16 @@ mod tests {
         assert_eq!(within.desired_replicas, 12);
         assert!(
             within
-                .limits_applied
+                .limits
                 .iter()
-                .any(|l| l.starts_with("tolerance"))
+                .any(|l| matches!(l, Limit::Tolerance { .. }))
         );
         let huge = d.decide(t(1), &obs(1, 12, Some(1e9)));
         assert_eq!(huge.desired_replicas, 20);
-        assert!(huge.limits_applied.iter().any(|l| l.starts_with("bounds")));
+        assert!(
+            huge.limits_applied()
+                .iter()
+                .any(|l| l.starts_with("bounds"))
+        );
     }
 }

@@ -10,7 +10,7 @@
 //! ```yaml
 //! target: {apiVersion: apps/v1, kind: Deployment, name: llama-8b}
 //! slo:
-//!   ttft: {thresholdSeconds: 2, percentile: 95}
+//!   ttft: {thresholdSeconds: 2, percentile: 95}   # perInputTokenSeconds: 0.00004 for long prompts
 //!   itl: {thresholdSeconds: 0.05, percentile: 95}
 //! minReplicas: 1
 //! maxReplicas: 20
@@ -121,10 +121,33 @@ pub struct TargetRef {
 pub struct SloSpec {
     /// Time to first token. Default p95 ≤ 2 s.
     #[serde(default = "default_ttft")]
-    pub ttft: LatencySloSpec,
+    pub ttft: TtftSloSpec,
     /// Inter-token latency (time per output token of a request). Default p95 ≤ 50 ms.
     #[serde(default = "default_itl")]
     pub itl: LatencySloSpec,
+}
+
+/// The time-to-first-token objective: the `percentile`-th percentile at most
+/// `thresholdSeconds`, plus `perInputTokenSeconds` for every prompt token
+/// (the way long-prompt services state it: a prompt's prefill grows with its
+/// length, so a flat threshold either fails long prompts or is loose for
+/// short ones). Each request is judged against its own allowance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TtftSloSpec {
+    /// Greater than 0 and at most 3600.
+    pub threshold_seconds: f64,
+    /// Allowance per prompt token, seconds (0 ≤ v ≤ 0.01, e.g. 0.00004 for
+    /// 40 µs). Default 0: a flat threshold.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub per_input_token_seconds: f64,
+    /// Percentile, 50 ≤ p < 100 (e.g. 95, 99, 99.9). Default 95.
+    #[serde(default = "default_percentile")]
+    pub percentile: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// One latency objective: the `percentile`-th percentile at most `thresholdSeconds`.
@@ -331,9 +354,10 @@ fn default_kind() -> String {
 fn default_percentile() -> f64 {
     95.0
 }
-fn default_ttft() -> LatencySloSpec {
-    LatencySloSpec {
+fn default_ttft() -> TtftSloSpec {
+    TtftSloSpec {
         threshold_seconds: 2.0,
+        per_input_token_seconds: 0.0,
         percentile: 95.0,
     }
 }
@@ -462,7 +486,22 @@ impl WorkloadSpec {
                 "a non-empty apiVersion, e.g. apps/v1",
             ));
         }
-        let ttft = latency_objective(&self.slo.ttft, "spec.slo.ttft")?;
+        let t = &self.slo.ttft;
+        let ttft = latency_objective(
+            &LatencySloSpec {
+                threshold_seconds: t.threshold_seconds,
+                percentile: t.percentile,
+            },
+            "spec.slo.ttft",
+        )?;
+        let per_token = t.per_input_token_seconds;
+        if !(per_token.is_finite() && (0.0..=0.01).contains(&per_token)) {
+            return Err(SpecError::invalid(
+                "spec.slo.ttft.perInputTokenSeconds",
+                per_token,
+                "0 ≤ seconds per prompt token ≤ 0.01",
+            ));
+        }
         let itl = latency_objective(&self.slo.itl, "spec.slo.itl")?;
         if self.max_replicas < 1 {
             return Err(SpecError::invalid(
@@ -556,7 +595,7 @@ impl WorkloadSpec {
         Ok(WorkloadConfig {
             target: self.target.clone(),
             ttft,
-            ttft_per_input_token_s: 0.0,
+            ttft_per_input_token_s: per_token,
             itl,
             min_replicas: self.min_replicas,
             max_replicas: self.max_replicas,

@@ -64,8 +64,59 @@ fn slo_feedback_raises_demand_while_latency_breaches_in_steady_state() {
         .find(|r| r.source == Source::SloFeedback)
         .expect("an SLO feedback recommendation");
     assert!(fb.replicas.expect("a count") > settled, "{}", d.summary());
-    assert!(d.inputs["slo_demand_factor"].as_f64().expect("factor") > 1.5);
+    assert!(d.inputs.slo().expect("policy inputs").slo_demand_factor > 1.5);
     assert!(replicas > settled, "{}", d.summary());
+}
+
+#[test]
+fn slo_feedback_returns_to_one_within_a_cold_start_and_a_stable_window_after_a_breach() {
+    let mut p = policy(|s| s.cold_start_seconds = 90.0);
+    let t0 = Timestamp::from_millis(1_750_000_000_000);
+    let mut replicas = 1;
+    let mut k = 0;
+    let mut step = |p: &mut Policy, latency: f64, k: &mut u32| {
+        let now = t0.plus_secs(f64::from(*k) * 2.0);
+        *k += 1;
+        let mut o = obs(now, replicas, 40.0);
+        o.latency.ttft_seconds = Some(ttft(latency));
+        let d = p.decide(now, &o);
+        replicas = d.desired_replicas;
+        d
+    };
+    for _ in 0..60 {
+        step(&mut p, 0.5, &mut k);
+    }
+    // Two minutes at 2× the TTFT objective wind the factor up.
+    let mut d = step(&mut p, 4.0, &mut k);
+    for _ in 0..60 {
+        d = step(&mut p, 4.0, &mut k);
+    }
+    let wound = d.inputs.slo().expect("policy inputs").slo_demand_factor;
+    assert!(wound > 2.0, "factor {wound}: {}", d.summary());
+    // The breach ends: measured TTFT 0.25× the objective. The stated time
+    // is one cold start (90 s) plus one stable window (60 s) from the
+    // largest factor; one decision interval of slack.
+    let relax_s = 90.0 + 60.0;
+    let steps = ((relax_s + 2.0) / 2.0) as u32;
+    let mut at_one = None;
+    for i in 0..steps {
+        d = step(&mut p, 0.5, &mut k);
+        let f = d.inputs.slo().expect("policy inputs").slo_demand_factor;
+        if f == 1.0 && at_one.is_none() {
+            at_one = Some(f64::from(i + 1) * 2.0);
+        }
+    }
+    let at_one = at_one.unwrap_or_else(|| panic!("still {} after {relax_s} s", d.summary()));
+    assert!(at_one <= relax_s + 2.0, "{at_one}");
+    // And not at once: the correction is kept while its replicas come up.
+    assert!(at_one >= relax_s * wound.ln() / 3f64.ln() - 2.0, "{at_one}");
+    assert!(
+        !d.recommendations
+            .iter()
+            .any(|r| r.source == Source::SloFeedback),
+        "{}",
+        d.summary()
+    );
 }
 
 #[test]
@@ -100,7 +151,7 @@ fn consistent_replica_samples_refine_the_model_and_raise_confidence() {
             .collect();
         d = p.decide(now, &o);
     }
-    let factor = d.inputs["model_factor"].as_f64().expect("factor");
+    let factor = d.inputs.slo().expect("policy inputs").model_factor;
     assert!((factor - 1.2).abs() < 0.02, "factor {factor}");
     assert!(
         d.model_confidence > 0.8,
@@ -178,11 +229,8 @@ fn the_decision_record_explains_itself() {
         "model_factor",
         "prediction_at_desired",
     ] {
-        assert!(
-            !d.inputs[key].is_null(),
-            "inputs.{key} missing: {}",
-            d.inputs
-        );
+        let inputs = serde_json::to_value(&d.inputs).expect("serialises");
+        assert!(!inputs[key].is_null(), "inputs.{key} missing: {inputs}");
     }
     let json = serde_json::to_string(&d).expect("serialises");
     assert!(json.contains("\"winner\":\"reactive\""));

@@ -173,9 +173,7 @@ fn run(
 }
 
 fn proposed(d: &Decision) -> u32 {
-    d.inputs["proposed"]
-        .as_u64()
-        .expect("inputs carry the proposal") as u32
+    d.inputs.slo().expect("inputs carry the proposal").proposed
 }
 
 proptest! {

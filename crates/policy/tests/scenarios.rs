@@ -233,7 +233,7 @@ fn check(file: &str, t: f64, e: &Expect, d: &Decision) -> Result<(), String> {
         return Err(format!("{bad} must never be a victim; {}", ctx()));
     }
     if let Some(s) = &e.limit_contains
-        && !d.limits_applied.iter().any(|l| l.contains(s.as_str()))
+        && !d.limits_applied().iter().any(|l| l.contains(s.as_str()))
     {
         return Err(format!("expected a limit containing {s:?}; {}", ctx()));
     }

@@ -585,11 +585,7 @@ impl ViewExporter {
                 &labels,
                 is_policy.then_some(d.model_confidence),
             );
-            set_opt(
-                &m.forecast_arrival,
-                &labels,
-                d.inputs.get("forecast_rps").and_then(|v| v.as_f64()),
-            );
+            set_opt(&m.forecast_arrival, &labels, d.inputs.forecast_rps());
         }
         let status = wv
             .decision

@@ -17,8 +17,8 @@ use gpuscale_core::{Histogram, Timestamp, WorkloadRef};
 use gpuscale_policy::config::LatencyObjective;
 use gpuscale_policy::hpa::{external_average_value_proposal, within_tolerance};
 use gpuscale_policy::{
-    Action, Decision, LatencyObservation, LoadObservation, Observation, Recommendation,
-    ReplicaCounts, Source,
+    Action, Decision, DecisionInputs, LatencyObservation, Limit, LoadObservation, Observation,
+    ProportionalInputs, Recommendation, ReplicaCounts, Source,
 };
 use gpuscale_proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use gpuscale_proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
@@ -60,13 +60,26 @@ fn decision(current: u32, desired: u32, reason: &str) -> Decision {
             replicas: Some(desired),
             reason: reason.into(),
         }],
-        limits_applied: vec!["bounds: 1..=32".into()],
+        limits: vec![Limit::Bounds {
+            wanted: desired,
+            min: 1,
+            max: 32,
+        }],
         victims: Vec::new(),
         model_confidence: 0.7,
         advisory: false,
         // As the policy judges the observation `wv` gives the decision.
         slo: objectives().assess(&observation(2, 1, Some(3.0), 0.2).latency.slo_window(None)),
-        inputs: serde_json::json!({"arrival_rps": 12.5}),
+        inputs: DecisionInputs::Proportional(ProportionalInputs {
+            generation_tokens_per_second: None,
+            arrival_rate_rps: Some(12.5),
+            mean_output_tokens: None,
+            demand_tokens_per_second: None,
+            capacity_tokens_per_second: 1000.0,
+            target_utilization: 0.8,
+            ready: 2,
+            telemetry_age_s: Some(1.0),
+        }),
     }
 }
 
@@ -387,10 +400,10 @@ async fn malformed_selectors_and_unknown_workloads_get_clear_statuses() {
     assert_eq!((record.current_replicas, record.desired_replicas), (2, 4));
     assert_eq!(record.winner, "reactive");
     assert_eq!(record.recommendations[0].reason, "load");
-    assert_eq!(record.limits_applied, ["bounds: 1..=32"]);
+    assert_eq!(record.limits_applied, ["bounds: 4 clamped to 1..=32"]);
     assert_eq!(record.model_confidence, 0.7);
     let detail: serde_json::Value = serde_json::from_str(&record.detail_json).expect("json");
-    assert_eq!(detail["inputs"]["arrival_rps"], 12.5);
+    assert_eq!(detail["inputs"]["arrival_rate_rps"], 12.5);
     let obs: serde_json::Value = serde_json::from_str(&record.observation_json).expect("json");
     assert_eq!(obs["replicas"]["ready"], 2);
 

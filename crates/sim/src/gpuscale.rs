@@ -153,6 +153,7 @@ pub fn default_spec(
     let mut spec = WorkloadSpec::new("simulated", max, preset);
     spec.min_replicas = min;
     spec.slo.ttft.threshold_seconds = slo.ttft_s;
+    spec.slo.ttft.per_input_token_seconds = slo.ttft_per_input_token_s;
     spec.slo.ttft.percentile = slo.percentile;
     spec.slo.itl.threshold_seconds = slo.itl_s;
     spec.slo.itl.percentile = slo.percentile;

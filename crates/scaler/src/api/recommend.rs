@@ -156,7 +156,7 @@ pub fn decision_record(w: &WorkloadView) -> Option<v1::DecisionRecord> {
                 reason: r.reason.clone(),
             })
             .collect(),
-        limits_applied: d.limits_applied.clone(),
+        limits_applied: d.limits_applied(),
         model_confidence: d.model_confidence,
         summary: d.summary(),
         detail_json: serde_json::to_string(d).unwrap_or_default(),
