@@ -209,6 +209,13 @@ pub enum Limit {
         min: u32,
         max: u32,
     },
+    /// The observation was incomplete (replicas expected but not heard
+    /// from): no scale-in. `what` says how incomplete; `held` is the count
+    /// held and the one the scale-in asked for, when one was held.
+    Incomplete {
+        what: String,
+        held: Option<(u32, u32)>,
+    },
 }
 
 impl fmt::Display for Limit {
@@ -279,6 +286,15 @@ impl fmt::Display for Limit {
             ),
             Limit::Bounds { wanted, min, max } => {
                 write!(f, "bounds: {wanted} clamped to {min}..={max}")
+            }
+            Limit::Incomplete { what, held } => {
+                write!(f, "{what}")?;
+                match held {
+                    Some((at, instead)) => {
+                        write!(f, "; no scale-in (held at {at} instead of {instead})")
+                    }
+                    None => Ok(()),
+                }
             }
         }
     }

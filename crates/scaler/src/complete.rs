@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use gpuscale_core::{NodeName, PodRef, Timestamp};
 use gpuscale_observe::TargetObservation;
-use gpuscale_policy::{Action, Decision, ReplicaState};
+use gpuscale_policy::{Action, Decision, Limit, ReplicaState};
 
 use crate::config::EngineSelector;
 use crate::view::{EngineView, StateView};
@@ -218,17 +218,17 @@ pub fn hold(decision: &mut Decision, completeness: &Completeness) {
     if completeness.complete() {
         return;
     }
-    let mut line = completeness.describe();
+    let mut held = None;
     if decision.desired_replicas < decision.current_replicas {
-        line.push_str(&format!(
-            "; no scale-in (held at {} instead of {})",
-            decision.current_replicas, decision.desired_replicas
-        ));
+        held = Some((decision.current_replicas, decision.desired_replicas));
         decision.desired_replicas = decision.current_replicas;
         decision.action = Action::Hold;
         decision.victims.clear();
     }
-    decision.limits_applied.push(line);
+    decision.limits.push(Limit::Incomplete {
+        what: completeness.describe(),
+        held,
+    });
 }
 
 #[cfg(test)]
@@ -388,12 +388,12 @@ mod tests {
             action,
             winner: Source::Reactive,
             recommendations: vec![],
-            limits_applied: vec![],
+            limits: vec![],
             victims: vec!["a-0".into()],
             model_confidence: 1.0,
             advisory: false,
             slo: Default::default(),
-            inputs: serde_json::Value::Null,
+            inputs: gpuscale_policy::DecisionInputs::None,
         }
     }
 
