@@ -12,7 +12,9 @@ use gpuscale_core::slo::{SloAssessment, TpotSource};
 use serde::{Deserialize, Serialize};
 
 use crate::hpa::LimitReason;
+use crate::idle::IdleChoice;
 use crate::sizing::Prediction;
+use crate::startup::{Starting, StartupSummary};
 
 /// What a decision does to the scale target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -123,6 +125,29 @@ pub struct Decision {
     pub slo: SloAssessment,
     /// The numbers the decision used, for the full explanation.
     pub inputs: DecisionInputs,
+    /// What the scale-to-zero wrapper decided from, for a workload that may
+    /// scale to zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_to_zero: Option<Box<ScaleToZeroInputs>>,
+}
+
+/// What a decision of a workload that may scale to zero saw: held requests,
+/// idleness and the learned start-up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScaleToZeroInputs {
+    /// Requests held at the activators.
+    pub held: u32,
+    pub oldest_held_s: f64,
+    /// Requests running or waiting at the replicas.
+    pub in_flight: f64,
+    pub idle_s: f64,
+    pub idle_period: IdleChoice,
+    pub startup: StartupSummary,
+    /// Replicas still starting, with their expected ready times.
+    pub starting: Vec<Starting>,
+    /// Replicas expected ready within one p90 start-up.
+    pub ready_at_p90_lead: u32,
+    pub first_ready_expected: Option<Timestamp>,
 }
 
 /// A direction of scaling.
@@ -216,6 +241,28 @@ pub enum Limit {
         what: String,
         held: Option<(u32, u32)>,
     },
+    /// Replicas in flight, counted at their expected ready times.
+    Starting {
+        replicas: Vec<Starting>,
+    },
+    /// Requests held at the activator at zero replicas: scale to one.
+    ScaleFromZero {
+        held: u32,
+        oldest_s: f64,
+        expected_at: Timestamp,
+        startup: StartupSummary,
+    },
+    /// Idle for the idle period: scale to zero.
+    ScaleToZero {
+        idle_s: f64,
+        idle: IdleChoice,
+    },
+    /// Not idle long enough (or requests in flight or held): keep one.
+    KeepOne {
+        active_ago_s: f64,
+        idle: IdleChoice,
+        busy: bool,
+    },
 }
 
 impl fmt::Display for Limit {
@@ -287,6 +334,50 @@ impl fmt::Display for Limit {
             Limit::Bounds { wanted, min, max } => {
                 write!(f, "bounds: {wanted} clamped to {min}..={max}")
             }
+            Limit::Starting { replicas } => {
+                write!(f, "in-flight replicas: ")?;
+                for (i, s) in replicas.iter().enumerate() {
+                    if i > 0 {
+                        write!(f, "; ")?;
+                    }
+                    write!(
+                        f,
+                        "{} ({:?}, {:.0} s old) expected ready at {}",
+                        s.id, s.state, s.age_s, s.expected_ready_at
+                    )?;
+                }
+                Ok(())
+            }
+            Limit::ScaleFromZero {
+                held,
+                oldest_s,
+                expected_at,
+                startup,
+            } => write!(
+                f,
+                "scale from zero: {held} requests held at the activator (oldest {oldest_s:.1} s); first replica expected at {expected_at} (p50 start-up {:.1} s, p90 {:.1} s, {} seen)",
+                startup.p50_s, startup.p90_s, startup.samples
+            ),
+            Limit::ScaleToZero { idle_s, idle } => write!(
+                f,
+                "scale to zero: idle {idle_s:.0} s ≥ idle period {:.0} s ({:?})",
+                idle.period_s, idle.reason
+            ),
+            Limit::KeepOne {
+                active_ago_s,
+                idle,
+                busy,
+            } => write!(
+                f,
+                "at least 1 replica: active {active_ago_s:.0} s ago, scale to zero after {:.0} s idle ({:?}){}",
+                idle.period_s,
+                idle.reason,
+                if *busy {
+                    ", requests in flight or held"
+                } else {
+                    ""
+                }
+            ),
             Limit::Incomplete { what, held } => {
                 write!(f, "{what}")?;
                 match held {
@@ -466,6 +557,7 @@ mod tests {
             advisory: false,
             slo: SloAssessment::NONE,
             inputs: DecisionInputs::None,
+            scale_to_zero: None,
         };
         assert_eq!(d.summary(), "3 -> 9: reactive (replicas needed 9)");
     }

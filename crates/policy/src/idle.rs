@@ -156,7 +156,7 @@ pub struct IdleInputs {
 }
 
 /// Why the period is what it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IdleReason {
     /// The spec fixes it.
@@ -169,7 +169,7 @@ pub enum IdleReason {
 }
 
 /// The idle period chosen and why.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct IdleChoice {
     pub period_s: f64,
     pub reason: IdleReason,

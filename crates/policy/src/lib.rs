@@ -71,7 +71,7 @@ pub mod victim;
 pub use config::{LatencyObjective, PerfModelSource, WorkloadConfig};
 pub use decision::{
     Action, Decision, DecisionInputs, Direction, Limit, ProportionalInputs, Recommendation,
-    SloInputs, Source,
+    ScaleToZeroInputs, SloInputs, Source,
 };
 pub use error::SpecError;
 pub use forecast::RateSample;

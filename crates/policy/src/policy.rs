@@ -479,6 +479,7 @@ impl Policy {
             advisory: config.advisory,
             slo: ctx.slo,
             inputs: DecisionInputs::Slo(Box::new(inputs)),
+            scale_to_zero: None,
         }
     }
 

@@ -198,6 +198,7 @@ impl ProportionalDecider {
                 ready: obs.replicas.ready,
                 telemetry_age_s: obs.telemetry_at.map(|t| now.secs_since(t)),
             }),
+            scale_to_zero: None,
         }
     }
 }

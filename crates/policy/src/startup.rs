@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use gpuscale_core::Timestamp;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::observation::{ReplicaObservation, ReplicaState};
 
@@ -79,7 +79,7 @@ impl StartupTimes {
 }
 
 /// Quantiles of the learned start-up, seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct StartupSummary {
     /// How many start-ups the figures come from (0: the prior).
     pub samples: usize,
@@ -181,7 +181,7 @@ pub fn quantile_of(v: &mut [f64], q: f64) -> Option<f64> {
 }
 
 /// A replica still starting and when it is expected to be ready.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Starting {
     pub id: String,
     pub state: ReplicaState,

@@ -394,6 +394,7 @@ mod tests {
             advisory: false,
             slo: Default::default(),
             inputs: gpuscale_policy::DecisionInputs::None,
+            scale_to_zero: None,
         }
     }
 

@@ -12,7 +12,7 @@
 //!   replica is expected), keeps at least one replica while the workload is
 //!   active, and scales to zero after the idle period
 //!   ([`gpuscale_policy::idle`]), never while a request is in flight or
-//!   held. What it did and why is in the decision (`limits_applied` and
+//!   held. What it did and why is in the decision (`limits` and
 //!   `inputs.scale_to_zero`).
 
 use std::collections::BTreeMap;
@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use gpuscale_core::{Timestamp, WorkloadRef};
 use gpuscale_policy::idle::{self, Activity, IdleInputs, ScaleToZeroConfig};
 use gpuscale_policy::startup::{Phase, StartupModel, StartupSummary, StartupTracker};
-use gpuscale_policy::{Action, Decision, Observation};
+use gpuscale_policy::{Action, Decision, Limit, Observation, ScaleToZeroInputs};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -295,21 +295,17 @@ impl Decider for ZeroDecider {
             .then(|| starting.first().map(|s| s.expected_ready_at))
             .flatten();
         let current = obs.replicas.current;
-        let mut note = String::new();
+        let mut note: Option<Limit> = None;
         if current == 0 {
             if held.held > 0 && d.desired_replicas == 0 {
                 d.desired_replicas = 1;
                 d.action = Action::ScaleUp;
-                let expected = now.plus_secs(summary.p50_s);
-                note = format!(
-                    "scale from zero: {} requests held at the activator (oldest {:.1} s); first replica expected at {} (p50 start-up {:.1} s, p90 {:.1} s, {} seen)",
-                    held.held,
-                    held.oldest_s,
-                    expected,
-                    summary.p50_s,
-                    summary.p90_s,
-                    summary.samples
-                );
+                note = Some(Limit::ScaleFromZero {
+                    held: held.held,
+                    oldest_s: held.oldest_s,
+                    expected_at: now.plus_secs(summary.p50_s),
+                    startup: summary,
+                });
             }
         } else if d.desired_replicas <= 1 {
             let activity = Activity {
@@ -323,12 +319,10 @@ impl Decider for ZeroDecider {
                 d.desired_replicas = 0;
                 d.action = Action::ScaleDown;
                 d.victims = obs.replica_samples.iter().map(|r| r.id.clone()).collect();
-                note = format!(
-                    "scale to zero: idle {:.0} s ≥ idle period {:.0} s ({:?})",
-                    now.secs_since(last_active),
-                    choice.period_s,
-                    choice.reason
-                );
+                note = Some(Limit::ScaleToZero {
+                    idle_s: now.secs_since(last_active),
+                    idle: choice,
+                });
             } else if d.desired_replicas == 0 {
                 d.desired_replicas = 1;
                 d.action = if current > 1 {
@@ -336,57 +330,33 @@ impl Decider for ZeroDecider {
                 } else {
                     Action::Hold
                 };
-                note = format!(
-                    "at least 1 replica: active {:.0} s ago, scale to zero after {:.0} s idle ({:?}){}",
-                    now.secs_since(last_active),
-                    choice.period_s,
-                    choice.reason,
-                    if held.held > 0 || in_flight > 0.0 {
-                        ", requests in flight or held"
-                    } else {
-                        ""
-                    }
-                );
+                note = Some(Limit::KeepOne {
+                    active_ago_s: now.secs_since(last_active),
+                    idle: choice,
+                    busy: held.held > 0 || in_flight > 0.0,
+                });
             }
         }
         if !starting.is_empty() {
-            let list: Vec<String> = starting
-                .iter()
-                .map(|s| {
-                    format!(
-                        "{} ({:?}, {:.0} s old) expected ready at {}",
-                        s.id, s.state, s.age_s, s.expected_ready_at
-                    )
-                })
-                .collect();
-            d.limits_applied
-                .push(format!("in-flight replicas: {}", list.join("; ")));
+            d.limits.push(Limit::Starting {
+                replicas: starting.clone(),
+            });
         }
-        if !note.is_empty() {
-            d.limits_applied.push(note);
-        }
+        d.limits.extend(note);
         let ready_by_lead =
             self.tracker
                 .ready_by(now, now.plus_secs(summary.p90_s), &obs.replica_samples);
-        if !d.inputs.is_object() {
-            d.inputs = serde_json::json!({});
-        }
-        if let Some(map) = d.inputs.as_object_mut() {
-            map.insert(
-                "scale_to_zero".into(),
-                serde_json::json!({
-                    "held": held.held,
-                    "oldest_held_s": held.oldest_s,
-                    "in_flight": in_flight,
-                    "idle_s": now.secs_since(last_active),
-                    "idle_period": choice,
-                    "startup": summary,
-                    "starting": starting,
-                    "ready_at_p90_lead": ready_by_lead,
-                    "first_ready_expected": first_ready_expected.map(|t| t.to_string()),
-                }),
-            );
-        }
+        d.scale_to_zero = Some(Box::new(ScaleToZeroInputs {
+            held: held.held,
+            oldest_held_s: held.oldest_s,
+            in_flight,
+            idle_s: now.secs_since(last_active),
+            idle_period: choice,
+            startup: summary,
+            starting,
+            ready_at_p90_lead: ready_by_lead,
+            first_ready_expected,
+        }));
         self.activators.set_startup(
             &self.workload,
             WorkloadStartup {
@@ -532,7 +502,7 @@ mod tests {
         assert_eq!(activators.held(&w).held, 3);
         let up = d.decide(clock.now(), &obs(0.0, vec![], None));
         assert_eq!((up.desired_replicas, up.action), (1, Action::ScaleUp));
-        let why = up.limits_applied.join("\n");
+        let why = up.limits_applied().join("\n");
         assert!(why.contains("scale from zero: 3 requests held"), "{why}");
         assert!(why.contains("p50 start-up 30.0 s"), "{why}");
         let s = activators.startup(&w).unwrap();
@@ -567,7 +537,7 @@ mod tests {
                 None,
             ),
         );
-        let why = dec.limits_applied.join("\n");
+        let why = dec.limits_applied().join("\n");
         assert!(
             why.contains(&format!(
                 "r9 (Loading, 10 s old) expected ready at {}",
@@ -575,7 +545,7 @@ mod tests {
             )),
             "{why}"
         );
-        let z = &dec.inputs["scale_to_zero"];
+        let z = serde_json::to_value(&dec.scale_to_zero).expect("serialises");
         assert_eq!(z["startup"]["samples"], 3);
         assert_eq!(z["startup"]["p50_s"], 40.0);
         assert_eq!(
@@ -596,7 +566,7 @@ mod tests {
         assert_eq!(busy.desired_replicas, 1, "{busy:?}");
         // Idle 59 s later: still one (the period is 60 s).
         let early = d.decide(t(59.0), &obs(59.0, ready(), Some(0.0)));
-        assert_eq!(early.desired_replicas, 1, "{:?}", early.limits_applied);
+        assert_eq!(early.desired_replicas, 1, "{:?}", early.limits);
         // Without telemetry, never to zero.
         let blind = d.decide(t(120.0), &obs(120.0, ready(), None));
         assert_eq!(blind.desired_replicas, 1);
@@ -604,7 +574,7 @@ mod tests {
         assert_eq!((gone.desired_replicas, gone.action), (0, Action::ScaleDown));
         assert_eq!(gone.victims, vec!["r0".to_string()]);
         assert!(
-            gone.limits_applied
+            gone.limits_applied()
                 .join("\n")
                 .contains("scale to zero: idle")
         );
@@ -615,6 +585,6 @@ mod tests {
         activators.report("act-1", &w, 1, 1, 0.0, false);
         let now = clock.now();
         let kept = d.decide(now, &obs(now.secs_since(t(0.0)), ready(), Some(0.0)));
-        assert_eq!(kept.desired_replicas, 1, "{:?}", kept.limits_applied);
+        assert_eq!(kept.desired_replicas, 1, "{:?}", kept.limits);
     }
 }

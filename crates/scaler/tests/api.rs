@@ -80,6 +80,7 @@ fn decision(current: u32, desired: u32, reason: &str) -> Decision {
             ready: 2,
             telemetry_age_s: Some(1.0),
         }),
+        scale_to_zero: None,
     }
 }
 
