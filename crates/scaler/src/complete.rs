@@ -33,11 +33,10 @@ pub const INCOMPLETE: &str = "incomplete: ";
 
 /// The incomplete-data line of `decision`, if it has one.
 pub fn incomplete_line(decision: &Decision) -> Option<&str> {
-    decision
-        .limits_applied
-        .iter()
-        .find(|l| l.starts_with(INCOMPLETE))
-        .map(String::as_str)
+    decision.limits.iter().find_map(|l| match l {
+        Limit::Incomplete { what, .. } => Some(what.as_str()),
+        _ => None,
+    })
 }
 
 /// What a workload heard from the replicas it expects.
