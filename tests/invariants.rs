@@ -544,11 +544,6 @@ const LONG_FUNCTIONS: &[(&str, &str, &str)] = &[
         "table: the per-workload metric registrations",
     ),
     (
-        "crates/policy/src/policy.rs",
-        "decide",
-        "being split into stages (issue 14, item 2)",
-    ),
-    (
         "crates/sim/src/cli.rs",
         "run",
         "not split yet: the simulator's command line",
