@@ -548,10 +548,16 @@ impl BehaviorState {
         self.scale_up_events.retain(|e| e.at < now);
         self.scale_down_events.retain(|e| e.at < now);
         if let Some(b) = behavior {
-            let up_cut = now.plus_secs(-f64::from(b.scale_up.longest_period_s()));
-            let down_cut = now.plus_secs(-f64::from(b.scale_down.longest_period_s()));
-            self.scale_up_events.retain(|e| e.at > up_cut);
-            self.scale_down_events.retain(|e| e.at > down_cut);
+            // Each direction's limit counts the events of both directions
+            // over its own periods (the period's starting count), so both
+            // lists are kept for the longer of the two.
+            let longest = b
+                .scale_up
+                .longest_period_s()
+                .max(b.scale_down.longest_period_s());
+            let cut = now.plus_secs(-f64::from(longest));
+            self.scale_up_events.retain(|e| e.at > cut);
+            self.scale_down_events.retain(|e| e.at > cut);
         } else {
             let cut = now.plus_secs(-f64::from(MAX_PERIOD_S));
             self.scale_up_events.retain(|e| e.at > cut);

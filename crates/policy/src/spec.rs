@@ -486,22 +486,7 @@ impl WorkloadSpec {
                 "a non-empty apiVersion, e.g. apps/v1",
             ));
         }
-        let t = &self.slo.ttft;
-        let ttft = latency_objective(
-            &LatencySloSpec {
-                threshold_seconds: t.threshold_seconds,
-                percentile: t.percentile,
-            },
-            "spec.slo.ttft",
-        )?;
-        let per_token = t.per_input_token_seconds;
-        if !(per_token.is_finite() && (0.0..=0.01).contains(&per_token)) {
-            return Err(SpecError::invalid(
-                "spec.slo.ttft.perInputTokenSeconds",
-                per_token,
-                "0 ≤ seconds per prompt token ≤ 0.01",
-            ));
-        }
+        let (ttft, per_token) = ttft_objective(&self.slo.ttft)?;
         let itl = latency_objective(&self.slo.itl, "spec.slo.itl")?;
         if self.max_replicas < 1 {
             return Err(SpecError::invalid(
@@ -620,6 +605,26 @@ impl WorkloadSpec {
             scale_to_zero: self.scale_to_zero.clone().unwrap_or_default().validate()?,
         })
     }
+}
+
+/// The TTFT objective and its allowance per prompt token, seconds.
+fn ttft_objective(t: &TtftSloSpec) -> Result<(LatencyObjective, f64), SpecError> {
+    let ttft = latency_objective(
+        &LatencySloSpec {
+            threshold_seconds: t.threshold_seconds,
+            percentile: t.percentile,
+        },
+        "spec.slo.ttft",
+    )?;
+    let per_token = t.per_input_token_seconds;
+    if !(per_token.is_finite() && (0.0..=0.01).contains(&per_token)) {
+        return Err(SpecError::invalid(
+            "spec.slo.ttft.perInputTokenSeconds",
+            per_token,
+            "0 ≤ seconds per prompt token ≤ 0.01",
+        ));
+    }
+    Ok((ttft, per_token))
 }
 
 fn latency_objective(s: &LatencySloSpec, path: &str) -> Result<LatencyObjective, SpecError> {
