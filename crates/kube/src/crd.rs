@@ -194,6 +194,10 @@ fn tighten(root: &mut Value) -> Vec<String> {
             json!({"minLength": 1, "maxLength": 253}),
         ),
         ("spec.slo.ttft.thresholdSeconds", threshold()),
+        (
+            "spec.slo.ttft.perInputTokenSeconds",
+            json!({"minimum": 0, "maximum": 0.01}),
+        ),
         ("spec.slo.itl.thresholdSeconds", threshold()),
         ("spec.slo.ttft.percentile", percentile()),
         ("spec.slo.itl.percentile", percentile()),

@@ -1124,6 +1124,27 @@ behavior:
         let mut s = WorkloadSpec::new("x", 4, "h200-llama3-8b-bf16");
         s.slo.itl.percentile = 100.0;
         assert_eq!(err_path(&s).0, "spec.slo.itl.percentile");
+        for bad in [-1e-6, 0.02, f64::NAN] {
+            let mut s = WorkloadSpec::new("x", 4, "h200-llama3-8b-bf16");
+            s.slo.ttft.per_input_token_seconds = bad;
+            assert_eq!(err_path(&s).0, "spec.slo.ttft.perInputTokenSeconds");
+        }
+        let yaml = r#"
+target: {name: llama}
+maxReplicas: 8
+performanceModel: {preset: h200-llama3-8b-bf16}
+slo: {ttft: {thresholdSeconds: 0.5, perInputTokenSeconds: 0.00004}}
+"#;
+        let spec: WorkloadSpec = serde_yaml::from_str(yaml).unwrap();
+        let c = spec.validate().unwrap();
+        assert_eq!(
+            (
+                c.ttft.threshold_s,
+                c.ttft_per_input_token_s,
+                c.ttft.quantile
+            ),
+            (0.5, 0.00004, 0.95)
+        );
         let mut s = WorkloadSpec::new("x", 4, "h200-llama3-8b-bf16");
         s.batch_limit_margin = 0.95;
         assert_eq!(err_path(&s).0, "spec.batchLimitMargin");
