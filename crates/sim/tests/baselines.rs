@@ -239,6 +239,54 @@ fn b5_wva_saturation_v1_spare_capacity_rules() {
 }
 
 #[test]
+fn b5_wva_steps_by_one_replica_past_ten_replicas() {
+    // 13 ready pods, every one saturated (queue ≥ 5): WVA wants 14. Behind an
+    // HPA with the default 0.1 tolerance the usage ratio 14/13 = 1.077 would
+    // propose no change, so WVA runs with the tolerance at 0 (KEP-4951). The
+    // HPA's 120 s window holds the step for two minutes in both directions.
+    let run = |waiting: u32, running: u32, kv: f64| {
+        let mut w = WvaSaturation::new(1.0, 0.9, 1, 40);
+        let mut replicas = Vec::new();
+        for step in 1..=12 {
+            let t = 15.0 * f64::from(step);
+            w.observe(sample(
+                t - 1.0,
+                (0..13).map(|i| replica(i, waiting, running, kv)).collect(),
+            ));
+            replicas.push(w.decide(&view(t, 13, 0)).replicas);
+        }
+        replicas
+    };
+    let up = run(7, 200, 0.5);
+    assert_eq!(up.first(), Some(&13), "{up:?}");
+    assert_eq!(up.last(), Some(&14), "{up:?}");
+    let down = run(0, 0, 0.01);
+    assert_eq!(down.first(), Some(&13), "{down:?}");
+    assert_eq!(down.last(), Some(&12), "{down:?}");
+}
+
+#[test]
+fn b8_dynamo_load_is_swept_over_the_planners_targets() {
+    let ctx = BaselineContext {
+        perf: h200(),
+        slo: slo(),
+        min_replicas: 1,
+        max_replicas: 100,
+        peak_rps: 95.0,
+        mean_input: 1000.0,
+        mean_output: 200.0,
+    };
+    let b = baseline("dynamo-load", Some(0.65), &ctx).expect("dynamo-load");
+    let p = b.parameters();
+    assert!((p["itl_target_s"].as_f64().expect("itl") - 0.65 * 0.05).abs() < 1e-12);
+    assert!((p["ttft_target_s"].as_f64().expect("ttft") - 0.65 * 2.0).abs() < 1e-12);
+    assert_eq!(p["sensitivity"].as_f64(), Some(0.8));
+    // The default is the SLO itself.
+    let d = baseline("dynamo-load", None, &ctx).expect("dynamo-load");
+    assert_eq!(d.parameters()["itl_target_s"].as_f64(), Some(0.05));
+}
+
+#[test]
 fn b9_llmd_slo_law_with_in_flight_credit_and_hysteresis() {
     let b = LlmdSloAware::new(slo(), 1.0, 1, 20);
     // s = 1.1, n = 4, r = 4: d = 4 + ceil(4·(1.1/0.55 − 1)) = 8.

@@ -377,6 +377,9 @@ pub enum LoadMode {
     EasyLatency,
 }
 
+/// The load loop's default sensitivity (`load_scaling.py`).
+pub const DEFAULT_SENSITIVITY: f64 = 0.8;
+
 /// B8: Dynamo Gen-2 load-based scaling (aggregated).
 #[derive(Debug, Clone)]
 pub struct DynamoLoadPlanner {
@@ -540,8 +543,8 @@ impl Autoscaler for DynamoLoadPlanner {
             "throughput_interval_s": if self.mode == LoadMode::Sla { Some(INTERVAL_S) } else { None },
             "sensitivity": self.sensitivity,
             "predictor": self.count.label(),
-            "ttft_slo_s": self.slo.ttft_s,
-            "itl_slo_s": self.slo.itl_s,
+            "ttft_target_s": self.slo.ttft_s,
+            "itl_target_s": self.slo.itl_s,
             "max_num_batched_tokens": MBT,
             "min_endpoint": 1,
             "max": self.max,

@@ -21,7 +21,7 @@
 //! | `wva` | B5 llm-d WVA saturation V1 | threshold factor (1) |
 //! | `llmd-slo` | B9 llm-d SLO-aware law | threshold factor (1) |
 //! | `dynamo-sla-c`, `dynamo-sla-nc` | B7 Dynamo Gen-1 SLA planner | ITL target factor (1) |
-//! | `dynamo-load` | B8 Dynamo Gen-2 load scaling (SLA mode) | sensitivity (0.8) |
+//! | `dynamo-load` | B8 Dynamo Gen-2 load scaling (SLA mode, sensitivity 0.8) | the planner's TTFT and ITL targets, as a factor of the SLO (1) |
 //! | `dynamo-easy-throughput`, `dynamo-easy-latency` | B8 easy modes | none |
 //! | `aws` | B14 AWS predictive + target tracking | requests/s per replica |
 
@@ -118,8 +118,7 @@ pub fn default_target(name: &str, ctx: &BaselineContext) -> Option<f64> {
         "kserve-running" => 2.0,
         "knative-kpa" => f64::from(ctx.perf.max_batch),
         "aibrix-kpa-mean" | "aibrix-kpa-total" | "aibrix-apa" => 0.5,
-        "wva" | "llmd-slo" | "dynamo-sla-c" | "dynamo-sla-nc" => 1.0,
-        "dynamo-load" => 0.8,
+        "wva" | "llmd-slo" | "dynamo-sla-c" | "dynamo-sla-nc" | "dynamo-load" => 1.0,
         "dynamo-easy-throughput" | "dynamo-easy-latency" => 0.0,
         "aws" => 0.7 * ctx.capacity_rps(),
         _ => return None,
@@ -152,7 +151,11 @@ pub fn sweep_targets(name: &str, ctx: &BaselineContext) -> Vec<f64> {
         "wva" => vec![0.5, 0.75, 1.0, 1.5],
         "llmd-slo" => vec![0.35, 0.5, 0.75, 1.0],
         "dynamo-sla-c" | "dynamo-sla-nc" => vec![0.5, 0.75, 1.0],
-        "dynamo-load" => vec![0.35, 0.5, 0.65, 0.8, 0.95],
+        // The planner's targets: the load loop compares its estimate of the
+        // next step's gap (a mean) with its ITL target, so a user who must
+        // hold a percentile of per-request time per output token sets the
+        // planner's targets below the SLO.
+        "dynamo-load" => vec![0.5, 0.65, 0.8, 1.0],
         "dynamo-easy-throughput" | "dynamo-easy-latency" => vec![0.0],
         "aws" => vec![0.5 * cap, 0.6 * cap, 0.7 * cap, 0.8 * cap, 0.9 * cap],
         _ => Vec::new(),
@@ -242,23 +245,27 @@ pub fn baseline(
         )),
         "dynamo-load" => Box::new(dynamo::DynamoLoadPlanner::new(
             &ctx.perf,
-            ctx.slo,
+            Slo {
+                ttft_s: ctx.slo.ttft_s * t,
+                itl_s: ctx.slo.itl_s * t,
+                ..ctx.slo
+            },
             dynamo::LoadMode::Sla,
-            t,
+            dynamo::DEFAULT_SENSITIVITY,
             max,
         )),
         "dynamo-easy-throughput" => Box::new(dynamo::DynamoLoadPlanner::new(
             &ctx.perf,
             ctx.slo,
             dynamo::LoadMode::EasyThroughput,
-            0.8,
+            dynamo::DEFAULT_SENSITIVITY,
             max,
         )),
         "dynamo-easy-latency" => Box::new(dynamo::DynamoLoadPlanner::new(
             &ctx.perf,
             ctx.slo,
             dynamo::LoadMode::EasyLatency,
-            0.8,
+            dynamo::DEFAULT_SENSITIVITY,
             max,
         )),
         "aws" => Box::new(aws::AwsPredictiveTargetTracking::new(t, min, max)),

@@ -16,8 +16,14 @@
 //! Actuation: WVA exports `wva_desired_replicas`; an HPA reads it as an
 //! External `AverageValue` metric with target 1, with a 120 s stabilization
 //! window in both directions and default policies (REFERENCE.md: the README
-//! asks for ≥ 120 s; project choice). One variant, so cheapest and most
-//! expensive are the same.
+//! asks for ≥ 120 s; project choice), and a tolerance of 0 in both
+//! directions (`behavior.scaleUp.tolerance` / `scaleDown.tolerance`,
+//! KEP-4951, beta and on by default since Kubernetes 1.35). WVA's desired
+//! count is exact and moves by one replica, so the default 0.1 tolerance
+//! would drop every step once the fleet has more than 10 replicas (the usage
+//! ratio `(N ± 1) / N` is then within `[0.9, 1.1]`) and WVA would never scale
+//! again: users of larger fleets turn the tolerance off. One variant, so
+//! cheapest and most expensive are the same.
 //!
 //! **Configured as its users would.** WVA's thresholds live in a ConfigMap
 //! per model; the shipped 0.80 KV threshold assumes a model whose KV cache
@@ -62,11 +68,15 @@ impl WvaSaturation {
             queue_spare: 3.0,
             factor,
             store: MetricStore::new(120.0),
-            hpa: Hpa::new(
-                min.max(1),
-                max,
-                Normalization::Behavior(Behavior::hpa_default_with_windows(120, 120)),
-            ),
+            hpa: {
+                let mut behavior = Behavior::hpa_default_with_windows(120, 120);
+                behavior.scale_up.tolerance = 0.0;
+                behavior.scale_down.tolerance = 0.0;
+                let mut hpa = Hpa::new(min.max(1), max, Normalization::Behavior(behavior));
+                hpa.tolerance_up = 0.0;
+                hpa.tolerance_down = 0.0;
+                hpa
+            },
             wva_desired: None,
             next_reconcile: 0.0,
         }
