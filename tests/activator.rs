@@ -10,6 +10,10 @@
 //! * An activator killed while holding requests: each of its clients gets
 //!   an error at once (its connection closes), none hangs.
 //! * No scaler: held requests time out with a clear 503.
+//! * A held streaming request is answered 200 `text/event-stream` at once,
+//!   receives SSE keep-alive comments while held, then the engine's events
+//!   as the engine sends them (not gathered up); a held stream whose
+//!   deadline passes ends with an SSE error event.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
@@ -28,12 +32,13 @@ use gpuscale_scaler::actuate::{ActuateFuture, ClusterReplica, Plan, TargetObserv
 use gpuscale_scaler::config::{DeciderConfig, EngineSelector};
 use gpuscale_scaler::{Actuator, RunningScaler, Scaler, ScalerConfig, WorkloadDef};
 use http::{Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
 
 const CHUNKS: usize = 5;
 
@@ -48,26 +53,37 @@ fn free_port() -> SocketAddr {
 }
 
 /// The simulated engine: `/health` and a streamed chat completion of
-/// `CHUNKS` events and `[DONE]`.
-async fn engine(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// `CHUNKS` events and `[DONE]`, `gap` apart.
+async fn engine(req: Request<Incoming>, gap: Duration) -> Result<Response<EngineBody>, Infallible> {
+    let (tx, rx) = tokio::sync::mpsc::channel(CHUNKS + 1);
+    let mut r = Response::new(StreamBody::new(ReceiverStream::new(rx)));
     if req.uri().path() == "/health" {
-        return Ok(Response::new(Full::new(Bytes::from_static(b"ok"))));
+        let _ = tx.try_send(Ok(Frame::data(Bytes::from_static(b"ok"))));
+        return Ok(r);
     }
     let _ = req.into_body().collect().await;
-    let mut body = String::new();
-    for i in 0..CHUNKS {
-        body.push_str(&format!(
-            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i}\"}}}}]}}\n\n"
-        ));
-    }
-    body.push_str("data: [DONE]\n\n");
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    tokio::spawn(async move {
+        for i in 0..CHUNKS {
+            if i > 0 && !gap.is_zero() {
+                tokio::time::sleep(gap).await;
+            }
+            let event = format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i}\"}}}}]}}\n\n"
+            );
+            let _ = tx.send(Ok(Frame::data(Bytes::from(event)))).await;
+        }
+        let _ = tx
+            .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
+            .await;
+    });
     r.headers_mut()
         .insert(header::CONTENT_TYPE, "text/event-stream".parse().unwrap());
     Ok(r)
 }
 
-async fn serve_engine(addr: SocketAddr) -> JoinHandle<()> {
+type EngineBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
+
+async fn serve_engine(addr: SocketAddr, gap: Duration) -> JoinHandle<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     tokio::spawn(async move {
         loop {
@@ -76,7 +92,10 @@ async fn serve_engine(addr: SocketAddr) -> JoinHandle<()> {
             };
             tokio::spawn(async move {
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), hyper::service::service_fn(engine))
+                    .serve_connection(
+                        TokioIo::new(stream),
+                        hyper::service::service_fn(move |req| engine(req, gap)),
+                    )
                     .await;
             });
         }
@@ -89,6 +108,7 @@ struct FakeTarget {
     engine_addr: SocketAddr,
     startup: Duration,
     start_engines: bool,
+    chunk_gap: Duration,
     replicas: AtomicU32,
     created: Mutex<Option<Timestamp>>,
     asked: Mutex<Vec<(u32, std::time::Instant, String)>>,
@@ -98,10 +118,21 @@ struct FakeTarget {
 
 impl FakeTarget {
     fn new(engine_addr: SocketAddr, startup: Duration, start_engines: bool) -> Arc<Self> {
+        Self::with_gap(engine_addr, startup, start_engines, Duration::ZERO)
+    }
+
+    /// As `new`, the engine's events `chunk_gap` apart.
+    fn with_gap(
+        engine_addr: SocketAddr,
+        startup: Duration,
+        start_engines: bool,
+        chunk_gap: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             engine_addr,
             startup,
             start_engines,
+            chunk_gap,
             replicas: AtomicU32::new(0),
             created: Mutex::new(None),
             asked: Mutex::new(Vec::new()),
@@ -158,11 +189,15 @@ impl Actuator for FakeTarget {
             if before == 0 && replicas > 0 {
                 *self.created.lock().unwrap() = Some(now());
                 if self.start_engines {
-                    let (addr, startup, ready) =
-                        (self.engine_addr, self.startup, self.ready.clone());
+                    let (addr, startup, ready, gap) = (
+                        self.engine_addr,
+                        self.startup,
+                        self.ready.clone(),
+                        self.chunk_gap,
+                    );
                     let handle = tokio::spawn(async move {
                         tokio::time::sleep(startup).await;
-                        let serving = serve_engine(addr).await;
+                        let serving = serve_engine(addr, gap).await;
                         ready.store(true, Ordering::SeqCst);
                         let _ = serving.await;
                     });
@@ -432,7 +467,7 @@ async fn a_killed_activator_fails_what_it_held_at_once_and_no_scaler_gives_a_cle
     let act = start_activator(
         &format!("http://{}", free_port()),
         engine,
-        &["--hold-timeout=1s"],
+        &["--hold-timeout=1s", "--keep-alive-interval=off"],
     )
     .await;
     let a = chat(&c, act.addr).await.unwrap();
@@ -444,5 +479,118 @@ async fn a_killed_activator_fails_what_it_held_at_once_and_no_scaler_gives_a_cle
     assert!(
         msg.contains("test/chat") && msg.contains("the scaler is unreachable"),
         "{msg}"
+    );
+}
+
+/// A streamed response read frame by frame: each frame's text and when it
+/// arrived after `since`.
+async fn frames(resp: Response<Incoming>, since: std::time::Instant) -> Vec<(Duration, String)> {
+    let mut body = resp.into_body();
+    let mut out = Vec::new();
+    while let Some(f) = body.frame().await {
+        if let Ok(data) = f.unwrap().into_data() {
+            out.push((since.elapsed(), String::from_utf8_lossy(&data).into_owned()));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_held_stream_gets_keep_alives_then_the_engines_events_as_they_come() {
+    let engine = free_port();
+    // Ready 3 s after the scaler asks; its 5 events 400 ms apart.
+    let target = FakeTarget::with_gap(
+        engine,
+        Duration::from_secs(3),
+        true,
+        Duration::from_millis(400),
+    );
+    let scaler = start_scaler(target.clone()).await;
+    let act = start_activator(
+        &format!("http://{}", scaler.grpc_addr()),
+        engine,
+        &["--hold-timeout=30s", "--keep-alive-interval=500ms"],
+    )
+    .await;
+    let c = client();
+    let sent = std::time::Instant::now();
+    let resp = c
+        .request(
+            Request::post(format!("http://{}/v1/chat/completions", act.addr))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from_static(
+                    b"{\"model\":\"chat\",\"stream\":true,\"messages\":[]}",
+                )))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let head = sent.elapsed();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+    // The 200 comes while the request is held, long before the engine is up.
+    assert!(head < Duration::from_secs(2), "head after {head:?}");
+    let got = frames(resp, sent).await;
+    let first_event = got
+        .iter()
+        .position(|(_, t)| t.starts_with("data:"))
+        .expect("the engine's events");
+    let keep_alives = &got[..first_event];
+    // Held ≥ 3 s at one comment per 500 ms (the first at once).
+    assert!(keep_alives.len() >= 5, "{got:?}");
+    assert!(
+        keep_alives.iter().all(|(_, t)| t == ": keep-alive\n\n"),
+        "{got:?}"
+    );
+    let text: String = got[first_event..].iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(text.matches("\"content\"").count(), CHUNKS, "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // Passed through as the engine sent them: the first event reached the
+    // client well before the last was sent (4 gaps of 400 ms).
+    let (first_at, last_at) = (got[first_event].0, got[got.len() - 1].0);
+    assert!(
+        last_at - first_at >= Duration::from_millis(1200),
+        "events gathered up: first at {first_at:?}, last at {last_at:?}"
+    );
+    assert_eq!(
+        act.metric(
+            "gpuscale_activator_requests_total{namespace=\"test\",workload=\"chat\",outcome=\"kept_alive\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    drop(act);
+    scaler.shutdown().await.unwrap();
+
+    // No scaler and a short deadline: the held stream's 200 is followed by
+    // keep-alives and an SSE error event saying why.
+    let act = start_activator(
+        &format!("http://{}", free_port()),
+        free_port(),
+        &["--hold-timeout=1s", "--keep-alive-interval=200ms"],
+    )
+    .await;
+    let sent = std::time::Instant::now();
+    let resp = c
+        .request(
+            Request::post(format!("http://{}/v1/chat/completions", act.addr))
+                .header(header::ACCEPT, "text/event-stream")
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let got = frames(resp, sent).await;
+    let (last, comments) = got.split_last().expect("frames");
+    assert!(comments.len() >= 3, "{got:?}");
+    let v: serde_json::Value =
+        serde_json::from_str(last.1.strip_prefix("data: ").unwrap().trim()).unwrap();
+    assert_eq!(v["error"]["code"], "no_ready_replica", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the scaler is unreachable")
     );
 }

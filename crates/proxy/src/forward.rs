@@ -75,7 +75,7 @@ pub struct ForwardError {
 /// Forwards requests to one upstream; cloning shares its connection pool.
 #[derive(Debug, Clone)]
 pub struct Forwarder {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, RequestBody>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
 }
@@ -128,6 +128,14 @@ impl Forwarder {
     pub async fn forward(
         &self,
         req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        self.forward_body(req.map(RequestBody::Streamed)).await
+    }
+
+    /// As [`Forwarder::forward`], for a request whose body was read first.
+    pub async fn forward_body(
+        &self,
+        req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, ForwardError> {
         let (mut parts, body) = req.into_parts();
         let mut uri = http::uri::Parts::default();
@@ -317,6 +325,49 @@ impl<O: Observe> Body for ObservedBody<O> {
     }
 }
 
+/// The body of a request sent upstream: passed through as it arrives, or
+/// read whole first (the activator reads a held request's body to see
+/// whether it asks for a stream).
+#[derive(Debug)]
+pub enum RequestBody {
+    Streamed(Incoming),
+    Read(Full<Bytes>),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Streamed(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Read(f) => match Pin::new(f).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+                Poll::Ready(Some(Err(never))) => match never {},
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streamed(b) => b.is_end_stream(),
+            RequestBody::Read(f) => f.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streamed(b) => b.size_hint(),
+            RequestBody::Read(f) => f.size_hint(),
+        }
+    }
+}
+
 /// The body of every response the proxy sends.
 #[derive(Debug)]
 pub enum ResponseBody<O: Observe = NoObserver> {
@@ -326,6 +377,9 @@ pub enum ResponseBody<O: Observe = NoObserver> {
     Upstream(Incoming),
     /// The upstream's body, observed.
     Observed(ObservedBody<O>),
+    /// Frames sent by a task (the activator's keep-alives of a held
+    /// stream, then the upstream's frames as they arrive).
+    Channel(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, hyper::Error>>),
 }
 
 /// The observer of bodies nobody observes.
@@ -344,6 +398,7 @@ impl<O: Observe> ResponseBody<O> {
         match self {
             ResponseBody::Full(f) => Some(ResponseBody::Full(f)),
             ResponseBody::Upstream(b) => Some(ResponseBody::Upstream(b)),
+            ResponseBody::Channel(c) => Some(ResponseBody::Channel(c)),
             ResponseBody::Observed(_) => None,
         }
     }
@@ -366,6 +421,7 @@ impl<O: Observe> Body for ResponseBody<O> {
             },
             ResponseBody::Upstream(b) => Pin::new(b).poll_frame(cx),
             ResponseBody::Observed(b) => Pin::new(b).poll_frame(cx),
+            ResponseBody::Channel(c) => c.poll_recv(cx),
         }
     }
 
@@ -374,6 +430,7 @@ impl<O: Observe> Body for ResponseBody<O> {
             ResponseBody::Full(f) => f.is_end_stream(),
             ResponseBody::Upstream(b) => b.is_end_stream(),
             ResponseBody::Observed(b) => b.is_end_stream(),
+            ResponseBody::Channel(_) => false,
         }
     }
 
@@ -382,6 +439,7 @@ impl<O: Observe> Body for ResponseBody<O> {
             ResponseBody::Full(f) => f.size_hint(),
             ResponseBody::Upstream(b) => b.size_hint(),
             ResponseBody::Observed(b) => b.size_hint(),
+            ResponseBody::Channel(_) => SizeHint::default(),
         }
     }
 }

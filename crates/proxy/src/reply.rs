@@ -21,14 +21,7 @@ pub fn error<O: Observe>(
     retry_after: Option<Duration>,
     close: bool,
 ) -> Response<ResponseBody<O>> {
-    let kind = if status.is_server_error() {
-        "server_error"
-    } else {
-        "invalid_request_error"
-    };
-    let body = serde_json::json!({
-        "error": { "message": message, "type": kind, "code": code }
-    });
+    let body = error_json(status, code, message);
     let mut resp = Response::new(ResponseBody::Full(Full::new(Bytes::from(body.to_string()))));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -44,6 +37,23 @@ pub fn error<O: Observe>(
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+fn error_json(status: StatusCode, code: &str, message: &str) -> serde_json::Value {
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    serde_json::json!({
+        "error": { "message": message, "type": kind, "code": code }
+    })
+}
+
+/// The same error as an SSE event (`data: {"error": ...}`), for a stream
+/// whose 200 was already sent (OpenAI's clients raise it as an API error).
+pub fn sse_error(status: StatusCode, code: &str, message: &str) -> Bytes {
+    Bytes::from(format!("data: {}\n\n", error_json(status, code, message)))
 }
 
 /// The response to a request the admission refused: 429 when the queue is

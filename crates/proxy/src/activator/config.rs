@@ -84,6 +84,13 @@ pub struct ActivatorArgs {
     /// How often held requests are reported to the scaler (100ms..=1m).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub report_interval: Duration,
+    /// How often a held streaming request (`"stream": true` in its JSON
+    /// body, or `Accept: text/event-stream`) receives an SSE comment
+    /// (`: keep-alive`) while it waits: it is answered 200
+    /// `text/event-stream` at once and the workload's stream follows
+    /// (100ms..=5m); `off`: held streams wait like other requests.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub keep_alive_interval: String,
     /// Deadline of a new connection to a workload's Service.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
@@ -117,6 +124,8 @@ pub struct ActivatorConfig {
     pub ready_path: String,
     pub probe_interval: Duration,
     pub report_interval: Duration,
+    /// SSE comments to held streaming requests this often; `None`: none.
+    pub keep_alive_interval: Option<Duration>,
     pub forward: ForwardConfig,
 }
 
@@ -139,6 +148,7 @@ impl ActivatorConfig {
             ready_path: "/health".into(),
             probe_interval: Duration::from_millis(250),
             report_interval: Duration::from_secs(1),
+            keep_alive_interval: Some(Duration::from_secs(10)),
             forward: ForwardConfig::default(),
         }
     }
@@ -206,6 +216,15 @@ impl ActivatorConfig {
             Duration::from_secs(60),
             "100ms..=1m",
         )?;
+        if let Some(every) = self.keep_alive_interval {
+            within(
+                "--keep-alive-interval",
+                every,
+                Duration::from_millis(100),
+                Duration::from_secs(300),
+                "100ms..=5m, or off",
+            )?;
+        }
         if !self.ready_path.starts_with('/') {
             return Err(ProxyError::config(
                 "--ready-path",
@@ -247,6 +266,15 @@ fn parse_workload(s: &str) -> Result<WorkloadRoute, ProxyError> {
     })
 }
 
+fn parse_keep_alive(s: &str) -> Result<Option<Duration>, ProxyError> {
+    if s.trim() == "off" {
+        return Ok(None);
+    }
+    parse_duration(s)
+        .map(Some)
+        .map_err(|e| ProxyError::config("--keep-alive-interval", s, e))
+}
+
 fn parse_addr(flag: &str, s: &str) -> Result<SocketAddr, ProxyError> {
     s.parse()
         .map_err(|_| ProxyError::config(flag, s, "an address such as 0.0.0.0:8080"))
@@ -285,6 +313,7 @@ impl ActivatorArgs {
         c.ready_path = self.ready_path.clone();
         c.probe_interval = self.probe_interval;
         c.report_interval = self.report_interval;
+        c.keep_alive_interval = parse_keep_alive(&self.keep_alive_interval)?;
         c.forward = ForwardConfig {
             connect_timeout: self.connect_timeout,
             reuse_connections: self.reuse_upstream_connections,
@@ -321,6 +350,25 @@ mod tests {
                 .contains("each workload once")
         );
         c.workloads.pop();
+        c.keep_alive_interval = Some(Duration::from_millis(10));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--keep-alive-interval")
+        );
+        assert_eq!(parse_keep_alive("off").unwrap(), None);
+        assert!(
+            parse_keep_alive("soon")
+                .unwrap_err()
+                .to_string()
+                .contains("--keep-alive-interval")
+        );
+        assert_eq!(
+            parse_keep_alive("2s").unwrap(),
+            Some(Duration::from_secs(2))
+        );
+        c.keep_alive_interval = None;
         c.hold_timeout = Duration::ZERO;
         assert!(
             c.validate()

@@ -23,7 +23,11 @@
 //!   `--max-held-per-workload` per workload and `--max-held` in all:
 //!   beyond, 429 with `Retry-After`) for at most `--hold-timeout` (then 503
 //!   `no_ready_replica`, saying whether the scaler is reachable), and the
-//!   scaler is told at once.
+//!   scaler is told at once. A held streaming request (`"stream": true`
+//!   or `Accept: text/event-stream`) is answered 200 `text/event-stream`
+//!   at once and receives `: keep-alive` SSE comments every
+//!   `--keep-alive-interval` while held; the workload's stream follows
+//!   frame by frame, and a refusal after the 200 is an SSE error event.
 //! * Stateless: several replicas can run; the scaler adds their reports
 //!   up. A restarted activator loses the requests it held (their
 //!   connections close: the clients see an error at once, not a hang).
@@ -44,7 +48,8 @@ use bytes::Bytes;
 use gpuscale_core::WorkloadRef;
 use http::header;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{Empty, Full};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
@@ -55,9 +60,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::admission::{Admission, Limit, QueueBudget, Refusal};
+use crate::admission::{Admission, Limit, Permit, QueueBudget, Refusal};
 use crate::error::ProxyError;
-use crate::forward::{Forwarder, NoObserver, ResponseBody, refuse_upgrade};
+use crate::forward::{Forwarder, NoObserver, RequestBody, ResponseBody, refuse_upgrade};
 use crate::sidecar::admin::{json, respond};
 use crate::{reply, server};
 pub use config::{ActivatorArgs, ActivatorConfig, WorkloadRoute};
@@ -83,6 +88,8 @@ pub(crate) struct Route {
     refused_full: AtomicU64,
     refused_timeout: AtomicU64,
     upstream_failed: AtomicU64,
+    /// Held streams answered 200 at once and kept alive.
+    kept_alive: AtomicU64,
     /// A request arrived while not ready since the last report.
     wake: AtomicBool,
     probe_now: Notify,
@@ -110,6 +117,14 @@ impl Route {
     fn oldest_held_s(&self) -> f64 {
         let h = self.holding.lock().unwrap_or_else(|p| p.into_inner());
         h.values().next().map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
+
+    /// The request `id` is no longer held.
+    fn unhold(&self, id: u64) {
+        self.holding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
 
     fn observe_hold(&self, s: f64) {
@@ -180,6 +195,16 @@ impl Shared {
 
 type ActivatorResponse = Response<ResponseBody<NoObserver>>;
 
+/// The longest request body the activator reads to see whether a held
+/// request asks for a stream (a longer one is held like any other).
+const MAX_INSPECTED_BODY: u64 = 8 << 20;
+
+/// The SSE comment a held stream receives while it waits.
+const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+
+/// Why a request got no permit: its status, code and message.
+type Refused = (StatusCode, &'static str, String);
+
 async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
@@ -204,36 +229,148 @@ async fn handle(
     };
     route.arrivals.fetch_add(1, Ordering::Relaxed);
     let arrived = Instant::now();
-    let hold = if route.ready.load(Ordering::SeqCst) {
-        None
-    } else {
-        route.wake.store(true, Ordering::SeqCst);
-        shared.report_now.notify_one();
-        route.probe_now.notify_one();
-        let id = shared.next_hold.fetch_add(1, Ordering::Relaxed);
-        route
-            .holding
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, arrived);
-        Some(id)
-    };
-    let admitted = route
-        .admission
-        .acquire(arrived + shared.config.hold_timeout)
-        .await;
-    if let Some(id) = hold {
-        route
-            .holding
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+    let mut req = req.map(RequestBody::Streamed);
+    if route.ready.load(Ordering::SeqCst) {
+        return Ok(forward(&route, req, retry_after).await);
     }
+    route.wake.store(true, Ordering::SeqCst);
+    shared.report_now.notify_one();
+    route.probe_now.notify_one();
+    let id = shared.next_hold.fetch_add(1, Ordering::Relaxed);
+    route
+        .holding
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, arrived);
+    let deadline = arrived + shared.config.hold_timeout;
+    let keep_alive = match shared.config.keep_alive_interval {
+        Some(every) => {
+            let (read, streaming) = match wants_stream(req).await {
+                Ok(r) => r,
+                Err(why) => {
+                    route.unhold(id);
+                    return Ok(reply::error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request_body",
+                        &why,
+                        None,
+                        false,
+                    ));
+                }
+            };
+            req = read;
+            streaming.then_some(every)
+        }
+        None => None,
+    };
+    let r = route.clone();
+    let mut acquire = Box::pin(async move { r.admission.acquire(deadline).await });
+    if let Some(every) = keep_alive {
+        // Polled once: a full queue is refused with a status, a held
+        // stream is answered 200 at once and kept alive.
+        let first = tokio::select! {
+            biased;
+            a = &mut acquire => Some(a),
+            () = std::future::ready(()) => None,
+        };
+        let Some(admitted) = first else {
+            route.kept_alive.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tokio::spawn(hold_stream(
+                shared.clone(),
+                route.clone(),
+                id,
+                acquire,
+                req,
+                every,
+                tx,
+            ));
+            let mut resp = Response::new(ResponseBody::Channel(rx));
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/event-stream"),
+            );
+            h.insert(
+                header::CACHE_CONTROL,
+                http::HeaderValue::from_static("no-cache"),
+            );
+            return Ok(resp);
+        };
+        return Ok(match settle(&shared, &route, id, admitted) {
+            Ok(()) => forward(&route, req, retry_after).await,
+            Err(refused) => refusal_response(refused, retry_after, http1),
+        });
+    }
+    let admitted = acquire.await;
+    Ok(match settle(&shared, &route, id, admitted) {
+        Ok(()) => forward(&route, req, retry_after).await,
+        Err(refused) => refusal_response(refused, retry_after, http1),
+    })
+}
+
+fn refusal_response(
+    (status, code, message): Refused,
+    retry_after: Duration,
+    http1: bool,
+) -> ActivatorResponse {
+    let close = http1 && code == Refusal::Draining.code();
+    reply::error(status, code, &message, Some(retry_after), close)
+}
+
+/// Whether a held request asks for a stream: `Accept: text/event-stream`,
+/// or `"stream": true` in a JSON body (read whole, when it says its
+/// length and that is at most [`MAX_INSPECTED_BODY`]).
+async fn wants_stream(req: Request<RequestBody>) -> Result<(Request<RequestBody>, bool), String> {
+    let accepts = req
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("text/event-stream")));
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    let length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if accepts || !json || length.is_none_or(|l| l > MAX_INSPECTED_BODY) {
+        return Ok((req, accepts));
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| format!("reading the request body: {e}"))?
+        .to_bytes();
+    #[derive(serde::Deserialize)]
+    struct StreamFlag {
+        #[serde(default)]
+        stream: bool,
+    }
+    let streaming = serde_json::from_slice::<StreamFlag>(&bytes).is_ok_and(|f| f.stream);
+    Ok((
+        Request::from_parts(parts, RequestBody::Read(Full::new(bytes))),
+        streaming,
+    ))
+}
+
+/// Ends a hold: the request is no longer held, and a refusal says why.
+fn settle(
+    shared: &Shared,
+    route: &Route,
+    id: u64,
+    admitted: Result<Permit, Refusal>,
+) -> Result<(), Refused> {
+    route.unhold(id);
     let permit = match admitted {
         Ok(p) => p,
         Err(r @ Refusal::QueueFull { .. }) => {
             route.refused_full.fetch_add(1, Ordering::Relaxed);
-            return Ok(reply::refusal(&r, retry_after, http1));
+            return Err((StatusCode::TOO_MANY_REQUESTS, r.code(), r.to_string()));
         }
         Err(Refusal::Timeout { waited_ms }) => {
             route.refused_timeout.fetch_add(1, Ordering::Relaxed);
@@ -244,42 +381,119 @@ async fn handle(
             } else {
                 "the scaler is unreachable"
             };
-            return Ok(reply::error(
+            return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_ready_replica",
-                &format!(
+                format!(
                     "no ready replica of {} within {waited_ms} ms ({scaler})",
                     route.workload
                 ),
-                Some(retry_after),
-                false,
             ));
         }
-        Err(r @ Refusal::Draining) => return Ok(reply::refusal(&r, retry_after, http1)),
+        Err(r @ Refusal::Draining) => {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, r.code(), r.to_string()));
+        }
     };
-    if hold.is_some() {
-        route.held_total.fetch_add(1, Ordering::Relaxed);
-        route.observe_hold(permit.queued_for().as_secs_f64());
-    }
+    route.held_total.fetch_add(1, Ordering::Relaxed);
+    route.observe_hold(permit.queued_for().as_secs_f64());
     // Ready workloads have no limit at the activator (each pod's proxy
     // enforces its batch limit): the slot is not held while streaming.
     drop(permit);
-    match route.forwarder.forward(req).await {
-        Ok(resp) => Ok(resp.map(ResponseBody::Upstream)),
-        Err(e) => {
-            route.upstream_failed.fetch_add(1, Ordering::Relaxed);
-            warn!(workload = %route.workload, error = %e, "the workload's Service is unreachable: holding new requests");
-            route.set_ready(false);
-            route.probe_now.notify_one();
-            Ok(reply::error(
-                StatusCode::BAD_GATEWAY,
-                "upstream_unavailable",
-                &e.to_string(),
-                Some(retry_after),
-                false,
-            ))
-        }
+    Ok(())
+}
+
+/// Sends a request to the workload's Service; unreachable, the workload
+/// is not ready any more.
+async fn forward_upstream(
+    route: &Route,
+    req: Request<RequestBody>,
+) -> Result<Response<Incoming>, String> {
+    route.forwarder.forward_body(req).await.map_err(|e| {
+        route.upstream_failed.fetch_add(1, Ordering::Relaxed);
+        warn!(workload = %route.workload, error = %e, "the workload's Service is unreachable: holding new requests");
+        route.set_ready(false);
+        route.probe_now.notify_one();
+        e.to_string()
+    })
+}
+
+async fn forward(
+    route: &Route,
+    req: Request<RequestBody>,
+    retry_after: Duration,
+) -> ActivatorResponse {
+    match forward_upstream(route, req).await {
+        Ok(resp) => resp.map(ResponseBody::Upstream),
+        Err(e) => reply::error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_unavailable",
+            &e,
+            Some(retry_after),
+            false,
+        ),
     }
+}
+
+type FrameSender = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, hyper::Error>>;
+
+/// A held stream already answered 200: SSE comments every `every` until
+/// the request is admitted, then the workload's stream frame by frame as
+/// it arrives (or an SSE error event). A client that goes away gives its
+/// place in the queue back.
+async fn hold_stream(
+    shared: Arc<Shared>,
+    route: Arc<Route>,
+    id: u64,
+    mut acquire: std::pin::Pin<Box<impl Future<Output = Result<Permit, Refusal>>>>,
+    req: Request<RequestBody>,
+    every: Duration,
+    tx: FrameSender,
+) {
+    let mut tick = tokio::time::interval(every);
+    let admitted = loop {
+        tokio::select! {
+            a = &mut acquire => break a,
+            () = tx.closed() => {
+                route.unhold(id);
+                return;
+            }
+            _ = tick.tick() => {
+                if tx.send(Ok(Frame::data(Bytes::from_static(KEEP_ALIVE)))).await.is_err() {
+                    route.unhold(id);
+                    return;
+                }
+            }
+        }
+    };
+    let error = match settle(&shared, &route, id, admitted) {
+        Err((status, code, message)) => reply::sse_error(status, code, &message),
+        Ok(()) => match forward_upstream(&route, req).await {
+            Ok(resp) if resp.status().is_success() => {
+                let mut body = resp.into_body();
+                while let Some(frame) = body.frame().await {
+                    if tx.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
+            Ok(resp) => {
+                let status = resp.status();
+                let body = http_body_util::Limited::new(resp.into_body(), 4096)
+                    .collect()
+                    .await
+                    .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                    .unwrap_or_default();
+                reply::sse_error(
+                    status,
+                    "upstream_status",
+                    &format!("the workload answered {status}: {body:.1000}"),
+                )
+            }
+            Err(e) => reply::sse_error(StatusCode::BAD_GATEWAY, "upstream_unavailable", &e),
+        },
+    };
+    let _ = tx.send(Ok(Frame::data(error))).await;
 }
 
 /// Probes a route's Service until stopped.
@@ -352,6 +566,7 @@ fn admin_metrics(shared: &Shared) -> String {
             ("queue_full", &r.refused_full),
             ("no_ready_replica", &r.refused_timeout),
             ("upstream_failed", &r.upstream_failed),
+            ("kept_alive", &r.kept_alive),
         ] {
             let _ = writeln!(
                 o,
@@ -514,6 +729,7 @@ pub async fn start(config: ActivatorConfig) -> Result<RunningActivator, ProxyErr
             refused_full: AtomicU64::new(0),
             refused_timeout: AtomicU64::new(0),
             upstream_failed: AtomicU64::new(0),
+            kept_alive: AtomicU64::new(0),
             wake: AtomicBool::new(false),
             probe_now: Notify::new(),
             expected_ready_ms: AtomicI64::new(0),
