@@ -11,7 +11,9 @@
 //! * `ScalingActive`: decisions are made from fresh telemetry
 //!   (`TelemetryFresh`), from fresh telemetry of only some of the expected
 //!   replicas with the rest carried and scale-in held (`TelemetryIncomplete`,
-//!   "incomplete: 2 of 3 replicas reported (silent: node-b)"), or held for
+//!   "incomplete: 2 of 3 replicas reported (silent: node-b)"; with at least
+//!   the configured `completeness.minReportingShare` reporting, scale-in is
+//!   only limited to the replicas that report), or held for
 //!   missing or stale data (`MissingTelemetry`).
 //! * `AbleToScale`: `/scale` can be read and written (`ReadyForNewScale`,
 //!   `SucceededRescale`, `ExternalChangeAdopted`), or not
@@ -151,7 +153,11 @@ pub(crate) fn compose(
         (Some(_), Some(line)) => (
             "True",
             "TelemetryIncomplete",
-            format!("{line}; scale-in held, scale-up allowed"),
+            if line.contains(gpuscale_scaler::complete::ENOUGH_REPORTED) {
+                format!("{line}; scale-in limited to replicas that report")
+            } else {
+                format!("{line}; scale-in held, scale-up allowed")
+            },
         ),
         (Some(d), None) => (
             "True",
@@ -437,6 +443,8 @@ async fn announce_advisory(shared: &Shared, entry: &WorkloadEntry, d: &Decision)
 
 #[cfg(test)]
 mod tests {
+    use gpuscale_policy::Limit;
+
     use super::*;
 
     #[test]
@@ -487,5 +495,72 @@ mod tests {
         }
         assert!(s.conditions[0].message.contains("spec.minReplicas"));
         assert_eq!(s.conditions[3].type_, ADVISORY);
+    }
+
+    fn decided(at: Timestamp, current: u32, desired: u32, limits: Vec<Limit>) -> Decision {
+        Decision {
+            at,
+            current_replicas: current,
+            desired_replicas: desired,
+            batch_limit: None,
+            action: gpuscale_policy::Action::Hold,
+            winner: Source::Reactive,
+            recommendations: vec![],
+            limits,
+            victims: vec![],
+            model_confidence: 1.0,
+            advisory: false,
+            slo: Default::default(),
+            inputs: gpuscale_policy::DecisionInputs::None,
+            scale_to_zero: None,
+        }
+    }
+
+    fn inputs(decision: &Decision) -> StatusInputs<'_> {
+        StatusInputs {
+            generation: 1,
+            ready: Cond::new(true, "TargetResolved", "ok"),
+            able: Cond::new(true, "ReadyForNewScale", "ok"),
+            advisory: false,
+            selector: None,
+            spec_replicas: Some(decision.current_replicas),
+            last_scale_time: None,
+            decision: Some(decision),
+            observation: None,
+        }
+    }
+
+    #[test]
+    fn an_incomplete_decision_says_whether_scale_in_was_held_or_limited() {
+        let now = Timestamp::from_millis(1_000_000);
+        let scaling = |what: &str| {
+            let d = decided(
+                now,
+                10,
+                10,
+                vec![Limit::Incomplete {
+                    what: what.to_string(),
+                    held: None,
+                }],
+            );
+            let s = compose(None, &inputs(&d), now);
+            let c = s
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == SCALING_ACTIVE)
+                .expect("ScalingActive");
+            assert_eq!(c.reason, "TelemetryIncomplete");
+            c.message
+        };
+        let held = scaling("incomplete: 8 of 10 replicas reported (silent: node-c)");
+        assert!(held.ends_with("scale-in held, scale-up allowed"), "{held}");
+        let limited = scaling(&format!(
+            "incomplete: 9 of 10 replicas reported (silent: node-c); at least 9 required: {}",
+            gpuscale_scaler::complete::ENOUGH_REPORTED
+        ));
+        assert!(
+            limited.ends_with("scale-in limited to replicas that report"),
+            "{limited}"
+        );
     }
 }

@@ -13,9 +13,18 @@
 //! freshly without it (standalone) — never merely because it went silent.
 //! Standalone, a replica silent for longer than the horizon is forgotten.
 //!
-//! With any expected replica missing the decision holds: no scale-in,
-//! scale-up allowed from what is seen and carried, and the decision says
+//! With fewer expected replicas reporting than the required share
+//! (`completeness.minReportingShare` in the configuration file, default 1:
+//! any missing replica) the decision holds: no scale-in, scale-up allowed
+//! from what is seen and carried, and the decision says
 //! `incomplete: 4 of 6 replicas reported (silent: node-c)`.
+//!
+//! With a share below 1 and at least that share reporting (rounded up: 90%
+//! of 6 is 6, of 10 is 9), the decision stands, within two limits that keep
+//! it safe: the silent replicas' load is still carried (never read as
+//! zero), and a scale-in never drains a silent replica (one the decider
+//! named is spared and the count raised by one for it) nor removes more
+//! replicas than reported. The decision still says it was incomplete.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -31,6 +40,10 @@ use crate::view::{EngineView, StateView};
 /// How the line an incomplete decision carries in its limits starts.
 pub const INCOMPLETE: &str = "incomplete: ";
 
+/// What the incomplete-data line says when enough replicas reported for
+/// the decision to stand (scale-in allowed, within limits).
+pub const ENOUGH_REPORTED: &str = "deciding with the silent replicas' last load carried";
+
 /// The incomplete-data line of `decision`, if it has one.
 pub fn incomplete_line(decision: &Decision) -> Option<&str> {
     decision.limits.iter().find_map(|l| match l {
@@ -39,6 +52,14 @@ pub fn incomplete_line(decision: &Decision) -> Option<&str> {
     })
 }
 
+/// The share of expected replicas that must report for a decision to
+/// scale in (the default: all of them).
+pub const DEFAULT_MIN_REPORTING_SHARE: f64 = 1.0;
+
+/// The lowest share accepted: below half, the replicas heard from could be
+/// the minority side of a partition.
+pub const LOWEST_MIN_REPORTING_SHARE: f64 = 0.5;
+
 /// What a workload heard from the replicas it expects.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Completeness {
@@ -46,11 +67,22 @@ pub struct Completeness {
     pub reporting: u32,
     /// Nodes of the missing replicas (as last heard), for the message.
     pub silent_nodes: BTreeSet<NodeName>,
+    /// Pod names of the missing replicas: never scale-in victims.
+    pub silent_pods: BTreeSet<String>,
 }
 
 impl Completeness {
     pub fn complete(&self) -> bool {
         self.reporting >= self.expected
+    }
+
+    /// Replicas that must report at `min_share` (rounded up, at least one
+    /// when any is expected).
+    pub fn required(&self, min_share: f64) -> u32 {
+        let share = min_share.clamp(LOWEST_MIN_REPORTING_SHARE, 1.0);
+        // 1e-9: 0.9 × 10 is 9.000000000000002 in floating point.
+        let required = (share * f64::from(self.expected) - 1e-9).ceil();
+        (required.max(0.0) as u32).min(self.expected)
     }
 
     /// `incomplete: 4 of 6 replicas reported (silent: node-c)`.
@@ -191,6 +223,7 @@ impl Roster {
                     if let Some(node) = node {
                         completeness.silent_nodes.insert(node);
                     }
+                    completeness.silent_pods.insert(pod.name.clone());
                     // Carried as last heard; else whatever the view has.
                     if let Some(e) = carried.or(current.copied()) {
                         observed.push(Arc::clone(e));
@@ -211,10 +244,44 @@ impl Roster {
     }
 }
 
-/// Holds `decision` for an incomplete observation: no scale-in (scale-up
-/// stands), and the decision says how incomplete.
-pub fn hold(decision: &mut Decision, completeness: &Completeness) {
+/// Limits `decision` for an incomplete observation and says how incomplete.
+///
+/// Fewer reporting than `min_share` of the expected replicas: no scale-in
+/// (scale-up stands). At least that share: the decision stands, except
+/// that a silent replica is never a victim (the count is raised by one for
+/// each the decider named) and no more replicas are removed than reported.
+pub fn hold(decision: &mut Decision, completeness: &Completeness, min_share: f64) {
     if completeness.complete() {
+        return;
+    }
+    let required = completeness.required(min_share);
+    if completeness.reporting >= required {
+        let mut what = format!(
+            "{}; at least {required} required: {ENOUGH_REPORTED}",
+            completeness.describe()
+        );
+        let (current, proposed) = (decision.current_replicas, decision.desired_replicas);
+        if proposed < current {
+            let before = decision.victims.len();
+            decision
+                .victims
+                .retain(|v| !completeness.silent_pods.contains(v));
+            let spared = u32::try_from(before - decision.victims.len()).unwrap_or(u32::MAX);
+            let floor = current.saturating_sub(completeness.reporting);
+            let desired = proposed.saturating_add(spared).max(floor).min(current);
+            if desired != proposed {
+                what.push_str(&format!(
+                    "; scale-in limited to {desired} instead of {proposed} (silent replicas are not removed)"
+                ));
+                decision.desired_replicas = desired;
+                let removed = (current - desired) as usize;
+                decision.victims.truncate(removed);
+                if desired == current {
+                    decision.action = Action::Hold;
+                }
+            }
+        }
+        decision.limits.push(Limit::Incomplete { what, held: None });
         return;
     }
     let mut held = None;
@@ -320,6 +387,7 @@ mod tests {
             c.describe(),
             "incomplete: 1 of 2 replicas reported (silent: c)"
         );
+        assert_eq!(c.silent_pods, BTreeSet::from(["c-0".to_string()]));
         let carried = observed
             .iter()
             .find(|e| e.sample.pod.name == "c-0")
@@ -403,9 +471,10 @@ mod tests {
             expected: 6,
             reporting: 5,
             silent_nodes: [NodeName::new("node-c")].into(),
+            silent_pods: ["c-0".to_string()].into(),
         };
         let mut d = decision(6, 4, Action::ScaleDown);
-        hold(&mut d, &incomplete);
+        hold(&mut d, &incomplete, 1.0);
         assert_eq!((d.desired_replicas, d.action), (6, Action::Hold));
         assert!(d.victims.is_empty());
         assert!(
@@ -415,7 +484,7 @@ mod tests {
             d.summary()
         );
         let mut d = decision(6, 8, Action::ScaleUp);
-        hold(&mut d, &incomplete);
+        hold(&mut d, &incomplete, 1.0);
         assert_eq!((d.desired_replicas, d.action), (8, Action::ScaleUp));
         assert!(
             d.summary().contains("incomplete: 5 of 6"),
@@ -430,7 +499,90 @@ mod tests {
                 reporting: 6,
                 ..Completeness::default()
             },
+            1.0,
         );
         assert_eq!(d.desired_replicas, 4);
+    }
+
+    #[test]
+    fn the_required_count_is_the_share_rounded_up() {
+        let c = |expected| Completeness {
+            expected,
+            ..Completeness::default()
+        };
+        assert_eq!(c(6).required(0.9), 6, "90% of 6 leaves no replica out");
+        assert_eq!(c(10).required(0.9), 9);
+        assert_eq!(c(10).required(1.0), 10);
+        assert_eq!(c(3).required(0.5), 2);
+        assert_eq!(c(0).required(0.9), 0);
+        // Below the lowest share accepted, the lowest share.
+        assert_eq!(c(10).required(0.1), 5);
+    }
+
+    fn nine_of_ten() -> Completeness {
+        Completeness {
+            expected: 10,
+            reporting: 9,
+            silent_nodes: [NodeName::new("node-c")].into(),
+            silent_pods: ["c-0".to_string()].into(),
+        }
+    }
+
+    #[test]
+    fn at_the_share_a_scale_in_stands_but_spares_the_silent_replica() {
+        let mut d = decision(10, 7, Action::ScaleDown);
+        d.victims = vec!["c-0".into(), "a-1".into(), "a-2".into()];
+        hold(&mut d, &nine_of_ten(), 0.9);
+        assert_eq!((d.desired_replicas, d.action), (8, Action::ScaleDown));
+        assert_eq!(d.victims, ["a-1", "a-2"]);
+        let s = d.summary();
+        assert!(
+            s.contains(
+                "incomplete: 9 of 10 replicas reported (silent: node-c); at least 9 required"
+            ) && s.contains("scale-in limited to 8 instead of 7"),
+            "{s}"
+        );
+        assert!(!s.contains("no scale-in"), "{s}");
+        // A scale-in that names no silent replica stands as decided.
+        let mut d = decision(10, 7, Action::ScaleDown);
+        d.victims = vec!["a-1".into(), "a-2".into(), "a-3".into()];
+        hold(&mut d, &nine_of_ten(), 0.9);
+        assert_eq!((d.desired_replicas, d.victims.len()), (7, 3));
+        // Never more removed than reported.
+        let mut d = decision(10, 0, Action::ScaleDown);
+        d.victims = vec![];
+        let few = Completeness {
+            expected: 4,
+            reporting: 3,
+            silent_nodes: BTreeSet::new(),
+            silent_pods: BTreeSet::new(),
+        };
+        hold(&mut d, &few, 0.5);
+        assert_eq!(
+            d.desired_replicas, 7,
+            "10 current, 3 reporting: at most 3 removed"
+        );
+    }
+
+    #[test]
+    fn below_the_share_scale_in_is_held() {
+        let mut eight = nine_of_ten();
+        eight.reporting = 8;
+        let mut d = decision(10, 7, Action::ScaleDown);
+        hold(&mut d, &eight, 0.9);
+        assert_eq!((d.desired_replicas, d.action), (10, Action::Hold));
+        assert!(d.victims.is_empty());
+        assert!(
+            d.summary()
+                .contains("no scale-in (held at 10 instead of 7)")
+        );
+        // The default share holds on any missing replica.
+        let mut d = decision(10, 7, Action::ScaleDown);
+        hold(&mut d, &nine_of_ten(), 1.0);
+        assert_eq!((d.desired_replicas, d.action), (10, Action::Hold));
+        // Scale-up stands either way.
+        let mut d = decision(10, 12, Action::ScaleUp);
+        hold(&mut d, &eight, 0.9);
+        assert_eq!((d.desired_replicas, d.action), (12, Action::ScaleUp));
     }
 }

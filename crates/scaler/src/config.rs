@@ -7,6 +7,9 @@
 //! ```yaml
 //! tick: 2s            # how often every workload is decided (default 2s)
 //! window: 30s         # span of the rate and latency windows (default 30s)
+//! completeness:
+//!   minReportingShare: 1.0   # share of expected replicas that must report
+//!                            # for a scale-in (0.5..=1, default 1: all)
 //! workloads:
 //!   - name: chat
 //!     namespace: default          # default "default"
@@ -80,6 +83,9 @@ pub struct ScalerConfig {
     pub warmup: Duration,
     /// Span of the rate and latency windows.
     pub window: Duration,
+    /// Share of a workload's expected replicas that must report for a
+    /// decision to scale in (see [`crate::complete`]); 1: all of them.
+    pub min_reporting_share: f64,
     /// Capacity of the queue from the gRPC handlers to the state task.
     pub ingest_queue: usize,
     /// How long a stream waits for room in a full ingest queue before it is
@@ -116,6 +122,7 @@ impl ScalerConfig {
             tick: Duration::from_secs(2),
             warmup: Duration::ZERO,
             window: Duration::from_secs(30),
+            min_reporting_share: crate::complete::DEFAULT_MIN_REPORTING_SHARE,
             ingest_queue: 1024,
             ingest_wait: Duration::from_secs(5),
             stream_outbound: 64,
@@ -238,6 +245,14 @@ impl ScalerConfig {
                 ));
             }
         }
+        let lowest = crate::complete::LOWEST_MIN_REPORTING_SHARE;
+        if !(self.min_reporting_share >= lowest && self.min_reporting_share <= 1.0) {
+            return Err(ScalerError::config(
+                "completeness.minReportingShare",
+                self.min_reporting_share.to_string(),
+                format!("{lowest}..=1 (the share of expected replicas that must report)"),
+            ));
+        }
         let mut seen = BTreeSet::new();
         for w in &self.workloads {
             if !seen.insert(w.workload.clone()) {
@@ -333,7 +348,17 @@ pub struct ScalerFile {
     #[serde(default, deserialize_with = "opt_duration")]
     pub window: Option<Duration>,
     #[serde(default)]
+    pub completeness: Option<CompletenessFile>,
+    #[serde(default)]
     pub workloads: Vec<WorkloadFile>,
+}
+
+/// `completeness:` in the file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CompletenessFile {
+    #[serde(default)]
+    pub min_reporting_share: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -434,6 +459,13 @@ impl ScalerFile {
         }
         if let Some(w) = self.window {
             config.window = w;
+        }
+        if let Some(share) = self
+            .completeness
+            .as_ref()
+            .and_then(|c| c.min_reporting_share)
+        {
+            config.min_reporting_share = share;
         }
         config.workloads = self.workloads(base_dir)?;
         config.validate_file_fields()
@@ -868,6 +900,12 @@ mod tests {
             .join("\n");
         let file = ScalerFile::parse(&yaml).expect("example parses");
         assert_eq!(file.tick, Some(Duration::from_secs(2)));
+        assert_eq!(
+            file.completeness
+                .as_ref()
+                .and_then(|c| c.min_reporting_share),
+            Some(1.0)
+        );
         let workloads = file.workloads(Path::new(".")).expect("example is valid");
         assert_eq!(workloads.len(), 2);
         assert!(matches!(workloads[0].decider, DeciderConfig::Policy { .. }));
@@ -1010,6 +1048,41 @@ mod tests {
             .expect_err("missing")
             .to_string();
         assert!(err.contains("/nonexistent/scaler.yaml"), "{err}");
+    }
+
+    #[test]
+    fn the_reporting_share_is_read_from_the_file_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("scaler.yaml");
+        let path_s = path.to_str().expect("utf-8");
+        let to_config = |yaml: &str| {
+            std::fs::write(&path, yaml).expect("write");
+            args(&["--config", path_s, "--insecure-plaintext", "--auth", "none"])
+                .expect("flags")
+                .to_config()
+        };
+        let config = to_config("").expect("no completeness section");
+        assert_eq!(
+            config.min_reporting_share, 1.0,
+            "the default holds on any missing replica"
+        );
+        let config = to_config("completeness: {minReportingShare: 0.9}\n").expect("valid");
+        assert_eq!(config.min_reporting_share, 0.9);
+        for bad in ["0.3", "1.5", "0", ".nan"] {
+            let err = to_config(&format!("completeness: {{minReportingShare: {bad}}}\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                err.starts_with(&format!("--config {path_s}: "))
+                    && err.contains("completeness.minReportingShare")
+                    && err.contains("0.5..=1"),
+                "{bad}: {err}"
+            );
+        }
+        let err = to_config("completeness: {minReportingShares: 0.9}\n")
+            .expect_err("unknown field")
+            .to_string();
+        assert!(err.contains("did you mean `minReportingShare`?"), "{err}");
     }
 
     #[test]

@@ -133,6 +133,8 @@ pub(crate) struct DecideLoop {
     warm_since: Option<tokio::time::Instant>,
     /// When a replica counts as silent, and when a silent one is forgotten.
     freshness: Freshness,
+    /// Share of expected replicas that must report for a scale-in.
+    min_reporting_share: f64,
     zero: crate::zero::ZeroHooks,
 }
 
@@ -196,7 +198,15 @@ impl DecideLoop {
                 silent_after: 2 * tick,
                 horizon: Duration::from_secs(300),
             },
+            min_reporting_share: complete::DEFAULT_MIN_REPORTING_SHARE,
         }
+    }
+
+    /// The share of a workload's expected replicas that must report for a
+    /// decision to scale in (see [`crate::complete::hold`]).
+    pub(crate) fn with_min_reporting_share(mut self, share: f64) -> Self {
+        self.min_reporting_share = share;
+        self
     }
 
     /// After start and after gaining leadership, nothing is decided,
@@ -346,7 +356,7 @@ impl DecideLoop {
                 w.warm = true;
             }
             let mut decision = w.decider.decide(now, &observation);
-            complete::hold(&mut decision, &completeness);
+            complete::hold(&mut decision, &completeness, self.min_reporting_share);
             self.metrics.decided(
                 &workload,
                 &decision,

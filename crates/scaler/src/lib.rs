@@ -255,6 +255,7 @@ impl Scaler {
             shutdown_rx.clone(),
         )
         .with_warmup(config.warmup)
+        .with_min_reporting_share(config.min_reporting_share)
         .with_replica_horizon((config.node_ttl * 10).max(Duration::from_secs(300)))
         .with_activators(handle.activators.clone());
         tasks.push(("decide", tokio::spawn(decide.run())));
