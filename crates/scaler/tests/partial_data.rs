@@ -2,7 +2,8 @@
 //! streams: a scaler that just started publishes and actuates nothing until
 //! its warm-up is over (KEDA's `GetMetrics` answers `UNAVAILABLE`, never a
 //! count made from no data), and a node that goes silent without closing its
-//! stream causes no scale-in while it is missing.
+//! stream causes no scale-in while it is missing (at a lower
+//! `completeness.minReportingShare`, its load is still carried).
 
 #![allow(clippy::unwrap_used)]
 
@@ -373,6 +374,58 @@ async fn a_silent_node_causes_no_scale_in_and_decisions_resume_when_it_returns()
     assert_eq!(
         a.streams.load(Ordering::SeqCst) + b.streams.load(Ordering::SeqCst),
         2
+    );
+    scaler.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn at_a_lower_reporting_share_a_silent_nodes_load_is_still_carried() {
+    let node_ttl = Duration::from_secs(1);
+    let mut config = config(Duration::ZERO, node_ttl);
+    config.min_reporting_share = 0.5;
+    let scaler = Scaler::new(config).start().await.unwrap();
+    let ch = channel(&scaler).await;
+    // As above: 420 tokens/s over three nodes need 6 replicas.
+    let a = FakeAgent::start(ch.clone(), "node-a", &["a-0", "a-1"], 70.0);
+    let b = FakeAgent::start(ch.clone(), "node-b", &["b-0", "b-1"], 70.0);
+    let c = FakeAgent::start(ch.clone(), "node-c", &["c-0", "c-1"], 70.0);
+    let decision = || {
+        let view = scaler.view().borrow().clone();
+        view.workloads.get(&chat()).and_then(|w| w.decision.clone())
+    };
+    let guard = Instant::now();
+    while !decision().is_some_and(|d| d.desired_replicas == 6 && d.current_replicas == 6) {
+        assert!(guard.elapsed() < Duration::from_secs(20), "never settled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // 4 of 6 is above the share: decisions stand, so only the carried load
+    // of node-c keeps the count at 6 (without it, 4).
+    c.silent.store(true, Ordering::SeqCst);
+    let silent_from = Instant::now();
+    let mut said = None;
+    while silent_from.elapsed() < 2 * node_ttl + Duration::from_secs(2) {
+        let d = decision().unwrap();
+        assert!(
+            d.desired_replicas >= 6,
+            "scaled in on missing data: {}",
+            d.summary()
+        );
+        let s = d.summary();
+        if s.contains("incomplete: 4 of 6 replicas reported (silent: node-c)") {
+            said = Some(s);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let said = said.expect("said incomplete");
+    assert!(
+        said.contains("at least 3 required: deciding with the silent replicas' last load carried")
+            && !said.contains("no scale-in"),
+        "{said}"
+    );
+    assert_eq!(
+        a.drains.load(Ordering::SeqCst) + b.drains.load(Ordering::SeqCst),
+        0,
+        "healthy pods drained"
     );
     scaler.shutdown().await.unwrap();
 }
