@@ -67,6 +67,7 @@ mod sources;
 pub mod spec;
 pub mod startup;
 pub mod victim;
+pub mod zero;
 
 pub use config::{LatencyObjective, PerfModelSource, WorkloadConfig};
 pub use decision::{

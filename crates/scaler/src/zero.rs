@@ -6,7 +6,8 @@
 //!   the decide loop decide at once when a workload at zero receives a
 //!   request (scale from zero does not wait for the next tick).
 //! * [`ZeroDecider`]: wraps a workload's decider when its `minReplicas` is
-//!   0. It learns the replicas' start-up time
+//!   0 and applies [`gpuscale_policy::zero::ZeroRule`] (the simulator
+//!   applies the same rule) with the activators' held requests. It learns the replicas' start-up time
 //!   ([`gpuscale_policy::startup`]), counts held requests as demand, scales
 //!   from zero at once when requests are held (saying when the first
 //!   replica is expected), keeps at least one replica while the workload is
@@ -19,9 +20,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use gpuscale_core::{Timestamp, WorkloadRef};
-use gpuscale_policy::idle::{self, Activity, IdleInputs, ScaleToZeroConfig};
-use gpuscale_policy::startup::{Phase, StartupModel, StartupSummary, StartupTracker};
-use gpuscale_policy::{Action, Decision, Limit, Observation, ScaleToZeroInputs};
+use gpuscale_policy::idle::ScaleToZeroConfig;
+use gpuscale_policy::startup::{Phase, StartupModel, StartupSummary};
+use gpuscale_policy::zero::{HeldDemand, ZeroRule};
+use gpuscale_policy::{Decision, Observation};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -33,9 +35,6 @@ use crate::decide::Decider;
 
 /// A report older than this counts for nothing.
 pub const REPORT_TTL: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Start-ups kept per workload for the quantiles.
-const STARTUP_WINDOW: usize = 64;
 
 #[derive(Debug, Clone, Copy)]
 struct Held {
@@ -224,18 +223,15 @@ pub struct ZeroDecider {
     workload: WorkloadRef,
     activators: Activators,
     metrics: Option<Arc<crate::ScalerMetrics>>,
-    config: ScaleToZeroConfig,
-    tracker: StartupTracker,
-    last_active: Option<Timestamp>,
-    last_arrivals: u64,
+    rule: ZeroRule,
 }
 
 impl std::fmt::Debug for ZeroDecider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ZeroDecider")
             .field("workload", &self.workload)
-            .field("config", &self.config)
-            .field("last_active", &self.last_active)
+            .field("config", self.rule.config())
+            .field("last_active", &self.rule.last_active())
             .finish_non_exhaustive()
     }
 }
@@ -254,10 +250,7 @@ impl ZeroDecider {
             workload,
             activators,
             metrics: None,
-            config,
-            tracker: StartupTracker::new(StartupModel::new(prior_s, STARTUP_WINDOW)),
-            last_active: None,
-            last_arrivals: 0,
+            rule: ZeroRule::new(config, prior_s),
         }
     }
 
@@ -271,97 +264,23 @@ impl ZeroDecider {
 impl Decider for ZeroDecider {
     fn decide(&mut self, now: Timestamp, obs: &Observation) -> Decision {
         let mut d = self.inner.decide(now, obs);
-        let engine_up = |_: &str| false;
-        self.tracker.observe(now, &obs.replica_samples, &engine_up);
-        let model = self.tracker.model();
-        let summary = model.summary();
-        let held = self.activators.held(&self.workload);
-        let in_flight =
-            obs.load.requests_running.unwrap_or(0.0) + obs.load.requests_waiting.unwrap_or(0.0);
-        let arrived = held.arrivals_total > self.last_arrivals
-            || obs.load.arrival_rate_rps.is_some_and(|r| r > 0.0);
-        self.last_arrivals = held.arrivals_total;
-        if held.held > 0 || in_flight > 0.0 || arrived || self.last_active.is_none() {
-            self.last_active = Some(now);
-        }
-        let last_active = self.last_active.unwrap_or(now);
-        let choice = idle::idle_period(&IdleInputs::from_config(
-            &self.config,
-            summary.p90_s,
-            obs.load.arrival_rate_rps,
-        ));
-        let starting = self.tracker.starting(now, &obs.replica_samples);
-        let first_ready_expected = (obs.replicas.ready == 0)
-            .then(|| starting.first().map(|s| s.expected_ready_at))
-            .flatten();
-        let current = obs.replicas.current;
-        let mut note: Option<Limit> = None;
-        if current == 0 {
-            if held.held > 0 && d.desired_replicas == 0 {
-                d.desired_replicas = 1;
-                d.action = Action::ScaleUp;
-                note = Some(Limit::ScaleFromZero {
-                    held: held.held,
-                    oldest_s: held.oldest_s,
-                    expected_at: now.plus_secs(summary.p50_s),
-                    startup: summary,
-                });
-            }
-        } else if d.desired_replicas <= 1 {
-            let activity = Activity {
-                in_flight,
-                held: u64::from(held.held),
-                last_active,
-            };
-            // Never blind: the replicas' running and waiting requests are known.
-            let known = obs.load.requests_running.is_some();
-            if known && idle::scale_to_zero(now, &activity, &choice) {
-                d.desired_replicas = 0;
-                d.action = Action::ScaleDown;
-                d.victims = obs.replica_samples.iter().map(|r| r.id.clone()).collect();
-                note = Some(Limit::ScaleToZero {
-                    idle_s: now.secs_since(last_active),
-                    idle: choice,
-                });
-            } else if d.desired_replicas == 0 {
-                d.desired_replicas = 1;
-                d.action = if current > 1 {
-                    Action::ScaleDown
-                } else {
-                    Action::Hold
-                };
-                note = Some(Limit::KeepOne {
-                    active_ago_s: now.secs_since(last_active),
-                    idle: choice,
-                    busy: held.held > 0 || in_flight > 0.0,
-                });
-            }
-        }
-        if !starting.is_empty() {
-            d.limits.push(Limit::Starting {
-                replicas: starting.clone(),
-            });
-        }
-        d.limits.extend(note);
-        let ready_by_lead =
-            self.tracker
-                .ready_by(now, now.plus_secs(summary.p90_s), &obs.replica_samples);
-        d.scale_to_zero = Some(Box::new(ScaleToZeroInputs {
-            held: held.held,
-            oldest_held_s: held.oldest_s,
-            in_flight,
-            idle_s: now.secs_since(last_active),
-            idle_period: choice,
-            startup: summary,
-            starting,
-            ready_at_p90_lead: ready_by_lead,
-            first_ready_expected,
-        }));
+        let h = self.activators.held(&self.workload);
+        let held = HeldDemand {
+            held: h.held,
+            arrivals_total: h.arrivals_total,
+            oldest_s: h.oldest_s,
+        };
+        self.rule.apply(now, obs, held, &mut d);
+        let summary = self.rule.model().summary();
+        let first_ready_expected = d
+            .scale_to_zero
+            .as_ref()
+            .and_then(|z| z.first_ready_expected);
         self.activators.set_startup(
             &self.workload,
             WorkloadStartup {
                 summary,
-                first_ready_expected: if current == 0 && d.desired_replicas > 0 {
+                first_ready_expected: if obs.replicas.current == 0 && d.desired_replicas > 0 {
                     Some(now.plus_secs(summary.p50_s))
                 } else {
                     first_ready_expected
@@ -369,7 +288,7 @@ impl Decider for ZeroDecider {
             },
         );
         if let Some(m) = &self.metrics {
-            m.zero().publish(&self.workload, model, held.held);
+            m.zero().publish(&self.workload, self.rule.model(), h.held);
         }
         d
     }
@@ -415,7 +334,7 @@ mod tests {
     use std::time::Duration;
 
     use gpuscale_policy::proportional::{ProportionalConfig, ProportionalDecider};
-    use gpuscale_policy::{ReplicaObservation, ReplicaState};
+    use gpuscale_policy::{Action, ReplicaObservation, ReplicaState};
 
     use super::*;
 
