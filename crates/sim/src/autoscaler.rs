@@ -103,6 +103,13 @@ pub trait Autoscaler {
     fn victim_order(&self) -> VictimOrder {
         VictimOrder::Kubernetes
     }
+    /// Whether a request held at the router of a fleet at zero replicas
+    /// makes it decide at once (after a sample that shows the held
+    /// request): the activator's wake-up (gpuscale's `ActivatorService`,
+    /// Knative's poke) instead of the next tick.
+    fn wakes_on_held(&self) -> bool {
+        false
+    }
     /// A telemetry sample, in time order.
     fn observe(&mut self, sample: FleetSample);
     /// Decide at `view.now`.

@@ -28,7 +28,7 @@ use crate::trace::{self, ArrivalProcess, SizePool, Trace, TraceFormat, Workload,
 pub struct SimArgs {
     /// Request trace: Azure 2023 CSV, JSONL (timestamp ms, input_length,
     /// output_length) or a rate series (window_start_s,total_rate_rps,...).
-    #[arg(long, value_name = "FILE", required_unless_present_any = ["suite", "matrix"])]
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["suite", "matrix", "scale_to_zero"])]
     pub trace: Option<PathBuf>,
     /// Trace format, detected from the file when not given: azure, jsonl, rate.
     #[arg(long, value_name = "FORMAT")]
@@ -140,6 +140,16 @@ pub struct SimArgs {
     /// (default target/sim-matrix).
     #[arg(long, conflicts_with = "suite")]
     pub matrix: bool,
+    /// Scale to zero on a sparse multi-model workload built from the Azure
+    /// traces under --data-dir: one replica per model, gpuscale with
+    /// `minReplicas: 0` and Knative's KPA with scale to zero (GPU-hours,
+    /// cold-start hits, p95 TTFT after idle); --duration is the horizon
+    /// (default 6h). See docs/simulator.md.
+    #[arg(long, conflicts_with_all = ["suite", "matrix"])]
+    pub scale_to_zero: bool,
+    /// Models of the --scale-to-zero workload.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub zero_models: usize,
     /// The suite's (or the matrix's) workloads, comma-separated (code, conv,
     /// mooncake, servegen; default all).
     #[arg(long, value_name = "LIST")]
@@ -191,7 +201,7 @@ fn bar(frac: f64) -> String {
     )
 }
 
-fn emit(text: &str, out: Option<&PathBuf>) -> Result<(), SimError> {
+pub(crate) fn emit(text: &str, out: Option<&PathBuf>) -> Result<(), SimError> {
     match out {
         Some(p) => std::fs::write(p, text).map_err(|source| SimError::Io {
             path: p.clone(),
@@ -258,6 +268,9 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
             args.slo_percentile,
             "a percentile strictly between 0 and 100",
         ));
+    }
+    if args.scale_to_zero {
+        return crate::zero::run_command(&args, slo, jobs);
     }
     let bound_targets = parse_bound_targets(args.bound_targets.as_deref())?;
     let arrivals = match args.arrivals.as_str() {

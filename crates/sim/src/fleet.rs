@@ -109,6 +109,8 @@ struct Req {
     join_step: u64,
     input: u32,
     output: u32,
+    /// Held at the router for lack of a ready replica (a cold-start hit).
+    held: bool,
 }
 
 type Slot = u32;
@@ -572,6 +574,7 @@ impl Fleet {
                     join_step: 0,
                     input: req.input_tokens,
                     output: req.output_tokens,
+                    held: false,
                 };
                 s
             }
@@ -582,6 +585,7 @@ impl Fleet {
                     join_step: 0,
                     input: req.input_tokens,
                     output: req.output_tokens,
+                    held: false,
                 });
                 (self.reqs.len() - 1) as Slot
             }
@@ -608,6 +612,7 @@ impl Fleet {
             }
         }
         if best == u32::MAX {
+            self.reqs[slot as usize].held = true;
             self.router_queue.push_back(slot);
             return;
         }
@@ -820,7 +825,8 @@ impl Fleet {
                 r.counters.tpot_sum += tpot;
                 tpot
             });
-            self.recorder.on_complete(q.arrival, q.input, ttft, tpot);
+            self.recorder
+                .on_complete(q.arrival, q.input, ttft, tpot, q.held);
             self.free.push(slot);
         }
         self.start_iteration(id, now);

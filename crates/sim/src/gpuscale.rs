@@ -13,7 +13,11 @@
 //! `spec − leaving`), and [`gpuscale_observe::assemble_replicas`] builds the
 //! observation from the target and the trackers, exactly as the scaler's
 //! decide loop does. Requests held at the router for lack of a ready replica
-//! are invisible to agents and are not in the observation. Missing values
+//! are invisible to agents and are not in the observation; with
+//! `minReplicas: 0` they reach the scale-to-zero rule
+//! ([`gpuscale_policy::zero::ZeroRule`], as the scaler wraps the policy)
+//! the way the activator reports them, and a request held at zero replicas
+//! wakes the decision at once. Missing values
 //! stay `None`.
 //!
 //! Simulated time `t` seconds maps to `Timestamp` `SIM_EPOCH + t`
@@ -24,6 +28,7 @@ use std::collections::HashMap;
 
 use gpuscale_core::{PodRef, Timestamp};
 use gpuscale_observe::{DEFAULT_WINDOW_MS, EngineInput, EngineTracker, EngineWindowStats};
+use gpuscale_policy::zero::{HeldDemand, ZeroRule};
 use gpuscale_policy::{Action, Decision, Observation, PerfModel, Policy, Source, WorkloadSpec};
 use serde_json::{Value, json};
 
@@ -79,6 +84,9 @@ pub struct GpuscaleAutoscaler {
     last: Option<Decision>,
     log: Vec<String>,
     last_logged_at: f64,
+    /// With `minReplicas: 0`, the scale-to-zero rule the scaler wraps the
+    /// policy in, fed the requests held at the router (the activator).
+    zero: Option<(ZeroRule, HeldDemand)>,
 }
 
 impl GpuscaleAutoscaler {
@@ -91,7 +99,14 @@ impl GpuscaleAutoscaler {
         let config = spec
             .validate()
             .map_err(|e| SimError::PolicySpec(e.to_string()))?;
+        let zero = (config.min_replicas == 0).then(|| {
+            (
+                ZeroRule::new(config.scale_to_zero, config.cold_start_s),
+                HeldDemand::default(),
+            )
+        });
         Ok(Self {
+            zero,
             kv_capacity_tokens: model.kv_capacity_tokens,
             policy: Policy::new(config, model),
             spec,
@@ -194,8 +209,18 @@ impl Autoscaler for GpuscaleAutoscaler {
     fn victim_order(&self) -> VictimOrder {
         VictimOrder::LeastWork
     }
+    fn wakes_on_held(&self) -> bool {
+        self.zero.is_some()
+    }
     fn observe(&mut self, sample: FleetSample) {
         let at = sim_time(sample.at);
+        if let Some((_, held)) = &mut self.zero {
+            *held = HeldDemand {
+                held: sample.router_queue,
+                arrivals_total: sample.ingress_total,
+                oldest_s: 0.0,
+            };
+        }
         let window_ms = self.window_ms();
         self.engines
             .retain(|id, _| sample.replicas.iter().any(|r| r.id == *id));
@@ -224,7 +249,10 @@ impl Autoscaler for GpuscaleAutoscaler {
     }
     fn decide(&mut self, view: &ClusterView) -> ScaleCommand {
         let obs = self.observation(view);
-        let d = self.policy.decide(sim_time(view.now), &obs);
+        let mut d = self.policy.decide(sim_time(view.now), &obs);
+        if let Some((rule, held)) = &mut self.zero {
+            rule.apply(sim_time(view.now), &obs, *held, &mut d);
+        }
         self.decisions += 1;
         self.wins[d.winner.index()] += 1;
         let cmd = if d.advisory {

@@ -13,7 +13,8 @@
 //!
 //! Map: [`trace`] reads and scales traces; [`fleet`] is the discrete-event
 //! fleet (engine model, router, lifecycle); [`run`] replays one workload with
-//! one [`autoscaler::Autoscaler`]; [`stats`] records attainment and latency.
+//! one [`autoscaler::Autoscaler`]; [`stats`] records attainment and latency;
+//! [`zero`] compares scale to zero on a sparse multi-model workload.
 
 pub mod agent;
 pub mod autoscaler;
@@ -35,6 +36,7 @@ pub mod run;
 pub mod stats;
 pub mod suite;
 pub mod trace;
+pub mod zero;
 
 pub use autoscaler::{Autoscaler, ClusterView, FixedReplicas, FleetSample, ScaleCommand};
 pub use error::SimError;

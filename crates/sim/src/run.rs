@@ -5,7 +5,9 @@
 //! samples and decisions. Samples are taken at `k·s + s/2` for a scrape
 //! interval `s`, decisions at `k·d` for a decision interval `d`, so a
 //! decision sees telemetry that is on average a quarter to half an interval
-//! old, as a real deployment does. After the trace ends no decisions are
+//! old, as a real deployment does. A policy that
+//! [`Autoscaler::wakes_on_held`] also samples and decides at once when a
+//! request arrives at a fleet at zero replicas. After the trace ends no decisions are
 //! taken; the fleet finishes its work (GPU time is only counted up to the
 //! end of the trace).
 
@@ -98,6 +100,11 @@ pub fn run_policy(
             fleet.advance_to(t_arr);
             fleet.arrive(&req);
             next_req = stream.next();
+            if fleet.spec_replicas() == 0 && fleet.router_queue_len() > 0 && policy.wakes_on_held()
+            {
+                policy.observe(sample_fleet(&fleet, t_arr));
+                decide(&mut fleet, policy, t_arr);
+            }
             continue;
         }
         if t_ctrl > horizon {
@@ -117,10 +124,7 @@ pub fn run_policy(
             next_scrape += scrape_every.unwrap_or(f64::INFINITY);
         }
         if t_ctrl == next_decide {
-            let view = cluster_view(&fleet, t_ctrl);
-            let cmd = policy.decide(&view);
-            fleet.set_batch_limit(cmd.batch_limit.or(fleet.published_batch_limit()), t_ctrl);
-            fleet.scale_to(cmd.replicas, &cmd.victims, t_ctrl);
+            decide(&mut fleet, policy, t_ctrl);
             next_decide += decide_every;
         }
         if let Some(p) = progress.as_mut()
@@ -154,6 +158,14 @@ pub fn run_policy(
         wall_s: started.elapsed().as_secs_f64(),
         decision_log: policy.take_decision_log(),
     }
+}
+
+/// One decision at `now`, applied to the fleet.
+fn decide(fleet: &mut Fleet, policy: &mut dyn Autoscaler, now: f64) {
+    let view = cluster_view(fleet, now);
+    let cmd = policy.decide(&view);
+    fleet.set_batch_limit(cmd.batch_limit.or(fleet.published_batch_limit()), now);
+    fleet.scale_to(cmd.replicas, &cmd.victims, now);
 }
 
 /// Sample every live replica past pending.

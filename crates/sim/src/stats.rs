@@ -158,6 +158,11 @@ pub struct RunStats {
     pub tpot: LogHistogram,
     /// Token-weighted inter-token gaps (each gap of each decode step).
     pub itl: LogHistogram,
+    /// Requests held at the router for lack of a ready replica (cold-start
+    /// hits) that completed: how many, how many met the SLO, their TTFT.
+    pub held_completed: u64,
+    pub held_met: u64,
+    pub held_ttft: LogHistogram,
     pub series: TimeSeries,
 }
 
@@ -207,6 +212,9 @@ impl RunStats {
             ttft: LogHistogram::default(),
             tpot: LogHistogram::default(),
             itl: LogHistogram::default(),
+            held_completed: 0,
+            held_met: 0,
+            held_ttft: LogHistogram::default(),
             series: TimeSeries::new(duration_s, bucket_s),
         }
     }
@@ -286,13 +294,26 @@ impl Recorder {
     }
 
     /// A request arrived at `arrival` with a prompt of `input_tokens`
-    /// finished: its TTFT and its TPOT (`None` for a single output token).
+    /// finished: its TTFT and its TPOT (`None` for a single output token),
+    /// and whether it was held at the router for lack of a ready replica.
     #[inline]
-    pub fn on_complete(&mut self, arrival: f64, input_tokens: u32, ttft: f64, tpot: Option<f64>) {
+    pub fn on_complete(
+        &mut self,
+        arrival: f64,
+        input_tokens: u32,
+        ttft: f64,
+        tpot: Option<f64>,
+        held: bool,
+    ) {
         match self {
             Recorder::Full(s) => {
                 s.completed += 1;
                 let o = s.slo.outcome(ttft, tpot, input_tokens);
+                if held {
+                    s.held_completed += 1;
+                    s.held_met += u64::from(o.met());
+                    s.held_ttft.observe_n(ttft, 1);
+                }
                 s.met_ttft += u64::from(o.ttft_met);
                 s.met_tpot += u64::from(o.tpot_met);
                 s.met_both += u64::from(o.met());

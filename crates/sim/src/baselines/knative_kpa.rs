@@ -117,6 +117,11 @@ impl Autoscaler for KnativeKpa {
     fn scrape_interval_s(&self) -> Option<f64> {
         Some(1.0)
     }
+    /// The activator pokes the autoscaler when a revision at zero
+    /// receives a request, with its concurrency.
+    fn wakes_on_held(&self) -> bool {
+        true
+    }
     fn observe(&mut self, sample: FleetSample) {
         let mut ready: Vec<(f64, f64)> = sample
             .ready()
