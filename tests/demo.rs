@@ -85,6 +85,35 @@ fn demo_replays_a_stretch_of_the_trace_serves_every_request_and_sees_every_gpu()
 }
 
 #[test]
+fn the_scale_to_zero_scenario_takes_three_models_to_zero_and_back_with_nothing_failed() {
+    let (code, stdout, stderr) = demo(&["--scenario", "scale-to-zero"]);
+    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let requests = summary_line(&stdout, "requests");
+    let sent = number_after(requests, "requests");
+    assert_eq!(sent, 19, "the script's requests: {requests}");
+    assert_eq!(number_after(requests, "sent,"), sent, "{requests}");
+    assert_eq!(
+        number_after(requests, "full,"),
+        0,
+        "none failed: {requests}"
+    );
+    // chat and code wake twice (each is at zero again before its second
+    // burst), summarize once; each ends at zero.
+    for (model, times) in [("chat", 2), ("code", 2), ("summarize", 1)] {
+        let line = summary_line(&stdout, model);
+        assert_eq!(number_after(line, "from zero"), times, "{line}");
+        assert_eq!(number_after(line, "to zero"), times, "{line}");
+    }
+    // Requests were held at zero and the scaler said why it woke.
+    assert!(
+        stdout.contains("(no ready replica: held)")
+            && stdout.contains("requests held at the activator"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 → 0 (scale to zero: idle"), "{stdout}");
+}
+
+#[test]
 fn demo_bad_flags_exit_2_naming_the_flag_and_the_allowed_values() {
     let (code, _, err) = demo(&["--speed", "0"]);
     assert_eq!(code, Some(2), "{err}");
@@ -98,6 +127,13 @@ fn demo_bad_flags_exit_2_naming_the_flag_and_the_allowed_values() {
     assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("--profile") && err.contains("h200-llama3-8b-bf16"),
+        "{err}"
+    );
+
+    let (code, _, err) = demo(&["--scenario", "scale-to-one"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--scenario") && err.contains("scale-to-zero"),
         "{err}"
     );
 

@@ -31,6 +31,7 @@ mod error;
 mod fleet;
 mod summary;
 mod view;
+mod zero;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -119,6 +120,11 @@ pub struct DemoArgs {
     /// attainment over time) at the end.
     #[arg(long, value_name = "FILE.svg")]
     pub chart: Option<PathBuf>,
+    /// `trace`: the trace replayed against the simulated cluster;
+    /// `scale-to-zero`: three models behind the activator go to zero and
+    /// come back (about 30 s; the other flags do not apply).
+    #[arg(long, value_name = "NAME", default_value = "trace")]
+    pub scenario: String,
 }
 
 /// The demo's validated configuration.
@@ -381,6 +387,17 @@ pub async fn run(
     args: &DemoArgs,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), DemoError> {
+    match args.scenario.as_str() {
+        "trace" => {}
+        "scale-to-zero" => return zero::run(shutdown).await,
+        other => {
+            return Err(DemoError::config(
+                "--scenario",
+                other,
+                "trace or scale-to-zero",
+            ));
+        }
+    }
     let config = DemoConfig::from_args(args)?;
     let outcome = run_config(&config, shutdown).await?;
     let mut text = summary::render(&config, &outcome);
