@@ -231,6 +231,7 @@ async fn start_scaler(target: Arc<FakeTarget>) -> RunningScaler {
             stale_after: Duration::from_secs(60),
             advisory: false,
         }),
+        last_decision: None,
     });
     Scaler::new(config)
         .with_actuator(target)

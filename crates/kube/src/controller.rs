@@ -171,6 +171,7 @@ async fn reconcile(ias: Arc<InferenceAutoscaler>, ctx: Arc<Ctx>) -> Result<Actio
             config: Box::new(config),
             model: Box::new(model),
         },
+        last_decision: status::persisted_decision(ias.status.as_ref(), generation),
     });
     drop(previous);
     shared.status_wake.notify_one();

@@ -153,6 +153,12 @@ pub struct InferenceAutoscalerStatus {
     /// The last decision and its reason, in one line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_decision: Option<String>,
+    /// When the last decision was made (rewritten at most every 15 s when
+    /// nothing else changed). A scaler that starts or becomes leader holds
+    /// scale-in below `desiredReplicas` until the scale-down stabilization
+    /// window has passed since this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_decision_time: Option<Time>,
     /// Whether the SLOs were met over the scaler's window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slo_status: Option<SloStatus>,

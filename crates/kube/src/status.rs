@@ -21,14 +21,20 @@
 //! * `Advisory`: `True` (`AdvisoryMode`) when decisions are published but
 //!   never applied.
 //!
-//! A status that differs only in the decision's wording (rates move every
-//! tick) is written at most every [`REWORDING_INTERVAL`].
+//! A status that differs only in the decision's wording or time (rates move
+//! every tick) is written at most every [`REWORDING_INTERVAL`].
+//!
+//! `desiredReplicas` with `lastDecisionTime` is the persisted last decision:
+//! a scaler that starts or becomes leader holds scale-in below it until the
+//! scale-down stabilization window has passed since that time
+//! ([`gpuscale_scaler::seed`]; see [`persisted_decision`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use gpuscale_core::Timestamp;
 use gpuscale_policy::{Decision, Observation, Source};
+use gpuscale_scaler::PersistedDecision;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -210,6 +216,10 @@ pub(crate) fn compose(
             .map(time)
             .or_else(|| prev.and_then(|p| p.last_scale_time.clone())),
         last_decision: i.decision.map(|d| one_line(&d.summary(), 1000)),
+        last_decision_time: i
+            .decision
+            .map(|d| time(d.at))
+            .or_else(|| prev.and_then(|p| p.last_decision_time.clone())),
         slo_status: Some(
             i.decision
                 .map_or(SloStatus::Unknown, |d| SloStatus::from(d.slo.status)),
@@ -264,11 +274,35 @@ pub(crate) fn invalid(
     status
 }
 
-/// Whether `a` and `b` differ in more than the decision's wording.
+/// The last decision `status` persisted, when it describes `generation` of
+/// the spec and says when it was made (a status of another generation, or
+/// one written before `lastDecisionTime` existed, gives none). Its time is
+/// moved on by [`REWORDING_INTERVAL`], the most the written time lags the
+/// decisions when nothing else changed, so that a hold started from it does
+/// not end before the previous leader's would have (the scaler takes a time
+/// after its own clock's now as now).
+pub(crate) fn persisted_decision(
+    status: Option<&InferenceAutoscalerStatus>,
+    generation: i64,
+) -> Option<PersistedDecision> {
+    let s = status?;
+    if s.observed_generation != Some(generation) {
+        return None;
+    }
+    let desired = u32::try_from(s.desired_replicas?).ok()?;
+    let at = Timestamp::from_millis(s.last_decision_time.as_ref()?.0.as_millisecond());
+    Some(PersistedDecision {
+        desired_replicas: desired,
+        at: at.plus_secs(REWORDING_INTERVAL.as_secs_f64()),
+    })
+}
+
+/// Whether `a` and `b` differ in more than the decision's wording or time.
 fn differs_materially(a: &InferenceAutoscalerStatus, b: &InferenceAutoscalerStatus) -> bool {
     let strip = |s: &InferenceAutoscalerStatus| {
         let mut s = s.clone();
         s.last_decision = None;
+        s.last_decision_time = None;
         for c in &mut s.conditions {
             if c.type_ == SCALING_ACTIVE {
                 c.message.clear();
@@ -354,7 +388,8 @@ pub(crate) async fn run_writer(shared: Arc<Shared>, store: Store<InferenceAutosc
                 Some((g, s, at)) => {
                     *g != entry.generation
                         || differs_materially(s, &status)
-                        || (s.last_decision != status.last_decision
+                        || ((s.last_decision != status.last_decision
+                            || s.last_decision_time != status.last_decision_time)
                             && at.elapsed() >= REWORDING_INTERVAL)
                 }
             };
@@ -562,5 +597,37 @@ mod tests {
             limited.ends_with("scale-in limited to replicas that report"),
             "{limited}"
         );
+    }
+
+    #[test]
+    fn the_status_persists_the_decision_and_its_time_for_the_next_leader() {
+        let at = Timestamp::from_millis(1_750_000_000_000);
+        let d = decided(at, 6, 6, vec![]);
+        let s = compose(None, &inputs(&d), at);
+        assert_eq!(s.desired_replicas, Some(6));
+        assert_eq!(s.last_decision_time, Some(time(at)));
+        // Read back, with the writer's delay added to its time.
+        assert_eq!(
+            persisted_decision(Some(&s), 1),
+            Some(PersistedDecision {
+                desired_replicas: 6,
+                at: at.plus_secs(REWORDING_INTERVAL.as_secs_f64()),
+            })
+        );
+        // Another generation of the spec, or no time: none.
+        assert_eq!(persisted_decision(Some(&s), 2), None);
+        let mut untimed = s.clone();
+        untimed.last_decision_time = None;
+        assert_eq!(persisted_decision(Some(&untimed), 1), None);
+        let mut negative = s.clone();
+        negative.desired_replicas = Some(-1);
+        assert_eq!(persisted_decision(Some(&negative), 1), None);
+        assert_eq!(persisted_decision(None, 1), None);
+        // A newer decision's time alone is not worth a write before the
+        // rewording interval.
+        let later = decided(at.plus_secs(2.0), 6, 6, vec![]);
+        let s2 = compose(Some(&s), &inputs(&later), at.plus_secs(2.0));
+        assert_ne!(s.last_decision_time, s2.last_decision_time);
+        assert!(!differs_materially(&s, &s2));
     }
 }

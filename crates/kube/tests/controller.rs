@@ -291,6 +291,114 @@ async fn a_silent_node_with_pods_that_still_exist_causes_no_scale_in_and_is_name
     scaler.shutdown().await.unwrap();
 }
 
+/// Starts a scaler for a Deployment at 3 replicas whose load needs 1, with
+/// a scale-down stabilization window of 120 s and a status that says a
+/// previous scaler decided 3 replicas `age` before this one starts (`None`:
+/// no status). Returns the seconds from the start to the first decision
+/// below 3 (the status's `desiredReplicas`).
+async fn first_scale_in_after_a_restart(age: Option<Duration>, generation: i64) -> u64 {
+    let cluster = Cluster::start(&["node-a", "node-b"], Duration::from_secs(2)).await;
+    cluster.create_deployment("llama", 3).await;
+    cluster
+        .create_ias(
+            "llama",
+            spec(
+                "llama",
+                1,
+                3,
+                json!({"behavior": {"scaleDown": {"stabilizationWindowSeconds": 120}}}),
+            ),
+        )
+        .await;
+    if let Some(age) = age {
+        let at = CLOCK_START_MS - i64::try_from(age.as_millis()).expect("test setup");
+        let time = k8s_openapi::jiff::Timestamp::from_millisecond(at)
+            .expect("test setup")
+            .to_string();
+        cluster
+            .set_ias_status(
+                "llama",
+                json!({
+                    "observedGeneration": generation,
+                    "desiredReplicas": 3,
+                    "currentReplicas": 3,
+                    "lastDecision": "hold at 3: reactive",
+                    "lastDecisionTime": time,
+                }),
+            )
+            .await;
+    }
+    // The pods are warm (their agents set the gates) before the scaler
+    // starts, as after a restart: the agents stream to its address.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("test setup")
+        .local_addr()
+        .expect("test setup");
+    let _fleet = Fleet::start(
+        &cluster,
+        &["node-a", "node-b"],
+        vec![format!("http://{addr}")],
+        LOW_RPS,
+        Duration::from_secs(5),
+    );
+    eventually("three warm pods", Duration::from_secs(60), || {
+        cluster.warm_pods("llama").len() == 3
+    })
+    .await;
+    // As deployed: the first decision waits until every ready pod reported.
+    let mut config = scaler_config();
+    config.listen = addr;
+    config.warmup = Duration::from_secs(30);
+    let started = tokio::time::Instant::now();
+    let scaler = start_scaler_with(&cluster, "a", config).await;
+    eventually("a scale-in", Duration::from_secs(200), || {
+        cluster
+            .status_i64("llama", "desiredReplicas")
+            .is_some_and(|d| d < 3)
+    })
+    .await;
+    let after = started.elapsed().as_secs();
+    // The status says when its decision was made, on the scaler's clock.
+    let written = cluster.ias("llama")["status"]["lastDecisionTime"]
+        .as_str()
+        .expect("test setup")
+        .parse::<k8s_openapi::jiff::Timestamp>()
+        .expect("test setup")
+        .as_millisecond();
+    assert!(
+        written >= CLOCK_START_MS
+            && written <= CLOCK_START_MS + 1000 * i64::try_from(after + 1).expect("test setup"),
+        "lastDecisionTime {written}"
+    );
+    scaler.shutdown().await.expect("test setup");
+    after
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_scaler_holds_scale_in_to_the_persisted_decisions_window() {
+    // The previous scaler decided 3 replicas 100 s before this one started:
+    // its 120 s window (and the 15 s the written time may lag) ends 35 s
+    // in. Held until then, not a whole window from the start.
+    let recent = first_scale_in_after_a_restart(Some(Duration::from_secs(100)), 1).await;
+    assert!(
+        (35..=60).contains(&recent),
+        "first scale-in {recent} s after the start"
+    );
+    // Without a status, or with one older than the window or of another
+    // generation of the spec: a whole window from the first decision.
+    for (age, generation) in [
+        (None, 1),
+        (Some(Duration::from_secs(200)), 1),
+        (Some(Duration::from_secs(100)), 7),
+    ] {
+        let fresh = first_scale_in_after_a_restart(age, generation).await;
+        assert!(
+            (120..=150).contains(&fresh),
+            "first scale-in {fresh} s after the start ({age:?}, generation {generation})"
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_agent_an_hour_ahead_changes_nothing_and_is_announced() {
     let cluster = Cluster::start(&["node-a", "node-b"], Duration::from_secs(2)).await;

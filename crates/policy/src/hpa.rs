@@ -576,6 +576,20 @@ impl BehaviorState {
         }
     }
 
+    /// Starts the history from a recommendation persisted by a previous
+    /// controller (its last decision, `count` at `at`): it takes the place of
+    /// the current count a fresh state seeds its scale-down window with, so
+    /// the window ends where the previous controller's would have. Only
+    /// before the first [`BehaviorState::normalize`]; `at` must be before
+    /// that call's `now`.
+    pub fn start_from(&mut self, at: Timestamp, count: u32) {
+        if self.seeded {
+            return;
+        }
+        self.recommendations.push_back(TimedCount { at, count });
+        self.seeded = true;
+    }
+
     /// The time of the newest recorded scale event, if any.
     pub fn last_scale_event(&self) -> Option<Timestamp> {
         let up = self.scale_up_events.back().map(|e| e.at);
@@ -1011,5 +1025,33 @@ mod tests {
         assert_eq!(s.normalize_legacy(t(0), 300, 1, 10, 1, 100).desired, 4);
         assert_eq!(s.normalize_legacy(t(15), 300, 4, 10, 1, 100).desired, 8);
         assert_eq!(s.normalize_legacy(t(30), 300, 8, 2, 1, 100).desired, 10);
+    }
+
+    #[test]
+    fn a_persisted_recommendation_takes_the_place_of_the_start_up_seed() {
+        let b = Behavior::hpa_default_with_windows(0, 60);
+        // A fresh state holds the current count for a whole window.
+        let mut fresh = BehaviorState::default();
+        assert_eq!(fresh.normalize(&b, t(100), 6, 2, 1, 10).desired, 6);
+        assert_eq!(fresh.normalize(&b, t(159), 6, 2, 1, 10).desired, 6);
+        // Started from 6 persisted at 80 s: held until 140 s, not 160 s.
+        let mut started = BehaviorState::default();
+        started.start_from(t(80), 6);
+        let held = started.normalize(&b, t(100), 6, 2, 1, 10);
+        assert_eq!(
+            (held.desired, held.stabilization),
+            (6, Some(LimitReason::ScaleDownStabilized))
+        );
+        assert_eq!(started.normalize(&b, t(139), 6, 2, 1, 10).desired, 6);
+        assert_eq!(started.normalize(&b, t(141), 6, 2, 1, 10).desired, 2);
+        // A persisted count below the current one continues its scale-in.
+        let mut lower = BehaviorState::default();
+        lower.start_from(t(90), 4);
+        assert_eq!(lower.normalize(&b, t(100), 6, 2, 1, 10).desired, 4);
+        // Once it has decided, a state is not started again.
+        let mut late = BehaviorState::default();
+        late.normalize(&b, t(0), 2, 2, 1, 10);
+        late.start_from(t(50), 6);
+        assert_eq!(late.normalize(&b, t(61), 6, 2, 1, 10).desired, 2);
     }
 }

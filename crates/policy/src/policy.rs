@@ -369,6 +369,12 @@ impl Policy {
         }
     }
 
+    /// Starts the scale-down stabilization history from a previous
+    /// controller's last decision ([`BehaviorState::start_from`]).
+    pub fn start_from(&mut self, at: Timestamp, desired_replicas: u32) {
+        self.behavior.start_from(at, desired_replicas);
+    }
+
     /// The forecast arrival rate for the bucket holding `at`, once the
     /// forecaster has its minimum history.
     pub fn forecast_rps(&self, at: Timestamp) -> Option<f64> {

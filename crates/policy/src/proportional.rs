@@ -78,6 +78,12 @@ impl ProportionalDecider {
         }
     }
 
+    /// Starts the scale-down stabilization history from a previous
+    /// controller's last decision ([`BehaviorState::start_from`]).
+    pub fn start_from(&mut self, at: Timestamp, desired_replicas: u32) {
+        self.state.start_from(at, desired_replicas);
+    }
+
     /// The decision for `obs` at `now`; see the module docs.
     pub fn decide(&mut self, now: Timestamp, obs: &Observation) -> Decision {
         let c = &self.config;

@@ -309,6 +309,17 @@ pub struct WorkloadDef {
     pub labels: BTreeMap<String, String>,
     pub selector: EngineSelector,
     pub decider: DeciderConfig,
+    /// The last decision a previous scaler made for it, as persisted (in
+    /// Kubernetes mode: the InferenceAutoscaler's status): the decider's
+    /// history starts from it (see [`crate::seed`]).
+    pub last_decision: Option<PersistedDecision>,
+}
+
+/// A decision as persisted: the count it asked for and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PersistedDecision {
+    pub desired_replicas: u32,
+    pub at: gpuscale_core::Timestamp,
 }
 
 /// How a workload is decided.
@@ -543,6 +554,7 @@ impl WorkloadFile {
             labels: self.labels.clone(),
             selector,
             decider,
+            last_decision: None,
         })
     }
 }

@@ -58,11 +58,20 @@ use crate::view::{ActuationRecord, StateView};
 /// observation give the same decision.
 pub trait Decider: Send {
     fn decide(&mut self, now: Timestamp, observation: &Observation) -> Decision;
+
+    /// Before the first decision: start the history from a previous
+    /// scaler's last decision, `desired_replicas` at `at` (see
+    /// [`crate::seed`]). By default nothing is kept.
+    fn start_from(&mut self, _at: Timestamp, _desired_replicas: u32) {}
 }
 
 impl Decider for Policy {
     fn decide(&mut self, now: Timestamp, observation: &Observation) -> Decision {
         Policy::decide(self, now, observation)
+    }
+
+    fn start_from(&mut self, at: Timestamp, desired_replicas: u32) {
+        Policy::start_from(self, at, desired_replicas);
     }
 }
 
@@ -79,6 +88,10 @@ pub fn build_decider(config: &DeciderConfig) -> Box<dyn Decider> {
 impl Decider for ProportionalDecider {
     fn decide(&mut self, now: Timestamp, observation: &Observation) -> Decision {
         ProportionalDecider::decide(self, now, observation)
+    }
+
+    fn start_from(&mut self, at: Timestamp, desired_replicas: u32) {
+        ProportionalDecider::start_from(self, at, desired_replicas);
     }
 }
 
@@ -101,11 +114,13 @@ struct WorkloadRuntime {
 }
 
 impl WorkloadRuntime {
-    fn new(def: Arc<WorkloadDef>, zero: &crate::zero::ZeroHooks) -> Self {
+    fn new(def: Arc<WorkloadDef>, zero: &crate::zero::ZeroHooks, now: Timestamp) -> Self {
+        let mut decider = build_decider(&def.decider);
+        crate::seed::start_from(decider.as_mut(), &def.decider, def.last_decision, now);
         Self {
             workload: def.workload.clone(),
             selector: def.selector.clone(),
-            decider: zero.wrap(&def, build_decider(&def.decider)),
+            decider: zero.wrap(&def, decider),
             def,
             target: TargetObservation::default(),
             actuating: None,
@@ -178,7 +193,7 @@ impl DecideLoop {
         let workloads = registry
             .borrow_and_update()
             .values()
-            .map(|def| WorkloadRuntime::new(def.clone(), &zero))
+            .map(|def| WorkloadRuntime::new(def.clone(), &zero, clock.now()))
             .collect();
         Self {
             zero,
@@ -233,7 +248,7 @@ impl DecideLoop {
         let registry = self.registry.borrow().clone();
         self.workloads = registry
             .values()
-            .map(|def| WorkloadRuntime::new(def.clone(), &self.zero))
+            .map(|def| WorkloadRuntime::new(def.clone(), &self.zero, self.clock.now()))
             .collect();
         self
     }
@@ -273,7 +288,7 @@ impl DecideLoop {
             let runtime = match old.remove(workload) {
                 Some(w) if Arc::ptr_eq(&w.def, def) => w,
                 previous => {
-                    let mut fresh = WorkloadRuntime::new(def.clone(), &self.zero);
+                    let mut fresh = WorkloadRuntime::new(def.clone(), &self.zero, self.clock.now());
                     if let Some(p) = previous {
                         fresh.actuating = p.actuating;
                     }
@@ -634,6 +649,7 @@ mod tests {
                 namespace: None,
             },
             decider: DeciderConfig::Proportional(proportional()),
+            last_decision: None,
         });
         let registry: WorkloadRegistry = BTreeMap::from([(workload.clone(), def)]);
         let (_registry_tx, registry_rx) = watch::channel(Arc::new(registry));
@@ -733,6 +749,7 @@ mod tests {
                 namespace: None,
             },
             decider: DeciderConfig::Proportional(proportional()),
+            last_decision: None,
         });
         let registry: WorkloadRegistry = BTreeMap::from([(workload.clone(), def)]);
         let (_registry_tx, registry_rx) = watch::channel(Arc::new(registry));
@@ -792,6 +809,7 @@ mod tests {
                     namespace: None,
                 },
                 decider: DeciderConfig::Proportional(proportional()),
+                last_decision: None,
             })
         };
         let registry: WorkloadRegistry = ["a", "b", "hung"]

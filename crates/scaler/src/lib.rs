@@ -48,6 +48,7 @@ mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod observe;
+pub mod seed;
 pub mod slo;
 mod state;
 pub mod view;
@@ -67,7 +68,7 @@ use tonic::service::Routes;
 
 pub use actuate::{ActuateFuture, Actuator, DrainSink, LoggingActuator, Plan};
 pub use clock::Clock;
-pub use config::{ScalerArgs, ScalerConfig, ScalerFile, WorkloadDef};
+pub use config::{PersistedDecision, ScalerArgs, ScalerConfig, ScalerFile, WorkloadDef};
 pub use decide::{Decider, build_decider};
 pub use error::ScalerError;
 pub use gpuscale_observe::{ClusterReplica, TargetObservation};

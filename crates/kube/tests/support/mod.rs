@@ -169,6 +169,19 @@ impl Cluster {
             .unwrap();
     }
 
+    /// Writes `status` on the InferenceAutoscaler `name`, as a scaler
+    /// that ran before would have.
+    pub async fn set_ias_status(&self, name: &str, status: Value) {
+        self.ias_api()
+            .patch_status(
+                name,
+                &patch_params(TEST),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+            .unwrap();
+    }
+
     fn ias_api(&self) -> Api<DynamicObject> {
         let ar = ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk(
@@ -326,18 +339,24 @@ pub fn kube_config(identity: &str) -> KubeConfig {
     c
 }
 
+/// The time the scalers' clocks start at ([`start_scaler`]), milliseconds.
+pub const CLOCK_START_MS: i64 = 1_750_000_000_000;
+
 pub async fn start_scaler(cluster: &Cluster, identity: &str) -> RunningKubeScaler {
-    KubeScaler::new(
-        cluster.client.clone(),
-        kube_config(identity),
-        scaler_config(),
-    )
-    .with_clock(Clock::starting_at(Timestamp::from_millis(
-        1_750_000_000_000,
-    )))
-    .start()
-    .await
-    .unwrap()
+    start_scaler_with(cluster, identity, scaler_config()).await
+}
+
+/// [`start_scaler`] with `config`.
+pub async fn start_scaler_with(
+    cluster: &Cluster,
+    identity: &str,
+    config: ScalerConfig,
+) -> RunningKubeScaler {
+    KubeScaler::new(cluster.client.clone(), kube_config(identity), config)
+        .with_clock(Clock::starting_at(Timestamp::from_millis(CLOCK_START_MS)))
+        .start()
+        .await
+        .unwrap()
 }
 
 /// The status code of the scaler's `GET /readyz`.
