@@ -387,6 +387,7 @@ fn workload_def(model: &str, perf: &gpuscale_policy::PerfModel) -> Result<Worklo
             config: Box::new(config),
             model: Box::new(perf.clone()),
         },
+        last_decision: None,
     })
 }
 
