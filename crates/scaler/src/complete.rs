@@ -69,6 +69,9 @@ pub struct Completeness {
     pub silent_nodes: BTreeSet<NodeName>,
     /// Pod names of the missing replicas: never scale-in victims.
     pub silent_pods: BTreeSet<String>,
+    /// Engines of the workload in the view, whether or not they report
+    /// (one just started has no rate yet).
+    pub heard: u32,
 }
 
 impl Completeness {
@@ -201,6 +204,7 @@ impl Roster {
         };
         let mut completeness = Completeness {
             expected: u32::try_from(expected.len()).unwrap_or(u32::MAX),
+            heard: u32::try_from(engines.len()).unwrap_or(u32::MAX),
             ..Completeness::default()
         };
         let mut observed: Vec<Arc<EngineView>> = Vec::with_capacity(engines.len());
@@ -472,6 +476,7 @@ mod tests {
             reporting: 5,
             silent_nodes: [NodeName::new("node-c")].into(),
             silent_pods: ["c-0".to_string()].into(),
+            heard: 6,
         };
         let mut d = decision(6, 4, Action::ScaleDown);
         hold(&mut d, &incomplete, 1.0);
@@ -525,6 +530,7 @@ mod tests {
             reporting: 9,
             silent_nodes: [NodeName::new("node-c")].into(),
             silent_pods: ["c-0".to_string()].into(),
+            heard: 10,
         }
     }
 
@@ -556,6 +562,7 @@ mod tests {
             reporting: 3,
             silent_nodes: BTreeSet::new(),
             silent_pods: BTreeSet::new(),
+            heard: 4,
         };
         hold(&mut d, &few, 0.5);
         assert_eq!(

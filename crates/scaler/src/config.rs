@@ -10,6 +10,10 @@
 //! completeness:
 //!   minReportingShare: 1.0   # share of expected replicas that must report
 //!                            # for a scale-in (0.5..=1, default 1: all)
+//! # Standalone: the nodes whose agents the scaler expects. The warm-up after
+//! # start ends as soon as each has reported and every engine of a workload
+//! # has a rate, instead of waiting the whole --warmup (default: none listed).
+//! expectedNodes: [node-a, node-b]
 //! workloads:
 //!   - name: chat
 //!     namespace: default          # default "default"
@@ -86,6 +90,10 @@ pub struct ScalerConfig {
     /// Share of a workload's expected replicas that must report for a
     /// decision to scale in (see [`crate::complete`]); 1: all of them.
     pub min_reporting_share: f64,
+    /// Standalone: the nodes whose agents are expected; once each has
+    /// reported (and every engine of a workload has a rate) the warm-up
+    /// ends. Empty: the warm-up waits the whole `warmup`.
+    pub expected_nodes: BTreeSet<gpuscale_core::NodeName>,
     /// Capacity of the queue from the gRPC handlers to the state task.
     pub ingest_queue: usize,
     /// How long a stream waits for room in a full ingest queue before it is
@@ -123,6 +131,7 @@ impl ScalerConfig {
             warmup: Duration::ZERO,
             window: Duration::from_secs(30),
             min_reporting_share: crate::complete::DEFAULT_MIN_REPORTING_SHARE,
+            expected_nodes: BTreeSet::new(),
             ingest_queue: 1024,
             ingest_wait: Duration::from_secs(5),
             stream_outbound: 64,
@@ -267,9 +276,16 @@ impl ScalerConfig {
     }
 
     /// What is worth a warning in a valid configuration: a standalone
-    /// scaler with no workloads decides for nothing.
+    /// scaler with no workloads decides for nothing; `expectedNodes` means
+    /// nothing in Kubernetes mode.
     pub fn warnings(&self, kubernetes: bool, file: Option<&Path>) -> Vec<String> {
         let mut out = Vec::new();
+        if kubernetes && !self.expected_nodes.is_empty() {
+            out.push(
+                "expectedNodes is ignored in Kubernetes mode: the warm-up expects each target's ready pods"
+                    .to_string(),
+            );
+        }
         if !kubernetes && self.workloads.is_empty() {
             out.push(match file {
                 Some(path) => format!(
@@ -360,6 +376,8 @@ pub struct ScalerFile {
     pub window: Option<Duration>,
     #[serde(default)]
     pub completeness: Option<CompletenessFile>,
+    #[serde(default)]
+    pub expected_nodes: Option<Vec<String>>,
     #[serde(default)]
     pub workloads: Vec<WorkloadFile>,
 }
@@ -478,9 +496,48 @@ impl ScalerFile {
         {
             config.min_reporting_share = share;
         }
+        if let Some(nodes) = &self.expected_nodes {
+            config.expected_nodes = expected_nodes(nodes)?;
+        }
         config.workloads = self.workloads(base_dir)?;
         config.validate_file_fields()
     }
+}
+
+/// Most nodes `expectedNodes` may list.
+pub const MAX_EXPECTED_NODES: usize = 10_000;
+
+/// `expectedNodes`, checked: node names (DNS subdomains), each once.
+fn expected_nodes(nodes: &[String]) -> Result<BTreeSet<gpuscale_core::NodeName>, ScalerError> {
+    if nodes.len() > MAX_EXPECTED_NODES {
+        return Err(ScalerError::config(
+            "expectedNodes",
+            format!("{} nodes", nodes.len()),
+            format!("at most {MAX_EXPECTED_NODES}"),
+        ));
+    }
+    let mut out = BTreeSet::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let valid = !n.is_empty()
+            && n.len() <= 253
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !valid {
+            return Err(ScalerError::config(
+                format!("expectedNodes[{i}]"),
+                n,
+                "a node name: 1..=253 lowercase letters, digits, '-' and '.'",
+            ));
+        }
+        if !out.insert(gpuscale_core::NodeName::new(n.as_str())) {
+            return Err(ScalerError::config(
+                format!("expectedNodes[{i}]"),
+                n,
+                "each node once",
+            ));
+        }
+    }
+    Ok(out)
 }
 
 impl WorkloadFile {
@@ -650,9 +707,9 @@ pub struct ScalerArgs {
     pub metrics_addr: String,
     /// After start and after becoming leader, decide, publish and act for a
     /// workload only once every replica it expects has reported (Kubernetes:
-    /// the target's ready pods) or this long has passed (0s..=10m; standalone
-    /// waits the whole of it: whom to expect is not known after a restart).
-    /// Meanwhile the APIs answer UNAVAILABLE.
+    /// the target's ready pods; standalone: the config file's
+    /// `expectedNodes`, else it waits the whole of it) or this long has
+    /// passed (0s..=10m). Meanwhile the APIs answer UNAVAILABLE.
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration, env = "GPUSCALE_WARMUP")]
     pub warmup: Duration,
     /// Forget a node that has not reported for this long (100ms..=24h).
@@ -1095,6 +1152,41 @@ mod tests {
             .expect_err("unknown field")
             .to_string();
         assert!(err.contains("did you mean `minReportingShare`?"), "{err}");
+    }
+
+    #[test]
+    fn expected_nodes_are_read_from_the_file_and_checked() {
+        let parse_nodes = |yaml: &str| {
+            let file = ScalerFile::parse(yaml).expect("parses");
+            let mut config = ScalerConfig::new("127.0.0.1:0".parse().expect("addr"));
+            file.apply(&mut config, Path::new(".")).map(|()| config)
+        };
+        let config = parse_nodes("expectedNodes: [node-a, gpu-1.example]\n").expect("valid");
+        assert_eq!(
+            config.expected_nodes,
+            BTreeSet::from([
+                gpuscale_core::NodeName::new("node-a"),
+                gpuscale_core::NodeName::new("gpu-1.example")
+            ])
+        );
+        assert!(parse_nodes("").expect("valid").expected_nodes.is_empty());
+        for (yaml, what) in [
+            ("expectedNodes: [node-a, Node_B]\n", "expectedNodes[1]"),
+            ("expectedNodes: [node-a, node-a]\n", "each node once"),
+            ("expectedNodes: ['']\n", "expectedNodes[0]"),
+        ] {
+            let err = parse_nodes(yaml).expect_err(yaml).to_string();
+            assert!(err.contains(what), "{yaml}: {err}");
+        }
+        // Meaningless in Kubernetes mode: said so.
+        let config = parse_nodes("expectedNodes: [node-a]\n").expect("valid");
+        let warnings = config.warnings(true, None);
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("expectedNodes is ignored")),
+            "{warnings:?}"
+        );
     }
 
     #[test]

@@ -32,11 +32,11 @@
 //! capacity) when it has a `proportional` section. Both live in the policy
 //! crate: no decision logic is written here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpuscale_core::{PodRef, Timestamp, WorkloadRef};
+use gpuscale_core::{NodeName, PodRef, Timestamp, WorkloadRef};
 use gpuscale_policy::proportional::ProportionalDecider;
 use gpuscale_policy::{Action, Decision, Observation, Policy, ReplicaState};
 use gpuscale_proto::Directive;
@@ -150,20 +150,39 @@ pub(crate) struct DecideLoop {
     freshness: Freshness,
     /// Share of expected replicas that must report for a scale-in.
     min_reporting_share: f64,
+    /// Standalone: the nodes whose agents are expected (empty: unknown).
+    expected_nodes: BTreeSet<NodeName>,
     zero: crate::zero::ZeroHooks,
 }
 
-/// What a workload in warm-up says instead of a decision.
+/// What a workload in warm-up says instead of a decision; `waiting_for`:
+/// the expected nodes (standalone) that have not reported yet, of `of`.
 fn warming_message(
     observation: &Observation,
     target: &TargetObservation,
+    waiting_for: &[&NodeName],
+    of: usize,
     left: Duration,
 ) -> String {
     let heard = observation.replicas.ready + observation.replicas.loading;
-    let expected = match &target.replicas {
+    let mut expected = match &target.replicas {
         Some(r) => format!("{heard} of {} replicas reported", r.len()),
         None => format!("{heard} replicas reported so far"),
     };
+    if target.replicas.is_none() && of > 0 {
+        expected.push_str(&format!(
+            ", {} of {of} expected nodes",
+            of - waiting_for.len()
+        ));
+        if !waiting_for.is_empty() {
+            let names: Vec<String> = waiting_for.iter().take(5).map(|n| n.to_string()).collect();
+            expected.push_str(&format!(
+                " (waiting for {}{})",
+                names.join(", "),
+                if waiting_for.len() > 5 { ", …" } else { "" }
+            ));
+        }
+    }
     format!(
         "warming up after start: {expected}; deciding when all have reported, at most {:.0} s from now",
         left.as_secs_f64().ceil()
@@ -214,7 +233,16 @@ impl DecideLoop {
                 horizon: Duration::from_secs(300),
             },
             min_reporting_share: complete::DEFAULT_MIN_REPORTING_SHARE,
+            expected_nodes: BTreeSet::new(),
         }
+    }
+
+    /// Standalone: the nodes whose agents are expected. The warm-up ends as
+    /// soon as each of them is connected and has reported, and every engine
+    /// of the workload has a rate, instead of waiting the whole warm-up.
+    pub(crate) fn with_expected_nodes(mut self, nodes: BTreeSet<NodeName>) -> Self {
+        self.expected_nodes = nodes;
+        self
     }
 
     /// The share of a workload's expected replicas that must report for a
@@ -226,9 +254,9 @@ impl DecideLoop {
 
     /// After start and after gaining leadership, nothing is decided,
     /// published or actuated for a workload until every replica it expects
-    /// has reported (known in Kubernetes mode: the target's ready pods) or
-    /// `warmup` has passed (standalone: who to expect is not known after a
-    /// restart, so the whole bound).
+    /// has reported (known in Kubernetes mode: the target's ready pods;
+    /// standalone, only when the expected nodes are configured, see
+    /// [`DecideLoop::with_expected_nodes`]) or `warmup` has passed.
     pub(crate) fn with_warmup(mut self, warmup: Duration) -> Self {
         self.warmup = warmup;
         self
@@ -353,15 +381,41 @@ impl DecideLoop {
             self.metrics.completeness(&workload, &completeness);
             if !w.warm {
                 let elapsed = warm_since.elapsed();
-                // Kubernetes: the target names its replicas, and the
-                // observation is complete once each ready one has reported
-                // (at once when none is ready: a workload at zero).
-                let heard_all = w.target.replicas.is_some()
-                    && completeness.complete()
-                    && (observation.telemetry_at.is_some() || observation.replicas.ready == 0);
+                // Standalone: the expected nodes that have not reported
+                // since the start (the view is this process's own).
+                let waiting_for: Vec<&NodeName> = self
+                    .expected_nodes
+                    .iter()
+                    .filter(|n| !view.nodes.get(*n).is_some_and(|v| v.connected))
+                    .collect();
+                let heard_all = match &w.target.replicas {
+                    // Kubernetes: the target names its replicas, and the
+                    // observation is complete once each ready one has
+                    // reported (at once when none is ready: a workload at
+                    // zero).
+                    Some(_) => {
+                        completeness.complete()
+                            && (observation.telemetry_at.is_some()
+                                || observation.replicas.ready == 0)
+                    }
+                    // Standalone: every expected node has reported, and
+                    // every engine of the workload on them has a rate.
+                    None => {
+                        !self.expected_nodes.is_empty()
+                            && waiting_for.is_empty()
+                            && completeness.complete()
+                            && completeness.reporting == completeness.heard
+                    }
+                };
                 if elapsed < self.warmup && !heard_all {
                     let left = self.warmup - elapsed;
-                    let message = warming_message(&observation, &w.target, left);
+                    let message = warming_message(
+                        &observation,
+                        &w.target,
+                        &waiting_for,
+                        self.expected_nodes.len(),
+                        left,
+                    );
                     let _ = self
                         .commands
                         .send(Command::WarmingUp { workload, message })

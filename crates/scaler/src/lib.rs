@@ -257,6 +257,7 @@ impl Scaler {
         )
         .with_warmup(config.warmup)
         .with_min_reporting_share(config.min_reporting_share)
+        .with_expected_nodes(config.expected_nodes.clone())
         .with_replica_horizon((config.node_ttl * 10).max(Duration::from_secs(300)))
         .with_activators(handle.activators.clone());
         tasks.push(("decide", tokio::spawn(decide.run())));

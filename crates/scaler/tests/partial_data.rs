@@ -3,7 +3,8 @@
 //! its warm-up is over (KEDA's `GetMetrics` answers `UNAVAILABLE`, never a
 //! count made from no data), and a node that goes silent without closing its
 //! stream causes no scale-in while it is missing (at a lower
-//! `completeness.minReportingShare`, its load is still carried).
+//! `completeness.minReportingShare`, its load is still carried); with
+//! `expectedNodes`, a standalone warm-up ends once those have reported.
 
 #![allow(clippy::unwrap_used)]
 
@@ -427,5 +428,50 @@ async fn at_a_lower_reporting_share_a_silent_nodes_load_is_still_carried() {
         0,
         "healthy pods drained"
     );
+    scaler.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_standalone_warm_up_ends_once_the_expected_nodes_have_reported() {
+    // A long warm-up bound; the expected nodes end it early.
+    let mut config = config(Duration::from_secs(60), Duration::from_secs(5));
+    config.expected_nodes = ["node-a", "node-b"]
+        .into_iter()
+        .map(NodeName::new)
+        .collect();
+    let started = Instant::now();
+    let scaler = Scaler::new(config).start().await.unwrap();
+    let ch = channel(&scaler).await;
+    // Only node-a at first: still warming up, waiting for node-b, although
+    // node-a's engine has a rate.
+    let _a = FakeAgent::start(ch.clone(), "node-a", &["a-0"], 180.0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = get_metrics(ch.clone()).await;
+    let status = r.expect_err("published before node-b reported");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("1 of 2 expected nodes (waiting for node-b)"),
+        "{status:?}"
+    );
+    // node-b reports: decided from both within a few ticks, long before the
+    // 60 s bound.
+    let _b = FakeAgent::start(ch.clone(), "node-b", &["b-0"], 180.0);
+    let b_started = Instant::now();
+    let value = loop {
+        match get_metrics(ch.clone()).await {
+            Ok(v) => break v,
+            Err(s) => assert_eq!(s.code(), Code::Unavailable, "{s:?}"),
+        }
+        assert!(
+            b_started.elapsed() < Duration::from_secs(10),
+            "still warming up {:?} after the start",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // 360 tokens/s at 80 per replica: 5, never node-a's 3 alone.
+    assert_eq!(value, 5);
     scaler.shutdown().await.unwrap();
 }
