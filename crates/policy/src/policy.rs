@@ -125,12 +125,13 @@ impl DemandFeedback {
 /// stable mean by more than this fraction (steady traffic's own noise
 /// stays with the reactive recommendation and its queueing model).
 pub const BURST_MIN_EXCESS: f64 = 0.25;
-/// A burst recommendation needs at least this many requests in the stable
-/// window: it sizes past bursts with the window's request sizes, and in a
-/// quiet spell those come from a handful of requests (one long prompt would
-/// size every remembered burst as long prompts). Inside the burst window the
-/// scale-down stabilization already holds what the bursts needed.
-pub const BURST_MIN_REQUESTS: f64 = 20.0;
+/// A burst recommendation needs traffic: at least one request in the stable
+/// window. With none, remembered bursts are the scale-down stabilization's
+/// to hold, not a reason to keep capacity. (A quiet spell's few requests no
+/// longer size remembered bursts: the request shape is a mean over the last
+/// requests, see `shape_memory_requests`, so a lone long prompt moves it by
+/// one request's worth.)
+pub const BURST_MIN_REQUESTS: f64 = 1.0;
 /// KV-cache occupancy at which replicas count as saturated.
 pub const KV_SATURATION: f64 = 0.95;
 
@@ -156,6 +157,10 @@ pub(crate) struct History {
     bursts: VecDeque<TimedValue>,
     waiting: VecDeque<TimedValue>,
     pub(crate) shape: Option<RequestShape>,
+    /// The requests behind `shape` (at most [`shape_memory_requests`]) and
+    /// when it was last updated.
+    shape_weight: f64,
+    shape_at: Option<Timestamp>,
     last_rate: Option<TimedValue>,
     pub(crate) panic: Option<PanicState>,
     pub(crate) feedback: DemandFeedback,
@@ -337,6 +342,8 @@ impl Policy {
                 bursts: VecDeque::new(),
                 waiting: VecDeque::new(),
                 shape: None,
+                shape_weight: 0.0,
+                shape_at: None,
                 last_rate: None,
                 panic: None,
                 feedback: DemandFeedback::NEUTRAL,
@@ -516,23 +523,7 @@ impl Policy {
                 value: rate,
             });
         }
-        let shape = {
-            let prev = self.history.shape.unwrap_or_default();
-            let l = &obs.load;
-            let input = l.mean_input_tokens.filter(|v| v.is_finite() && *v > 0.0);
-            let output = l.mean_output_tokens.filter(|v| v.is_finite() && *v > 0.0);
-            let input = input.unwrap_or(prev.input_tokens);
-            let output = output.unwrap_or(prev.output_tokens);
-            let context = l
-                .mean_context_tokens
-                .filter(|v| v.is_finite() && *v > 0.0)
-                .unwrap_or(input + output / 2.0);
-            RequestShape {
-                input_tokens: input,
-                output_tokens: output,
-                context_tokens: context,
-            }
-        };
+        let shape = self.learn_shape(now, obs, arrival);
         self.history.shape = Some(shape);
         if let Some(w) = waiting_of(obs, shape) {
             replace_at(&mut self.history.waiting, now, w, window);
@@ -550,6 +541,70 @@ impl Policy {
         self.refiner
             .observe(now, &self.base_model, &obs.replica_samples, prefill_share);
     }
+}
+
+impl Policy {
+    /// The request shape as a mean over requests, not over windows: the
+    /// observation's window means enter weighted by the requests that
+    /// arrived since the previous update (arrival rate × elapsed time), and
+    /// the estimate remembers at most [`shape_memory_requests`] requests. A
+    /// window that holds one long prompt in a quiet spell then moves the
+    /// estimate by one request's worth, instead of becoming the shape every
+    /// sizing path uses; at high rates the newest windows dominate.
+    fn learn_shape(
+        &mut self,
+        now: Timestamp,
+        obs: &Observation,
+        arrival: Option<f64>,
+    ) -> RequestShape {
+        let l = &obs.load;
+        let valid = |v: Option<f64>| v.filter(|v| v.is_finite() && *v > 0.0);
+        let seen_input = valid(l.mean_input_tokens);
+        let seen_output = valid(l.mean_output_tokens);
+        let seen_context = valid(l.mean_context_tokens);
+        let memory = shape_memory_requests(&self.config);
+        let h = &mut self.history;
+        let elapsed = h.shape_at.map_or(0.0, |at| now.secs_since(at).max(0.0));
+        h.shape_at = Some(now);
+        let new = arrival.filter(|r| r.is_finite() && *r > 0.0).unwrap_or(0.0) * elapsed;
+        let Some(prev) = h.shape else {
+            // The first observation is all there is.
+            let input = seen_input.unwrap_or(RequestShape::default().input_tokens);
+            let output = seen_output.unwrap_or(RequestShape::default().output_tokens);
+            h.shape_weight = new.min(memory);
+            return RequestShape {
+                input_tokens: input,
+                output_tokens: output,
+                context_tokens: seen_context.unwrap_or(input + output / 2.0),
+            };
+        };
+        let w = h.shape_weight.min(memory);
+        let blend = |old: f64, seen: Option<f64>| match seen {
+            // No new requests since the last update: nothing to learn (and
+            // a decision repeated at the same instant stays the same).
+            Some(v) if new > 0.0 => (w * old + new * v) / (w + new),
+            Some(v) if w <= 0.0 => v,
+            _ => old,
+        };
+        h.shape_weight = (w + new).min(memory);
+        RequestShape {
+            input_tokens: blend(prev.input_tokens, seen_input),
+            output_tokens: blend(prev.output_tokens, seen_output),
+            context_tokens: blend(prev.context_tokens, seen_context),
+        }
+    }
+}
+
+/// How many requests the shape estimate remembers: enough that its
+/// sampling error stays within the margin the sizing keeps below the
+/// objectives (`batchLimitMargin`, 0.1 by default). Request sizes are taken
+/// as roughly exponential (coefficient of variation 1, as the sizing model
+/// assumes), so a mean over `M` requests has a relative standard error of
+/// `1/√M`, and `M = 1/margin²`: 100 requests at the default; the margin
+/// clamped to 0.05..=1 (at most 400 requests).
+pub(crate) fn shape_memory_requests(cfg: &WorkloadConfig) -> f64 {
+    let margin = cfg.batch_limit_margin.clamp(0.05, 1.0);
+    1.0 / (margin * margin)
 }
 
 impl History {

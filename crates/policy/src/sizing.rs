@@ -18,6 +18,19 @@
 //! short outputs make prefill interference dominate. Quantiles: `B` and `K`
 //! are taken at their Poisson upper quantile (`m + z·√m`).
 //!
+//! **Per-request TPOT.** The objective is judged per request: its time per
+//! output token over its own `k = o − 1` gaps. A request's gaps are decode
+//! steps plus the prefill work the replica does while it decodes: the
+//! prompts that arrived while it waited for and ran its own prefill (queued
+//! behind it, so prefilled during its decode) and those that arrive during
+//! its decode, `N ~ Poisson(x·(W + p̄ + k·g))` prompts of roughly
+//! exponential prefill time (mean `p̄`), `W` the M/G/1 prefill wait. It
+//! misses when that work exceeds `k·(T − t(B))`. Outputs are taken as
+//! geometric with the observed mean (the same roughly-exponential
+//! assumption as prompts), so short outputs, one stall over one or two
+//! gaps, carry the tail: the share of requests over `T` must stay within
+//! `1 − q`. This is what the mean-ITL term above cannot see.
+//!
 //! **TTFT** = one decode step (the residual of the running one) + waiting for
 //! earlier prefills (M/G/1 on the prefill work, `P(wait) = ρ_p`,
 //! exponential tail) + waiting for a batch slot when all `N·B*` slots of the
@@ -89,12 +102,18 @@ pub struct Prediction {
     pub itl_s: f64,
     /// Predicted TTFT at its quantile, seconds (infinite when overloaded).
     pub ttft_s: f64,
+    /// Predicted share of requests (with two or more output tokens) whose
+    /// own time per output token exceeds the TPOT objective.
+    #[serde(default)]
+    pub tpot_over_share: f64,
 }
 
 impl Prediction {
     /// Whether the prediction meets `targets`.
     pub fn meets(&self, targets: &Targets) -> bool {
-        self.itl_s <= targets.itl_s && self.ttft_s <= targets.ttft_s
+        self.itl_s <= targets.itl_s
+            && self.ttft_s <= targets.ttft_s
+            && self.tpot_over_share <= 1.0 - targets.itl_quantile
     }
 }
 
@@ -117,6 +136,45 @@ pub struct Sizer<'m> {
     prefill_second_moment_s2: f64,
     prefill_quantile_s: f64,
     z_itl: f64,
+    /// The TPOT objective the per-request share is judged against.
+    tpot_objective_s: f64,
+}
+
+/// Output lengths summed exactly, gap count by gap count, in the per-request
+/// TPOT share; beyond it two quartile points stand for the geometric tail.
+/// The shortest outputs carry the share (one stall over one or two gaps);
+/// past a few gaps a stall is amortised, and the tail points check it. Eight
+/// exact terms keep a prediction to a few hundred floating-point operations.
+const TPOT_EXACT_GAPS: u32 = 8;
+
+/// `P(S > s)` for `S` the sum of `N ~ Poisson(mu)` exponential times of
+/// mean `mean`: exact (Poisson–Gamma) for `mu ≤ 20`, normal above (mean
+/// `mu·mean`, variance `2·mu·mean²`).
+fn compound_exp_poisson_tail(mu: f64, mean: f64, s: f64) -> f64 {
+    if mu <= 0.0 || mean <= 0.0 {
+        return if s < 0.0 { 1.0 } else { 0.0 };
+    }
+    if s <= 0.0 {
+        return 1.0 - (-mu).exp();
+    }
+    if mu > 20.0 {
+        let sd = (2.0 * mu).sqrt() * mean;
+        return 1.0 - normal_cdf((s - mu * mean) / sd);
+    }
+    let y = s / mean;
+    let n_max = (mu + 10.0 * mu.sqrt() + 10.0).ceil() as u32;
+    let mut pois = (-mu).exp();
+    let mut term = (-y).exp();
+    let mut below = 0.0; // P(Gamma(n, 1) > y) = e^{-y} Σ_{j<n} y^j / j!
+    let mut total = 0.0;
+    for n in 1..=n_max {
+        let nf = f64::from(n);
+        pois *= mu / nf;
+        below += term;
+        term *= y / nf;
+        total += pois * below;
+    }
+    total.clamp(0.0, 1.0)
 }
 
 /// Largest replica count the search considers.
@@ -148,6 +206,7 @@ impl<'m> Sizer<'m> {
             prefill_second_moment_s2: p_second,
             prefill_quantile_s: model.prefill_s(i * q_factor.max(1.0)),
             z_itl: normal_quantile(targets.itl_quantile),
+            tpot_objective_s: targets.itl_s,
         }
     }
 
@@ -176,6 +235,11 @@ impl<'m> Sizer<'m> {
             slot_utilization: 0.0,
             itl_s: idle_itl,
             ttft_s: self.prefill_quantile_s + idle_itl,
+            tpot_over_share: if idle_itl > self.tpot_objective_s {
+                1.0
+            } else {
+                0.0
+            },
         };
         if arrival_rps.is_nan() || arrival_rps <= 0.0 {
             return p;
@@ -183,6 +247,7 @@ impl<'m> Sizer<'m> {
         if replicas == 0 {
             p.itl_s = f64::INFINITY;
             p.ttft_s = f64::INFINITY;
+            p.tpot_over_share = 1.0;
             return p;
         }
         let n = f64::from(replicas);
@@ -194,6 +259,7 @@ impl<'m> Sizer<'m> {
         let overloaded = |mut p: Prediction| {
             p.itl_s = f64::INFINITY;
             p.ttft_s = f64::INFINITY;
+            p.tpot_over_share = 1.0;
             p
         };
         if rho >= 0.99 {
@@ -248,7 +314,72 @@ impl<'m> Sizer<'m> {
             0.0
         };
         p.ttft_s = self.step(b_mean.max(1.0)) + wait_prefill + wait_slot + self.prefill_quantile_s;
+        let wait_mean = x * self.prefill_second_moment_s2 / (2.0 * (1.0 - rho));
+        p.tpot_over_share = self.tpot_over_share(x, b_mean, g, wait_mean);
         p
+    }
+
+    /// The share of requests with two or more output tokens whose own time
+    /// per output token exceeds the objective, at `x` requests/s on one
+    /// replica with mean batch `b`, mean gap `g` and mean prefill wait
+    /// `wait` (see the module's "Per-request TPOT").
+    fn tpot_over_share(&self, x: f64, b: f64, g: f64, wait: f64) -> f64 {
+        self.tpot_over_share_at(x, b, g, wait, self.tpot_objective_s)
+    }
+
+    fn tpot_over_share_at(&self, x: f64, b: f64, g: f64, wait: f64, objective_s: f64) -> f64 {
+        let o = self.shape.output_tokens;
+        if o <= 1.0 + 1e-9 {
+            return 0.0; // one-token outputs have no gaps to judge
+        }
+        let budget = objective_s - self.step(b.max(1.0));
+        if budget <= 0.0 {
+            return 1.0;
+        }
+        let pbar = self.prefill_mean_s;
+        // k = o − 1 given k ≥ 1, o geometric with mean O: P(k) = (1−r)·r^(k−1).
+        let r = 1.0 - 1.0 / o;
+        let over = |k: f64| {
+            let mu = x * (wait + pbar + k * g);
+            compound_exp_poisson_tail(mu, pbar, k * budget)
+        };
+        let mut share = 0.0;
+        let mut weight = 1.0 - r;
+        for k in 1..=TPOT_EXACT_GAPS {
+            share += weight * over(f64::from(k));
+            weight *= r;
+        }
+        // The rest, `r^K` of them, geometric beyond K with mean excess ≈ O
+        // (memoryless): two points at that excess's quartiles, half each.
+        let tail = r.powi(TPOT_EXACT_GAPS as i32);
+        let k0 = f64::from(TPOT_EXACT_GAPS);
+        share += 0.5 * tail * (over(k0 + o * (4.0f64 / 3.0).ln()) + over(k0 + o * 4.0f64.ln()));
+        share.clamp(0.0, 1.0)
+    }
+
+    /// Whether `p` meets `targets`, the per-request TPOT share judged at
+    /// `targets.itl_s` (objectives tightened by the SLO feedback tighten it
+    /// too; [`Prediction::meets`] judges it at the sizer's own objective).
+    pub fn meets(&self, p: &Prediction, targets: &Targets) -> bool {
+        if p.itl_s > targets.itl_s || p.ttft_s > targets.ttft_s {
+            return false;
+        }
+        let share = if targets.itl_s == self.tpot_objective_s {
+            p.tpot_over_share
+        } else if p.replicas == 0 || p.arrival_rps.is_nan() || p.arrival_rps <= 0.0 {
+            if self.step(1.0) > targets.itl_s && p.replicas > 0 {
+                1.0
+            } else {
+                p.tpot_over_share
+            }
+        } else {
+            let x = p.arrival_rps / f64::from(p.replicas);
+            let rho = p.prefill_utilization;
+            let g = p.mean_batch / (x * self.shape.output_tokens);
+            let wait = x * self.prefill_second_moment_s2 / (2.0 * (1.0 - rho));
+            self.tpot_over_share_at(x, p.mean_batch, g, wait, targets.itl_s)
+        };
+        share <= 1.0 - targets.itl_quantile
     }
 
     /// The fewest replicas meeting `targets` at `arrival_rps`.
@@ -261,7 +392,7 @@ impl<'m> Sizer<'m> {
                 prediction: self.predict(0, 0.0, q),
             };
         }
-        let meets = |n: u32| self.predict(n, arrival_rps, q).meets(targets);
+        let meets = |n: u32| self.meets(&self.predict(n, arrival_rps, q), targets);
         match self.search(meets) {
             Some(n) => Sizing {
                 replicas: n,
@@ -311,7 +442,7 @@ impl<'m> Sizer<'m> {
             return 0.0;
         }
         let q = targets.ttft_quantile;
-        let meets = |r: f64| self.predict(replicas, r, q).meets(targets);
+        let meets = |r: f64| self.meets(&self.predict(replicas, r, q), targets);
         let mut hi = f64::from(replicas) / self.prefill_mean_s.max(1e-6);
         let mut lo = 0.0;
         if meets(hi) {
@@ -521,6 +652,66 @@ mod tests {
         let cap = s.capacity_rps(1, &t);
         println!("one H200 replica sustains {cap:.1} req/s at 1000/200 tokens, B* {b}");
         assert!(cap > 5.0 && cap < 200.0);
+    }
+
+    #[test]
+    fn the_compound_poisson_tail_is_exact_at_its_edges_and_monotone() {
+        // s = 0: any prefill at all exceeds it.
+        let mu: f64 = 0.7;
+        assert!((compound_exp_poisson_tail(mu, 0.1, 0.0) - (1.0 - (-mu).exp())).abs() < 1e-12);
+        // One prefill on average is exponential: P(S > s) ≈ P(N=1)·e^{-s/p̄} +
+        // P(N≥2)·…, bounded below by the first term.
+        let s1 = compound_exp_poisson_tail(mu, 0.1, 0.2);
+        assert!(s1 >= mu * (-mu).exp() * (-2.0f64).exp() - 1e-12, "{s1}");
+        let mut prev = 1.0;
+        for k in 0..50 {
+            let v = compound_exp_poisson_tail(5.0, 0.1, 0.05 * f64::from(k));
+            assert!(v <= prev + 1e-12, "not monotone at {k}");
+            prev = v;
+        }
+        // The exact sum and the normal approximation meet near μ = 20.
+        let exact = compound_exp_poisson_tail(20.0, 0.1, 2.5);
+        let normal = compound_exp_poisson_tail(20.000_1, 0.1, 2.5);
+        assert!((exact - normal).abs() < 0.05, "{exact} vs {normal}");
+    }
+
+    #[test]
+    fn short_outputs_behind_long_prompts_miss_tpot_where_the_mean_gap_does_not() {
+        // Code-assistant traffic: 2,000-token prompts, 20-token outputs. At
+        // 8 req/s a replica's mean ITL is well inside 50 ms, but a request of
+        // a few tokens stalled by one other prompt's prefill is not.
+        let m = perf::preset("h200-llama3-8b-bf16").unwrap();
+        let t = targets();
+        let code = RequestShape {
+            input_tokens: 2000.0,
+            output_tokens: 20.0,
+            context_tokens: 2010.0,
+        };
+        let b = batch_limit(&m, t.itl_s, code.context_tokens, 0.1);
+        let s = Sizer::new(&m, code, b, &t);
+        let p = s.predict(1, 12.0, 0.95);
+        assert!(p.itl_s <= t.itl_s, "mean-gap ITL {}", p.itl_s);
+        assert!(p.tpot_over_share > 0.05, "share {}", p.tpot_over_share);
+        assert!(!s.meets(&p, &t));
+        // The share falls as replicas are added, and sizing follows it.
+        let two = s.predict(2, 12.0, 0.95);
+        assert!(two.tpot_over_share < p.tpot_over_share);
+        let z = s.replicas_needed(12.0, &t);
+        assert!(
+            z.replicas >= 2 && z.prediction.tpot_over_share <= 0.05,
+            "{z:?}"
+        );
+        // Long outputs at the same prompt load amortise the stalls.
+        let chat = RequestShape {
+            output_tokens: 400.0,
+            context_tokens: 2200.0,
+            ..code
+        };
+        let c = Sizer::new(&m, chat, b, &t);
+        assert!(c.predict(1, 1.0, 0.95).tpot_over_share < p.tpot_over_share);
+        // Tightened objectives tighten the share too.
+        let tight = Targets { itl_s: 0.02, ..t };
+        assert!(!s.meets(&z.prediction, &tight) || z.prediction.tpot_over_share == 0.0);
     }
 
     #[test]

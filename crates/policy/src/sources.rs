@@ -200,11 +200,25 @@ pub(crate) fn slo_feedback(ctx: &Context<'_>, history: &mut History) -> Option<R
         ..ctx.targets
     };
     let bound = ctx.sizer.replicas_needed(rate, &tightened);
-    let n = if bound.attainable {
+    let modelled = if bound.attainable {
         wanted.min(bound.replicas.max(1))
     } else {
         wanted
     };
+    // The feedback exists because the model is wrong here, so it may not
+    // grow the fleet by more than the model-free proportional law allows:
+    // the replicas that produced the measurement times how far over the
+    // objective it is now (`ready × error`, the HPA's law for a latency
+    // that falls in proportion to the load per replica). It may hold the
+    // ready count while its factor decays; without a current measurement
+    // it cannot grow the fleet at all. Growth beyond one step comes from the
+    // next measurements, once the added replicas serve.
+    let proportional = ctx.ready.max(
+        (f64::from(ctx.ready) * error)
+            .ceil()
+            .min(f64::from(u32::MAX)) as u32,
+    );
+    let n = modelled.min(proportional);
     Some(Recommendation {
         source: Source::SloFeedback,
         replicas: Some(n),
@@ -220,7 +234,12 @@ pub(crate) fn slo_feedback(ctx: &Context<'_>, history: &mut History) -> Option<R
                 ""
             },
             rate * kappa,
-            if n < wanted {
+            if n < wanted && n == proportional && proportional < modelled {
+                format!(
+                    ", bounded to {n} (the {} ready replicas × the error now {error:.2})",
+                    ctx.ready
+                )
+            } else if n < wanted {
                 format!(", bounded to {n} (the model's count for objectives ÷ {peak:.2})")
             } else {
                 String::new()

@@ -306,3 +306,89 @@ fn a_quiet_spell_of_a_few_long_requests_does_not_size_remembered_bursts() {
         replicas = d.desired_replicas;
     }
 }
+
+#[test]
+fn the_request_shape_is_a_mean_over_requests_not_over_windows() {
+    let mut p = policy(|_| {});
+    let t0 = Timestamp::from_millis(1_750_000_000_000);
+    let mut replicas = 1;
+    let input_of =
+        |d: &gpuscale_policy::Decision| d.inputs.slo().expect("policy inputs").input_tokens;
+    // Two minutes at 20 req/s of 1,000-token prompts.
+    for k in 0..60 {
+        let now = t0.plus_secs(f64::from(k) * 2.0);
+        replicas = p.decide(now, &obs(now, replicas, 20.0)).desired_replicas;
+    }
+    // A quiet spell: one request a minute, whose window mean is a
+    // 28,000-token prompt. A few requests move the estimate by a few
+    // requests' worth, not to the one prompt the window holds.
+    let mut last = None;
+    for k in 60..150 {
+        let now = t0.plus_secs(f64::from(k) * 2.0);
+        let mut o = obs(now, replicas, 1.0 / 60.0);
+        o.load.mean_input_tokens = Some(28_000.0);
+        let d = p.decide(now, &o);
+        replicas = d.desired_replicas;
+        last = Some(d);
+    }
+    let d = last.take().expect("decisions made");
+    let quiet = input_of(&d);
+    // Three minutes at one a minute: three such requests against the 100
+    // the estimate remembers, (100·1,000 + 3·28,000) / 103 ≈ 1,790 tokens.
+    assert!(
+        quiet > 1_000.0 && quiet < 2_000.0,
+        "shape {quiet} tokens after a quiet spell: {}",
+        d.summary()
+    );
+    // At 20 req/s the new size is the mean within one stable window (60 s):
+    // the estimate remembers about 100 requests, 5 s of this traffic.
+    for k in 150..180 {
+        let now = t0.plus_secs(f64::from(k) * 2.0);
+        let mut o = obs(now, replicas, 20.0);
+        o.load.mean_input_tokens = Some(3_000.0);
+        let d = p.decide(now, &o);
+        replicas = d.desired_replicas;
+        last = Some(d);
+    }
+    let d = last.expect("decisions made");
+    let busy = input_of(&d);
+    assert!(
+        (busy - 3_000.0).abs() < 30.0,
+        "shape {busy} tokens after 60 s at 3,000: {}",
+        d.summary()
+    );
+}
+
+#[test]
+fn slo_feedback_grows_the_fleet_by_at_most_the_measured_error() {
+    let mut p = policy(|_| {});
+    let t0 = Timestamp::from_millis(1_750_000_000_000);
+    let mut replicas = 0;
+    for k in 0..60 {
+        let now = t0.plus_secs(f64::from(k) * 2.0);
+        let d = p.decide(now, &obs(now, replicas.max(1), 40.0));
+        replicas = d.desired_replicas;
+    }
+    let settled = replicas;
+    // Measured TTFT 2× the objective with the fleet all ready: whatever the
+    // factor says, one decision grows the fleet to at most ready × 2.
+    let mut o = obs(t0.plus_secs(120.0), settled, 40.0);
+    o.latency.ttft_seconds = Some(ttft(4.0));
+    for k in 60..90 {
+        let now = t0.plus_secs(f64::from(k) * 2.0);
+        o.telemetry_at = Some(now);
+        let d = p.decide(now, &o);
+        if let Some(fb) = d
+            .recommendations
+            .iter()
+            .find(|r| r.source == Source::SloFeedback)
+        {
+            let n = fb.replicas.expect("a count");
+            assert!(
+                n <= 2 * settled,
+                "feedback {n} from {settled} ready at 2×: {}",
+                d.summary()
+            );
+        }
+    }
+}
