@@ -54,6 +54,11 @@ pub struct PredictiveConfig {
     pub mode: PredictiveMode,
     /// How far ahead the floor looks.
     pub horizon_s: f64,
+    /// The spec leaves the horizon out: it is the learned p90 start-up
+    /// plus 60 s (`horizon_s` holds `coldStartSeconds` + 60 s, used until
+    /// a start-up is seen).
+    #[serde(default)]
+    pub horizon_from_startup: bool,
     /// History kept.
     pub history_s: f64,
     /// History needed before the forecast is used.

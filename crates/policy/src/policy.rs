@@ -60,6 +60,8 @@ use crate::schedule::ScheduleEvaluator;
 use crate::sizing::{self, RequestShape, Sizer, Targets};
 use crate::sources;
 use crate::spec::PredictiveMode;
+use crate::startup::{StartupModel, StartupTracker};
+use crate::zero::STARTUP_WINDOW;
 
 /// Latency histograms need at least this many observations in the window
 /// before an SLO breach counts.
@@ -164,6 +166,9 @@ pub(crate) struct History {
     last_rate: Option<TimedValue>,
     pub(crate) panic: Option<PanicState>,
     pub(crate) feedback: DemandFeedback,
+    /// The replicas' start-up, learned from their states (prior:
+    /// `coldStartSeconds`).
+    pub(crate) startup: StartupTracker,
 }
 
 /// One workload's policy and all its decision history.
@@ -246,6 +251,11 @@ pub(crate) struct Context<'a> {
     pub(crate) waiting_now: Option<f64>,
     pub(crate) stable_window_s: f64,
     pub(crate) panic_window_s: f64,
+    /// The lead time a new replica needs: the learned p90 start-up
+    /// (`coldStartSeconds` before one is seen).
+    pub(crate) lead_s: f64,
+    /// How far ahead the predictive floor looks.
+    pub(crate) predictive_horizon_s: f64,
 }
 
 impl<'a> Context<'a> {
@@ -258,6 +268,7 @@ impl<'a> Context<'a> {
         freshness: Freshness,
     ) -> Context<'a> {
         let shape = history.shape.unwrap_or_default();
+        let lead_s = history.startup.model().lead_time_s();
         let margin = cfg.batch_limit_margin;
         let batch_limit =
             sizing::batch_limit(model, cfg.itl.threshold_s, shape.context_tokens, margin);
@@ -309,6 +320,12 @@ impl<'a> Context<'a> {
             waiting_now: waiting_of(obs, shape),
             stable_window_s,
             panic_window_s: panic_window_s(cfg),
+            lead_s,
+            predictive_horizon_s: if cfg.predictive.horizon_from_startup {
+                lead_s + 60.0
+            } else {
+                cfg.predictive.horizon_s
+            },
         }
     }
 
@@ -327,6 +344,7 @@ impl Policy {
     /// config's performance-model source by the caller, e.g. with
     /// [`WorkloadConfig::perf_model`]).
     pub fn new(config: WorkloadConfig, model: PerfModel) -> Policy {
+        let startup = StartupTracker::new(StartupModel::new(config.cold_start_s, STARTUP_WINDOW));
         let forecaster = (config.predictive.mode != PredictiveMode::Off)
             .then(|| Forecaster::new(config.predictive.bucket_s, config.predictive.min_history_s));
         Policy {
@@ -347,6 +365,7 @@ impl Policy {
                 last_rate: None,
                 panic: None,
                 feedback: DemandFeedback::NEUTRAL,
+                startup,
             },
         }
     }
@@ -398,6 +417,9 @@ impl Policy {
             self.learn(now, obs, freshness.arrival);
         }
         self.refiner.refine_into(&self.base_model, &mut self.model);
+        self.history
+            .startup
+            .observe(now, &obs.replica_samples, &|_: &str| false);
         let Policy {
             config,
             model,

@@ -130,7 +130,7 @@ pub(crate) fn panic(ctx: &Context<'_>, history: &mut History) -> Option<Recommen
     if trigger.is_some() {
         // Nothing is in flight (a trigger needs that): drain the queue
         // within one cold start and one TTFT objective.
-        let drain = ctx.waiting_now.unwrap_or(0.0) / (cfg.cold_start_s + cfg.ttft.threshold_s);
+        let drain = ctx.waiting_now.unwrap_or(0.0) / (ctx.lead_s + cfg.ttft.threshold_s);
         let rate = ctx
             .short_rps
             .unwrap_or(0.0)
@@ -179,7 +179,7 @@ pub(crate) fn slo_feedback(ctx: &Context<'_>, history: &mut History) -> Option<R
         0.0
     };
     if ctx.fresh() && ctx.in_flight == 0 && (measured_ttft.is_some() || measured_tpot.is_some()) {
-        let relax_s = cfg.cold_start_s + ctx.stable_window_s;
+        let relax_s = ctx.lead_s + ctx.stable_window_s;
         history.feedback.update(ctx.now, error, ctx.strict, relax_s);
     }
     let kappa = history.feedback.factor;
@@ -256,7 +256,7 @@ pub(crate) fn predictive(
 ) -> (Option<f64>, Option<Recommendation>) {
     let cfg = ctx.cfg;
     let forecast = forecaster
-        .and_then(|f| f.forecast_peak(ctx.now, ctx.now.plus_secs(cfg.predictive.horizon_s)));
+        .and_then(|f| f.forecast_peak(ctx.now, ctx.now.plus_secs(ctx.predictive_horizon_s)));
     let rec = forecast.map(|f| {
         let s = ctx.sizer.replicas_needed(f, &ctx.targets);
         let acting = cfg.predictive.mode == PredictiveMode::On;
@@ -265,7 +265,7 @@ pub(crate) fn predictive(
             replicas: Some(s.replicas),
             reason: format!(
                 "forecast peak {f:.2} req/s within {:.0} s needs {}{}",
-                cfg.predictive.horizon_s,
+                ctx.predictive_horizon_s,
                 s.replicas,
                 if acting {
                     " (a floor)"

@@ -63,8 +63,10 @@ pub struct WorkloadSpec {
     /// profileCsv, coefficients).
     #[serde(default)]
     pub performance_model: PerformanceModelSpec,
-    /// Expected time from creating a replica to it serving, seconds: the
-    /// forecast horizon and the time capacity in flight needs. Default 120.
+    /// Expected time from creating a replica to it serving, seconds, until
+    /// the replicas' own start-ups are learned (their p90 then replaces
+    /// it): the forecast horizon and the time capacity in flight needs.
+    /// Default 120.
     #[serde(default = "default_cold_start_seconds")]
     pub cold_start_seconds: f64,
     /// HPA-style scale-up and scale-down behaviour.
@@ -285,8 +287,9 @@ pub struct PredictiveSpec {
     /// Default `On`.
     #[serde(default)]
     pub mode: PredictiveMode,
-    /// How far ahead the floor looks, seconds. Default: `coldStartSeconds`
-    /// plus 60 (one cold start and a minute of margin).
+    /// How far ahead the floor looks, seconds. Default: the learned p90
+    /// start-up (`coldStartSeconds` until one is seen) plus 60 (one cold
+    /// start and a minute of margin).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub horizon_seconds: Option<u32>,
     /// Arrival history kept, days (1..=56). Default 14.
@@ -1044,6 +1047,7 @@ fn predictive(p: &PredictiveSpec, cold_start_s: f64) -> Result<PredictiveConfig,
             .horizon_seconds
             .map(f64::from)
             .unwrap_or(cold_start_s + 60.0),
+        horizon_from_startup: p.horizon_seconds.is_none(),
         history_s: f64::from(p.history_days) * 86_400.0,
         min_history_s: f64::from(p.min_history_hours) * 3600.0,
         bucket_s: f64::from(p.bucket_seconds),

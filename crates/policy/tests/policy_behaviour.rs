@@ -392,3 +392,63 @@ fn slo_feedback_grows_the_fleet_by_at_most_the_measured_error() {
         }
     }
 }
+
+#[test]
+fn the_predictive_horizon_is_the_learned_p90_start_up_not_the_configured_cold_start() {
+    let mut p = policy(|s| {
+        s.cold_start_seconds = 300.0;
+        s.predictive.mode = PredictiveMode::ForecastOnly;
+        s.predictive.min_history_hours = 1;
+        s.predictive.bucket_seconds = 60;
+    });
+    let t0 = Timestamp::from_millis(1_750_000_000_000);
+    let horizon = |d: &gpuscale_policy::Decision| {
+        d.recommendations
+            .iter()
+            .find(|r| r.source == Source::Predictive)
+            .map(|r| r.reason.clone())
+    };
+    let replica = |id: String, state: ReplicaState, created: Timestamp| ReplicaObservation {
+        id,
+        state,
+        protected: false,
+        created_at: Some(created),
+        requests_running: Some(10.0),
+        requests_waiting: Some(0.0),
+        kv_cache_usage_ratio: Some(0.1),
+        mean_context_tokens: Some(1100.0),
+        itl_mean_seconds: None,
+        generation_tokens_per_second: None,
+        batch_limit: None,
+        gpu_fault: None,
+    };
+    // Before any start-up is seen: coldStartSeconds + 60 s.
+    let mut before = None;
+    for k in 0..1900 {
+        let now = t0.plus_secs(f64::from(k) * 2.0);
+        before = horizon(&p.decide(now, &obs(now, 1, 5.0))).or(before);
+    }
+    let before = before.expect("a forecast after an hour of history");
+    assert!(before.contains("within 360 s"), "{before}");
+    // Three replicas each start in 40 s (Loading, then Ready).
+    let mut k = 1900;
+    for r in 0..3 {
+        let created = t0.plus_secs(f64::from(k) * 2.0);
+        for step in 0..=21 {
+            let now = t0.plus_secs(f64::from(k) * 2.0);
+            k += 1;
+            let state = if step < 20 {
+                ReplicaState::Loading
+            } else {
+                ReplicaState::Ready
+            };
+            let mut o = obs(now, 1, 5.0);
+            o.replica_samples = vec![replica(format!("r{r}"), state, created)];
+            p.decide(now, &o);
+        }
+    }
+    let now = t0.plus_secs(f64::from(k) * 2.0);
+    let after = horizon(&p.decide(now, &obs(now, 1, 5.0))).expect("a forecast");
+    // p90 of three 40 s start-ups (seen at 2 s steps) plus 60 s.
+    assert!(after.contains("within 100 s"), "{after}");
+}
