@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use gpuscale_core::NodeName;
+use gpuscale_core::config_text;
 use gpuscale_telemetry::fake::FakeNodeConfig;
 
 use crate::backoff::BackoffConfig;
@@ -332,24 +333,35 @@ impl AgentArgs {
 }
 
 /// Reads a fake node configuration from YAML or JSON (JSON is YAML).
+///
+/// As the scaler's configuration files ([`gpuscale_core::config_text`]): at
+/// most 1 MiB is read, more than 64 unclosed `[`/`{` is refused in one
+/// linear pass before the YAML parser runs, and the parser's message quotes
+/// at most a bounded prefix of a bad value.
 pub fn load_fake_config(path: &std::path::Path) -> Result<FakeNodeConfig, AgentError> {
-    let text = std::fs::read_to_string(path).map_err(|e| AgentError::ConfigFile {
+    let fail = |message: String| AgentError::ConfigFile {
         flag: "--fake-config",
         path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    let config: FakeNodeConfig =
-        serde_yaml::from_str(&text).map_err(|e| AgentError::ConfigFile {
-            flag: "--fake-config",
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-    config.validate().map_err(|e| AgentError::ConfigFile {
-        flag: "--fake-config",
-        path: path.display().to_string(),
-        message: e.message,
-    })?;
+        message,
+    };
+    let text = read_bounded(path).map_err(fail)?;
+    config_text::check_nesting(&text, config_text::MAX_CONFIG_DEPTH).map_err(fail)?;
+    let config: FakeNodeConfig = serde_yaml::from_str(&text)
+        .map_err(|e| fail(config_text::bound_message(&e.to_string())))?;
+    config.validate().map_err(|e| fail(e.message))?;
     Ok(config)
+}
+
+/// At most [`config_text::MAX_CONFIG_BYTES`] of `path`; a longer file is
+/// refused without reading the rest.
+fn read_bounded(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let limit = config_text::MAX_CONFIG_BYTES;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
+        .map_err(|e| e.to_string())?;
+    config_text::bounded_text(bytes, limit)
 }
 
 fn host_name() -> Option<String> {
@@ -468,5 +480,43 @@ mod tests {
             .expect_err("unknown field")
             .to_string();
         assert!(e.contains("extra"), "{e}");
+    }
+
+    #[test]
+    fn fake_config_reads_are_bounded_and_deep_nesting_is_refused_before_parsing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.yaml");
+        let path_s = path.to_str().expect("utf-8");
+        let load = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).expect("write");
+            load_fake_config(&path).expect_err("refused").to_string()
+        };
+        // 200 KB of nested `[`: refused by the depth check, not the parser.
+        let e = load(format!("gpus: {}", "[".repeat(200 * 1024)).as_bytes());
+        assert!(
+            e.contains("--fake-config")
+                && e.contains(path_s)
+                && e.contains("nesting depth exceeds 64"),
+            "{e}"
+        );
+        // Over 1 MiB (a valid file padded with comments): refused.
+        let mut big = b"# padding\n".repeat(110 * 1024);
+        big.extend_from_slice(b"gpus: [{count: 1}]\n");
+        let e = load(&big);
+        assert!(e.contains("larger than 1048576 bytes"), "{e}");
+        let e = load(b"gpus: [{count: 1}]\n\xff\n");
+        assert!(e.contains("not UTF-8") && e.contains("offset 19"), "{e}");
+        // A 10 MB bad value is echoed as a bounded prefix.
+        let huge = "x".repeat(10 * 1024 * 1024);
+        let e = load(format!("gpus: [{{count: {huge}}}]\n").as_bytes());
+        assert!(
+            e.len() < 1024 && e.contains("--fake-config"),
+            "{} bytes",
+            e.len()
+        );
+        let e = load_fake_config(&dir.path().join("missing.yaml"))
+            .expect_err("missing")
+            .to_string();
+        assert!(e.contains("missing.yaml"), "{e}");
     }
 }

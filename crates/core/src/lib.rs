@@ -1,7 +1,8 @@
 //! gpuscale's vocabulary.
 //!
 //! The types every other crate speaks: identifiers ([`ids`]), points in time
-//! ([`time`]), cumulative latency histograms ([`histogram`]), what a node
+//! ([`time`]), cumulative latency histograms ([`histogram`]), configuration
+//! text checked before parsing ([`config_text`]), what a node
 //! agent samples ([`sample`]), the SLO's one definition ([`slo`]),
 //! Kubernetes label selectors ([`selector`]) and name rules ([`names`]), the
 //! address of the agent's node-local API ([`serving`]) and backoff jitter
@@ -11,6 +12,7 @@
 //! no I/O, never reads a clock or the environment, and does not log. Time is
 //! always a value passed in.
 
+pub mod config_text;
 pub mod histogram;
 pub mod ids;
 pub mod jitter;
