@@ -352,16 +352,27 @@ pub fn load_fake_config(path: &std::path::Path) -> Result<FakeNodeConfig, AgentE
     Ok(config)
 }
 
-/// At most [`config_text::MAX_CONFIG_BYTES`] of `path`; a longer file is
-/// refused without reading the rest.
+/// At most [`config_text::MAX_CONFIG_BYTES`] of `path` as text; a longer
+/// file is refused without reading the rest.
 fn read_bounded(path: &std::path::Path) -> Result<String, String> {
-    use std::io::Read;
     let limit = config_text::MAX_CONFIG_BYTES;
+    config_text::bounded_text(read_at_most(path, limit)?, limit)
+}
+
+/// At most `limit` bytes of `path` (the agent's configuration, certificate
+/// and token files); a longer file is refused without reading the rest.
+pub(crate) fn read_at_most(path: &std::path::Path, limit: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
     let mut bytes = Vec::new();
     std::fs::File::open(path)
-        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
+        .and_then(|f| f.take(limit.saturating_add(1)).read_to_end(&mut bytes))
         .map_err(|e| e.to_string())?;
-    config_text::bounded_text(bytes, limit)
+    if bytes.len() as u64 > limit {
+        return Err(format!(
+            "the file is larger than {limit} bytes, the most it may be"
+        ));
+    }
+    Ok(bytes)
 }
 
 fn host_name() -> Option<String> {

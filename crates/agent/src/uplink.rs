@@ -161,8 +161,11 @@ fn failure_from_status(status: &tonic::Status) -> Failure {
     }
 }
 
+/// A certificate, key or token file, at most 1 MiB
+/// ([`gpuscale_core::config_text::MAX_CONFIG_BYTES`]).
 fn read_file(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
+    crate::config::read_at_most(path, gpuscale_core::config_text::MAX_CONFIG_BYTES)
+        .map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
 /// The endpoint of the scaler with TLS as configured; files are read now.
@@ -461,5 +464,26 @@ impl Uplink {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_files_are_read_up_to_a_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        let mut config = AgentConfig::new("http://scaler:7070", "node-a");
+        config.uplink_security.token_file = Some(path.clone());
+        std::fs::write(&path, "abc\n").expect("write");
+        assert!(bearer(&config).expect("a token").is_some());
+        std::fs::write(&path, vec![b'a'; 2 * 1024 * 1024]).expect("write");
+        let e = bearer(&config).expect_err("too large");
+        assert!(
+            e.contains("--token-file") && e.contains("larger than 1048576 bytes"),
+            "{e}"
+        );
     }
 }
