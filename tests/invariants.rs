@@ -549,11 +549,6 @@ const LONG_FUNCTIONS: &[(&str, &str, &str)] = &[
         "not split yet: the simulator's command line",
     ),
     (
-        "crates/sim/src/suite.rs",
-        "prepare",
-        "not split yet: the suite's workloads",
-    ),
-    (
         "crates/telemetry/src/engine/scrape.rs",
         "apply",
         "not split yet: one scrape's families",

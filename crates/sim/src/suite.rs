@@ -31,6 +31,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use gpuscale_policy::{PerfModel, WorkloadSpec};
+
 use crate::baselines::{self, BASELINE_NAMES, BaselineContext};
 use crate::bound::{self, CurveDetail};
 use crate::chart::{ChartSeries, render};
@@ -195,18 +197,7 @@ pub fn prepare(
         ttft_per_input_token_s: w.ttft_per_input_token_s,
     };
     let tr = read(&opts.data_dir, &w.trace)?;
-    let sizes = match w.sizes.as_deref() {
-        Some(rel) => match read(&opts.data_dir, rel)? {
-            Trace::Requests { requests, .. } => Some(SizePool::from_requests(&requests)),
-            Trace::Rate { path, .. } => {
-                return Err(SimError::Trace {
-                    path,
-                    message: "a size trace must list requests".into(),
-                });
-            }
-        },
-        None => None,
-    };
+    let sizes = read_sizes(w, opts)?;
     let unscaled = Workload::new(
         &tr,
         sizes.clone(),
@@ -299,6 +290,42 @@ pub fn prepare(
         w.cold_start_s,
         perf.gpus_per_replica,
     );
+    let choices = choices(spec, &perf, &ctx);
+    let description = describe(
+        w,
+        &cmp,
+        &Scaled {
+            rate_scale,
+            bound_peak,
+            peak,
+            mean_in,
+            mean_out,
+            cap,
+            static_n,
+            max_replicas: ctx.max_replicas,
+            initial,
+            slo,
+        },
+    );
+    Ok((cmp, choices, description))
+}
+
+/// The request sizes a rate series draws from, if the workload names them.
+fn read_sizes(w: &SuiteWorkload, opts: &SuiteOptions) -> Result<Option<SizePool>, SimError> {
+    let Some(rel) = w.sizes.as_deref() else {
+        return Ok(None);
+    };
+    match read(&opts.data_dir, rel)? {
+        Trace::Requests { requests, .. } => Ok(Some(SizePool::from_requests(&requests))),
+        Trace::Rate { path, .. } => Err(SimError::Trace {
+            path,
+            message: "a size trace must list requests".into(),
+        }),
+    }
+}
+
+/// gpuscale, every lower-bound target and every baseline's sweep.
+fn choices(spec: WorkloadSpec, perf: &PerfModel, ctx: &BaselineContext) -> Vec<PolicyChoice> {
     let mut choices = vec![PolicyChoice::Gpuscale {
         spec: Box::new(spec),
         model: Box::new(perf.clone()),
@@ -310,13 +337,45 @@ pub fn prepare(
             .map(|&target| PolicyChoice::LowerBound { target }),
     );
     for name in BASELINE_NAMES {
-        for t in baselines::sweep_targets(name, &ctx) {
+        for t in baselines::sweep_targets(name, ctx) {
             choices.push(PolicyChoice::Baseline {
                 name: (*name).to_string(),
                 target: Some(t),
             });
         }
     }
+    choices
+}
+
+/// What [`prepare`] derived for a workload, for its description.
+struct Scaled {
+    rate_scale: f64,
+    bound_peak: Option<u32>,
+    peak: f64,
+    mean_in: f64,
+    mean_out: f64,
+    cap: f64,
+    static_n: u32,
+    max_replicas: u32,
+    initial: u32,
+    slo: Slo,
+}
+
+/// The one-paragraph description of a prepared workload (the README's).
+fn describe(w: &SuiteWorkload, cmp: &Comparison, d: &Scaled) -> String {
+    let Scaled {
+        rate_scale,
+        bound_peak,
+        peak,
+        mean_in,
+        mean_out,
+        cap,
+        static_n,
+        max_replicas,
+        initial,
+        slo,
+    } = *d;
+    let duration = cmp.workload.duration_s();
     let scaled_by = match bound_peak {
         Some(n) => format!(
             " (the lower bound's busiest 10 s window needs {n} ready replicas for 99% of what it can serve)"
@@ -357,10 +416,10 @@ pub fn prepare(
         w.cold_start_s,
         cap,
         static_n,
-        ctx.max_replicas,
+        max_replicas,
         initial
     );
-    Ok((cmp, choices, description))
+    description
 }
 
 /// The rate scale at which the lower bound's busiest window needs `target`
