@@ -65,6 +65,12 @@ fn demo_replays_a_stretch_of_the_trace_serves_every_request_and_sees_every_gpu()
         stderr.lines().any(|l| l.contains("replicas desired")),
         "{stderr}"
     );
+    // On the demo's sped-up clock the agents are heard as often as they
+    // report: no decision is held for replicas that only seem silent.
+    assert!(
+        !stderr.lines().any(|l| l.contains("incomplete:")),
+        "{stderr}"
+    );
 
     let requests = summary_line(&stdout, "requests");
     let arrived = number_after(requests, "arrived");

@@ -41,6 +41,21 @@ impl Clock {
         self
     }
 
+    /// How many of this clock's seconds pass per second of tokio's clock.
+    pub fn speed(&self) -> f64 {
+        self.speed
+    }
+
+    /// A span of tokio's clock (a tick, a sample interval) in this clock's
+    /// time: what a timer of that length covers on a sped-up clock.
+    pub fn span(&self, tokio_span: std::time::Duration) -> std::time::Duration {
+        if self.speed == 1.0 {
+            tokio_span
+        } else {
+            std::time::Duration::from_secs_f64(tokio_span.as_secs_f64() * self.speed)
+        }
+    }
+
     pub fn now(&self) -> Timestamp {
         let elapsed = self.started.elapsed();
         if self.speed == 1.0 {
@@ -49,5 +64,26 @@ impl Clock {
             self.wall_at_start
                 .plus_secs(elapsed.as_secs_f64() * self.speed)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_span_of_tokio_time_covers_speed_times_as_much_of_the_clock() {
+        let c = Clock::starting_at(Timestamp::from_millis(0));
+        assert_eq!(
+            c.span(Duration::from_millis(100)),
+            Duration::from_millis(100)
+        );
+        let fast = c.with_speed(40.0);
+        assert_eq!(fast.speed(), 40.0);
+        assert_eq!(
+            fast.span(Duration::from_millis(100)),
+            Duration::from_secs(4)
+        );
     }
 }

@@ -229,7 +229,9 @@ impl DecideLoop {
             warmup: Duration::ZERO,
             warm_since: None,
             freshness: Freshness {
-                silent_after: 2 * tick,
+                // Two ticks of the timer, on the clock that stamps reports
+                // (a sped-up simulation's ticks cover more of its time).
+                silent_after: clock.span(2 * tick),
                 horizon: Duration::from_secs(300),
             },
             min_reporting_share: complete::DEFAULT_MIN_REPORTING_SHARE,
