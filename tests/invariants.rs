@@ -544,16 +544,6 @@ const LONG_FUNCTIONS: &[(&str, &str, &str)] = &[
         "table: the per-workload metric registrations",
     ),
     (
-        "crates/sim/src/cli.rs",
-        "run",
-        "not split yet: the simulator's command line",
-    ),
-    (
-        "crates/telemetry/src/engine/scrape.rs",
-        "apply",
-        "not split yet: one scrape's families",
-    ),
-    (
         "crates/kube/tests/support/mod.rs",
         "run_fleet",
         "not split yet: the simulated agents' loop",

@@ -3,6 +3,8 @@
 //! Flag errors name the flag, the value and what is allowed
 //! ([`SimError::is_usage`] → exit code 2).
 
+use crate::report::PolicyReport;
+use crate::run::RunOutcome;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -239,36 +241,7 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
     if args.suite || args.matrix {
         return run_suite_command(&args, jobs);
     }
-    let slo = Slo {
-        ttft_s: parse_duration("--ttft-slo", &args.ttft_slo)?,
-        itl_s: parse_duration("--itl-slo", &args.itl_slo)?,
-        percentile: args.slo_percentile,
-        ttft_per_input_token_s: parse_duration(
-            "--ttft-per-input-token",
-            &args.ttft_per_input_token,
-        )?,
-    };
-    if slo.ttft_s <= 0.0 {
-        return Err(SimError::config(
-            "--ttft-slo",
-            &args.ttft_slo,
-            "a duration > 0",
-        ));
-    }
-    if slo.itl_s <= 0.0 {
-        return Err(SimError::config(
-            "--itl-slo",
-            &args.itl_slo,
-            "a duration > 0",
-        ));
-    }
-    if !(args.slo_percentile > 0.0 && args.slo_percentile < 100.0) {
-        return Err(SimError::config(
-            "--slo-percentile",
-            args.slo_percentile,
-            "a percentile strictly between 0 and 100",
-        ));
-    }
+    let slo = slo_of(&args)?;
     if args.scale_to_zero {
         return crate::zero::run_command(&args, slo, jobs);
     }
@@ -291,26 +264,7 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
     };
     let perf = resolve_profile(&args.profile)?;
     let tr = trace::read_trace(trace_path, trace_format)?;
-    let sizes = match (&tr, &args.sizes) {
-        (_, Some(p)) => match trace::read_trace(p, None)? {
-            Trace::Requests { requests, .. } => Some(SizePool::from_requests(&requests)),
-            Trace::Rate { .. } => {
-                return Err(SimError::config(
-                    "--sizes",
-                    p.display(),
-                    "a trace of requests (Azure CSV or JSONL), not a rate series",
-                ));
-            }
-        },
-        (Trace::Requests { .. }, None) => None,
-        (Trace::Rate { .. }, None) => {
-            return Err(SimError::config(
-                "--sizes",
-                "(none)",
-                "a request-size trace (Azure CSV or JSONL) to expand a rate series",
-            ));
-        }
-    };
+    let sizes = sizes_of(&tr, &args)?;
     let horizon_s = args
         .duration
         .as_deref()
@@ -414,9 +368,80 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
         _ => report::table(&reports),
     };
     emit(&text, args.out.as_ref())?;
+    write_extras(&args, &reports, &outcomes, &trace_name, duration)?;
+    Ok(())
+}
+
+/// The run's SLO from its flags, checked.
+fn slo_of(args: &SimArgs) -> Result<Slo, SimError> {
+    let slo = Slo {
+        ttft_s: parse_duration("--ttft-slo", &args.ttft_slo)?,
+        itl_s: parse_duration("--itl-slo", &args.itl_slo)?,
+        percentile: args.slo_percentile,
+        ttft_per_input_token_s: parse_duration(
+            "--ttft-per-input-token",
+            &args.ttft_per_input_token,
+        )?,
+    };
+    if slo.ttft_s <= 0.0 {
+        return Err(SimError::config(
+            "--ttft-slo",
+            &args.ttft_slo,
+            "a duration > 0",
+        ));
+    }
+    if slo.itl_s <= 0.0 {
+        return Err(SimError::config(
+            "--itl-slo",
+            &args.itl_slo,
+            "a duration > 0",
+        ));
+    }
+    if !(args.slo_percentile > 0.0 && args.slo_percentile < 100.0) {
+        return Err(SimError::config(
+            "--slo-percentile",
+            args.slo_percentile,
+            "a percentile strictly between 0 and 100",
+        ));
+    }
+    Ok(slo)
+}
+
+/// The request sizes a rate series is expanded with (`--sizes`).
+fn sizes_of(tr: &Trace, args: &SimArgs) -> Result<Option<SizePool>, SimError> {
+    Ok(match (tr, &args.sizes) {
+        (_, Some(p)) => match trace::read_trace(p, None)? {
+            Trace::Requests { requests, .. } => Some(SizePool::from_requests(&requests)),
+            Trace::Rate { .. } => {
+                return Err(SimError::config(
+                    "--sizes",
+                    p.display(),
+                    "a trace of requests (Azure CSV or JSONL), not a rate series",
+                ));
+            }
+        },
+        (Trace::Requests { .. }, None) => None,
+        (Trace::Rate { .. }, None) => {
+            return Err(SimError::config(
+                "--sizes",
+                "(none)",
+                "a request-size trace (Azure CSV or JSONL) to expand a rate series",
+            ));
+        }
+    })
+}
+
+/// The decision log, the series and the chart, where asked for.
+fn write_extras(
+    args: &SimArgs,
+    reports: &[PolicyReport],
+    outcomes: &[RunOutcome],
+    trace_name: &str,
+    duration: f64,
+) -> Result<(), SimError> {
     if let Some(path) = &args.decision_log {
         let mut text = String::new();
-        for o in &outcomes {
+        for o in outcomes {
             for line in &o.decision_log {
                 text.push_str(line);
                 text.push('\n');
@@ -429,7 +454,7 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
     }
     if let Some(path) = &args.series {
         let mut text = String::from("policy,t_s,arrived,done,met,desired,ready\n");
-        for (r, o) in reports.iter().zip(&outcomes) {
+        for (r, o) in reports.iter().zip(outcomes) {
             let s = &o.stats.series;
             for (i, arrived) in s.arrivals.iter().enumerate() {
                 let t = i as f64 * s.bucket_s;
@@ -454,7 +479,7 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
     if let Some(path) = &args.chart {
         let series: Vec<ChartSeries<'_>> = reports
             .iter()
-            .zip(&outcomes)
+            .zip(outcomes)
             .take(10)
             .map(|(r, o)| ChartSeries {
                 label: format!(
@@ -466,7 +491,7 @@ pub fn run(args: SimArgs) -> Result<(), SimError> {
                 series: &o.stats.series,
             })
             .collect();
-        let svg = render(&trace_name, duration, &series);
+        let svg = render(trace_name, duration, &series);
         std::fs::write(path, svg).map_err(|source| SimError::Io {
             path: path.clone(),
             source,

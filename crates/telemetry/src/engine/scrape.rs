@@ -361,48 +361,9 @@ fn apply(
     let error = match reading {
         Ok(mut r) => {
             if let Some(body) = fetched.iteration_stats {
-                let parsed = body
-                    .map_err(|e| e.to_string())
-                    .and_then(|b| TrtllmIterationStats::parse(&b));
-                match parsed {
-                    Ok(it) => {
-                        it.fill(state.iteration_stats.as_ref(), &mut r);
-                        if it.iterations > 0 {
-                            state.iteration_stats = Some(it);
-                        }
-                        if state.iteration_stats_error.take().is_some() {
-                            info!(pod = %target.pod, "trtllm-serve iteration stats readable again");
-                        }
-                    }
-                    Err(why) => {
-                        stats.count("iteration_stats");
-                        if state.iteration_stats_error.as_deref() != Some(why.as_str()) {
-                            warn!(pod = %target.pod, error = %why,
-                                "trtllm-serve iteration stats (JSON /metrics) unreadable: running, waiting and KV use from the Prometheus text only");
-                        }
-                        state.iteration_stats_error = Some(why);
-                    }
-                }
+                apply_iteration_stats(state, body, &mut r, stats);
             }
-            stats.count_n("invalid_histogram", r.invalid_histograms.len() as u64);
-            stats.invalid_histograms_total += r.invalid_histograms.len() as u64;
-            for why in r.invalid_histograms.drain(..) {
-                notes.push(format!("histogram left out: {why}"));
-            }
-            stats.count_n("non_finite", r.non_finite.len() as u64);
-            for name in r.non_finite.drain(..) {
-                notes.push(format!("{name} is NaN or infinite: missing"));
-            }
-            stats.count_n("duplicate_series", r.duplicate_series as u64);
-            if r.duplicate_series > 0 {
-                notes.push(format!("{} repeated series kept once", r.duplicate_series));
-            }
-            let mut cut = 0;
-            cut += bounded(&mut r.ttft_seconds, "ttft", &mut notes);
-            cut += bounded(&mut r.itl_seconds, "itl", &mut notes);
-            cut += bounded(&mut r.tpot_seconds, "tpot", &mut notes);
-            stats.count_n("invalid_histogram", cut);
-            stats.invalid_histograms_total += cut;
+            note_reading_problems(&mut r, stats, &mut notes);
             no_data = r.has_no_data();
             if state.counters.apply(&mut r) {
                 stats.counter_resets_total += 1;
@@ -459,33 +420,100 @@ fn apply(
         stats.count("health");
     }
 
-    // Log once per change of the target's error, and of its notes.
+    log_changes(state, error, notes, sample.state);
+    sample
+}
+
+/// trtllm-serve's JSON iteration statistics into the reading; an unreadable
+/// body is counted and logged once per change of its error.
+fn apply_iteration_stats(
+    state: &mut TargetState,
+    body: Result<String, TelemetryError>,
+    r: &mut EngineReading,
+    stats: &mut ScrapeStats,
+) {
+    let pod = &state.target.pod;
+    let parsed = body
+        .map_err(|e| e.to_string())
+        .and_then(|b| TrtllmIterationStats::parse(&b));
+    match parsed {
+        Ok(it) => {
+            it.fill(state.iteration_stats.as_ref(), r);
+            if state.iteration_stats_error.take().is_some() {
+                info!(pod = %pod, "trtllm-serve iteration stats readable again");
+            }
+            if it.iterations > 0 {
+                state.iteration_stats = Some(it);
+            }
+        }
+        Err(why) => {
+            stats.count("iteration_stats");
+            if state.iteration_stats_error.as_deref() != Some(why.as_str()) {
+                warn!(pod = %pod, error = %why,
+                    "trtllm-serve iteration stats (JSON /metrics) unreadable: running, waiting and KV use from the Prometheus text only");
+            }
+            state.iteration_stats_error = Some(why);
+        }
+    }
+}
+
+/// What the reading left out or repaired, counted and noted: invalid or
+/// oversized histograms, non-finite values, repeated series.
+fn note_reading_problems(r: &mut EngineReading, stats: &mut ScrapeStats, notes: &mut Vec<String>) {
+    stats.count_n("invalid_histogram", r.invalid_histograms.len() as u64);
+    stats.invalid_histograms_total += r.invalid_histograms.len() as u64;
+    for why in r.invalid_histograms.drain(..) {
+        notes.push(format!("histogram left out: {why}"));
+    }
+    stats.count_n("non_finite", r.non_finite.len() as u64);
+    for name in r.non_finite.drain(..) {
+        notes.push(format!("{name} is NaN or infinite: missing"));
+    }
+    stats.count_n("duplicate_series", r.duplicate_series as u64);
+    if r.duplicate_series > 0 {
+        notes.push(format!("{} repeated series kept once", r.duplicate_series));
+    }
+    let mut cut = 0;
+    cut += bounded(&mut r.ttft_seconds, "ttft", notes);
+    cut += bounded(&mut r.itl_seconds, "itl", notes);
+    cut += bounded(&mut r.tpot_seconds, "tpot", notes);
+    stats.count_n("invalid_histogram", cut);
+    stats.invalid_histograms_total += cut;
+}
+
+/// Logs once per change of the target's error, and of its notes.
+fn log_changes(
+    state: &mut TargetState,
+    error: Option<TelemetryError>,
+    notes: Vec<String>,
+    engine_state: EngineState,
+) {
+    let pod = &state.target.pod;
     match (&state.last_error, &error) {
         (None, Some(e)) => {
-            if sample.state == EngineState::Loading {
-                debug!(pod = %target.pod, error = %e, "engine loading: metrics not served yet");
+            if engine_state == EngineState::Loading {
+                debug!(pod = %pod, error = %e, "engine loading: metrics not served yet");
             } else {
-                warn!(pod = %target.pod, kind = e.kind(), error = %e,
+                warn!(pod = %pod, kind = e.kind(), error = %e,
                     "engine scrape failed; reported as failed with metrics missing");
             }
         }
         (Some(old), Some(e)) if old.kind() != e.kind() => {
-            warn!(pod = %target.pod, kind = e.kind(), error = %e, "engine scrape still failing");
+            warn!(pod = %pod, kind = e.kind(), error = %e, "engine scrape still failing");
         }
-        (Some(_), None) => info!(pod = %target.pod, "engine scrape recovered"),
+        (Some(_), None) => info!(pod = %pod, "engine scrape recovered"),
         _ => {}
     }
     if error.is_none() && notes != state.last_notes {
         if notes.is_empty() {
-            info!(pod = %target.pod, "engine metrics read cleanly again");
+            info!(pod = %pod, "engine metrics read cleanly again");
         } else {
-            warn!(pod = %target.pod, state = sample.state.as_str(), problems = %notes.join("; "),
+            warn!(pod = %pod, state = engine_state.as_str(), problems = %notes.join("; "),
                 "engine metrics read with problems");
         }
         state.last_notes = notes;
     }
     state.last_error = error;
-    sample
 }
 
 fn fill(s: &mut EngineSample, r: EngineReading) {
