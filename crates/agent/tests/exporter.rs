@@ -118,86 +118,7 @@ async fn gpu_and_engine_series_carry_pod_labels_and_leave_with_their_pod() {
         "{text}"
     );
 
-    let engine_labels = |pod: &str| {
-        format!(
-            "{{namespace=\"llm\",pod=\"{pod}\",container=\"engine\",framework=\"vllm\",model=\"llama-3-8b\",hostname=\"node-a\""
-        )
-    };
-    assert_eq!(
-        sample_value(
-            &text,
-            &format!(
-                "gpuscale_agent_engine_requests_running{}}}",
-                engine_labels("b-0")
-            )
-        ),
-        Some(5.0)
-    );
-    assert_eq!(
-        sample_value(
-            &text,
-            &format!(
-                "gpuscale_agent_engine_state{},state=\"warm\"}}",
-                engine_labels("a-0")
-            )
-        ),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample_value(
-            &text,
-            &format!(
-                "gpuscale_agent_engine_state{},state=\"failed\"}}",
-                engine_labels("a-0")
-            )
-        ),
-        Some(0.0)
-    );
-    assert_eq!(
-        sample_value(
-            &text,
-            &format!(
-                "gpuscale_agent_engine_generation_tokens_total{}}}",
-                engine_labels("a-0")
-            )
-        ),
-        Some(1000.0)
-    );
-    assert_eq!(
-        sample_value(
-            &text,
-            &format!(
-                "gpuscale_agent_engine_time_to_first_token_seconds_bucket{{le=\"0.06\",{}}}",
-                &engine_labels("a-0")[1..]
-            )
-        ),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample_value(
-            &text,
-            &format!(
-                "gpuscale_agent_engine_time_to_first_token_seconds_count{}}}",
-                engine_labels("a-0")
-            )
-        ),
-        Some(2.0)
-    );
-    assert!(
-        !text.contains("gpuscale_agent_engine_kv_cache_usage_ratio"),
-        "a metric no engine reports is absent, not 0"
-    );
-    // The agent's own health, beside the node's.
-    assert!(text.contains("gpuscale_agent_samples_total"), "{text}");
-    assert!(text.contains("# TYPE gpuscale_agent_collection_duration_seconds histogram"));
-    assert_eq!(
-        sample_value(
-            &text,
-            "gpuscale_agent_source_errors_total{source=\"engine_scrape\",kind=\"content_type\"}"
-        ),
-        Some(1.0)
-    );
-    assert!(text.trim_end().ends_with("# EOF"));
+    assert_engine_and_agent_series(&text);
 
     // Pod b-0 leaves: its GPU and engine series go with it.
     assert!(fake.remove_engine(&PodRef::new("llm", "b-0")));
@@ -220,4 +141,88 @@ async fn gpu_and_engine_series_carry_pod_labels_and_leave_with_their_pod() {
         .is_some()
     );
     running.shutdown().await.expect("clean shutdown");
+}
+
+/// The engine series of pods a-0 and b-0 and the agent's own health series.
+fn assert_engine_and_agent_series(text: &str) {
+    let engine_labels = |pod: &str| {
+        format!(
+            "{{namespace=\"llm\",pod=\"{pod}\",container=\"engine\",framework=\"vllm\",model=\"llama-3-8b\",hostname=\"node-a\""
+        )
+    };
+    assert_eq!(
+        sample_value(
+            text,
+            &format!(
+                "gpuscale_agent_engine_requests_running{}}}",
+                engine_labels("b-0")
+            )
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample_value(
+            text,
+            &format!(
+                "gpuscale_agent_engine_state{},state=\"warm\"}}",
+                engine_labels("a-0")
+            )
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample_value(
+            text,
+            &format!(
+                "gpuscale_agent_engine_state{},state=\"failed\"}}",
+                engine_labels("a-0")
+            )
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample_value(
+            text,
+            &format!(
+                "gpuscale_agent_engine_generation_tokens_total{}}}",
+                engine_labels("a-0")
+            )
+        ),
+        Some(1000.0)
+    );
+    assert_eq!(
+        sample_value(
+            text,
+            &format!(
+                "gpuscale_agent_engine_time_to_first_token_seconds_bucket{{le=\"0.06\",{}}}",
+                &engine_labels("a-0")[1..]
+            )
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample_value(
+            text,
+            &format!(
+                "gpuscale_agent_engine_time_to_first_token_seconds_count{}}}",
+                engine_labels("a-0")
+            )
+        ),
+        Some(2.0)
+    );
+    assert!(
+        !text.contains("gpuscale_agent_engine_kv_cache_usage_ratio"),
+        "a metric no engine reports is absent, not 0"
+    );
+    // The agent's own health, beside the node's.
+    assert!(text.contains("gpuscale_agent_samples_total"), "{text}");
+    assert!(text.contains("# TYPE gpuscale_agent_collection_duration_seconds histogram"));
+    assert_eq!(
+        sample_value(
+            text,
+            "gpuscale_agent_source_errors_total{source=\"engine_scrape\",kind=\"content_type\"}"
+        ),
+        Some(1.0)
+    );
+    assert!(text.trim_end().ends_with("# EOF"));
 }

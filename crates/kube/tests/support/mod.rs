@@ -448,6 +448,44 @@ struct EngineSim {
     tpot: Histogram,
 }
 
+impl EngineSim {
+    fn new(now: Instant) -> Self {
+        Self {
+            running_since: now,
+            drained_at: None,
+            arrived: 0.0,
+            prompt: 0.0,
+            generated: 0.0,
+            ttft: Histogram::ttft(),
+            tpot: Histogram::tpot(),
+        }
+    }
+
+    /// What the engine's agent reports for it.
+    fn sample(
+        &self,
+        name: &str,
+        state: EngineState,
+        running: f64,
+        latency: bool,
+        at: Timestamp,
+    ) -> EngineSample {
+        let mut s = EngineSample::empty(PodRef::new(NS, name), Framework::Fake, "llama-3-8b", at);
+        s.state = state;
+        s.requests_running = Some(running);
+        s.requests_waiting = Some(0.0);
+        s.requests_arrived_total = Some(self.arrived);
+        s.requests_finished_total = Some(self.arrived);
+        s.prompt_tokens_total = Some(self.prompt);
+        s.generation_tokens_total = Some(self.generated);
+        if latency {
+            s.ttft_seconds = Some(self.ttft.clone());
+            s.tpot_seconds = Some(self.tpot.clone());
+        }
+        s
+    }
+}
+
 #[derive(Debug)]
 struct FleetState {
     /// Offered load over the workload's warm engines, requests per second.
@@ -598,6 +636,114 @@ struct Link {
     task: JoinHandle<()>,
 }
 
+/// The simulated agents' streams to the scalers, one per node.
+#[derive(Default)]
+struct Uplinks {
+    links: HashMap<String, Link>,
+    tokens: HashMap<String, String>,
+    next_scaler: usize,
+    seq: u64,
+}
+
+impl Uplinks {
+    /// Sends `report` on the node's stream; a node without a live stream
+    /// opens one (with the report as its snapshot) to the next scaler that
+    /// takes it.
+    async fn send(
+        &mut self,
+        server: &FakeApiServerHandle,
+        scalers: &[String],
+        state: &Arc<Mutex<FleetState>>,
+        node: &str,
+        mut report: AgentReport,
+    ) {
+        let alive = self.links.get(node).is_some_and(|l| !l.task.is_finished());
+        if alive {
+            let link = self.links.get_mut(node).unwrap();
+            link.seq += 1;
+            report.seq = link.seq;
+            if link.tx.try_send((&report).into()).is_err() {
+                self.links.remove(node);
+            }
+            return;
+        }
+        self.links.remove(node);
+        self.seq += 1;
+        report.seq = self.seq;
+        for _ in 0..scalers.len() {
+            let url = &scalers[self.next_scaler % scalers.len()];
+            self.next_scaler += 1;
+            let token = self
+                .tokens
+                .entry(node.to_string())
+                .or_insert_with(|| agent_token(server, node));
+            if let Some(mut link) = connect(url, token, &report, state.clone()).await {
+                link.seq = self.seq;
+                self.links.insert(node.to_string(), link);
+                break;
+            }
+        }
+    }
+
+    /// A new stream's sequence starts above every stream's so far.
+    fn settle(&mut self) {
+        for link in self.links.values() {
+            self.seq = self.seq.max(link.seq);
+        }
+    }
+}
+
+/// An unhealthy GPU held by pod `name`, and the pod's claim on it.
+fn faulty_gpu(name: &str, index: usize, reason: &str) -> (GpuSample, PodGpus) {
+    let uuid = gpuscale_core::GpuUuid::new(format!("GPU-{name}"));
+    let gpu = GpuSample {
+        info: GpuInfo {
+            uuid: uuid.clone(),
+            index: u32::try_from(index).unwrap(),
+            model_name: "NVIDIA H200".into(),
+            memory_total_bytes: 141 << 30,
+            pci_bus_id: String::new(),
+            parent_uuid: None,
+            mig_gpu_instance_id: None,
+            gpm_supported: false,
+            driver_version: String::new(),
+        },
+        metrics: GpuMetrics {
+            uuid: uuid.clone(),
+            health: GpuHealth::Unhealthy {
+                reason: reason.to_string(),
+            },
+            ..GpuMetrics::default()
+        },
+    };
+    let held = PodGpus {
+        pod: PodRef::new(NS, name),
+        containers: vec![ContainerGpus {
+            container: "engine".into(),
+            resource_name: "nvidia.com/gpu".into(),
+            gpu_uuids: vec![uuid],
+        }],
+    };
+    (gpu, held)
+}
+
+/// The agents' readiness-gate writes: up when warm, down when draining.
+async fn write_gates(pods_api: &Api<Pod>, gate_writes: Vec<(String, bool)>) {
+    for (pod, up) in gate_writes {
+        let (reason, status) = if up {
+            ("EngineWarm", "True")
+        } else {
+            ("Draining", "False")
+        };
+        let patch = json!({"status": {"conditions": [{
+            "type": GATE, "status": status, "reason": reason,
+            "lastTransitionTime": "2025-06-15T00:00:00Z"}]}});
+        let _ = pods_api
+            .patch_status(&pod, &patch_params(AGENT), &Patch::Strategic(patch))
+            .await;
+    }
+}
+
 async fn run_fleet(
     server: Arc<FakeApiServerHandle>,
     client: kube::Client,
@@ -606,11 +752,8 @@ async fn run_fleet(
     state: Arc<Mutex<FleetState>>,
 ) {
     let pods_api: Api<Pod> = Api::namespaced(client, NS);
-    let mut links: HashMap<String, Link> = HashMap::new();
-    let mut tokens: HashMap<String, String> = HashMap::new();
+    let mut uplinks = Uplinks::default();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    let mut next_scaler = 0usize;
-    let mut seq = 0u64;
     let epoch = Instant::now();
     let now_ts = || wall(epoch);
     loop {
@@ -640,15 +783,9 @@ async fn run_fleet(
                 .collect();
             st.engines.retain(|n, _| names.contains(n));
             for n in &names {
-                st.engines.entry(n.clone()).or_insert(EngineSim {
-                    running_since: now,
-                    drained_at: None,
-                    arrived: 0.0,
-                    prompt: 0.0,
-                    generated: 0.0,
-                    ttft: Histogram::ttft(),
-                    tpot: Histogram::tpot(),
-                });
+                st.engines
+                    .entry(n.clone())
+                    .or_insert_with(|| EngineSim::new(now));
             }
             let drained = st.drained.clone();
             let warmup = st.warmup;
@@ -707,55 +844,13 @@ async fn run_fleet(
                 } else {
                     (EngineState::Loading, 0.0)
                 };
-                let mut s = EngineSample::empty(
-                    PodRef::new(NS, &name),
-                    Framework::Fake,
-                    "llama-3-8b",
-                    now_ts(),
-                );
-                s.state = engine_state;
-                s.requests_running = Some(running);
-                s.requests_waiting = Some(0.0);
-                s.requests_arrived_total = Some(e.arrived);
-                s.requests_finished_total = Some(e.arrived);
-                s.prompt_tokens_total = Some(e.prompt);
-                s.generation_tokens_total = Some(e.generated);
-                if latency.is_some() {
-                    s.ttft_seconds = Some(e.ttft.clone());
-                    s.tpot_seconds = Some(e.tpot.clone());
-                }
+                let s = e.sample(&name, engine_state, running, latency.is_some(), now_ts());
                 samples.entry(node.to_string()).or_default().push(s);
                 if let Some(reason) = st.gpu_faults.get(&name) {
                     let (gpus, held) = faults.entry(node.to_string()).or_default();
-                    let uuid = gpuscale_core::GpuUuid::new(format!("GPU-{name}"));
-                    gpus.push(GpuSample {
-                        info: GpuInfo {
-                            uuid: uuid.clone(),
-                            index: u32::try_from(gpus.len()).unwrap(),
-                            model_name: "NVIDIA H200".into(),
-                            memory_total_bytes: 141 << 30,
-                            pci_bus_id: String::new(),
-                            parent_uuid: None,
-                            mig_gpu_instance_id: None,
-                            gpm_supported: false,
-                            driver_version: String::new(),
-                        },
-                        metrics: GpuMetrics {
-                            uuid: uuid.clone(),
-                            health: GpuHealth::Unhealthy {
-                                reason: reason.clone(),
-                            },
-                            ..GpuMetrics::default()
-                        },
-                    });
-                    held.push(PodGpus {
-                        pod: PodRef::new(NS, &name),
-                        containers: vec![ContainerGpus {
-                            container: "engine".into(),
-                            resource_name: "nvidia.com/gpu".into(),
-                            gpu_uuids: vec![uuid],
-                        }],
-                    });
+                    let (gpu, pod_gpus) = faulty_gpu(&name, gpus.len(), reason);
+                    gpus.push(gpu);
+                    held.push(pod_gpus);
                 }
                 let want_up = is_warm;
                 if (gate_of(p) == Some("True")) != want_up {
@@ -763,19 +858,7 @@ async fn run_fleet(
                 }
             }
         }
-        for (pod, up) in gate_writes {
-            let (reason, status) = if up {
-                ("EngineWarm", "True")
-            } else {
-                ("Draining", "False")
-            };
-            let patch = json!({"status": {"conditions": [{
-                "type": GATE, "status": status, "reason": reason,
-                "lastTransitionTime": "2025-06-15T00:00:00Z"}]}});
-            let _ = pods_api
-                .patch_status(&pod, &patch_params(AGENT), &Patch::Strategic(patch))
-                .await;
-        }
+        write_gates(&pods_api, gate_writes).await;
         let (silent, skew_ms) = {
             let st = state.lock().unwrap();
             (st.silent.clone(), st.skew_ms.clone())
@@ -786,7 +869,7 @@ async fn run_fleet(
             }
             let engines = samples.remove(node).unwrap_or_default();
             let (gpus, held) = faults.remove(node).unwrap_or_default();
-            let mut report = AgentReport {
+            let report = AgentReport {
                 boot_epoch: 7,
                 seq: 0,
                 sent_at: now_ts(),
@@ -803,35 +886,9 @@ async fn run_fleet(
                     agent: AgentHealth::default(),
                 }),
             };
-            let alive = links.get(node).is_some_and(|l| !l.task.is_finished());
-            if alive {
-                let link = links.get_mut(node).unwrap();
-                link.seq += 1;
-                report.seq = link.seq;
-                if link.tx.try_send((&report).into()).is_err() {
-                    links.remove(node);
-                }
-                continue;
-            }
-            links.remove(node);
-            seq += 1;
-            report.seq = seq;
-            for _ in 0..scalers.len() {
-                let url = &scalers[next_scaler % scalers.len()];
-                next_scaler += 1;
-                let token = tokens
-                    .entry(node.clone())
-                    .or_insert_with(|| agent_token(&server, node));
-                if let Some(mut link) = connect(url, token, &report, state.clone()).await {
-                    link.seq = seq;
-                    links.insert(node.clone(), link);
-                    break;
-                }
-            }
+            uplinks.send(&server, &scalers, &state, node, report).await;
         }
-        for link in links.values() {
-            seq = seq.max(link.seq);
-        }
+        uplinks.settle();
     }
 }
 
