@@ -72,7 +72,10 @@ impl Shared {
                         held: u32::try_from(held).unwrap_or(u32::MAX),
                         arrivals_total: r.arrivals.load(Ordering::Relaxed),
                         oldest_held_seconds: r.oldest_held_s(),
-                        wake: r.wake.swap(false, Ordering::SeqCst) && held > 0,
+                        // The flag is set before the request is counted as
+                        // held: a report between the two must leave it set
+                        // for the next report, not spend it on `held: 0`.
+                        wake: held > 0 && r.wake.swap(false, Ordering::SeqCst),
                     }
                 })
                 .collect(),
