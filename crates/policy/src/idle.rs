@@ -13,6 +13,21 @@
 //! next request, less than `P`), scale to zero does not pay: the period is
 //! the longest allowed. A spec field fixes the period instead.
 //!
+//! **Learned from the workload's own idle gaps.** The break-even is the
+//! best choice against the worst traffic; a workload's idle gaps are not
+//! the worst, and most traffic has two kinds of them: short pauses inside
+//! a burst of use and long silences between bursts. Once the rule has seen
+//! [`MIN_LEARNED_GAPS`] gaps (measured the way it measures idleness, so
+//! the period applies to the same clock), the period is the one that
+//! minimises their total cost: a gap `g` shorter than the period `T` costs
+//! `g` (the replica is kept through it), a longer one `T + P` (kept `T`,
+//! then a cold start). The optimum lies at one of the gaps (the cost is
+//! piecewise linear in `T` and rises between them), so the candidates are
+//! the observed gaps within `[minIdle, break-even]`, and `minIdle`. Capped
+//! at the break-even, so the choice never waits longer than ski rental
+//! would; below it the choice pays off exactly when the gaps seen are
+//! the gaps to come.
+//!
 //! Never while a request is in flight at a replica or held at the
 //! activator. Pure: `now` is an argument.
 
@@ -155,6 +170,36 @@ pub struct IdleInputs {
     pub max: Duration,
 }
 
+/// Idle gaps seen before the period is learned from them rather than set
+/// to the break-even. The learned period turns on the share of gaps longer
+/// than a candidate; with `n` gaps the smallest share seen is `1/n`, and
+/// ten resolve it to 10%: the p90 of the gaps, the same quantile the
+/// start-up is planned with, is then an observed gap rather than the
+/// largest one.
+pub const MIN_LEARNED_GAPS: usize = 10;
+
+/// Idle gaps kept per workload (the most recent ones).
+pub const GAP_WINDOW: usize = 64;
+
+/// The period in `[lo, hi]` that minimises the total cost of `gaps` (see
+/// the module docs), with its cost; ties go to the longer period (the same
+/// cost, fewer cold starts).
+fn learned_period(gaps: &[f64], cold_cost_s: f64, lo: f64, hi: f64) -> f64 {
+    let cost = |t: f64| -> f64 {
+        gaps.iter()
+            .map(|&g| if g <= t { g } else { t + cold_cost_s })
+            .sum()
+    };
+    let mut best = (lo, cost(lo));
+    for t in gaps.iter().copied().filter(|g| (lo..=hi).contains(g)) {
+        let c = cost(t);
+        if c < best.1 - 1e-9 || (c <= best.1 + 1e-9 && t > best.0) {
+            best = (t, c);
+        }
+    }
+    best.0
+}
+
 /// Why the period is what it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -166,6 +211,9 @@ pub enum IdleReason {
     /// The forecast expects the next request before the break-even: keep
     /// the replica (the longest period allowed).
     ForecastBusy,
+    /// The period of least cost over the idle gaps seen (at most the
+    /// break-even).
+    Learned,
 }
 
 /// The idle period chosen and why.
@@ -177,8 +225,9 @@ pub struct IdleChoice {
     pub cold_start_cost_s: f64,
 }
 
-/// Chooses the idle period; see the module docs.
-pub fn idle_period(inputs: &IdleInputs) -> IdleChoice {
+/// Chooses the idle period from `inputs` and the idle `gaps` seen
+/// (seconds, as the rule measures idleness); see the module docs.
+pub fn idle_period(inputs: &IdleInputs, gaps: &[f64]) -> IdleChoice {
     let cost = inputs.startup_p90_s.max(0.0) + inputs.cold_start_penalty_s.max(0.0);
     let (min, max) = (
         inputs.min.as_secs_f64(),
@@ -202,8 +251,16 @@ pub fn idle_period(inputs: &IdleInputs) -> IdleChoice {
             cold_start_cost_s: cost,
         };
     }
+    let break_even = cost.clamp(min, max);
+    if gaps.len() >= MIN_LEARNED_GAPS {
+        return IdleChoice {
+            period_s: learned_period(gaps, cost, min, break_even),
+            reason: IdleReason::Learned,
+            cold_start_cost_s: cost,
+        };
+    }
     IdleChoice {
-        period_s: cost.clamp(min, max),
+        period_s: break_even,
         reason: IdleReason::BreakEven,
         cold_start_cost_s: cost,
     }
@@ -245,40 +302,55 @@ mod tests {
 
     #[test]
     fn the_period_is_the_break_even_unless_fixed_or_the_forecast_is_busy() {
-        let c = idle_period(&inputs());
+        let c = idle_period(&inputs(), &[]);
         assert_eq!((c.period_s, c.reason), (300.0, IdleReason::BreakEven));
         // A longer start-up makes a cold start dearer: wait longer.
-        let slow = idle_period(&IdleInputs {
-            startup_p90_s: 600.0,
-            ..inputs()
-        });
+        let slow = idle_period(
+            &IdleInputs {
+                startup_p90_s: 600.0,
+                ..inputs()
+            },
+            &[],
+        );
         assert_eq!(slow.period_s, 840.0);
         // Bounded.
-        let huge = idle_period(&IdleInputs {
-            cold_start_penalty_s: 1e9,
-            ..inputs()
-        });
+        let huge = idle_period(
+            &IdleInputs {
+                cold_start_penalty_s: 1e9,
+                ..inputs()
+            },
+            &[],
+        );
         assert_eq!(huge.period_s, 3600.0);
         // A request expected every 100 s (< 300 s): keep the replica.
-        let busy = idle_period(&IdleInputs {
-            forecast_rps: Some(0.01),
-            ..inputs()
-        });
+        let busy = idle_period(
+            &IdleInputs {
+                forecast_rps: Some(0.01),
+                ..inputs()
+            },
+            &[],
+        );
         assert_eq!(
             (busy.period_s, busy.reason),
             (3600.0, IdleReason::ForecastBusy)
         );
         // One expected every hour (> 300 s): the break-even.
-        let sparse = idle_period(&IdleInputs {
-            forecast_rps: Some(1.0 / 3600.0),
-            ..inputs()
-        });
+        let sparse = idle_period(
+            &IdleInputs {
+                forecast_rps: Some(1.0 / 3600.0),
+                ..inputs()
+            },
+            &[],
+        );
         assert_eq!(sparse.reason, IdleReason::BreakEven);
-        let fixed = idle_period(&IdleInputs {
-            fixed: Some(Duration::from_secs(45)),
-            forecast_rps: Some(10.0),
-            ..inputs()
-        });
+        let fixed = idle_period(
+            &IdleInputs {
+                fixed: Some(Duration::from_secs(45)),
+                forecast_rps: Some(10.0),
+                ..inputs()
+            },
+            &[],
+        );
         assert_eq!((fixed.period_s, fixed.reason), (45.0, IdleReason::Fixed));
     }
 
@@ -313,7 +385,7 @@ mod tests {
     #[test]
     fn never_to_zero_with_requests_in_flight_or_held() {
         let t0 = Timestamp::from_millis(1_700_000_000_000);
-        let choice = idle_period(&inputs());
+        let choice = idle_period(&inputs(), &[]);
         let idle = Activity {
             in_flight: 0.0,
             held: 0,
@@ -330,13 +402,61 @@ mod tests {
         assert!(!scale_to_zero(t0.plus_secs(10_000.0), &held, &choice));
     }
 
+    /// Pauses of 5–40 s inside bursts of use and silences of an hour
+    /// between them: the period of least cost waits out the pauses (40 s,
+    /// not the 300 s break-even), and costs less over those gaps than the
+    /// break-even or any other candidate.
+    #[test]
+    fn the_learned_period_waits_out_the_pauses_and_not_the_silences() {
+        let mut gaps = Vec::new();
+        for i in 0..30 {
+            gaps.push(5.0 + f64::from(i % 8) * 5.0);
+            if i % 3 == 0 {
+                gaps.push(3_600.0 + f64::from(i) * 10.0);
+            }
+        }
+        let c = idle_period(&inputs(), &gaps);
+        assert_eq!((c.period_s, c.reason), (40.0, IdleReason::Learned));
+        let total = |t: f64| -> f64 {
+            gaps.iter()
+                .map(|&g| if g <= t { g } else { t + c.cold_start_cost_s })
+                .sum()
+        };
+        for t in [30.0, 35.0, 39.0, 45.0, 60.0, 120.0, 300.0] {
+            assert!(total(40.0) <= total(t), "40 s vs {t} s");
+        }
+        // Fewer gaps than MIN_LEARNED_GAPS: the break-even.
+        let few = idle_period(&inputs(), &gaps[..MIN_LEARNED_GAPS - 1]);
+        assert_eq!((few.period_s, few.reason), (300.0, IdleReason::BreakEven));
+        // Only long silences: scale to zero as early as allowed.
+        let silent = idle_period(&inputs(), &[3_600.0; 12]);
+        assert_eq!(silent.period_s, 30.0);
+        // Only pauses longer than the break-even would allow: capped at it.
+        let long = idle_period(
+            &inputs(),
+            &[
+                250.0, 280.0, 299.0, 310.0, 290.0, 260.0, 270.0, 255.0, 285.0, 295.0,
+            ],
+        );
+        assert!(long.period_s <= 300.0 && long.period_s >= 299.0, "{long:?}");
+        // A fixed period still wins.
+        let fixed = idle_period(
+            &IdleInputs {
+                fixed: Some(Duration::from_secs(45)),
+                ..inputs()
+            },
+            &gaps,
+        );
+        assert_eq!(fixed.reason, IdleReason::Fixed);
+    }
+
     /// Ski rental's bound: against every gap between requests, waiting the
     /// break-even costs at most twice what the best choice in hindsight
     /// (keep if the gap is shorter than the cold start's cost, else scale
     /// to zero at once) costs.
     #[test]
     fn the_break_even_costs_at_most_twice_the_hindsight_optimum() {
-        let c = idle_period(&inputs());
+        let c = idle_period(&inputs(), &[]);
         let p = c.cold_start_cost_s;
         for gap in [1.0, 50.0, 299.0, 300.0, 301.0, 1_000.0, 100_000.0] {
             let ours = if gap <= c.period_s {

@@ -81,7 +81,7 @@ impl Default for ZeroOptions {
             mean_gap_s: 2700.0,
             keep: 0.02,
             max_replicas: 4,
-            idle_sweep_s: vec![30.0, 60.0, 120.0],
+            idle_sweep_s: vec![30.0, 40.0, 50.0, 60.0, 75.0, 90.0, 120.0],
             seed: 1,
         }
     }
