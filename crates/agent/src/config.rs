@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use gpuscale_core::NodeName;
+use gpuscale_core::bounds::duration_within;
 use gpuscale_core::config_text;
 use gpuscale_telemetry::fake::FakeNodeConfig;
 
@@ -127,10 +128,8 @@ impl AgentConfig {
 }
 
 pub(crate) fn check_interval(field: &str, d: Duration) -> Result<(), AgentError> {
-    if d < INTERVAL_RANGE.0 || d > INTERVAL_RANGE.1 {
-        return Err(AgentError::config(field, format!("{d:?}"), "10ms..=1h"));
-    }
-    Ok(())
+    duration_within(d, INTERVAL_RANGE.0, INTERVAL_RANGE.1)
+        .map_err(|e| AgentError::out_of_range(field, e))
 }
 
 fn validate_url(url: &str, flag: &str) -> Result<(), AgentError> {

@@ -53,6 +53,14 @@ impl AgentError {
         }
     }
 
+    /// A value outside its bounded range (a flag, a configuration field).
+    pub(crate) fn out_of_range(
+        field: impl Into<String>,
+        e: gpuscale_core::bounds::OutOfRange,
+    ) -> Self {
+        Self::config(field, e.value, e.allowed)
+    }
+
     /// True for bad flags or configuration (exit code 2), false for runtime
     /// failures (exit code 1).
     pub fn is_config(&self) -> bool {

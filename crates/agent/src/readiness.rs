@@ -136,15 +136,12 @@ impl ReadinessConfig {
                 "a condition type in label-key form, e.g. gpuscale.dev/engine-warm",
             ));
         }
-        if self.warmup.timeout < Duration::from_millis(10)
-            || self.warmup.timeout > Duration::from_secs(600)
-        {
-            return Err(AgentError::config(
-                "--warmup-timeout",
-                format!("{:?}", self.warmup.timeout),
-                "10ms..=10m",
-            ));
-        }
+        gpuscale_core::bounds::duration_within(
+            self.warmup.timeout,
+            Duration::from_millis(10),
+            Duration::from_secs(600),
+        )
+        .map_err(|e| AgentError::out_of_range("--warmup-timeout", e))?;
         if let Some(p) = &self.warmup.path
             && !p.starts_with('/')
         {

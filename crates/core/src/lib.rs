@@ -2,7 +2,8 @@
 //!
 //! The types every other crate speaks: identifiers ([`ids`]), points in time
 //! ([`time`]), cumulative latency histograms ([`histogram`]), configuration
-//! text checked before parsing ([`config_text`]), what a node
+//! text checked before parsing ([`config_text`]) and bounded ranges for
+//! its values ([`bounds`]), what a node
 //! agent samples ([`sample`]), the SLO's one definition ([`slo`]),
 //! Kubernetes label selectors ([`selector`]) and name rules ([`names`]), the
 //! address of the agent's node-local API ([`serving`]) and backoff jitter
@@ -12,6 +13,7 @@
 //! no I/O, never reads a clock or the environment, and does not log. Time is
 //! always a value passed in.
 
+pub mod bounds;
 pub mod config_text;
 pub mod histogram;
 pub mod ids;

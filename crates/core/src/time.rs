@@ -115,6 +115,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// A duration in the syntax [`parse_duration`] reads, in the largest unit
+/// that shows it exactly: `0s`, `250ms`, `30s`, `10m`, `1h`, `24h`; what no
+/// unit shows whole (`1.5ms`) as `{:?}`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if d.is_zero() {
+        "0s".to_string()
+    } else if Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX)) != d {
+        format!("{d:?}")
+    } else if ms.is_multiple_of(3_600_000) {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,5 +155,22 @@ mod tests {
             t + Duration::from_millis(750),
             Timestamp::from_millis(11_000)
         );
+    }
+
+    #[test]
+    fn durations_format_in_the_largest_exact_unit_and_parse_back() {
+        for (d, text) in [
+            (Duration::ZERO, "0s"),
+            (Duration::from_millis(10), "10ms"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::from_secs(30), "30s"),
+            (Duration::from_secs(600), "10m"),
+            (Duration::from_secs(3600), "1h"),
+            (Duration::from_secs(86_400), "24h"),
+        ] {
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration(text), Ok(d), "{text}");
+        }
+        assert_eq!(format_duration(Duration::from_micros(1500)), "1.5ms");
     }
 }

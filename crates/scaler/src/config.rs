@@ -48,6 +48,7 @@
 //! a bad value is echoed as at most a 120-character prefix. A standalone
 //! scaler with no workloads starts with a warning.
 
+use gpuscale_core::bounds::{duration_within, within};
 use gpuscale_core::names::is_dns_label;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -169,28 +170,12 @@ impl ScalerConfig {
             ),
         ];
         for (field, value, lo, hi) in ranges {
-            if value < lo || value > hi {
-                return Err(ScalerError::config(
-                    field,
-                    format!("{value:?}"),
-                    format!("{lo:?}..={hi:?}"),
-                ));
-            }
+            duration_within(value, lo, hi).map_err(|e| ScalerError::out_of_range(field, e))?;
         }
-        if !(1..=1_000_000).contains(&self.ingest_queue) {
-            return Err(ScalerError::config(
-                "ingest_queue",
-                self.ingest_queue.to_string(),
-                "1..=1000000",
-            ));
-        }
-        if !(1..=100_000).contains(&self.stream_outbound) {
-            return Err(ScalerError::config(
-                "stream_outbound",
-                self.stream_outbound.to_string(),
-                "1..=100000",
-            ));
-        }
+        within(self.ingest_queue, 1, 1_000_000)
+            .map_err(|e| ScalerError::out_of_range("ingest_queue", e))?;
+        within(self.stream_outbound, 1, 100_000)
+            .map_err(|e| ScalerError::out_of_range("stream_outbound", e))?;
         if !(1024..=64 * 1024 * 1024).contains(&self.max_message_bytes) {
             return Err(ScalerError::config(
                 "max_message_bytes",
@@ -204,9 +189,8 @@ impl ScalerConfig {
             ("--idle-timeout", self.conn.idle_timeout),
             ("preface_timeout", self.conn.preface_timeout),
         ] {
-            if d < Duration::from_millis(10) || d > Duration::from_secs(86_400) {
-                return Err(ScalerError::config(field, format!("{d:?}"), "10ms..=24h"));
-            }
+            duration_within(d, Duration::from_millis(10), Duration::from_secs(86_400))
+                .map_err(|e| ScalerError::out_of_range(field, e))?;
         }
         if let Transport::Tls(tls) = &self.transport
             && (tls.reload_interval.is_zero() || tls.handshake_timeout.is_zero())
@@ -246,13 +230,7 @@ impl ScalerConfig {
                 Duration::from_secs(3600),
             ),
         ] {
-            if value < lo || value > hi {
-                return Err(ScalerError::config(
-                    field,
-                    format!("{value:?}"),
-                    format!("{lo:?}..={hi:?}"),
-                ));
-            }
+            duration_within(value, lo, hi).map_err(|e| ScalerError::out_of_range(field, e))?;
         }
         let lowest = crate::complete::LOWEST_MIN_REPORTING_SHARE;
         if !(self.min_reporting_share >= lowest && self.min_reporting_share <= 1.0) {
@@ -636,13 +614,8 @@ impl ProportionalFile {
                 "more than 0 and at most 1",
             ));
         }
-        if self.max_replicas == 0 || self.max_replicas > 10_000 {
-            return Err(ScalerError::config(
-                p("maxReplicas"),
-                self.max_replicas.to_string(),
-                "1..=10000",
-            ));
-        }
+        within(self.max_replicas, 1, 10_000)
+            .map_err(|e| ScalerError::out_of_range(p("maxReplicas"), e))?;
         if self.min_replicas > self.max_replicas {
             return Err(ScalerError::config(
                 p("minReplicas"),

@@ -60,6 +60,14 @@ impl ScalerError {
         }
     }
 
+    /// A value outside its bounded range (a flag, a configuration field).
+    pub(crate) fn out_of_range(
+        field: impl Into<String>,
+        e: gpuscale_core::bounds::OutOfRange,
+    ) -> Self {
+        Self::config(field, e.value, e.allowed)
+    }
+
     /// An actuation failure, for [`crate::Actuator`] implementations.
     pub fn actuation(workload: &WorkloadRef, message: impl Into<String>) -> Self {
         ScalerError::Actuation {

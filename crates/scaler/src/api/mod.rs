@@ -35,6 +35,7 @@ pub mod activator;
 pub mod keda;
 pub mod recommend;
 
+use gpuscale_core::bounds::within;
 use gpuscale_core::names::is_dns_label;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -81,27 +82,12 @@ impl Default for ApiConfig {
 impl ApiConfig {
     /// Checks every field; the error names the field, the value and what is allowed.
     pub fn validate(&self) -> Result<(), ScalerError> {
-        if !(1..=100_000).contains(&self.max_watchers) {
-            return Err(ScalerError::config(
-                "--max-watchers",
-                self.max_watchers.to_string(),
-                "1..=100000",
-            ));
-        }
-        if !(1..=100_000).contains(&self.max_keda_streams) {
-            return Err(ScalerError::config(
-                "--max-keda-streams",
-                self.max_keda_streams.to_string(),
-                "1..=100000",
-            ));
-        }
-        if !(1..=100_000).contains(&self.watch_buffer) {
-            return Err(ScalerError::config(
-                "api.watch_buffer",
-                self.watch_buffer.to_string(),
-                "1..=100000",
-            ));
-        }
+        within(self.max_watchers, 1, 100_000)
+            .map_err(|e| ScalerError::out_of_range("--max-watchers", e))?;
+        within(self.max_keda_streams, 1, 100_000)
+            .map_err(|e| ScalerError::out_of_range("--max-keda-streams", e))?;
+        within(self.watch_buffer, 1, 100_000)
+            .map_err(|e| ScalerError::out_of_range("api.watch_buffer", e))?;
         Ok(())
     }
 }

@@ -93,13 +93,8 @@ impl Default for PeerLimitConfig {
 
 impl PeerLimitConfig {
     pub fn validate(&self) -> Result<(), ScalerError> {
-        if !(1..=1_000_000).contains(&self.max_streams) {
-            return Err(ScalerError::config(
-                "--max-streams-per-peer",
-                self.max_streams.to_string(),
-                "1..=1000000",
-            ));
-        }
+        gpuscale_core::bounds::within(self.max_streams, 1, 1_000_000)
+            .map_err(|e| ScalerError::out_of_range("--max-streams-per-peer", e))?;
         let rate_ok = |r: f64| r.is_finite() && r > 0.0 && r <= 1e9;
         if !rate_ok(self.requests_per_second) || !rate_ok(self.burst) || self.burst < 1.0 {
             return Err(ScalerError::config(
