@@ -369,22 +369,30 @@ fn core_and_policy_are_pure() {
 #[test]
 fn dependencies_point_one_way() {
     // Which gpuscale crates each crate may depend on (ARCHITECTURE.md:
-    // core <- policy <- everything else; the scaler knows nothing of
-    // Kubernetes; the simulator nothing of the scaler).
+    // core <- policy <- everything else; rt (the clock) under the agent and
+    // the scaler only; the scaler knows nothing of Kubernetes; the simulator
+    // nothing of the scaler).
     let allowed: BTreeMap<&str, &[&str]> = BTreeMap::from([
         ("core", &[][..]),
+        ("rt", &["gpuscale-core"][..]),
         ("policy", &["gpuscale-core"][..]),
         ("observe", &["gpuscale-core", "gpuscale-policy"][..]),
         ("proto", &["gpuscale-core"][..]),
         ("telemetry", &["gpuscale-core", "gpuscale-proto"][..]),
         (
             "agent",
-            &["gpuscale-core", "gpuscale-proto", "gpuscale-telemetry"][..],
+            &[
+                "gpuscale-core",
+                "gpuscale-rt",
+                "gpuscale-proto",
+                "gpuscale-telemetry",
+            ][..],
         ),
         (
             "scaler",
             &[
                 "gpuscale-core",
+                "gpuscale-rt",
                 "gpuscale-policy",
                 "gpuscale-observe",
                 "gpuscale-proto",

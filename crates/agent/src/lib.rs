@@ -58,7 +58,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpuscale_core::Timestamp;
 use gpuscale_core::sample::{AgentHealth, NodeSnapshot};
 use gpuscale_telemetry::{EngineSource, GpuSource, PodGpuSource};
 use tokio::sync::watch;
@@ -69,6 +68,7 @@ pub use config::{AgentArgs, AgentConfig, UplinkSecurity, load_fake_config, parse
 pub use directives::NodeDirectives;
 pub use error::AgentError;
 pub use exporter::{NodeExporter, NodeStats};
+pub use gpuscale_rt::Clock;
 pub use http::OPENMETRICS_CONTENT_TYPE;
 pub use metrics::AgentMetrics;
 pub use node::{
@@ -79,57 +79,6 @@ pub use readiness::{ReadinessConfig, WarmupConfig, WarmupMode};
 pub use sampler::Sampled;
 pub use simulated::{RunningSimulatedNode, start_simulated_node};
 pub use uplink::LinkStatus;
-
-/// Wall-clock time that advances with tokio's clock: one reading of the
-/// system clock at start, then tokio's monotonic `Instant`. Under paused
-/// tokio time in tests it advances exactly as the test advances time.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    wall_at_start: Timestamp,
-    started: tokio::time::Instant,
-    speed: f64,
-}
-
-impl Clock {
-    /// Starts now.
-    pub fn start() -> Self {
-        let wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
-        Self::starting_at(Timestamp::from_millis(wall))
-    }
-
-    /// Starts at `wall` (tests, simulations).
-    pub fn starting_at(wall: Timestamp) -> Self {
-        Self {
-            wall_at_start: wall,
-            started: tokio::time::Instant::now(),
-            speed: 1.0,
-        }
-    }
-
-    /// Runs `speed` times faster than tokio's clock (a simulation that
-    /// compresses hours into minutes). Non-finite or non-positive: 1.
-    pub fn with_speed(mut self, speed: f64) -> Self {
-        self.speed = if speed.is_finite() && speed > 0.0 {
-            speed
-        } else {
-            1.0
-        };
-        self
-    }
-
-    pub fn now(&self) -> Timestamp {
-        let elapsed = self.started.elapsed();
-        if self.speed == 1.0 {
-            self.wall_at_start + elapsed
-        } else {
-            self.wall_at_start
-                .plus_secs(elapsed.as_secs_f64() * self.speed)
-        }
-    }
-}
 
 /// A random non-zero number: the process's boot epoch, jitter seeds.
 fn random_u64() -> u64 {

@@ -1,4 +1,4 @@
-//! The scaler's clock: wall-clock time that advances with tokio's clock (one
+//! The agent's and the scaler's clock: wall-clock time that advances with tokio's clock (one
 //! reading of the system clock at start, then tokio's monotonic `Instant`),
 //! so paused tokio time in tests moves it exactly as the test does.
 
@@ -85,5 +85,16 @@ mod tests {
             fast.span(Duration::from_millis(100)),
             Duration::from_secs(4)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_paused_tokio_time_the_clock_moves_exactly_as_the_test_does() {
+        let c = Clock::starting_at(Timestamp::from_millis(5_000));
+        let fast = Clock::starting_at(Timestamp::from_millis(5_000)).with_speed(10.0);
+        let ignored = Clock::starting_at(Timestamp::from_millis(0)).with_speed(f64::NAN);
+        assert_eq!(ignored.speed(), 1.0);
+        tokio::time::advance(Duration::from_millis(1_250)).await;
+        assert_eq!(c.now(), Timestamp::from_millis(6_250));
+        assert_eq!(fast.now(), Timestamp::from_millis(17_500));
     }
 }

@@ -44,7 +44,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::actuate::{Actuator, Plan, TargetObservation};
-use crate::clock::Clock;
 use crate::complete::{self, Freshness, Roster};
 use crate::config::{DeciderConfig, EngineSelector, WorkloadDef};
 use crate::metrics::ScalerMetrics;
@@ -52,6 +51,7 @@ use crate::observe;
 use crate::state::Command;
 use crate::stopped;
 use crate::view::{ActuationRecord, StateView};
+use gpuscale_rt::Clock;
 
 /// Decides one workload's replicas from an observation. Implementations keep
 /// their own history and must be pure in `now`: the same history, `now` and
@@ -606,11 +606,11 @@ mod tests {
 
     use super::{DecideLoop, Decider, WorkloadRegistry};
     use crate::actuate::{DrainSink, LoggingActuator};
-    use crate::clock::Clock;
     use crate::config::{DeciderConfig, EngineSelector, WorkloadDef};
     use crate::metrics::ScalerMetrics;
     use crate::state::Command;
     use crate::view::{EngineView, EngineWindowStats, NodeView, StateView};
+    use gpuscale_rt::Clock;
 
     fn proportional() -> ProportionalConfig {
         ProportionalConfig {

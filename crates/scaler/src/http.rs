@@ -13,9 +13,9 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::sync::watch;
 
-use crate::clock::Clock;
 use crate::metrics::ScalerMetrics;
 use crate::view::StateView;
+use gpuscale_rt::Clock;
 
 /// OpenMetrics text exposition content type.
 pub const OPENMETRICS_CONTENT_TYPE: &str =

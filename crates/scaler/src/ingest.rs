@@ -63,12 +63,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::clock::Clock;
 use crate::edge::auth::{CallKind, Refusal, quote};
 use crate::edge::{Authenticator, Caller, caller_of};
 use crate::metrics::ScalerMetrics;
 use crate::state::Command;
 use crate::stopped;
+use gpuscale_rt::Clock;
 
 /// Identifies one agent stream for the life of the scaler process.
 pub type StreamId = u64;

@@ -36,7 +36,6 @@
 
 pub mod actuate;
 pub mod api;
-mod clock;
 pub mod complete;
 pub mod config;
 pub mod config_file;
@@ -67,12 +66,12 @@ use tokio::task::JoinHandle;
 use tonic::service::Routes;
 
 pub use actuate::{ActuateFuture, Actuator, DrainSink, LoggingActuator, Plan};
-pub use clock::Clock;
 pub use config::{PersistedDecision, ScalerArgs, ScalerConfig, ScalerFile, WorkloadDef};
 pub use decide::{Decider, build_decider};
 pub use error::ScalerError;
 pub use gpuscale_observe::{ClusterReplica, TargetObservation};
 pub use gpuscale_policy::proportional::ProportionalDecider;
+pub use gpuscale_rt::Clock;
 pub use http::OPENMETRICS_CONTENT_TYPE;
 pub use metrics::ScalerMetrics;
 pub use view::{EngineView, GpuView, NodeView, StateView, WorkloadView};

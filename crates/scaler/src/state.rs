@@ -38,13 +38,13 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::clock::Clock;
 use crate::error::ScalerError;
 use crate::ingest::StreamId;
 use crate::metrics::ScalerMetrics;
 use crate::stopped;
 use crate::view::{ActuationRecord, EngineView, GpuView, NodeView, StateView, WorkloadView};
 use gpuscale_observe::EngineTracker;
+use gpuscale_rt::Clock;
 
 mod agent_clock;
 pub(crate) use agent_clock::{AgentClock, SKEW_BOUND_MS};

@@ -41,9 +41,9 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use tonic::Code;
 
-use crate::clock::Clock;
 use crate::error::ScalerError;
 use crate::metrics::ScalerMetrics;
+use gpuscale_rt::Clock;
 
 /// The audience agents' tokens must carry.
 pub const DEFAULT_AUDIENCE: &str = "gpuscale";
