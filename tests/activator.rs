@@ -14,8 +14,30 @@
 //!   receives SSE keep-alive comments while held, then the engine's events
 //!   as the engine sends them (not gathered up); a held stream whose
 //!   deadline passes ends with an SSE error event.
+//!
+//! And the whole path, with nothing in process but the engines: the fake
+//! API server (Deployments at zero, InferenceAutoscalers `minReplicas: 0`),
+//! the scaler with its Kubernetes controller acting on `/scale`, the fake
+//! kubelet running the pods, a real agent reporting their simulated
+//! OpenAI-compatible engines and setting the readiness gate, a Service per
+//! workload reaching its Ready pods only, and two activator processes
+//! authenticated to the scaler by API server tokens:
+//!
+//! * 100 concurrent requests at zero all answered in full once the first
+//!   replica is warm; past the hold bound, 429 with `Retry-After`.
+//! * An activator replica restarted (SIGTERM) while holding: its held
+//!   requests get 503 `draining` with `Retry-After` at once, the other
+//!   replica's held requests are answered, the restarted one serves.
+//! * The scaler down: held requests time out with a 503 saying the scaler
+//!   is unreachable.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
+/// The kube crate's fake cluster: the fake API server with the CRD, its
+/// objects and the scaler's configuration for it.
+#[path = "../crates/kube/tests/support/mod.rs"]
+mod cluster;
+mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -85,21 +107,24 @@ type EngineBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
 
 async fn serve_engine(addr: SocketAddr, gap: Duration) -> JoinHandle<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(
-                        TokioIo::new(stream),
-                        hyper::service::service_fn(move |req| engine(req, gap)),
-                    )
-                    .await;
-            });
-        }
-    })
+    tokio::spawn(serve_engine_on(listener, gap))
+}
+
+/// The engine's accept loop on `listener`.
+async fn serve_engine_on(listener: tokio::net::TcpListener, gap: Duration) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(
+                    TokioIo::new(stream),
+                    hyper::service::service_fn(move |req| engine(req, gap)),
+                )
+                .await;
+        });
+    }
 }
 
 /// The scale target: a Deployment whose pod becomes ready `startup` after
@@ -270,17 +295,26 @@ impl Drop for Activator {
 }
 
 async fn start_activator(scaler: &str, engine: SocketAddr, extra: &[&str]) -> Activator {
-    let addr = free_port();
-    let admin = free_port();
+    let workload = format!("--workload=test/chat=http://{engine}");
+    let args = [&["--name=activator-0", workload.as_str()], extra].concat();
+    start_activator_at(free_port(), free_port(), scaler, &args).await
+}
+
+/// The activator listening on `addr` (admin on `admin`); `args` name its
+/// workloads and anything else.
+async fn start_activator_at(
+    addr: SocketAddr,
+    admin: SocketAddr,
+    scaler: &str,
+    args: &[&str],
+) -> Activator {
     let child = Command::new(env!("CARGO_BIN_EXE_gpuscale"))
         .arg("activator")
         .arg(format!("--listen={addr}"))
         .arg(format!("--admin-addr={admin}"))
         .arg(format!("--scaler={scaler}"))
-        .arg("--name=activator-0")
-        .arg(format!("--workload=test/chat=http://{engine}"))
         .arg("--probe-interval=50ms")
-        .args(extra)
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -310,12 +344,22 @@ struct Answer {
 }
 
 async fn chat(c: &Client<HttpConnector, Full<Bytes>>, addr: SocketAddr) -> Result<Answer, String> {
+    ask(c, addr, "chat.test", true).await
+}
+
+/// A chat completion for the workload of `host`, a stream or not.
+async fn ask(
+    c: &Client<HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    host: &str,
+    stream: bool,
+) -> Result<Answer, String> {
     let req = Request::post(format!("http://{addr}/v1/chat/completions"))
-        .header(header::HOST, "chat.test")
+        .header(header::HOST, host)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from_static(
-            b"{\"model\":\"chat\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
-        )))
+        .body(Full::new(Bytes::from(format!(
+            "{{\"model\":\"chat\",\"stream\":{stream},\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}"
+        ))))
         .unwrap();
     let resp = c.request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
@@ -336,6 +380,76 @@ async fn chat(c: &Client<HttpConnector, Full<Bytes>>, addr: SocketAddr) -> Resul
     })
 }
 
+/// `n` requests for `host` through `addr`, concurrently.
+fn send_all(
+    c: &Client<HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    host: &'static str,
+    stream: bool,
+    n: usize,
+) -> Vec<JoinHandle<Result<Answer, String>>> {
+    (0..n)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { ask(&c, addr, host, stream).await })
+        })
+        .collect()
+}
+
+/// Each answered 200 with the engine's whole stream.
+async fn all_answered(what: &str, requests: Vec<JoinHandle<Result<Answer, String>>>) {
+    for r in requests {
+        let a = r
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{what}: a connection error: {e}"));
+        assert_eq!(a.status, StatusCode::OK, "{what}: {}", a.body);
+        assert_eq!(
+            a.body.matches("\"content\"").count(),
+            CHUNKS,
+            "{what}: {}",
+            a.body
+        );
+        assert!(a.body.ends_with("data: [DONE]\n\n"), "{what}: {}", a.body);
+    }
+}
+
+impl Activator {
+    /// Waits until the activator's `series` reads `value`.
+    async fn reads(&self, series: &str, value: f64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.metric(series).await != Some(value) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the activator's {series} never read {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the activator holds `n` requests of `workload`.
+    async fn holds(&self, workload: &WorkloadRef, n: f64) {
+        self.reads(
+            &format!(
+                "gpuscale_activator_held_requests{{namespace=\"{}\",workload=\"{}\"}}",
+                workload.namespace, workload.name
+            ),
+            n,
+        )
+        .await;
+    }
+}
+
+/// A refusal: `status`, `Retry-After: 1` and the JSON error `code`; its
+/// message.
+fn refused(a: &Answer, status: StatusCode, code: &str) -> String {
+    assert_eq!(a.status, status, "{}", a.body);
+    assert_eq!(a.retry_after.as_deref(), Some("1"));
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(v["error"]["code"], code, "{v}");
+    v["error"]["message"].as_str().unwrap().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_workload_at_zero_answers_100_held_requests_once_warm_and_refuses_past_the_bound() {
     let engine = free_port();
@@ -352,49 +466,14 @@ async fn a_workload_at_zero_answers_100_held_requests_once_warm_and_refuses_past
     .await;
     let c = client();
     let sent = std::time::Instant::now();
-    let held: Vec<_> = (0..100)
-        .map(|_| {
-            let c = c.clone();
-            let addr = act.addr;
-            tokio::spawn(async move { chat(&c, addr).await })
-        })
-        .collect();
+    let held = send_all(&c, act.addr, "chat.test", true, 100);
     // Wait until the activator holds all 100, then go past the bound.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while act
-        .metric("gpuscale_activator_held_requests{namespace=\"test\",workload=\"chat\"}")
-        .await
-        != Some(100.0)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the activator never held 100"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let extra = chat(&c, act.addr).await.unwrap();
-    assert_eq!(
-        extra.status,
-        StatusCode::TOO_MANY_REQUESTS,
-        "{}",
-        extra.body
-    );
-    assert_eq!(extra.retry_after.as_deref(), Some("1"));
-    let v: serde_json::Value = serde_json::from_str(&extra.body).unwrap();
-    assert_eq!(v["error"]["code"], "queue_full");
-    for _ in 0..9 {
+    act.holds(&workload(), 100.0).await;
+    for _ in 0..10 {
         let extra = chat(&c, act.addr).await.unwrap();
-        assert_eq!(extra.status, StatusCode::TOO_MANY_REQUESTS);
+        refused(&extra, StatusCode::TOO_MANY_REQUESTS, "queue_full");
     }
-    let mut ok = 0;
-    for h in held {
-        let a = h.await.unwrap().expect("an answer, not a connection error");
-        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
-        assert_eq!(a.body.matches("\"content\"").count(), CHUNKS, "{}", a.body);
-        assert!(a.body.ends_with("data: [DONE]\n\n"));
-        ok += 1;
-    }
-    assert_eq!(ok, 100);
+    all_answered("held at zero", held).await;
     let asked = target.asked.lock().unwrap().clone();
     let (n, at, why) = asked.first().cloned().expect("the scaler scaled from zero");
     assert_eq!(n, 1);
@@ -432,22 +511,12 @@ async fn a_killed_activator_fails_what_it_held_at_once_and_no_scaler_gives_a_cle
     )
     .await;
     let c = client();
-    let held: Vec<_> = (0..10)
-        .map(|_| {
-            let c = c.clone();
-            let addr = act.addr;
-            tokio::spawn(async move { chat(&c, addr).await })
-        })
-        .collect();
+    let held = send_all(&c, act.addr, "chat.test", true, 10);
     // Held: the scaler has been told (it asked for a replica).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while target.asked.lock().unwrap().is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the scaler was not told"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::eventually("the scaler was told", || {
+        !target.asked.lock().unwrap().is_empty()
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     act.child.kill().unwrap();
     let killed = std::time::Instant::now();
@@ -472,11 +541,7 @@ async fn a_killed_activator_fails_what_it_held_at_once_and_no_scaler_gives_a_cle
     )
     .await;
     let a = chat(&c, act.addr).await.unwrap();
-    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(a.retry_after.as_deref(), Some("1"));
-    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
-    assert_eq!(v["error"]["code"], "no_ready_replica");
-    let msg = v["error"]["message"].as_str().unwrap();
+    let msg = refused(&a, StatusCode::SERVICE_UNAVAILABLE, "no_ready_replica");
     assert!(
         msg.contains("test/chat") && msg.contains("the scaler is unreachable"),
         "{msg}"
@@ -594,4 +659,401 @@ async fn a_held_stream_gets_keep_alives_then_the_engines_events_as_they_come() {
             .unwrap()
             .contains("the scaler is unreachable")
     );
+}
+
+// ---------------------------------------------------------------------------
+// The whole path: the fake API server, the scaler with its Kubernetes
+// controller, an agent, simulated engines and the activator binary.
+
+/// A model of the fake cluster: its Deployment's pods start an engine
+/// once `release` is true, `startup` after their container runs.
+struct Model {
+    app: &'static str,
+    startup: Duration,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+/// What stands in for the kubelet's containers and the Services: each
+/// Running pod of a model gets a simulated engine on the fake node (loading
+/// at once, listening and warm after the model's start-up, for the agent to
+/// report and gate), and each model's "Service" forwards a connection to
+/// one of its Ready pods' engines or, with none, closes it (no endpoints).
+struct Pods {
+    server: Arc<gpuscale_fake_apiserver::FakeApiServerHandle>,
+    node: gpuscale_telemetry::fake::FakeNodeHandle,
+    models: Vec<Model>,
+    engines: Mutex<std::collections::HashMap<String, SocketAddr>>,
+}
+
+fn ready(pod: &serde_json::Value) -> bool {
+    pod.pointer("/status/conditions")
+        .and_then(|c| c.as_array())
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}
+
+impl Pods {
+    /// Live pods (not being deleted): name → app.
+    fn pods(&self) -> Vec<(String, String, serde_json::Value)> {
+        self.server
+            .objects("", "pods", Some(cluster::NS))
+            .into_iter()
+            .filter(|p| p.pointer("/metadata/deletionTimestamp").is_none())
+            .filter_map(|p| {
+                let name = p["metadata"]["name"].as_str()?.to_string();
+                let app = p.pointer("/metadata/labels/app")?.as_str()?.to_string();
+                Some((name, app, p))
+            })
+            .collect()
+    }
+
+    /// Starts and stops engines as pods run and go, every 50 ms.
+    async fn run(self: Arc<Self>) {
+        let mut started: std::collections::HashMap<String, JoinHandle<()>> = Default::default();
+        loop {
+            let pods = self.pods();
+            for (name, app, p) in &pods {
+                let running =
+                    p.pointer("/status/phase").and_then(|v| v.as_str()) == Some("Running");
+                if !running || started.contains_key(name) {
+                    continue;
+                }
+                let Some(model) = self.models.iter().find(|m| m.app == app) else {
+                    continue;
+                };
+                let pod = PodRef::new(cluster::NS, name.clone());
+                let mut sample = gpuscale_core::sample::EngineSample::empty(
+                    pod.clone(),
+                    gpuscale_core::sample::Framework::Vllm,
+                    app.clone(),
+                    now(),
+                );
+                sample.state = gpuscale_core::sample::EngineState::Loading;
+                sample.gpu_uuids = self.node.free_gpus().into_iter().take(1).collect();
+                self.node.upsert_engine(sample);
+                let (me, startup, mut release) =
+                    (self.clone(), model.startup, model.release.subscribe());
+                let name = name.clone();
+                started.insert(
+                    name.clone(),
+                    tokio::spawn(async move {
+                        let _ = release.wait_for(|r| *r).await;
+                        tokio::time::sleep(startup).await;
+                        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                        let addr = listener.local_addr().unwrap();
+                        me.engines.lock().unwrap().insert(name, addr);
+                        me.node.update_engine(&pod, |e| {
+                            e.state = gpuscale_core::sample::EngineState::Warm;
+                            e.requests_running = Some(0.0);
+                            e.requests_waiting = Some(0.0);
+                            e.kv_cache_usage_ratio = Some(0.0);
+                        });
+                        serve_engine_on(listener, Duration::ZERO).await;
+                    }),
+                );
+            }
+            started.retain(|name, task| {
+                let live = pods.iter().any(|(n, _, _)| n == name);
+                if !live {
+                    task.abort();
+                    self.node
+                        .remove_engine(&PodRef::new(cluster::NS, name.clone()));
+                    self.engines.lock().unwrap().remove(name);
+                }
+                live
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The engine of a Ready pod of `app`.
+    fn endpoint(&self, app: &str) -> Option<SocketAddr> {
+        let engines = self.engines.lock().unwrap().clone();
+        self.pods()
+            .into_iter()
+            .filter(|(_, a, p)| a == app && ready(p))
+            .find_map(|(n, _, _)| engines.get(&n).copied())
+    }
+
+    /// `app`'s Service on `listener`.
+    async fn service(self: Arc<Self>, app: &'static str, listener: tokio::net::TcpListener) {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            // No endpoint: the connection is closed, as with a Service
+            // without ready pods.
+            let Some(engine) = self.endpoint(app) else {
+                continue;
+            };
+            tokio::spawn(async move {
+                if let Ok(mut upstream) = tokio::net::TcpStream::connect(engine).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn through_the_cluster_a_workload_at_zero_answers_what_was_held_and_refusals_are_clean() {
+    // The fake API server with three Deployments at zero, each with an
+    // InferenceAutoscaler `minReplicas: 0`.
+    let c = cluster::Cluster::start(&["node-0"], Duration::from_millis(200)).await;
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(c.client.clone(), cluster::NS);
+    for app in ["chat", "code", "summarize"] {
+        c.create_deployment(app, 0).await;
+        // The engines are simulated on the fake node: no metrics port to
+        // scrape at the pod's address.
+        deployments
+            .patch(
+                app,
+                &cluster::patch_params(cluster::TEST),
+                &kube::api::Patch::Merge(serde_json::json!({"spec": {"template": {"metadata": {
+                    "annotations": {"gpuscale.dev/metrics-port": null}}}}})),
+            )
+            .await
+            .unwrap();
+        c.create_ias(
+            app,
+            cluster::spec(
+                app,
+                0,
+                1,
+                serde_json::json!({"scaleToZero": {"idleSeconds": 3600}}),
+            ),
+        )
+        .await;
+    }
+    // The scaler in Kubernetes mode: callers authenticated and authorised
+    // by the API server.
+    let mut config = cluster::scaler_config();
+    config.tick = Duration::from_secs(2);
+    let scaler =
+        gpuscale_kube::KubeScaler::new(c.client.clone(), gpuscale_kube::KubeConfig::new(), config)
+            .start()
+            .await
+            .unwrap();
+    let scaler_url = format!("http://{}", scaler.scaler().grpc_addr());
+    let tokens = tempfile::tempdir().unwrap();
+    let agent_token = tokens.path().join("agent");
+    std::fs::write(&agent_token, cluster::agent_token(&c.server, "node-0")).unwrap();
+    let activator_user = "system:serviceaccount:gpuscale-system:gpuscale-activator";
+    c.server.grant(
+        gpuscale_fake_apiserver::Subject::User(activator_user.into()),
+        "get",
+        "autoscaling.gpuscale.dev",
+        "inferenceautoscalers",
+        Some(cluster::NS),
+    );
+    let activator_token = tokens.path().join("activator");
+    std::fs::write(
+        &activator_token,
+        c.server.issue_user_token(activator_user, &[]),
+    )
+    .unwrap();
+
+    // The node: engines of the pods that run there, its agent reporting
+    // them and setting their readiness gate.
+    let fake = gpuscale_telemetry::fake::FakeNode::new(&Default::default(), "node-0").unwrap();
+    let mut agent_config = support::fast_agent_config(&scaler_url, "node-0");
+    agent_config.uplink_security.token_file = Some(agent_token);
+    let agent = gpuscale_agent::start_simulated_node(
+        agent_config,
+        &fake,
+        gpuscale_agent::ReadinessConfig::default(),
+        gpuscale_agent::Clock::start(),
+        Some(c.client.clone()),
+    )
+    .await
+    .unwrap();
+    let model = |app, startup, released| Model {
+        app,
+        startup,
+        release: tokio::sync::watch::channel(released).0,
+    };
+    let pods = Arc::new(Pods {
+        server: c.server.clone(),
+        node: fake.handle(),
+        // chat starts 1 s after its pod runs; code and summarize when the
+        // test says.
+        models: vec![
+            model("chat", Duration::from_secs(1), true),
+            model("code", Duration::ZERO, false),
+            model("summarize", Duration::ZERO, false),
+        ],
+        engines: Mutex::default(),
+    });
+    let driver = tokio::spawn(pods.clone().run());
+    let mut routes = Vec::new();
+    let mut services = vec![driver];
+    for app in ["chat", "code", "summarize"] {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        routes.push(format!(
+            "--workload={}/{app}=http://{}",
+            cluster::NS,
+            l.local_addr().unwrap()
+        ));
+        services.push(tokio::spawn(pods.clone().service(app, l)));
+    }
+    cluster::eventually(
+        "the scaler resolved the targets",
+        Duration::from_secs(30),
+        || {
+            ["chat", "code", "summarize"]
+                .iter()
+                .all(|a| c.condition(a, "Ready").is_some_and(|(s, _, _)| s == "True"))
+        },
+    )
+    .await;
+    let token_arg = format!("--token-file={}", activator_token.display());
+    let activator_args = |name: &str, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = routes.clone();
+        args.push(format!("--name={name}"));
+        args.push(token_arg.clone());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let start = |addr, admin, args: Vec<String>| {
+        let scaler_url = scaler_url.clone();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            start_activator_at(addr, admin, &scaler_url, &args).await
+        }
+    };
+    let a_addr = (free_port(), free_port());
+    let a = start(
+        a_addr.0,
+        a_addr.1,
+        activator_args(
+            "activator-a",
+            &["--max-held-per-workload=100", "--hold-timeout=30s"],
+        ),
+    )
+    .await;
+    let http = client();
+
+    // 1. 100 concurrent streaming requests at zero: all held, the scaler
+    // told; past the bound, 429 with Retry-After; then all 100 answered
+    // in full once the first replica is warm.
+    let held = send_all(&http, a.addr, "chat.default", true, 100);
+    a.holds(&WorkloadRef::new(cluster::NS, "chat"), 100.0).await;
+    for _ in 0..10 {
+        let extra = ask(&http, a.addr, "chat.default", true).await.unwrap();
+        refused(&extra, StatusCode::TOO_MANY_REQUESTS, "queue_full");
+    }
+    all_answered("held at zero", held).await;
+    // Scaled from zero by the scaler through `/scale`, the replica warm
+    // through the agent's gate, and the reason in the scaler's Event.
+    assert_eq!(c.spec_replicas("chat"), 1);
+    assert_eq!(c.warm_pods("chat").len(), 1);
+    let scaled: Vec<String> = c
+        .server
+        .objects("events.k8s.io", "events", Some(cluster::NS))
+        .into_iter()
+        .filter(|e| e["regarding"]["name"] == "chat")
+        .filter_map(|e| e["note"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        scaled
+            .iter()
+            .any(|n| n.contains("requests held at the activator")),
+        "{scaled:?}"
+    );
+
+    // 2. A second activator replica; both hold requests of `code` (its
+    // engine not started yet). The first is restarted (SIGTERM, as a
+    // rollout does): its held requests get a clean 503 at once, the
+    // second's are untouched and answered once `code` is warm, and the
+    // restarted one serves new requests.
+    let b = start(
+        free_port(),
+        free_port(),
+        activator_args("activator-b", &["--hold-timeout=30s"]),
+    )
+    .await;
+    let on_a = send_all(&http, a.addr, "code.default", false, 10);
+    let on_b = send_all(&http, b.addr, "code.default", false, 10);
+    let code = WorkloadRef::new(cluster::NS, "code");
+    a.holds(&code, 10.0).await;
+    b.holds(&code, 10.0).await;
+    cluster::eventually(
+        "the scaler scaled code from zero",
+        Duration::from_secs(30),
+        || c.spec_replicas("code") == 1,
+    )
+    .await;
+    let mut a = a;
+    let terminated = Command::new("kill")
+        .args(["-TERM", &a.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let signalled = std::time::Instant::now();
+    for r in on_a {
+        // A hang would outlive this bound by far (the hold is 30 s).
+        let answer = tokio::time::timeout(Duration::from_secs(10), r)
+            .await
+            .expect("a held request hung while its activator stopped")
+            .unwrap()
+            .expect("an answer, not a connection error");
+        refused(&answer, StatusCode::SERVICE_UNAVAILABLE, "draining");
+    }
+    assert!(signalled.elapsed() < Duration::from_secs(10));
+    support::eventually("the activator exits", || {
+        a.child.try_wait().unwrap().is_some()
+    })
+    .await;
+    drop(a);
+    // The restarted replica, at the same address; a short hold for the
+    // scaler-down part below.
+    let a = start(
+        a_addr.0,
+        a_addr.1,
+        activator_args("activator-a", &["--hold-timeout=2s"]),
+    )
+    .await;
+    assert_eq!(
+        b.metric(&format!(
+            "gpuscale_activator_held_requests{{namespace=\"{}\",workload=\"code\"}}",
+            cluster::NS
+        ))
+        .await,
+        Some(10.0),
+        "the other replica lost what it held"
+    );
+    pods.models[1].release.send_replace(true);
+    all_answered("held by the other replica", on_b).await;
+    all_answered(
+        "the restarted replica",
+        send_all(&http, a.addr, "code.default", true, 5),
+    )
+    .await;
+    all_answered(
+        "the restarted replica",
+        send_all(&http, a.addr, "chat.default", false, 5),
+    )
+    .await;
+
+    // 3. The scaler down: held requests time out with a clear 503.
+    scaler.shutdown().await.unwrap();
+    a.reads("gpuscale_activator_scaler_connected", 0.0).await;
+    let answers = send_all(&http, a.addr, "summarize.default", false, 3);
+    for r in answers {
+        let answer = r.await.unwrap().expect("an answer");
+        let msg = refused(&answer, StatusCode::SERVICE_UNAVAILABLE, "no_ready_replica");
+        assert!(
+            msg.contains("default/summarize") && msg.contains("the scaler is unreachable"),
+            "{msg}"
+        );
+    }
+    assert_eq!(c.spec_replicas("summarize"), 0);
+    drop((a, b));
+    agent.shutdown().await.unwrap();
+    for s in services {
+        s.abort();
+    }
 }

@@ -17,6 +17,8 @@
 //! * [`Admission::drain`] stops admitting new requests ([`Refusal::Draining`]);
 //!   requests already queued keep their place. [`Admission::wait_empty`]
 //!   resolves when nothing is in flight or queued.
+//!   [`Admission::drain_queued`] also refuses the queued ones at once (a
+//!   holder that stops).
 //! * A [`QueueBudget`] shared by several admissions bounds their queues
 //!   together (the activator's bound over all workloads).
 //!
@@ -288,8 +290,7 @@ impl Admission {
         waiting.settled = true;
         match outcome {
             Ok(Ok(())) => Ok(self.permit(arrived.elapsed())),
-            // Only a queue entry removed without a slot drops the sender:
-            // none is, but a missing slot is never a permit.
+            // A queue entry removed without a slot (`drain_queued`).
             Ok(Err(_)) => Err(Refusal::Draining),
             Err(_) => {
                 let mut s = self.lock();
@@ -335,6 +336,22 @@ impl Admission {
     /// Stops admitting new requests (queued ones keep their place).
     pub fn drain(&self) {
         self.lock().draining = true;
+    }
+
+    /// Stops admitting new requests and refuses every queued one
+    /// ([`Refusal::Draining`]) at once: a holder that stops and will not
+    /// admit them. What is in flight is not touched.
+    pub fn drain_queued(&self) {
+        let mut s = self.lock();
+        s.draining = true;
+        while let Some(w) = s.queue.pop_front() {
+            if let Some(b) = &s.budget {
+                b.give_back();
+            }
+            // Dropping the sender refuses the waiter.
+            drop(w);
+        }
+        self.notify_if_empty(&s);
     }
 
     /// Admits new requests again.
@@ -532,6 +549,32 @@ mod tests {
         gone.abort();
         let _ = gone.await;
         assert_eq!(a.load().queued, 0);
+        drop(p);
+        assert!(a.load().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_queued_refuses_the_queued_requests_at_once_and_keeps_what_is_in_flight() {
+        let budget = QueueBudget::new(10);
+        let a = Admission::with_budget(Limit::At(1), 10, Some(budget.clone()));
+        let p = a.acquire(far()).await.unwrap();
+        let queued: Vec<_> = (0..3)
+            .map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move { a.acquire(far()).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert_eq!(a.load().queued, 3);
+        assert_eq!(budget.used(), 3);
+        a.drain_queued();
+        for q in queued {
+            assert_eq!(q.await.unwrap().unwrap_err(), Refusal::Draining);
+        }
+        let load = a.load();
+        assert_eq!((load.in_flight, load.queued, load.draining), (1, 0, true));
+        assert_eq!(budget.used(), 0);
+        assert_eq!(a.acquire(far()).await.unwrap_err(), Refusal::Draining);
         drop(p);
         assert!(a.load().is_empty());
     }

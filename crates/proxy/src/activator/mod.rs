@@ -683,10 +683,12 @@ impl RunningActivator {
     }
 
     /// Stops the servers, the probes and the link; held requests are
-    /// refused with 503 first.
+    /// refused at once with 503 `draining` and `Retry-After` (a held
+    /// stream with an SSE error event) first, so that their clients retry
+    /// on another replica; forwarded requests have the close grace.
     pub async fn shutdown(self) -> Result<(), ProxyError> {
         for r in &self.shared.routes {
-            r.admission.drain();
+            r.admission.drain_queued();
         }
         self.stop.send_replace(true);
         let mut first_error = None;
