@@ -1,6 +1,7 @@
 //! The write path every change goes through, from a client or from the
 //! simulated controllers: defaulting, validation, server-owned metadata,
-//! the status/spec split, generation, preconditions, garbage collection.
+//! the status/spec split, generation, preconditions, finalizers, garbage
+//! collection.
 
 use serde_json::{Value, json};
 
@@ -210,6 +211,7 @@ pub(crate) fn replace(
                 "creationTimestamp",
                 "generation",
                 "deletionTimestamp",
+                "deletionGracePeriodSeconds",
                 "namespace",
                 "name",
             ] {
@@ -253,12 +255,48 @@ pub(crate) fn replace(
         let now = state.clock.now_rfc3339();
         kubelet::refresh_conditions(&mut next, &now);
     }
+    let terminating = meta_str(&old, "deletionTimestamp").is_some();
+    if terminating {
+        let before = finalizers(&old);
+        let added: Vec<&str> = finalizers(&next)
+            .into_iter()
+            .filter(|f| !before.contains(f))
+            .collect();
+        if !added.is_empty() {
+            return Err(ApiError::invalid(
+                &rt.group,
+                &rt.kind,
+                &key.name,
+                format!(
+                    "metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers {added:?}"
+                ),
+            ));
+        }
+    }
     if next == old || dry_run {
         return Ok(next);
+    }
+    if terminating && finalizers(&next).is_empty() {
+        // The last finalizer is gone: the deletion asked for completes.
+        state.objects.insert(key.clone(), next);
+        let now = state.clock.now_rfc3339();
+        let removed = remove_with_dependents(state, key, &now);
+        if rt.group == "apiextensions.k8s.io" && rt.plural == "customresourcedefinitions" {
+            unregister_crd(state, &removed);
+        }
+        return Ok(removed.unwrap_or(Value::Null));
     }
     let stored = state.commit(key.clone(), next);
     after_write(state, rt, key, &stored);
     Ok(stored)
+}
+
+/// The object's `metadata.finalizers`.
+fn finalizers(obj: &Value) -> Vec<&str> {
+    obj.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
 }
 
 /// Whether anything outside `metadata` and `status` changed.
@@ -277,6 +315,11 @@ fn spec_changed(old: &Value, new: &Value) -> bool {
 }
 
 /// Deletes an object (and, like the garbage collector, everything it owns).
+///
+/// An object with finalizers is not removed: as the API server does, the
+/// first DELETE sets `deletionTimestamp` (and bumps `generation`), later
+/// ones change nothing, and the object goes when a write removes its last
+/// finalizer (see [`replace`]).
 pub(crate) fn delete(
     state: &mut State,
     rt: &ResourceType,
@@ -319,6 +362,20 @@ pub(crate) fn delete(
         }
     }
     let now = state.clock.now_rfc3339();
+    if !finalizers(current).is_empty() {
+        if meta_str(current, "deletionTimestamp").is_some() {
+            return Ok(current.clone());
+        }
+        let mut next = current.clone();
+        let generation = next
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
+        set_meta(&mut next, "deletionTimestamp", json!(now));
+        set_meta(&mut next, "deletionGracePeriodSeconds", json!(0));
+        set_meta(&mut next, "generation", json!(generation + 1));
+        return Ok(state.commit(key.clone(), next));
+    }
     let removed = remove_with_dependents(state, key, &now);
     if rt.group == "apiextensions.k8s.io" && rt.plural == "customresourcedefinitions" {
         unregister_crd(state, &removed);

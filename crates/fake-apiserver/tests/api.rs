@@ -939,6 +939,139 @@ async fn deleting_a_deployment_collects_its_replicaset_and_pods() {
 }
 
 #[tokio::test]
+async fn an_object_with_finalizers_is_deleted_only_when_its_last_finalizer_goes() {
+    let (server, client) = server(Duration::from_millis(10)).await;
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let mut d = deployment("held", 2, None);
+    d.metadata.finalizers = Some(vec!["example.com/a".into(), "example.com/b".into()]);
+    let created = deploys.create(&PostParams::default(), &d).await.unwrap();
+    let generation = created.metadata.generation.unwrap();
+    let rv = created.resource_version().unwrap();
+    let mut events = deploys
+        .watch(&WatchParams::default().timeout(30), &rv)
+        .await
+        .unwrap()
+        .boxed();
+
+    // DELETE marks it: deletionTimestamp set, generation bumped, nothing removed.
+    let marked = deploys
+        .delete("held", &DeleteParams::default())
+        .await
+        .unwrap()
+        .left()
+        .expect("the object, still there");
+    let stamp = marked
+        .metadata
+        .deletion_timestamp
+        .clone()
+        .expect("deletionTimestamp");
+    assert_eq!(marked.metadata.generation, Some(generation + 1));
+    assert_eq!(server.objects("", "pods", Some("default")).len(), 2);
+    // A second DELETE keeps the first one's mark.
+    let again = deploys
+        .delete("held", &DeleteParams::default())
+        .await
+        .unwrap()
+        .left()
+        .expect("still there");
+    assert_eq!(again.metadata.deletion_timestamp, Some(stamp.clone()));
+    // No finalizer may be added now; other writes still go through and
+    // keep the deletion mark.
+    let (code, reason) = api_error(
+        deploys
+            .patch(
+                "held",
+                &PatchParams::default(),
+                &Patch::Json::<()>(
+                    serde_json::from_value(json!([
+                        {"op": "add", "path": "/metadata/finalizers/-", "value": "example.com/c"}
+                    ]))
+                    .unwrap(),
+                ),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((code, reason.as_str()), (422, "Invalid"));
+    let labelled = deploys
+        .patch(
+            "held",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}, "deletionTimestamp": null}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(labelled.metadata.deletion_timestamp, Some(stamp));
+    // Removing one of two finalizers keeps it; removing the last deletes
+    // it, and what it owns with it.
+    let one_left = deploys
+        .patch(
+            "held",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": ["example.com/b"]}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(one_left.finalizers(), ["example.com/b"]);
+    assert!(deploys.get_opt("held").await.unwrap().is_some());
+    deploys
+        .patch(
+            "held",
+            &PatchParams::default(),
+            &Patch::Json::<()>(
+                serde_json::from_value(json!([
+                    {"op": "test", "path": "/metadata/finalizers", "value": ["example.com/b"]},
+                    {"op": "remove", "path": "/metadata/finalizers/0"}
+                ]))
+                .unwrap(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert!(deploys.get_opt("held").await.unwrap().is_none());
+    assert!(server.objects("", "pods", None).is_empty());
+    assert!(server.objects("apps", "replicasets", None).is_empty());
+
+    let mut seen = Vec::new();
+    while !seen
+        .last()
+        .is_some_and(|s: &String| s.starts_with("deleted"))
+    {
+        match events.try_next().await.unwrap().unwrap() {
+            WatchEvent::Modified(d) => seen.push(format!(
+                "modified deleting={} finalizers={}",
+                d.metadata.deletion_timestamp.is_some(),
+                d.finalizers().len()
+            )),
+            WatchEvent::Deleted(d) => {
+                seen.push(format!("deleted finalizers={}", d.finalizers().len()))
+            }
+            WatchEvent::Added(_) | WatchEvent::Bookmark(_) => {}
+            WatchEvent::Error(e) => panic!("unexpected watch error {e:?}"),
+        }
+    }
+    seen.dedup();
+    assert_eq!(
+        seen.first().map(String::as_str),
+        Some("modified deleting=false finalizers=2"),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&"modified deleting=true finalizers=2".to_string()),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&"modified deleting=true finalizers=1".to_string()),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("deleted finalizers=0"),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
 async fn streaming_list_watcher_with_a_selector_sees_objects_enter_and_leave_it() {
     let (_server, client) = server(SLOW).await;
     let pods: Api<Pod> = Api::namespaced(client, "default");
