@@ -810,7 +810,7 @@ fn patch(
         "application/json-patch+json" => {
             let ops: json_patch::Patch = serde_json::from_value(patch_doc)
                 .map_err(|e| ApiError::bad_request(format!("the JSON patch is malformed: {e}")))?;
-            json_patch::patch(&mut base, &ops.0).map_err(|e| {
+            json_patch_like_the_api_server(&mut base, ops).map_err(|e| {
                 ApiError::invalid(
                     &rt.group,
                     &rt.kind,
@@ -839,6 +839,28 @@ fn patch(
     }
     let stored = write::replace(state, rt, key, base, part, dry_run(query))?;
     Ok((StatusCode::OK, present(&stored, rt, meta_only)))
+}
+
+/// Applies a JSON patch as the API server does: a `test` of a path that
+/// does not exist against `null` passes (the API server's JSON patch reads a
+/// missing member as null; kube-rs's finalizer helper relies on it). All or
+/// nothing: on an error `doc` is unchanged.
+fn json_patch_like_the_api_server(
+    doc: &mut Value,
+    ops: json_patch::Patch,
+) -> Result<(), json_patch::PatchError> {
+    let mut work = doc.clone();
+    for op in ops.0 {
+        if let json_patch::PatchOperation::Test(t) = &op
+            && t.value.is_null()
+            && work.pointer(t.path.as_str()).is_none()
+        {
+            continue;
+        }
+        json_patch::patch(&mut work, std::slice::from_ref(&op))?;
+    }
+    *doc = work;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

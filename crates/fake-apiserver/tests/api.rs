@@ -939,6 +939,42 @@ async fn deleting_a_deployment_collects_its_replicaset_and_pods() {
 }
 
 #[tokio::test]
+async fn a_json_patch_test_of_a_missing_member_against_null_passes_as_on_the_api_server() {
+    let (_server, client) = server(SLOW).await;
+    let leases: Api<Lease> = Api::namespaced(client, "default");
+    leases
+        .create(&PostParams::default(), &lease("l", "a"))
+        .await
+        .unwrap();
+    let add_first = |value: serde_json::Value| {
+        Patch::Json::<()>(
+            serde_json::from_value(json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": value},
+                {"op": "add", "path": "/metadata/finalizers", "value": ["example.com/a"]}
+            ]))
+            .unwrap(),
+        )
+    };
+    let patched = leases
+        .patch("l", &PatchParams::default(), &add_first(json!(null)))
+        .await
+        .unwrap();
+    assert_eq!(patched.finalizers(), ["example.com/a"]);
+    // Now there is a member: null no longer matches, and nothing changes.
+    let (code, _) = api_error(
+        leases
+            .patch("l", &PatchParams::default(), &add_first(json!(null)))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 422);
+    assert_eq!(
+        leases.get("l").await.unwrap().finalizers(),
+        ["example.com/a"]
+    );
+}
+
+#[tokio::test]
 async fn an_object_with_finalizers_is_deleted_only_when_its_last_finalizer_goes() {
     let (server, client) = server(Duration::from_millis(10)).await;
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");
