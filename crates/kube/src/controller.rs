@@ -9,7 +9,10 @@
 //! unknown performance model, missing target, target without `/scale` or
 //! selector) is unregistered and gets `Ready=False` with the reason, in its
 //! status and in one Warning Event; it is looked at again when its spec
-//! changes (or, for a missing target, every 30 s). API errors go to
+//! changes (or, for a missing target, every 30 s). Acting on an autoscaler
+//! starts with gpuscale's finalizer on it; its deletion is finished by
+//! [`crate::finalizer`] (drains cancelled, then the finalizer removed), even
+//! when no scaler ran at the moment it was deleted. API errors go to
 //! `error_policy`: per-object exponential backoff (1 s doubling to 5 min),
 //! never a crash loop. Lost watches resume or relist (kube-runtime's watcher,
 //! with its backoff).
@@ -35,6 +38,7 @@ use crate::context::Shared;
 use crate::crd::{DEFAULT_DRAIN_TIMEOUT_SECONDS, InferenceAutoscaler, InferenceAutoscalerSpec};
 use crate::error::KubeError;
 use crate::events::{EventSpec, EventType};
+use crate::finalizer;
 use crate::status;
 use crate::target::ScaleTarget;
 use crate::workload::{EntryParts, WorkloadEntry};
@@ -102,6 +106,11 @@ async fn reconcile(ias: Arc<InferenceAutoscaler>, ctx: Arc<Ctx>) -> Result<Actio
     let workload = WorkloadRef::new(&namespace, &name);
     let generation = ias.metadata.generation.unwrap_or(0);
     let advisory = ias.spec.workload.advisory;
+    if ias.metadata.deletion_timestamp.is_some() {
+        finalizer::finish(shared, &ias, &workload).await?;
+        ctx.succeeded(&ias);
+        return Ok(Action::await_change());
+    }
 
     let (config, model, drain_timeout_s) = match validate(&ias.spec) {
         Ok(v) => v,
@@ -129,6 +138,8 @@ async fn reconcile(ias: Arc<InferenceAutoscaler>, ctx: Arc<Ctx>) -> Result<Actio
             return Ok(Action::requeue(TARGET_RETRY));
         }
     };
+    // Before any drain can be written: drains never outlive the autoscaler.
+    finalizer::ensure(shared, &ias).await?;
     let selector = reading.selector.clone().unwrap_or_default();
     if let Some(existing) = shared.entry(&workload)
         && existing.generation == generation

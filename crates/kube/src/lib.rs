@@ -5,7 +5,8 @@
 //! [`Actuator`](gpuscale_scaler::Actuator) on Kubernetes ([`KubeActuator`]):
 //! `/scale` with readiness gating and drain-before-delete ([`drain`]), never
 //! fighting a user's edit of the replica count, status and Events
-//! ([`status`], [`events`]), and leader election over a
+//! ([`status`], [`events`]), a finalizer so that drains never outlive a
+//! deleted autoscaler ([`FINALIZER`]), and leader election over a
 //! `coordination.k8s.io/v1` Lease ([`lease`]).
 //!
 //! Not for: deciding (the policy crate), ingesting agent streams (the
@@ -48,6 +49,7 @@ pub mod crd;
 pub mod drain;
 pub mod error;
 pub mod events;
+mod finalizer;
 pub mod lease;
 pub mod pods;
 pub mod status;
@@ -69,6 +71,7 @@ pub use crd::{
     InferenceAutoscaler, InferenceAutoscalerSpec, InferenceAutoscalerStatus, SloStatus, crd_yaml,
 };
 pub use error::KubeError;
+pub use finalizer::FINALIZER;
 pub use lease::{LeaderElector, Leadership, LeaseConfig};
 
 use crate::context::Shared;

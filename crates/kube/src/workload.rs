@@ -692,19 +692,7 @@ impl WorkloadEntry {
         self.state().drain_directives.remove(&pod.name);
         self.write_drain(shared, pod, None, false).await?;
         tracing::info!(workload = %self.workload, pod = %pod.name, why, "drain cancelled; the pod returns to service");
-        shared
-            .events
-            .publish(
-                &self.ias,
-                EventSpec {
-                    type_: EventType::Normal,
-                    reason: "DrainCancelled",
-                    action: "Undrain",
-                    note: format!("pod {} returns to service: {why}", pod.name),
-                    related: Some(pod_reference(pod)),
-                },
-            )
-            .await;
+        drain_cancelled_event(shared, &self.ias, pod, why).await;
         Ok(())
     }
 
@@ -717,32 +705,7 @@ impl WorkloadEntry {
         record: Option<&DrainRecord>,
         cost: bool,
     ) -> Result<(), KubeError> {
-        let mut annotations = Map::new();
-        annotations.insert(
-            DRAIN_ANNOTATION.into(),
-            record.map_or(Value::Null, |r| Value::String(r.render())),
-        );
-        annotations.insert(
-            DELETION_COST_ANNOTATION.into(),
-            if cost {
-                Value::String(DELETION_COST_FIRST.into())
-            } else {
-                Value::Null
-            },
-        );
-        let patch = json!({"metadata": {"annotations": annotations}});
-        let api: Api<Pod> = Api::namespaced(shared.client.clone(), &pod.namespace);
-        let params = PatchParams {
-            field_manager: Some(shared.config.field_manager.clone()),
-            ..PatchParams::default()
-        };
-        shared
-            .write("annotating a pod", async {
-                api.patch(&pod.name, &params, &Patch::Merge(&patch))
-                    .await
-                    .map_err(|e| KubeError::api(format!("annotating pod {}", pod.name), e))
-            })
-            .await?;
+        write_drain_annotations(shared, pod, record, Some(cost)).await?;
         self.state()
             .overlay
             .insert(pod.name.clone(), (record.cloned(), Instant::now()));
@@ -923,6 +886,69 @@ impl WorkloadEntry {
             }
         }
     }
+}
+
+/// Writes (or, with `None`, removes) a pod's drain record and, with
+/// `Some(cost)`, sets (`true`) or removes (`false`) the deletion cost, in one
+/// merge patch of its annotations; `None` leaves the deletion cost as it is.
+pub(crate) async fn write_drain_annotations(
+    shared: &Shared,
+    pod: &PodRef,
+    record: Option<&DrainRecord>,
+    cost: Option<bool>,
+) -> Result<(), KubeError> {
+    let mut annotations = Map::new();
+    annotations.insert(
+        DRAIN_ANNOTATION.into(),
+        record.map_or(Value::Null, |r| Value::String(r.render())),
+    );
+    if let Some(cost) = cost {
+        annotations.insert(
+            DELETION_COST_ANNOTATION.into(),
+            if cost {
+                Value::String(DELETION_COST_FIRST.into())
+            } else {
+                Value::Null
+            },
+        );
+    }
+    let patch = json!({"metadata": {"annotations": annotations}});
+    let api: Api<Pod> = Api::namespaced(shared.client.clone(), &pod.namespace);
+    let params = PatchParams {
+        field_manager: Some(shared.config.field_manager.clone()),
+        ..PatchParams::default()
+    };
+    shared
+        .write("annotating a pod", async {
+            api.patch(&pod.name, &params, &Patch::Merge(&patch))
+                .await
+                .map_err(|e| KubeError::api(format!("annotating pod {}", pod.name), e))
+        })
+        .await?;
+    Ok(())
+}
+
+/// The Normal Event on the autoscaler `ias` saying that `pod`'s drain was
+/// cancelled, and why.
+pub(crate) async fn drain_cancelled_event(
+    shared: &Shared,
+    ias: &ObjectReference,
+    pod: &PodRef,
+    why: &str,
+) {
+    shared
+        .events
+        .publish(
+            ias,
+            EventSpec {
+                type_: EventType::Normal,
+                reason: "DrainCancelled",
+                action: "Undrain",
+                note: format!("pod {} returns to service: {why}", pod.name),
+                related: Some(pod_reference(pod)),
+            },
+        )
+        .await;
 }
 
 /// Advances the entry's drains every sync period while it exists.

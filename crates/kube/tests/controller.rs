@@ -538,6 +538,123 @@ async fn a_replica_on_an_unhealthy_gpu_is_the_scale_in_victim_with_an_event() {
     scaler.shutdown().await.unwrap();
 }
 
+fn finalizers(cluster: &Cluster, name: &str) -> Vec<String> {
+    cluster.ias(name)["metadata"]["finalizers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn drains_do_not_outlive_an_autoscaler_deleted_while_no_scaler_runs() {
+    use gpuscale_kube::drain::{
+        DELETION_COST_ANNOTATION, DRAIN_ANNOTATION, DrainPhase, DrainRecord,
+    };
+    let cluster = Cluster::start(&["node-a", "node-b"], Duration::from_secs(2)).await;
+    cluster.create_deployment("llama", 3).await;
+    cluster
+        .create_ias("llama", spec("llama", 3, 3, json!({})))
+        .await;
+    let a = start_scaler(&cluster, "a").await;
+    ready(&cluster, "llama").await;
+    assert_eq!(finalizers(&cluster, "llama"), [gpuscale_kube::FINALIZER]);
+    a.shutdown().await.unwrap();
+    eventually("three pods", Duration::from_secs(30), || {
+        cluster.pod_names("llama").len() == 3
+    })
+    .await;
+
+    // What a scaler stopped mid-scale-in leaves: one pod draining, one
+    // being removed (with the deletion cost it set), and a user's own
+    // deletion cost on the third, which is not gpuscale's to remove.
+    let pods: Vec<String> = cluster.pod_names("llama").into_iter().collect();
+    let now = gpuscale_core::Timestamp::from_millis(CLOCK_START_MS);
+    let draining = DrainRecord::start(now, 3600, "3 -> 2", true);
+    let mut removing = DrainRecord::start(now, 3600, "3 -> 2", true);
+    removing.phase = DrainPhase::Removing { scale_to: 2 };
+    cluster
+        .annotate_pod(&pods[0], DRAIN_ANNOTATION, &draining.render())
+        .await;
+    cluster
+        .annotate_pod(&pods[1], DRAIN_ANNOTATION, &removing.render())
+        .await;
+    cluster
+        .annotate_pod(&pods[1], DELETION_COST_ANNOTATION, "-2147483648")
+        .await;
+    cluster
+        .annotate_pod(&pods[2], DELETION_COST_ANNOTATION, "100")
+        .await;
+
+    cluster.delete_ias("llama").await;
+    run_for(Duration::from_secs(30)).await;
+    let held = cluster.ias("llama");
+    assert!(
+        held["metadata"]["deletionTimestamp"].is_string(),
+        "the finalizer holds the deleted autoscaler: {held}"
+    );
+    let annotation = |pod: &str, key: &str| -> Option<String> {
+        cluster.pods("llama")[pod]["metadata"]["annotations"][key]
+            .as_str()
+            .map(str::to_string)
+    };
+    assert!(annotation(&pods[0], DRAIN_ANNOTATION).is_some());
+
+    cluster.server.clear_request_log();
+    let b = start_scaler(&cluster, "b").await;
+    eventually(
+        "the deleted autoscaler gone",
+        Duration::from_secs(60),
+        || cluster.ias("llama").is_null(),
+    )
+    .await;
+    for pod in &pods {
+        assert_eq!(annotation(pod, DRAIN_ANNOTATION), None, "{pod}");
+    }
+    assert_eq!(annotation(&pods[1], DELETION_COST_ANNOTATION), None);
+    assert_eq!(
+        annotation(&pods[2], DELETION_COST_ANNOTATION).as_deref(),
+        Some("100"),
+        "a user's deletion cost stays"
+    );
+    assert_eq!(cluster.pod_names("llama").len(), 3);
+    assert_eq!(cluster.spec_replicas("llama"), 3);
+    let cancelled: BTreeSet<String> = cluster
+        .events("llama", "DrainCancelled")
+        .iter()
+        .filter_map(|e| e["related"]["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        cancelled,
+        BTreeSet::from([pods[0].clone(), pods[1].clone()])
+    );
+    // The test's own DELETE aside, everything was the scaler's, and allowed.
+    let log: Vec<_> = cluster
+        .server
+        .request_log()
+        .into_iter()
+        .filter(|r| r.verb != Verb::Delete)
+        .collect();
+    rbac::assert_allowed(&log);
+
+    // Deleted while a scaler runs: it finishes the deletion at once and no
+    // longer acts on it.
+    cluster
+        .create_ias("llama", spec("llama", 3, 3, json!({})))
+        .await;
+    eventually("the finalizer added", Duration::from_secs(60), || {
+        finalizers(&cluster, "llama") == [gpuscale_kube::FINALIZER]
+    })
+    .await;
+    cluster.delete_ias("llama").await;
+    eventually("deleted", Duration::from_secs(10), || {
+        cluster.ias("llama").is_null()
+    })
+    .await;
+    b.shutdown().await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_manual_edit_of_replicas_is_adopted_with_an_event() {
     let cluster = Cluster::start(&["node-a"], Duration::from_secs(2)).await;

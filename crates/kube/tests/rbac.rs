@@ -2,8 +2,9 @@
 //! every code path that talks to the API server (leader election, the
 //! controller's watches, status, Events, /scale of a Deployment and a
 //! StatefulSet, a scale-in with drain, agents' tokens reviewed, an API
-//! client's read authorised), then every request in the fake API server's
-//! log is allowed by deploy/base/rbac.yaml, and every rule there was used.
+//! client's read authorised, the finalizer added and, on a deletion,
+//! removed), then every request in the fake API server's log is allowed by
+//! deploy/base/rbac.yaml, and every rule there was used.
 
 mod support;
 
@@ -84,7 +85,20 @@ async fn the_shipped_rbac_grants_exactly_what_the_scaler_uses() {
         !cluster.events("llama", "DrainStarted").is_empty() && cluster.spec_replicas("llama") == 1
     })
     .await;
-    let log = cluster.server.request_log();
+    // A deletion: the finalizer holds it until the scaler has cancelled its
+    // drains and removed the finalizer.
+    cluster.delete_ias("qwen").await;
+    eventually("qwen's autoscaler deleted", Duration::from_secs(30), || {
+        cluster.ias("qwen").is_null()
+    })
+    .await;
+    // Everything but the test's own DELETE (it carries no field manager).
+    let log: Vec<_> = cluster
+        .server
+        .request_log()
+        .into_iter()
+        .filter(|r| r.verb != gpuscale_fake_apiserver::Verb::Delete)
+        .collect();
     assert_allowed(&log);
     let used = used(&log);
     let granted = scaler_grants();

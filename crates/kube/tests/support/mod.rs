@@ -182,6 +182,14 @@ impl Cluster {
             .unwrap();
     }
 
+    /// Deletes the InferenceAutoscaler `name` (as `kubectl delete` does).
+    pub async fn delete_ias(&self, name: &str) {
+        self.ias_api()
+            .delete(name, &kube::api::DeleteParams::default())
+            .await
+            .unwrap();
+    }
+
     fn ias_api(&self) -> Api<DynamicObject> {
         let ar = ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk(
