@@ -963,6 +963,30 @@ async fn through_the_cluster_a_workload_at_zero_answers_what_was_held_and_refusa
             .any(|n| n.contains("requests held at the activator")),
         "{scaled:?}"
     );
+    // The start-up the scaler learned, in the InferenceAutoscaler's status
+    // (`kubectl get ias` shows its p90): the pod's 200 ms and the engine's
+    // 1 s and the gate, not the spec's 30 s prior; no first replica is
+    // expected any more.
+    cluster::eventually(
+        "chat's start-up learned, in its status",
+        Duration::from_secs(30),
+        || {
+            c.ias("chat")
+                .pointer("/status/startup/samples")
+                .and_then(serde_json::Value::as_u64)
+                .is_some_and(|n| n >= 1)
+        },
+    )
+    .await;
+    let startup = c.ias("chat")["status"]["startup"].clone();
+    for q in ["p50Seconds", "p90Seconds"] {
+        let s = startup[q].as_f64().unwrap();
+        assert!((1.0..30.0).contains(&s), "{startup}");
+    }
+    assert!(
+        startup.get("firstReplicaExpectedTime").is_none(),
+        "{startup}"
+    );
 
     // 2. A second activator replica; both hold requests of `code` (its
     // engine not started yet). The first is restarted (SIGTERM, as a
@@ -984,6 +1008,18 @@ async fn through_the_cluster_a_workload_at_zero_answers_what_was_held_and_refusa
         "the scaler scaled code from zero",
         Duration::from_secs(30),
         || c.spec_replicas("code") == 1,
+    )
+    .await;
+    // While its first replica starts, the status says when it is expected.
+    let expected = || {
+        c.ias("code")
+            .pointer("/status/startup/firstReplicaExpectedTime")
+            .cloned()
+    };
+    cluster::eventually(
+        "code's first replica expected, in its status",
+        Duration::from_secs(30),
+        || expected().is_some_and(|t| t.is_string()),
     )
     .await;
     let mut a = a;
@@ -1027,6 +1063,12 @@ async fn through_the_cluster_a_workload_at_zero_answers_what_was_held_and_refusa
     );
     pods.models[1].release.send_replace(true);
     all_answered("held by the other replica", on_b).await;
+    cluster::eventually(
+        "code's expected time gone once it is ready",
+        Duration::from_secs(30),
+        || expected().is_none(),
+    )
+    .await;
     all_answered(
         "the restarted replica",
         send_all(&http, a.addr, "code.default", true, 5),

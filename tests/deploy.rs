@@ -86,7 +86,16 @@ fn the_crd_in_deploy_is_what_gpuscale_crd_prints() {
         .collect();
     assert_eq!(
         columns,
-        ["Target", "Min", "Max", "Desired", "Ready", "SLO", "Age"]
+        [
+            "Target",
+            "Min",
+            "Max",
+            "Desired",
+            "Ready",
+            "Startup p90",
+            "SLO",
+            "Age"
+        ]
     );
     let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"];
     let rules = spec["x-kubernetes-validations"].to_string();

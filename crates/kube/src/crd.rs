@@ -72,6 +72,19 @@ pub const DEFAULT_DRAIN_TIMEOUT_SECONDS: u32 = 300;
     ),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(
+        name = "Startup p90",
+        type_ = "number",
+        json_path = ".status.startup.p90Seconds",
+        description = "the replicas' learned p90 start-up, seconds (minReplicas 0)"
+    ),
+    printcolumn(
+        name = "First Ready",
+        type_ = "string",
+        json_path = ".status.startup.firstReplicaExpectedTime",
+        description = "scaling from zero: when the first replica is expected ready",
+        priority = "1"
+    ),
+    printcolumn(
         name = "SLO",
         type_ = "string",
         json_path = ".status.sloStatus",
@@ -168,6 +181,27 @@ pub struct InferenceAutoscalerStatus {
     /// `Ready`, `ScalingActive`, `AbleToScale`, `Advisory`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The replicas' start-up as the scaler learned it, for a workload
+    /// with `minReplicas: 0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup: Option<StartupStatus>,
+}
+
+/// The replicas' start-up (created → scheduled → engine up → warm) as the
+/// scaler learned it from the last start-ups it saw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StartupStatus {
+    /// Median start-up, seconds (`coldStartSeconds` before any was seen).
+    pub p50_seconds: f64,
+    /// 90th percentile start-up, seconds: the lead time scale-ups plan with.
+    pub p90_seconds: f64,
+    /// How many start-ups the figures come from (0: `coldStartSeconds`).
+    pub samples: u32,
+    /// While no replica is ready and one is asked for or starting: when the
+    /// first is expected ready (written as null, and so removed, otherwise).
+    #[serde(default)]
+    pub first_replica_expected_time: Option<Time>,
 }
 
 /// The CustomResourceDefinition, schema tightened (see the module docs).

@@ -68,7 +68,8 @@ use tokio::task::JoinHandle;
 pub use actuator::KubeActuator;
 pub use config::{KubeArgs, KubeConfig};
 pub use crd::{
-    InferenceAutoscaler, InferenceAutoscalerSpec, InferenceAutoscalerStatus, SloStatus, crd_yaml,
+    InferenceAutoscaler, InferenceAutoscalerSpec, InferenceAutoscalerStatus, SloStatus,
+    StartupStatus, crd_yaml,
 };
 pub use error::KubeError;
 pub use finalizer::FINALIZER;

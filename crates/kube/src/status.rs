@@ -43,7 +43,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::context::Shared;
-use crate::crd::{InferenceAutoscaler, InferenceAutoscalerStatus, SloStatus};
+use crate::crd::{InferenceAutoscaler, InferenceAutoscalerStatus, SloStatus, StartupStatus};
 use crate::drain::one_line;
 use crate::error::KubeError;
 use crate::events::{EventSpec, EventType};
@@ -226,7 +226,21 @@ pub(crate) fn compose(
         ),
         selector: i.selector.map(str::to_string),
         conditions,
+        startup: i.decision.and_then(startup_status),
     }
+}
+
+/// The learned start-up a decision carries (a workload that may scale to
+/// zero), seconds to a tenth.
+fn startup_status(d: &Decision) -> Option<StartupStatus> {
+    let s = gpuscale_scaler::zero::WorkloadStartup::of(d)?;
+    let tenth = |x: f64| (x * 10.0).round() / 10.0;
+    Some(StartupStatus {
+        p50_seconds: tenth(s.summary.p50_s),
+        p90_seconds: tenth(s.summary.p90_s),
+        samples: u32::try_from(s.summary.samples).unwrap_or(u32::MAX),
+        first_replica_expected_time: s.first_ready_expected.map(time),
+    })
 }
 
 /// The status of an autoscaler that cannot act: every condition says why.
@@ -303,6 +317,15 @@ fn differs_materially(a: &InferenceAutoscalerStatus, b: &InferenceAutoscalerStat
         let mut s = s.clone();
         s.last_decision = None;
         s.last_decision_time = None;
+        // A late replica's expected time moves with every decision; that
+        // one is expected matters.
+        if let Some(t) = s
+            .startup
+            .as_mut()
+            .and_then(|st| st.first_replica_expected_time.as_mut())
+        {
+            *t = time(Timestamp::from_millis(0));
+        }
         for c in &mut s.conditions {
             if c.type_ == SCALING_ACTIVE {
                 c.message.clear();
@@ -629,5 +652,93 @@ mod tests {
         let s2 = compose(Some(&s), &inputs(&later), at.plus_secs(2.0));
         assert_ne!(s.last_decision_time, s2.last_decision_time);
         assert!(!differs_materially(&s, &s2));
+    }
+
+    /// A decision of a workload that may scale to zero.
+    fn at_zero_rule(
+        at: Timestamp,
+        current: u32,
+        desired: u32,
+        first_ready_expected: Option<Timestamp>,
+    ) -> Decision {
+        let mut d = decided(at, current, desired, vec![]);
+        d.scale_to_zero = Some(Box::new(gpuscale_policy::ScaleToZeroInputs {
+            held: 3,
+            oldest_held_s: 0.5,
+            in_flight: 0.0,
+            idle_s: 0.0,
+            idle_period: gpuscale_policy::idle::IdleChoice {
+                period_s: 300.0,
+                reason: gpuscale_policy::idle::IdleReason::BreakEven,
+                cold_start_cost_s: 300.0,
+            },
+            startup: gpuscale_policy::startup::StartupSummary {
+                samples: 3,
+                p50_s: 41.26,
+                p90_s: 58.04,
+            },
+            starting: vec![],
+            ready_at_p90_lead: 0,
+            first_ready_expected,
+        }));
+        d
+    }
+
+    #[test]
+    fn the_learned_start_up_and_the_first_replicas_expected_time_are_in_the_status() {
+        let at = Timestamp::from_millis(1_750_000_000_000);
+        // Scaling from zero: the first replica at now + the p50 start-up.
+        let from_zero = compose(None, &inputs(&at_zero_rule(at, 0, 1, None)), at);
+        let st = from_zero.startup.clone().expect("startup");
+        assert_eq!(
+            (st.p50_seconds, st.p90_seconds, st.samples),
+            (41.3, 58.0, 3)
+        );
+        assert_eq!(
+            st.first_replica_expected_time,
+            Some(time(at.plus_secs(41.26)))
+        );
+        // Starting: the starting replica's expected time, which moves with
+        // each decision without being worth a write of its own.
+        let t = at.plus_secs(2.0);
+        let starting = compose(
+            Some(&from_zero),
+            &inputs(&at_zero_rule(t, 1, 1, Some(t.plus_secs(40.0)))),
+            t,
+        );
+        let moved = compose(
+            Some(&starting),
+            &inputs(&at_zero_rule(t, 1, 1, Some(t.plus_secs(45.0)))),
+            t,
+        );
+        assert_eq!(
+            starting
+                .startup
+                .as_ref()
+                .unwrap()
+                .first_replica_expected_time,
+            Some(time(t.plus_secs(40.0)))
+        );
+        assert!(!differs_materially(&starting, &moved));
+        // Ready: none expected, written as null so that the merge patch
+        // removes the field.
+        let ready = compose(Some(&moved), &inputs(&at_zero_rule(t, 1, 1, None)), t);
+        assert_eq!(
+            ready.startup.as_ref().unwrap().first_replica_expected_time,
+            None
+        );
+        assert!(differs_materially(&moved, &ready));
+        let json = serde_json::to_value(&ready).unwrap();
+        assert!(json["startup"]["firstReplicaExpectedTime"].is_null());
+        assert!(json["startup"].get("firstReplicaExpectedTime").is_some());
+        // Any other workload's decision carries no start-up.
+        let other = compose(None, &inputs(&decided(at, 2, 2, vec![])), at);
+        assert_eq!(other.startup, None);
+        assert!(
+            serde_json::to_value(&other)
+                .unwrap()
+                .get("startup")
+                .is_none()
+        );
     }
 }

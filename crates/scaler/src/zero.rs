@@ -68,6 +68,25 @@ pub struct WorkloadStartup {
     pub first_ready_expected: Option<Timestamp>,
 }
 
+impl WorkloadStartup {
+    /// What a decision of a workload that may scale to zero (one with
+    /// `scale_to_zero` inputs) says: the learned start-up, and when the
+    /// first replica is expected ready: scaling from zero now, at now plus
+    /// the p50 start-up; with none ready and one starting, at the earliest
+    /// starting replica's expected time. `None` for any other decision.
+    pub fn of(d: &Decision) -> Option<Self> {
+        let z = d.scale_to_zero.as_ref()?;
+        Some(Self {
+            summary: z.startup,
+            first_ready_expected: if d.current_replicas == 0 && d.desired_replicas > 0 {
+                Some(d.at.plus_secs(z.startup.p50_s))
+            } else {
+                z.first_ready_expected
+            },
+        })
+    }
+}
+
 /// The activators' reports and the wake-up; cloning shares them.
 #[derive(Debug, Clone, Default)]
 pub struct Activators {
@@ -271,22 +290,9 @@ impl Decider for ZeroDecider {
             oldest_s: h.oldest_s,
         };
         self.rule.apply(now, obs, held, &mut d);
-        let summary = self.rule.model().summary();
-        let first_ready_expected = d
-            .scale_to_zero
-            .as_ref()
-            .and_then(|z| z.first_ready_expected);
-        self.activators.set_startup(
-            &self.workload,
-            WorkloadStartup {
-                summary,
-                first_ready_expected: if obs.replicas.current == 0 && d.desired_replicas > 0 {
-                    Some(now.plus_secs(summary.p50_s))
-                } else {
-                    first_ready_expected
-                },
-            },
-        );
+        if let Some(startup) = WorkloadStartup::of(&d) {
+            self.activators.set_startup(&self.workload, startup);
+        }
         if let Some(m) = &self.metrics {
             m.zero().publish(&self.workload, self.rule.model(), h.held);
         }
