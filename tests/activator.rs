@@ -12,8 +12,10 @@
 //! * No scaler: held requests time out with a clear 503.
 //! * A held streaming request is answered 200 `text/event-stream` at once,
 //!   receives SSE keep-alive comments while held, then the engine's events
-//!   as the engine sends them (not gathered up); a held stream whose
-//!   deadline passes ends with an SSE error event.
+//!   as the engine sends them (not gathered up), under the activator's
+//!   head (not the engine's headers); one sent with
+//!   `X-Gpuscale-Keep-Alive: off` waits and gets the engine's head; a held
+//!   stream whose deadline passes ends with an SSE error event.
 //!
 //! And the whole path, with nothing in process but the engines: the fake
 //! API server (Deployments at zero, InferenceAutoscalers `minReplicas: 0`),
@@ -100,6 +102,8 @@ async fn engine(req: Request<Incoming>, gap: Duration) -> Result<Response<Engine
     });
     r.headers_mut()
         .insert(header::CONTENT_TYPE, "text/event-stream".parse().unwrap());
+    r.headers_mut()
+        .insert("x-request-id", "engine-1".parse().unwrap());
     Ok(r)
 }
 
@@ -579,21 +583,34 @@ async fn a_held_stream_gets_keep_alives_then_the_engines_events_as_they_come() {
     )
     .await;
     let c = client();
+    let stream_request = |keep_alive: Option<&str>| {
+        let mut r = Request::post(format!("http://{}/v1/chat/completions", act.addr))
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(v) = keep_alive {
+            r = r.header("x-gpuscale-keep-alive", v);
+        }
+        r.body(Full::new(Bytes::from_static(
+            b"{\"model\":\"chat\",\"stream\":true,\"messages\":[]}",
+        )))
+        .unwrap()
+    };
     let sent = std::time::Instant::now();
-    let resp = c
-        .request(
-            Request::post(format!("http://{}/v1/chat/completions", act.addr))
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from_static(
-                    b"{\"model\":\"chat\",\"stream\":true,\"messages\":[]}",
-                )))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    // Beside it, a held stream that asks for no keep-alive.
+    let waits = {
+        let (c, req) = (c.clone(), stream_request(Some("off")));
+        tokio::spawn(async move {
+            let resp = c.request(req).await.unwrap();
+            (sent.elapsed(), resp)
+        })
+    };
+    let resp = c.request(stream_request(None)).await.unwrap();
     let head = sent.elapsed();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+    // Sent before the engine answered: the activator's head, not the
+    // engine's (its `x-request-id` is not there).
+    assert_eq!(resp.headers()[header::CACHE_CONTROL], "no-cache");
+    assert!(resp.headers().get("x-request-id").is_none());
     // The 200 comes while the request is held, long before the engine is up.
     assert!(head < Duration::from_secs(2), "head after {head:?}");
     let got = frames(resp, sent).await;
@@ -625,6 +642,12 @@ async fn a_held_stream_gets_keep_alives_then_the_engines_events_as_they_come() {
         .await,
         Some(1.0)
     );
+    // The one without keep-alive: its head is the engine's, once it is up.
+    let (head, resp) = waits.await.unwrap();
+    assert!(head >= Duration::from_secs(3), "head after {head:?}");
+    assert_eq!(resp.headers()["x-request-id"], "engine-1");
+    let got = frames(resp, sent).await;
+    assert!(got.iter().all(|(_, t)| t.starts_with("data:")), "{got:?}");
     drop(act);
     scaler.shutdown().await.unwrap();
 

@@ -87,8 +87,10 @@ pub struct ActivatorArgs {
     /// How often a held streaming request (`"stream": true` in its JSON
     /// body, or `Accept: text/event-stream`) receives an SSE comment
     /// (`: keep-alive`) while it waits: it is answered 200
-    /// `text/event-stream` at once and the workload's stream follows
-    /// (100ms..=5m); `off`: held streams wait like other requests.
+    /// `text/event-stream` at once and the workload's stream follows,
+    /// without the workload's own headers (100ms..=5m); `off`: held
+    /// streams wait like other requests (one request asks for that with
+    /// `X-Gpuscale-Keep-Alive: off`).
     #[arg(long, value_name = "DURATION", default_value = "10s")]
     pub keep_alive_interval: String,
     /// Deadline of a new connection to a workload's Service.

@@ -244,7 +244,7 @@ async fn handle(
         .insert(id, arrived);
     let deadline = arrived + shared.config.hold_timeout;
     let keep_alive = match shared.config.keep_alive_interval {
-        Some(every) => {
+        Some(every) if !refuses_keep_alive(&req) => {
             let (read, streaming) = match wants_stream(req).await {
                 Ok(r) => r,
                 Err(why) => {
@@ -261,7 +261,7 @@ async fn handle(
             req = read;
             streaming.then_some(every)
         }
-        None => None,
+        _ => None,
     };
     let r = route.clone();
     let mut acquire = Box::pin(async move { r.admission.acquire(deadline).await });
@@ -316,6 +316,16 @@ fn refusal_response(
 ) -> ActivatorResponse {
     let close = http1 && code == Refusal::Draining.code();
     reply::error(status, code, &message, Some(retry_after), close)
+}
+
+/// A client that needs the workload's own response head (a request id, a
+/// session cookie: a kept-alive stream's 200 is sent before the workload
+/// answers, so it has the activator's headers only) asks for none with
+/// `X-Gpuscale-Keep-Alive: off`; held, it waits for the first byte.
+fn refuses_keep_alive<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get("x-gpuscale-keep-alive")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"off"))
 }
 
 /// Whether a held request asks for a stream: `Accept: text/event-stream`,
