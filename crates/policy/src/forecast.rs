@@ -38,16 +38,16 @@ use gpuscale_core::Timestamp;
 use serde::{Deserialize, Serialize};
 
 /// Smoothing of the fast levels.
-pub const ALPHA: f64 = 0.8;
+pub(crate) const ALPHA: f64 = 0.8;
 /// Smoothing of the daily seasonal index.
-pub const GAMMA: f64 = 0.1;
+pub(crate) const GAMMA: f64 = 0.1;
 /// Smoothing of the weekly seasonal index.
-pub const DELTA: f64 = 0.05;
+pub(crate) const DELTA: f64 = 0.05;
 /// Offset in `ln(rate + c)`, requests per second: keeps zero rates finite.
-pub const LOG_OFFSET_RPS: f64 = 0.05;
+pub(crate) const LOG_OFFSET_RPS: f64 = 0.05;
 
 /// Lead at which the two predictors' errors are compared, seconds.
-pub const BLEND_LEAD_S: f64 = 3600.0;
+pub(crate) const BLEND_LEAD_S: f64 = 3600.0;
 /// Smoothing of the predictors' squared errors (about three days of buckets).
 const MSE_SMOOTHING_BUCKETS: f64 = 432.0;
 
@@ -136,7 +136,7 @@ impl Forecaster {
     }
 
     /// History covered by completed buckets, seconds.
-    pub fn history_s(&self) -> f64 {
+    pub(crate) fn history_s(&self) -> f64 {
         self.buckets_seen as f64 * self.bucket_s
     }
 
@@ -281,7 +281,7 @@ impl Forecaster {
 
     /// Forecast of the mean arrival rate in the bucket holding `at`, or
     /// `None` before enough history.
-    pub fn forecast_at(&self, at: Timestamp) -> Option<f64> {
+    pub(crate) fn forecast_at(&self, at: Timestamp) -> Option<f64> {
         if !self.is_ready() {
             return None;
         }
@@ -293,7 +293,7 @@ impl Forecaster {
     }
 
     /// The highest bucket forecast over `[from, to]`.
-    pub fn forecast_peak(&self, from: Timestamp, to: Timestamp) -> Option<f64> {
+    pub(crate) fn forecast_peak(&self, from: Timestamp, to: Timestamp) -> Option<f64> {
         let mut peak = self.forecast_at(from)?;
         let mut t = from;
         while t < to {

@@ -88,15 +88,15 @@ pub struct Behavior {
 /// The HPA's default tolerance (`--horizontal-pod-autoscaler-tolerance`).
 pub const HPA_DEFAULT_TOLERANCE: f64 = 0.1;
 /// The legacy path's scale-down stabilization window (controller flag default).
-pub const HPA_DOWNSCALE_STABILIZATION_S: u32 = 300;
+pub(crate) const HPA_DOWNSCALE_STABILIZATION_S: u32 = 300;
 /// Longest allowed `periodSeconds` of a policy.
-pub const MAX_PERIOD_S: u32 = 1800;
+pub(crate) const MAX_PERIOD_S: u32 = 1800;
 /// Longest allowed `stabilizationWindowSeconds`.
-pub const MAX_STABILIZATION_WINDOW_S: u32 = 3600;
+pub(crate) const MAX_STABILIZATION_WINDOW_S: u32 = 3600;
 
 impl ScalingRules {
     /// HPA's default scale-up rules: no window; max of 4 pods and 100% per 15 s.
-    pub fn hpa_default_scale_up() -> Self {
+    pub(crate) fn hpa_default_scale_up() -> Self {
         Self {
             stabilization_window_s: 0,
             select_policy: SelectPolicy::Max,
@@ -117,7 +117,7 @@ impl ScalingRules {
     }
 
     /// HPA's default scale-down rules: 300 s window; 100% per 15 s.
-    pub fn hpa_default_scale_down() -> Self {
+    pub(crate) fn hpa_default_scale_down() -> Self {
         Self {
             stabilization_window_s: HPA_DOWNSCALE_STABILIZATION_S,
             select_policy: SelectPolicy::Max,
@@ -537,7 +537,7 @@ impl BehaviorState {
 
     /// As [`BehaviorState::record_scale_event`], pruning with `behavior`'s
     /// longest policy periods.
-    pub fn record_scale_event_with(
+    pub(crate) fn record_scale_event_with(
         &mut self,
         behavior: Option<&Behavior>,
         now: Timestamp,
@@ -591,7 +591,7 @@ impl BehaviorState {
     }
 
     /// The time of the newest recorded scale event, if any.
-    pub fn last_scale_event(&self) -> Option<Timestamp> {
+    pub(crate) fn last_scale_event(&self) -> Option<Timestamp> {
         let up = self.scale_up_events.back().map(|e| e.at);
         let down = self.scale_down_events.back().map(|e| e.at);
         up.max(down)
@@ -601,7 +601,7 @@ impl BehaviorState {
     /// (`normalizeDesiredReplicas`): the maximum of the recommendations of the
     /// last `window_s` seconds (300 by default), then clamped to
     /// `[min, min(max, max(2 × current, 4))]`.
-    pub fn normalize_legacy(
+    pub(crate) fn normalize_legacy(
         &mut self,
         now: Timestamp,
         window_s: u32,
@@ -651,7 +651,7 @@ impl BehaviorState {
     /// Drop every recommendation and scale event stamped at or after `now`:
     /// a call repeated at `now` replaces, never adds. Every method taking
     /// `now` does this first.
-    pub fn forget_from(&mut self, now: Timestamp) {
+    pub(crate) fn forget_from(&mut self, now: Timestamp) {
         self.recommendations.retain(|r| r.at < now);
         self.scale_up_events.retain(|e| e.at < now);
         self.scale_down_events.retain(|e| e.at < now);

@@ -137,7 +137,7 @@ impl ScaleToZeroSpec {
 impl IdleInputs {
     /// The inputs from the validated spec, the learned p90 start-up and
     /// the forecast.
-    pub fn from_config(
+    pub(crate) fn from_config(
         c: &ScaleToZeroConfig,
         startup_p90_s: f64,
         forecast_rps: Option<f64>,

@@ -85,7 +85,7 @@ impl PerfModel {
     }
 
     /// Derivative of the decode step time with respect to the batch size.
-    pub fn decode_step_slope_s(&self, batch: f64, context_tokens: f64) -> f64 {
+    pub(crate) fn decode_step_slope_s(&self, batch: f64, context_tokens: f64) -> f64 {
         let b = batch.max(0.0);
         self.decode_per_seq_s
             + self.decode_per_seq_token_s * context_tokens.max(0.0)
@@ -111,7 +111,7 @@ impl PerfModel {
     /// The largest whole batch (1..=`max_batch`) whose decode step at
     /// `context_tokens` takes at most `step_budget_s`, and whose KV cache
     /// (`batch × context_tokens`) fits the replica. At least 1.
-    pub fn largest_batch_within(&self, step_budget_s: f64, context_tokens: f64) -> u32 {
+    pub(crate) fn largest_batch_within(&self, step_budget_s: f64, context_tokens: f64) -> u32 {
         let kv_cap = if context_tokens > 0.0 {
             (self.kv_capacity_tokens / context_tokens).floor()
         } else {
@@ -203,7 +203,7 @@ impl PerfModel {
     }
 
     /// As [`PerfModel::from_profile_csv`], with the fit's errors against the data.
-    pub fn from_profile_csv_with_report(
+    pub(crate) fn from_profile_csv_with_report(
         text: &str,
         format: &ProfileFormat,
     ) -> Result<(PerfModel, FitReport), SpecError> {
@@ -337,9 +337,9 @@ const DYNAMO_PREFILL: &str =
 const SPLITWISE: &str = include_str!("../../../data/profiles/splitwise_perf_model.csv");
 
 /// KV bytes per token of Llama-3-8B in bf16 (32 layers × 8 KV heads × 128 × 2 × 2 B).
-pub const LLAMA3_8B_KV_BYTES_PER_TOKEN: f64 = 131_072.0;
+pub(crate) const LLAMA3_8B_KV_BYTES_PER_TOKEN: f64 = 131_072.0;
 /// KV bytes per token of Llama2-70B in fp16 (80 layers × 8 KV heads × 128 × 2 × 2 B).
-pub const LLAMA2_70B_KV_BYTES_PER_TOKEN: f64 = 327_680.0;
+pub(crate) const LLAMA2_70B_KV_BYTES_PER_TOKEN: f64 = 327_680.0;
 
 fn kv_tokens(memory_bytes: f64, weight_bytes: f64, per_token: f64) -> f64 {
     ((memory_bytes - weight_bytes) / per_token).floor()
@@ -351,7 +351,7 @@ pub fn preset(name: &str) -> Option<PerfModel> {
 }
 
 /// A shipped preset and its fit's errors against the data it was built from.
-pub fn preset_with_report(name: &str) -> Option<(PerfModel, FitReport)> {
+pub(crate) fn preset_with_report(name: &str) -> Option<(PerfModel, FitReport)> {
     static PRESETS: OnceLock<Vec<(PerfModel, FitReport)>> = OnceLock::new();
     let all = PRESETS.get_or_init(|| {
         PRESET_NAMES
@@ -364,7 +364,7 @@ pub fn preset_with_report(name: &str) -> Option<(PerfModel, FitReport)> {
 
 /// Build one preset from the compiled-in data (errors only if the shipped
 /// data is malformed, which the tests rule out).
-pub fn build_preset(name: &str) -> Result<(PerfModel, FitReport), SpecError> {
+pub(crate) fn build_preset(name: &str) -> Result<(PerfModel, FitReport), SpecError> {
     match name {
         "h200-llama3-8b-bf16" => {
             let decode = parse_columns(H200_DECODE, &["batch", "context_tokens", "step_ms"])?

@@ -67,12 +67,12 @@ use crate::zero::STARTUP_WINDOW;
 /// before an SLO breach counts.
 pub use gpuscale_core::slo::MIN_SLO_SAMPLES;
 /// The panic window is this fraction of the stable window (at least 6 s).
-pub const PANIC_WINDOW_FRACTION: f64 = 0.1;
+pub(crate) const PANIC_WINDOW_FRACTION: f64 = 0.1;
 /// Largest demand factor SLO feedback may learn.
-pub const MAX_FEEDBACK_FACTOR: f64 = 3.0;
+pub(crate) const MAX_FEEDBACK_FACTOR: f64 = 3.0;
 /// Growth of the demand factor: `× (1 + 0.5·(e − 1))` per 30 s of a
 /// measured latency `e` times its objective.
-pub const FEEDBACK_GAIN_PER_S: f64 = 0.5 / 30.0;
+pub(crate) const FEEDBACK_GAIN_PER_S: f64 = 0.5 / 30.0;
 
 /// The SLO-feedback demand factor κ, with anti-windup.
 ///
@@ -126,16 +126,16 @@ impl DemandFeedback {
 /// A burst recommendation is made only when the burst rate exceeds the
 /// stable mean by more than this fraction (steady traffic's own noise
 /// stays with the reactive recommendation and its queueing model).
-pub const BURST_MIN_EXCESS: f64 = 0.25;
+pub(crate) const BURST_MIN_EXCESS: f64 = 0.25;
 /// A burst recommendation needs traffic: at least one request in the stable
 /// window. With none, remembered bursts are the scale-down stabilization's
 /// to hold, not a reason to keep capacity. (A quiet spell's few requests no
 /// longer size remembered bursts: the request shape is a mean over the last
 /// requests, see `shape_memory_requests`, so a lone long prompt moves it by
 /// one request's worth.)
-pub const BURST_MIN_REQUESTS: f64 = 1.0;
+pub(crate) const BURST_MIN_REQUESTS: f64 = 1.0;
 /// KV-cache occupancy at which replicas count as saturated.
-pub const KV_SATURATION: f64 = 0.95;
+pub(crate) const KV_SATURATION: f64 = 0.95;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct TimedValue {

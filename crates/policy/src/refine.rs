@@ -32,12 +32,12 @@ use crate::perf::PerfModel;
 /// Samples older than this are forgotten, seconds.
 pub const WINDOW_S: f64 = 600.0;
 /// Most samples kept.
-pub const MAX_SAMPLES: usize = 128;
+pub(crate) const MAX_SAMPLES: usize = 128;
 /// Largest change of `ln k` per hour.
 pub const MAX_DRIFT_PER_HOUR: f64 = 0.405_465_108_108_164_4; // ln 1.5
 /// Bounds of the applied factor.
-pub const MIN_FACTOR: f64 = 1.0 / 3.0;
-pub const MAX_FACTOR: f64 = 3.0;
+pub(crate) const MIN_FACTOR: f64 = 1.0 / 3.0;
+pub(crate) const MAX_FACTOR: f64 = 3.0;
 /// Confidence before any observation.
 pub const PRIOR_CONFIDENCE: f64 = 0.5;
 
@@ -103,7 +103,7 @@ impl ModelRefiner {
 
     /// Write `base`'s decode coefficients scaled by the current factor into
     /// `out` (whose other fields are left as they are): no allocation.
-    pub fn refine_into(&self, base: &PerfModel, out: &mut PerfModel) {
+    pub(crate) fn refine_into(&self, base: &PerfModel, out: &mut PerfModel) {
         let k = self.factor();
         out.decode_base_s = base.decode_base_s * k;
         out.decode_per_seq_s = base.decode_per_seq_s * k;

@@ -34,7 +34,7 @@ pub struct ScheduleRule {
 
 /// The bounds and recommendation of the rules open at one instant.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ScheduleEffect {
+pub(crate) struct ScheduleEffect {
     /// Highest `minReplicas` of the open rules.
     pub min_replicas: Option<u32>,
     /// Highest `maxReplicas` of the open rules.
@@ -54,7 +54,7 @@ struct RuleCache {
 /// Evaluates a workload's rules, remembering each rule's state at the last
 /// minute evaluated so the usual call (one minute later) costs one match.
 #[derive(Debug, Clone, Default)]
-pub struct ScheduleEvaluator {
+pub(crate) struct ScheduleEvaluator {
     cache: Vec<Option<RuleCache>>,
 }
 

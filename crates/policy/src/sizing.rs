@@ -383,7 +383,7 @@ impl<'m> Sizer<'m> {
     }
 
     /// The fewest replicas meeting `targets` at `arrival_rps`.
-    pub fn replicas_needed(&self, arrival_rps: f64, targets: &Targets) -> Sizing {
+    pub(crate) fn replicas_needed(&self, arrival_rps: f64, targets: &Targets) -> Sizing {
         let q = targets.ttft_quantile;
         if arrival_rps.is_nan() || arrival_rps <= 0.0 {
             return Sizing {
@@ -482,7 +482,7 @@ fn bisect(mut lo: f64, mut hi: f64, below: impl Fn(f64) -> bool) -> f64 {
 /// Erlang C: probability that an arrival waits in an M/M/c queue with
 /// `c` servers and offered load `a` (erlangs). Exact recursion up to 256
 /// servers, the Halfin–Whitt approximation above. 1 when `a ≥ c`.
-pub fn erlang_c(c: f64, a: f64) -> f64 {
+pub(crate) fn erlang_c(c: f64, a: f64) -> f64 {
     if a <= 0.0 {
         return 0.0;
     }
@@ -529,7 +529,7 @@ fn erfc(x: f64) -> f64 {
 
 /// The standard normal quantile (Acklam's rational approximation,
 /// relative error < 1.2e-9), for 0 < p < 1.
-pub fn normal_quantile(p: f64) -> f64 {
+pub(crate) fn normal_quantile(p: f64) -> f64 {
     let p = p.clamp(1e-12, 1.0 - 1e-12);
     const A: [f64; 6] = [
         -3.969_683_028_665_376e1,

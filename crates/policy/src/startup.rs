@@ -66,7 +66,7 @@ pub struct StartupTimes {
 
 impl StartupTimes {
     /// Seconds spent in `phase`, when both ends are known and in order.
-    pub fn phase_s(&self, phase: Phase) -> Option<f64> {
+    pub(crate) fn phase_s(&self, phase: Phase) -> Option<f64> {
         let (from, to) = match phase {
             Phase::Scheduling => (self.created, self.scheduled),
             Phase::EngineStart => (self.scheduled, self.engine_up),
@@ -142,7 +142,7 @@ impl StartupModel {
     }
 
     /// The lead time to plan with: the p90 start-up (the prior before any).
-    pub fn lead_time_s(&self) -> f64 {
+    pub(crate) fn lead_time_s(&self) -> f64 {
         self.summary().p90_s
     }
 
@@ -169,7 +169,7 @@ impl StartupModel {
 
 /// The `q` quantile of `v` by linear interpolation between order
 /// statistics (sorts `v`); `None` when empty.
-pub fn quantile_of(v: &mut [f64], q: f64) -> Option<f64> {
+pub(crate) fn quantile_of(v: &mut [f64], q: f64) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -282,7 +282,12 @@ impl StartupTracker {
 
     /// How many replicas will be ready at `at`: those ready now plus those
     /// starting whose expected ready time is at or before `at`.
-    pub fn ready_by(&self, now: Timestamp, at: Timestamp, replicas: &[ReplicaObservation]) -> u32 {
+    pub(crate) fn ready_by(
+        &self,
+        now: Timestamp,
+        at: Timestamp,
+        replicas: &[ReplicaObservation],
+    ) -> u32 {
         let ready = replicas
             .iter()
             .filter(|r| r.state == ReplicaState::Ready)

@@ -43,7 +43,7 @@ pub fn choose_victims(
 }
 
 /// Whether `r` may be removed at all.
-pub fn is_eligible(r: &ReplicaObservation, now: Timestamp, min_age_s: f64) -> bool {
+pub(crate) fn is_eligible(r: &ReplicaObservation, now: Timestamp, min_age_s: f64) -> bool {
     if r.protected || r.state == ReplicaState::Draining {
         return false;
     }

@@ -21,7 +21,7 @@ use crate::observation::Observation;
 use crate::startup::{StartupModel, StartupTracker};
 
 /// Start-ups kept per workload for the quantiles.
-pub const STARTUP_WINDOW: usize = 64;
+pub(crate) const STARTUP_WINDOW: usize = 64;
 
 /// Requests held for a workload at its activators, now.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
