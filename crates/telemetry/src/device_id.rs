@@ -21,7 +21,7 @@ use gpuscale_core::sample::GpuInfo;
 
 /// A parsed `device_ids` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeviceId {
+pub(crate) enum DeviceId {
     /// `GPU-…` or `MIG-…`, sharing suffix removed.
     Uuid(GpuUuid),
     /// `MIG-GPU-<uuid>/<gi>/<ci>`.
@@ -35,7 +35,7 @@ pub enum DeviceId {
 }
 
 /// Parses one kubelet device ID.
-pub fn parse_device_id(raw: &str) -> DeviceId {
+pub(crate) fn parse_device_id(raw: &str) -> DeviceId {
     let id = raw.trim();
     if let Some(rest) = id.strip_prefix("MIG-GPU-") {
         // MIG-GPU-<uuid>/<gi>/<ci>
@@ -98,7 +98,7 @@ pub fn parse_device_id(raw: &str) -> DeviceId {
 /// Maps a parsed ID to an NVML UUID with the node's inventory. `None` when
 /// the ID cannot be mapped (an index the inventory does not have, an unknown
 /// form).
-pub fn resolve_device_id(id: &DeviceId, inventory: &[GpuInfo]) -> Option<GpuUuid> {
+pub(crate) fn resolve_device_id(id: &DeviceId, inventory: &[GpuInfo]) -> Option<GpuUuid> {
     let full_gpu_at = |index: u32| {
         inventory
             .iter()

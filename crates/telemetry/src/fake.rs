@@ -54,9 +54,9 @@ use crate::source::{EngineSource, GpuSource, PodGpuSource, SourceError};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 /// The resource name the device plugin registers GPUs under.
-pub const GPU_RESOURCE_NAME: &str = "nvidia.com/gpu";
+pub(crate) const GPU_RESOURCE_NAME: &str = "nvidia.com/gpu";
 /// The container name of simulated engines.
-pub const ENGINE_CONTAINER: &str = "engine";
+pub(crate) const ENGINE_CONTAINER: &str = "engine";
 
 /// A simulated node: its GPUs, its engines and the load they serve.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -359,7 +359,7 @@ impl FakeNodeConfig {
 
 impl FakeLoadCurve {
     /// Offered requests per second `t` seconds after the start (no noise).
-    pub fn rate_at(&self, t: f64) -> f64 {
+    pub(crate) fn rate_at(&self, t: f64) -> f64 {
         let Some(first) = self.points.first() else {
             return 0.0;
         };

@@ -181,7 +181,7 @@ impl NvmlStats {
 }
 
 /// A short, bounded class of an NVML error, for metric labels.
-pub fn nvml_error_kind(e: &NvmlError) -> &'static str {
+pub(crate) fn nvml_error_kind(e: &NvmlError) -> &'static str {
     match e {
         NvmlError::NotSupported => "not_supported",
         NvmlError::FailedToLoadSymbol(_) | NvmlError::FunctionNotFound => "missing_symbol",

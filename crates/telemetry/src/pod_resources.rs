@@ -44,13 +44,13 @@ use crate::source::{PodGpuSource, SourceError};
 /// Largest `List` reply accepted: Kubernetes' own client takes 16 MiB
 /// (`podresources.DefaultMaxMsgSize`); a node with many pods and devices
 /// exceeds tonic's 4 MiB default.
-pub const MAX_REPLY_BYTES: usize = 16 << 20;
+pub(crate) const MAX_REPLY_BYTES: usize = 16 << 20;
 
 /// The kubelet's PodResources socket.
 pub const DEFAULT_POD_RESOURCES_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
 
 /// Resource names whose devices are GPUs, besides every `nvidia.com/mig-*`.
-pub const DEFAULT_GPU_RESOURCE_NAMES: &[&str] = &["nvidia.com/gpu", "nvidia.com/gpu.shared"];
+pub(crate) const DEFAULT_GPU_RESOURCE_NAMES: &[&str] = &["nvidia.com/gpu", "nvidia.com/gpu.shared"];
 
 /// How the PodResources client connects and refreshes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -81,7 +81,10 @@ impl Exposition {
     /// Parses and validates every line but keeps only samples whose name
     /// `keep` accepts (the agent reads a few dozen of the hundreds of series
     /// an engine exports).
-    pub fn parse_filtered(text: &str, keep: &dyn Fn(&str) -> bool) -> Result<Self, TelemetryError> {
+    pub(crate) fn parse_filtered(
+        text: &str,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Self, TelemetryError> {
         let mut exp = Exposition::default();
         let mut seen: HashSet<(String, Vec<(String, String)>)> = HashSet::new();
         for (i, raw) in text.split('\n').enumerate() {

@@ -42,11 +42,11 @@ use crate::error::TelemetryError;
 use crate::source::{EngineSource, SourceError};
 
 /// Largest value accepted for a count or a token total.
-pub const MAX_PUSHED_VALUE: f64 = 1e15;
+pub(crate) const MAX_PUSHED_VALUE: f64 = 1e15;
 /// Largest batch limit accepted.
-pub const MAX_BATCH_LIMIT: u32 = 1_000_000;
+pub(crate) const MAX_BATCH_LIMIT: u32 = 1_000_000;
 /// Longest model name accepted.
-pub const MAX_MODEL_NAME_BYTES: usize = 512;
+pub(crate) const MAX_MODEL_NAME_BYTES: usize = 512;
 
 /// How the push source buffers and ages pushed state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -365,7 +365,7 @@ fn histogram(field: &str, h: Option<v1::Histogram>) -> Result<Option<Histogram>,
 }
 
 /// Validates a pushed `EngineStats` and converts it; the error names the field.
-pub fn engine_stats_to_sample(
+pub(crate) fn engine_stats_to_sample(
     s: v1::EngineStats,
     at: Timestamp,
 ) -> Result<EngineSample, TelemetryError> {

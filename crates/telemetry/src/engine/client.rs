@@ -139,7 +139,7 @@ impl WarmupProbe {
 /// Maps a health check to an engine state (REFERENCE §6.8). `ever_warm`:
 /// whether this engine was seen warm before, which tells a loading engine
 /// (port closed or 503 while loading) from a failed one.
-pub fn classify_health(
+pub(crate) fn classify_health(
     framework: Framework,
     outcome: &HealthOutcome,
     ever_warm: bool,
@@ -306,7 +306,7 @@ impl EngineHttpClient {
     }
 
     /// Prometheus text from `url`: 2xx, a text content type, UTF-8.
-    pub async fn fetch_metrics(
+    pub(crate) async fn fetch_metrics(
         &self,
         url: &str,
         timeout: Duration,
@@ -322,7 +322,11 @@ impl EngineHttpClient {
 
     /// A JSON document from `url` (trtllm-serve's iteration stats): 2xx,
     /// a JSON content type, UTF-8.
-    pub async fn fetch_json(&self, url: &str, timeout: Duration) -> Result<String, TelemetryError> {
+    pub(crate) async fn fetch_json(
+        &self,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<String, TelemetryError> {
         self.fetch_text(url, timeout, "application/json", &["application/json"])
             .await
     }

@@ -72,7 +72,7 @@ fn add(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 
 /// Per-engine counter offsets. See the module docs.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct CounterTracker {
+pub(crate) struct CounterTracker {
     last: Cumulative,
     offset: Cumulative,
     resets: u64,

@@ -28,20 +28,21 @@ pub use scrape::{ScrapeConfig, ScrapeEngineSource, ScrapeStats};
 /// Pod annotation: the port of the engine's metrics endpoint (required).
 pub const ANNOTATION_METRICS_PORT: &str = "gpuscale.dev/metrics-port";
 /// Pod annotation: the metrics path (default per framework).
-pub const ANNOTATION_METRICS_PATH: &str = "gpuscale.dev/metrics-path";
+pub(crate) const ANNOTATION_METRICS_PATH: &str = "gpuscale.dev/metrics-path";
 /// Pod annotation: the serving framework (required with a port).
-pub const ANNOTATION_FRAMEWORK: &str = "gpuscale.dev/framework";
+pub(crate) const ANNOTATION_FRAMEWORK: &str = "gpuscale.dev/framework";
 /// Pod annotation: the health/ready path (default per framework; `none` disables).
-pub const ANNOTATION_HEALTH_PATH: &str = "gpuscale.dev/health-path";
+pub(crate) const ANNOTATION_HEALTH_PATH: &str = "gpuscale.dev/health-path";
 /// Pod annotation: the served model name, for frameworks whose metrics carry none.
-pub const ANNOTATION_MODEL: &str = "gpuscale.dev/model";
+pub(crate) const ANNOTATION_MODEL: &str = "gpuscale.dev/model";
 
 /// The namespace of an engine given by a flag without a pod (the pod name is
 /// then the engine's `host:port`).
 pub const STATIC_TARGET_NAMESPACE: &str = "static";
 
 /// Framework names accepted in annotations and flags.
-pub const FRAMEWORK_NAMES: &str = "vllm, sglang, tgi, triton-trtllm, trtllm-serve, llama-cpp";
+pub(crate) const FRAMEWORK_NAMES: &str =
+    "vllm, sglang, tgi, triton-trtllm, trtllm-serve, llama-cpp";
 
 /// One engine to scrape.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +64,7 @@ pub struct EngineTarget {
 
 /// Parses a framework name (`vllm`, `sglang`, `tgi`, `triton-trtllm`,
 /// `trtllm-serve`, `llama-cpp`, with a few common spellings).
-pub fn parse_framework(field: &str, s: &str) -> Result<Framework, TelemetryError> {
+pub(crate) fn parse_framework(field: &str, s: &str) -> Result<Framework, TelemetryError> {
     match s.trim().to_ascii_lowercase().as_str() {
         "vllm" => Ok(Framework::Vllm),
         "sglang" => Ok(Framework::Sglang),
@@ -80,7 +81,7 @@ pub fn parse_framework(field: &str, s: &str) -> Result<Framework, TelemetryError
 }
 
 /// Where each framework serves Prometheus text by default (REFERENCE §6).
-pub fn default_metrics_path(framework: Framework) -> &'static str {
+pub(crate) fn default_metrics_path(framework: Framework) -> &'static str {
     match framework {
         Framework::TrtllmServe => "/prometheus/metrics",
         _ => "/metrics",
@@ -89,7 +90,7 @@ pub fn default_metrics_path(framework: Framework) -> &'static str {
 
 /// Each framework's cheap health/ready endpoint (REFERENCE §6.8). SGLang's
 /// `/ready` rather than `/health`, which runs a generation.
-pub fn default_health_path(framework: Framework) -> Option<&'static str> {
+pub(crate) fn default_health_path(framework: Framework) -> Option<&'static str> {
     match framework {
         Framework::Vllm | Framework::Tgi | Framework::LlamaCpp | Framework::TrtllmServe => {
             Some("/health")
