@@ -14,7 +14,7 @@ use crate::backoff::BackoffConfig;
 use crate::error::AgentError;
 
 /// Shortest and longest sampling interval.
-pub const INTERVAL_RANGE: (Duration, Duration) =
+pub(crate) const INTERVAL_RANGE: (Duration, Duration) =
     (Duration::from_millis(10), Duration::from_secs(3600));
 
 /// What an agent runs with. Build it with [`AgentConfig::new`] and adjust the
@@ -313,7 +313,7 @@ impl AgentArgs {
 impl AgentArgs {
     /// This node's name (`--node-name`, `$NODE_NAME`, else the host name),
     /// checked with the sampling interval, for modes without a scaler (`--once`).
-    pub fn resolved_node_name(&self) -> Result<gpuscale_core::NodeName, AgentError> {
+    pub(crate) fn resolved_node_name(&self) -> Result<gpuscale_core::NodeName, AgentError> {
         let name = match &self.node_name {
             Some(n) => n.clone(),
             None => host_name().ok_or_else(|| {

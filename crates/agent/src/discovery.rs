@@ -47,7 +47,7 @@ pub struct GateCondition {
 }
 
 impl GateCondition {
-    pub fn is_true(&self) -> bool {
+    pub(crate) fn is_true(&self) -> bool {
         self.status == "True"
     }
 }
@@ -77,7 +77,7 @@ pub struct NodePod {
 
 impl NodePod {
     /// The agent's view of `pod`; `None` without a name.
-    pub fn from_pod(pod: &Pod) -> Option<NodePod> {
+    pub(crate) fn from_pod(pod: &Pod) -> Option<NodePod> {
         let meta = &pod.metadata;
         let name = meta.name.clone()?;
         let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
@@ -151,7 +151,7 @@ impl NodePod {
     }
 
     /// Whether the pod declares `gate` in `spec.readinessGates`.
-    pub fn has_gate(&self, gate: &str) -> bool {
+    pub(crate) fn has_gate(&self, gate: &str) -> bool {
         self.readiness_gates.iter().any(|g| g == gate)
     }
 
@@ -213,7 +213,7 @@ fn node_selector(node: &NodeName) -> String {
 }
 
 /// A bounded class of a Kubernetes client error, for metric labels.
-pub fn kube_error_kind(e: &kube::Error) -> &'static str {
+pub(crate) fn kube_error_kind(e: &kube::Error) -> &'static str {
     match e {
         kube::Error::Api(s) => match s.code {
             401 => "unauthorized",
@@ -244,7 +244,7 @@ fn watcher_error_kind(e: &watcher::Error) -> &'static str {
 }
 
 /// One listing of the pods on `node` (for `--once`).
-pub async fn list_node_pods(
+pub(crate) async fn list_node_pods(
     client: kube::Client,
     node: &NodeName,
     timeout: Duration,
@@ -272,7 +272,7 @@ pub async fn list_node_pods(
 
 /// Starts the node-scoped pod watch; the view is published on the returned
 /// channel (empty and not synced until the first listing).
-pub fn watch_node_pods(
+pub(crate) fn watch_node_pods(
     client: kube::Client,
     node: NodeName,
     stats: Arc<NodeStats>,

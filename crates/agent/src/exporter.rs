@@ -54,12 +54,12 @@ use crate::sampler::Sampled;
 /// `gpuscale_agent_source_up`.
 pub mod source {
     pub const NVML: &str = "nvml";
-    pub const POD_RESOURCES: &str = "pod_resources";
-    pub const ENGINE_SCRAPE: &str = "engine_scrape";
-    pub const ENGINE_PUSH: &str = "engine_push";
-    pub const KUBERNETES: &str = "kubernetes";
-    pub const DISCOVERY: &str = "discovery";
-    pub const READINESS_GATE: &str = "readiness_gate";
+    pub(crate) const POD_RESOURCES: &str = "pod_resources";
+    pub(crate) const ENGINE_SCRAPE: &str = "engine_scrape";
+    pub(crate) const ENGINE_PUSH: &str = "engine_push";
+    pub(crate) const KUBERNETES: &str = "kubernetes";
+    pub(crate) const DISCOVERY: &str = "discovery";
+    pub(crate) const READINESS_GATE: &str = "readiness_gate";
     pub const WARMUP: &str = "warmup";
 }
 
@@ -126,7 +126,7 @@ impl NodeStats {
     }
 
     /// Replaces `source`'s error totals with the ones it keeps itself.
-    pub fn set_errors(&self, source: &'static str, totals: &BTreeMap<&'static str, u64>) {
+    pub(crate) fn set_errors(&self, source: &'static str, totals: &BTreeMap<&'static str, u64>) {
         let mut s = self.lock();
         for (kind, n) in totals {
             s.errors.insert((source, kind), *n);
@@ -134,14 +134,14 @@ impl NodeStats {
     }
 
     /// Sets one error total of `source` that the source keeps itself.
-    pub fn set_error_total(&self, source: &'static str, kind: &'static str, total: u64) {
+    pub(crate) fn set_error_total(&self, source: &'static str, kind: &'static str, total: u64) {
         if total > 0 {
             self.lock().errors.insert((source, kind), total);
         }
     }
 
     /// Records when the kubelet last answered the attribution task.
-    pub fn set_attribution(
+    pub(crate) fn set_attribution(
         &self,
         answered_at: Option<tokio::time::Instant>,
         stale_after: std::time::Duration,
@@ -152,7 +152,7 @@ impl NodeStats {
         });
     }
 
-    pub fn set_up(&self, source: &'static str, up: bool) {
+    pub(crate) fn set_up(&self, source: &'static str, up: bool) {
         self.lock().up.insert(source, up);
     }
 

@@ -17,7 +17,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 /// Which of the three sources a sample error came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SourceName {
+pub(crate) enum SourceName {
     Gpus,
     Pods,
     Engines,

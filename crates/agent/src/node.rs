@@ -233,7 +233,10 @@ fn flag_error(e: TelemetryError) -> AgentError {
 impl NodeArgs {
     /// The validated node configuration these flags describe; `fake` from
     /// `--fake-config` replaces NVML and PodResources.
-    pub fn to_node_config(&self, fake: Option<FakeNodeConfig>) -> Result<NodeConfig, AgentError> {
+    pub(crate) fn to_node_config(
+        &self,
+        fake: Option<FakeNodeConfig>,
+    ) -> Result<NodeConfig, AgentError> {
         let mut config = match fake {
             Some(f) => NodeConfig::fake(f),
             None => {
@@ -353,7 +356,7 @@ fn build_sources(
 }
 
 /// A Kubernetes client when `mode` allows and a configuration is found.
-pub async fn connect_kubernetes(mode: KubernetesMode) -> Option<kube::Client> {
+pub(crate) async fn connect_kubernetes(mode: KubernetesMode) -> Option<kube::Client> {
     if mode == KubernetesMode::Off {
         tracing::info!(
             "Kubernetes API off (--kubernetes off): engines from --engine flags only, no readiness gates"

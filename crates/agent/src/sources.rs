@@ -286,7 +286,7 @@ impl NodePodSource {
 
     /// Waits, at most `limit`, until the kubelet was called at least once
     /// (for `--once`; the sampling loop never waits).
-    pub async fn first_attempt(&mut self, limit: Duration) {
+    pub(crate) async fn first_attempt(&mut self, limit: Duration) {
         if let PodSide::Kubelet(k) = &mut self.backend {
             let _ = tokio::time::timeout(limit, k.latest.wait_for(|a| a.attempts > 0)).await;
         }
@@ -393,7 +393,7 @@ impl NodeEngineSource {
     }
 
     /// The HTTP client engines are scraped with (shared with warm-ups).
-    pub fn http_client(&self) -> gpuscale_telemetry::engine::EngineHttpClient {
+    pub(crate) fn http_client(&self) -> gpuscale_telemetry::engine::EngineHttpClient {
         self.scrape.client().clone()
     }
 
