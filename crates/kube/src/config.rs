@@ -11,7 +11,7 @@ use crate::lease::LeaseConfig;
 use crate::pods::DEFAULT_READINESS_GATE;
 
 /// The field manager of every write (and the default lease holder prefix).
-pub const DEFAULT_FIELD_MANAGER: &str = "gpuscale-scaler";
+pub(crate) const DEFAULT_FIELD_MANAGER: &str = "gpuscale-scaler";
 
 /// `gpuscale scaler` flags for running against a Kubernetes cluster.
 #[derive(Debug, Clone, clap::Args)]

@@ -24,11 +24,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// The API group.
-pub const GROUP: &str = "autoscaling.gpuscale.dev";
+pub(crate) const GROUP: &str = "autoscaling.gpuscale.dev";
 /// The served and stored version.
 pub const VERSION: &str = "v1alpha1";
 /// Default for `spec.drainTimeoutSeconds`.
-pub const DEFAULT_DRAIN_TIMEOUT_SECONDS: u32 = 300;
+pub(crate) const DEFAULT_DRAIN_TIMEOUT_SECONDS: u32 = 300;
 
 /// Autoscales an inference workload (anything with a `/scale` subresource)
 /// against latency SLOs, with readiness gating and drain-before-delete.

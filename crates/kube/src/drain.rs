@@ -28,7 +28,7 @@ pub const DRAIN_ANNOTATION: &str = "gpuscale.dev/drain";
 /// The ReplicaSet's victim-order annotation (REFERENCE §7.3).
 pub const DELETION_COST_ANNOTATION: &str = "controller.kubernetes.io/pod-deletion-cost";
 /// The lowest deletion cost: this pod goes first among equals.
-pub const DELETION_COST_FIRST: &str = "-2147483648";
+pub(crate) const DELETION_COST_FIRST: &str = "-2147483648";
 
 /// Where a draining replica is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,7 +142,7 @@ impl DrainRecord {
 
     /// Whether the target's `spec.replicas` still counts this replica, i.e.
     /// its removal has not been applied to `/scale` yet.
-    pub fn counted_in(&self, spec_replicas: u32) -> bool {
+    pub(crate) fn counted_in(&self, spec_replicas: u32) -> bool {
         match self.phase {
             DrainPhase::Draining => true,
             DrainPhase::Removing { scale_to } => spec_replicas > scale_to,
@@ -151,7 +151,7 @@ impl DrainRecord {
 }
 
 /// `s` on one line, at most `max` characters.
-pub fn one_line(s: &str, max: usize) -> String {
+pub(crate) fn one_line(s: &str, max: usize) -> String {
     let line: String = s
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })

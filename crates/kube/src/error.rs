@@ -70,7 +70,7 @@ impl KubeError {
     }
 
     /// The HTTP status of an API error, if the server answered.
-    pub fn status_code(&self) -> Option<u16> {
+    pub(crate) fn status_code(&self) -> Option<u16> {
         match self {
             KubeError::Api { source, .. } => api_status(source),
             _ => None,

@@ -23,20 +23,20 @@ use tokio::time::Instant;
 use crate::drain::one_line;
 
 /// The `reportingController` of every Event.
-pub const REPORTING_CONTROLLER: &str = "gpuscale.dev/scaler";
+pub(crate) const REPORTING_CONTROLLER: &str = "gpuscale.dev/scaler";
 /// Identical Events for one object are not repeated within this window.
 pub const REPEAT_WINDOW: Duration = Duration::from_secs(300);
 
 /// `Normal` or `Warning`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventType {
+pub(crate) enum EventType {
     Normal,
     Warning,
 }
 
 /// One Event to publish.
 #[derive(Debug, Clone, PartialEq)]
-pub struct EventSpec {
+pub(crate) struct EventSpec {
     pub type_: EventType,
     /// CamelCase, e.g. `ScaledUp`.
     pub reason: &'static str,
@@ -49,7 +49,7 @@ pub struct EventSpec {
 }
 
 /// Creates Events through the API server.
-pub struct EventPublisher {
+pub(crate) struct EventPublisher {
     client: kube::Client,
     instance: String,
     field_manager: String,

@@ -121,7 +121,7 @@ impl LeaseConfig {
 }
 
 /// Until when a leader may act after a renew that was sent at `renew_sent`.
-pub fn acting_until(renew_sent: Instant, renew_deadline: Duration) -> Instant {
+pub(crate) fn acting_until(renew_sent: Instant, renew_deadline: Duration) -> Instant {
     renew_sent + renew_deadline
 }
 

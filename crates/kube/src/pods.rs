@@ -22,11 +22,11 @@ use crate::drain::{DRAIN_ANNOTATION, DrainRecord};
 /// The readiness gate the agent sets when the engine is warm.
 pub const DEFAULT_READINESS_GATE: &str = "gpuscale.dev/engine-warm";
 /// Pods annotated with this set to `"true"` are never scale-in victims.
-pub const PROTECTION_ANNOTATION: &str = "gpuscale.dev/scale-in-protection";
+pub(crate) const PROTECTION_ANNOTATION: &str = "gpuscale.dev/scale-in-protection";
 
 /// One pod of a target, as the controller sees it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PodFacts {
+pub(crate) struct PodFacts {
     pub pod: PodRef,
     /// Pending, loading or ready (before any drain record is considered).
     pub lifecycle: ReplicaState,

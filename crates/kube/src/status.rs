@@ -52,10 +52,10 @@ use crate::workload::{Cond, WorkloadEntry};
 /// A status that changed only in its wording is written at most this often.
 pub const REWORDING_INTERVAL: Duration = Duration::from_secs(15);
 
-pub const READY: &str = "Ready";
-pub const SCALING_ACTIVE: &str = "ScalingActive";
-pub const ABLE_TO_SCALE: &str = "AbleToScale";
-pub const ADVISORY: &str = "Advisory";
+pub(crate) const READY: &str = "Ready";
+pub(crate) const SCALING_ACTIVE: &str = "ScalingActive";
+pub(crate) const ABLE_TO_SCALE: &str = "AbleToScale";
+pub(crate) const ADVISORY: &str = "Advisory";
 
 /// Everything a status is made of.
 #[derive(Debug, Clone)]

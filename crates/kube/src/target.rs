@@ -15,7 +15,7 @@ use crate::error::{KubeError, api_status};
 
 /// Why a target cannot be acted on: the condition reason and its message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TargetProblem {
+pub(crate) struct TargetProblem {
     /// `TargetKindUnknown`, `TargetNotScalable`, `TargetNotFound`, `TargetHasNoSelector`.
     pub reason: &'static str,
     pub message: String,
@@ -23,7 +23,7 @@ pub struct TargetProblem {
 
 /// A resolved target.
 #[derive(Debug, Clone)]
-pub struct ScaleTarget {
+pub(crate) struct ScaleTarget {
     api: Api<DynamicObject>,
     pub resource: ApiResource,
     pub name: String,
@@ -33,7 +33,7 @@ pub struct ScaleTarget {
 /// `/scale` as read: the desired count, the observed count, the selector and
 /// the resourceVersion for an optimistic write.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScaleReading {
+pub(crate) struct ScaleReading {
     pub spec_replicas: u32,
     pub status_replicas: u32,
     pub selector: Option<String>,
