@@ -27,7 +27,7 @@ use crate::fleet::{EngineCounters, Lifecycle, ReplicaSample};
 pub const SIM_EPOCH_MS: i64 = 1_704_067_200_000;
 
 /// The namespace of simulated pods.
-pub const SIM_NAMESPACE: &str = "sim";
+pub(crate) const SIM_NAMESPACE: &str = "sim";
 
 /// Simulated time `t` seconds as a [`Timestamp`] (`SIM_EPOCH_MS + t`), so
 /// schedules and the forecaster see real calendar time (a Monday).
@@ -41,7 +41,7 @@ pub fn replica_name(id: u32) -> String {
 }
 
 /// The replica id of a pod name made by [`replica_name`].
-pub fn replica_id(name: &str) -> Option<u32> {
+pub(crate) fn replica_id(name: &str) -> Option<u32> {
     name.strip_prefix('r').and_then(|n| n.parse().ok())
 }
 

@@ -51,7 +51,7 @@ pub const WINDOW_S: f64 = 10.0;
 /// A window's replay keeps feeding later arrivals (to the same `n`
 /// replicas, not counted) for up to this long, until the window's requests
 /// are all done: their time per output token depends on the batch they share.
-pub const LOOKAHEAD_S: f64 = 60.0;
+pub(crate) const LOOKAHEAD_S: f64 = 60.0;
 
 /// One window: its requests and what each evaluated replica count meets.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,7 +70,7 @@ impl WindowCurve {
     }
 
     /// The most requests of the window any count meets.
-    pub fn max_met(&self) -> u32 {
+    pub(crate) fn max_met(&self) -> u32 {
         self.points.last().map_or(0, |p| p.1)
     }
 }
@@ -100,7 +100,7 @@ impl Curves {
     }
 
     /// The largest saturation count over the windows.
-    pub fn peak_saturation(&self) -> u32 {
+    pub(crate) fn peak_saturation(&self) -> u32 {
         self.windows
             .iter()
             .map(WindowCurve::saturation)
@@ -147,7 +147,7 @@ pub fn curves(
 /// leaves, backlog included, and the schedule's own count is among the
 /// evaluated ones. A schedule that under-provisions builds a backlog the
 /// generous reference never sees; solving again on these curves prices it.
-pub fn curves_along(
+pub(crate) fn curves_along(
     workload: &Workload,
     fleet_cfg: &FleetConfig,
     slo: Slo,
@@ -550,7 +550,7 @@ impl BoundSchedule {
     }
 
     /// Records how the curves behind the plan were built.
-    pub fn with_curve_cost(mut self, curves: &Curves) -> Self {
+    pub(crate) fn with_curve_cost(mut self, curves: &Curves) -> Self {
         self.curve_replays = curves.replays;
         self.curve_wall_s = curves.wall_s;
         self
@@ -559,7 +559,7 @@ impl BoundSchedule {
     /// The desired replica count at `t`: the most any window starting within
     /// one cold start needs (so replicas start in time and short gaps are
     /// bridged).
-    pub fn desired_at(&self, t: f64) -> u32 {
+    pub(crate) fn desired_at(&self, t: f64) -> u32 {
         let w = self.window_s;
         let ready = &self.plan.ready;
         let Some(last_index) = ready.len().checked_sub(1) else {

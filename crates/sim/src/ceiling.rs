@@ -28,7 +28,7 @@ pub const LONG_PROMPT_TOKENS: u32 = 8192;
 
 /// Why a request cannot meet its SLO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Infeasible {
+pub(crate) enum Infeasible {
     /// Prompt and output exceed one replica's KV cache.
     TooLarge,
     /// Prefill alone exceeds the TTFT threshold.
@@ -60,7 +60,7 @@ impl Ceiling {
 
 /// Judges requests against a replica's speed and an SLO.
 #[derive(Debug, Clone, Copy)]
-pub struct Feasibility {
+pub(crate) struct Feasibility {
     k: Coefficients,
     kv_capacity_tokens: f64,
     slo: Slo,
@@ -76,14 +76,14 @@ impl Feasibility {
     }
 
     /// TTFT of the request on an idle replica.
-    pub fn idle_ttft_s(&self, input_tokens: u32) -> f64 {
+    pub(crate) fn idle_ttft_s(&self, input_tokens: u32) -> f64 {
         let t = f64::from(input_tokens);
         self.k.pe + self.k.pf * t + self.k.pg * t * t
     }
 
     /// Mean time per output token of the request decoding alone (`None`
     /// for a single output token).
-    pub fn solo_tpot_s(&self, input_tokens: u32, output_tokens: u32) -> Option<f64> {
+    pub(crate) fn solo_tpot_s(&self, input_tokens: u32, output_tokens: u32) -> Option<f64> {
         (output_tokens > 1).then(|| {
             let mean_ctx = f64::from(input_tokens) + 1.0 + (f64::from(output_tokens) - 2.0) / 2.0;
             self.k.step(1.0, mean_ctx)
@@ -91,7 +91,7 @@ impl Feasibility {
     }
 
     /// Why the request cannot meet its SLO on any fleet, if it cannot.
-    pub fn infeasible(&self, r: &Request) -> Option<Infeasible> {
+    pub(crate) fn infeasible(&self, r: &Request) -> Option<Infeasible> {
         if f64::from(r.input_tokens) + f64::from(r.output_tokens) > self.kv_capacity_tokens {
             return Some(Infeasible::TooLarge);
         }

@@ -613,7 +613,7 @@ fn parse_bound_targets(list: Option<&str>) -> Result<Vec<f64>, SimError> {
 }
 
 /// Read gpuscale's workload spec from YAML or JSON.
-pub fn load_spec(path: &PathBuf) -> Result<WorkloadSpec, SimError> {
+pub(crate) fn load_spec(path: &PathBuf) -> Result<WorkloadSpec, SimError> {
     let text = std::fs::read_to_string(path).map_err(|source| SimError::Io {
         path: path.clone(),
         source,

@@ -64,7 +64,8 @@ pub const BOUND_REFINEMENTS: usize = 2;
 
 /// The lower bound's frontier targets: shares of the attainment its curves
 /// can reach (the top one meets all they can).
-pub const LOWER_BOUND_TARGETS: &[f64] = &[0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 1.0];
+pub(crate) const LOWER_BOUND_TARGETS: &[f64] =
+    &[0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 1.0];
 
 /// Everything the runs of a comparison share.
 #[derive(Debug, Clone)]
@@ -191,7 +192,7 @@ impl Comparison {
     }
 
     /// Run one policy.
-    pub fn run_one(
+    pub(crate) fn run_one(
         &self,
         choice: &PolicyChoice,
         progress: Option<&mut dyn FnMut(f64)>,
@@ -207,7 +208,7 @@ impl Comparison {
 
     /// Run every choice on up to `jobs` threads; results in the order given.
     /// `on_done(done, total, label)` is called after each run.
-    pub fn run_all(
+    pub(crate) fn run_all(
         &self,
         choices: &[PolicyChoice],
         jobs: usize,

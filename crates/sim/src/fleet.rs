@@ -33,11 +33,11 @@ use crate::stats::Recorder;
 use crate::trace::Request;
 
 /// Number of TTFT buckets (finite bounds plus `+Inf`).
-pub const TTFT_BUCKETS: usize = TTFT_BOUNDS_SECONDS.len() + 1;
+pub(crate) const TTFT_BUCKETS: usize = TTFT_BOUNDS_SECONDS.len() + 1;
 /// Number of ITL buckets (finite bounds plus `+Inf`).
-pub const ITL_BUCKETS: usize = ITL_BOUNDS_SECONDS.len() + 1;
+pub(crate) const ITL_BUCKETS: usize = ITL_BOUNDS_SECONDS.len() + 1;
 /// Number of per-request TPOT buckets (finite bounds plus `+Inf`).
-pub const TPOT_BUCKETS: usize = TPOT_BOUNDS_SECONDS.len() + 1;
+pub(crate) const TPOT_BUCKETS: usize = TPOT_BOUNDS_SECONDS.len() + 1;
 
 /// Where a replica is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +65,7 @@ impl ColdStart {
             ColdStart::Uniform(_, hi) => hi,
         }
     }
-    pub fn mean_s(&self) -> f64 {
+    pub(crate) fn mean_s(&self) -> f64 {
         match *self {
             ColdStart::Fixed(s) => s,
             ColdStart::Uniform(lo, hi) => 0.5 * (lo + hi),
@@ -239,7 +239,7 @@ pub struct Replica {
 
 impl Replica {
     /// Requests queued, prefilling or decoding here.
-    pub fn outstanding(&self) -> usize {
+    pub(crate) fn outstanding(&self) -> usize {
         self.waiting.len() + self.prefilling.len() + self.running.len()
     }
     pub fn waiting_len(&self) -> usize {
@@ -382,7 +382,7 @@ impl Fleet {
     pub fn replicas(&self) -> &[Replica] {
         &self.replicas
     }
-    pub fn live_ids(&self) -> &[u32] {
+    pub(crate) fn live_ids(&self) -> &[u32] {
         &self.live_ids
     }
     pub fn ready_count(&self) -> u32 {
@@ -398,12 +398,12 @@ impl Fleet {
         self.waiting_total
     }
     /// The batch limit the autoscaler published, if any.
-    pub fn published_batch_limit(&self) -> Option<u32> {
+    pub(crate) fn published_batch_limit(&self) -> Option<u32> {
         self.published_limit
     }
 
     /// Counts of live replicas by state: (pending, loading, ready, draining).
-    pub fn state_counts(&self) -> (u32, u32, u32, u32) {
+    pub(crate) fn state_counts(&self) -> (u32, u32, u32, u32) {
         let mut c = (0, 0, 0, 0);
         for &id in &self.live_ids {
             match self.replicas[id as usize].state {
@@ -502,7 +502,7 @@ impl Fleet {
     }
 
     /// Process every remaining event (used after the last arrival).
-    pub fn run_to_completion(&mut self) {
+    pub(crate) fn run_to_completion(&mut self) {
         while let Some(Reverse((bits, _, id, epoch, kind))) = self.heap.pop() {
             self.now = f64::from_bits(bits);
             self.handle(kind, id, epoch);

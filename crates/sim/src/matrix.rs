@@ -43,17 +43,17 @@ use crate::report::{self, PolicyReport};
 use crate::suite::{self, SAME_ATTAINMENT, Scaling, SuiteOptions, SuiteWorkload};
 
 /// The matrix's performance profiles.
-pub const PROFILES: &[&str] = &[
+pub(crate) const PROFILES: &[&str] = &[
     "h200-llama3-8b-bf16",
     "h100-llama2-70b-tp4",
     "a100-llama2-70b-tp4",
 ];
 
 /// The matrix's cold starts, seconds.
-pub const COLD_STARTS: &[f64] = &[30.0, 90.0, 240.0];
+pub(crate) const COLD_STARTS: &[f64] = &[30.0, 90.0, 240.0];
 
 /// Days of the ServeGen series the matrix replays unless told otherwise.
-pub const DEFAULT_MATRIX_DAYS: f64 = 1.0;
+pub(crate) const DEFAULT_MATRIX_DAYS: f64 = 1.0;
 
 /// The busiest minute of a rate series needs this many replicas at the
 /// profile's capacity (as 100 requests/s does on the 70B H100 profile).
@@ -219,18 +219,18 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    pub fn attainment_met(&self) -> bool {
+    pub(crate) fn attainment_met(&self) -> bool {
         self.attainment >= self.attainment_floor
     }
 
-    pub fn bound_met(&self) -> bool {
+    pub(crate) fn bound_met(&self) -> bool {
         self.x_lower_bound.is_some_and(|x| x <= 1.15)
     }
 
     /// `≤ 0.85` of the cheapest baseline within 0.2 pp, or `≤ 1` where even
     /// the lower bound needs more than 0.75 of it; met when no baseline
     /// comes within 0.2 pp.
-    pub fn baseline_met(&self) -> bool {
+    pub(crate) fn baseline_met(&self) -> bool {
         match (self.x_cheapest, self.bound_x_cheapest) {
             (Some(x), Some(b)) if b > 0.75 => x <= 1.0,
             (Some(x), _) => x <= 0.85,
@@ -284,7 +284,7 @@ pub struct MatrixResult {
 
 /// Run the cells of `only` (all traces when empty); writes `results.csv`,
 /// `results.json`, `verdicts.json` and `summary.md` into `opts.out_dir`.
-pub fn run_matrix(
+pub(crate) fn run_matrix(
     opts: &SuiteOptions,
     on_done: &(dyn Fn(&str, usize, usize, &str) + Sync),
 ) -> Result<MatrixResult, SimError> {
@@ -331,7 +331,7 @@ fn mark(ok: bool) -> &'static str {
 
 /// The matrix as a markdown table, one row per cell, and the count of
 /// cells where each target holds.
-pub fn summary_markdown(verdicts: &[Verdict], wall_s: f64) -> String {
+pub(crate) fn summary_markdown(verdicts: &[Verdict], wall_s: f64) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,

@@ -113,7 +113,7 @@ fn validate(m: &PerfModel, name: &str) -> Result<(), SimError> {
 /// Cold start used when none is given: 90 s for one-GPU replicas (an 8B
 /// model with compile caches, 60–100 s, llm-d's ~100 s pod-ready), 240 s for
 /// multi-GPU 70B-class replicas (4–5 min, vLLM issue #19824).
-pub fn default_cold_start_s(perf: &PerfModel) -> f64 {
+pub(crate) fn default_cold_start_s(perf: &PerfModel) -> f64 {
     if perf.gpus_per_replica >= 4 {
         240.0
     } else {

@@ -103,7 +103,7 @@ impl MetricStore {
     }
 
     /// Per pod, `increase(counter[range])`, summed (no per-second division).
-    pub fn increase_sum(
+    pub(crate) fn increase_sum(
         &self,
         t: f64,
         range_s: f64,
@@ -131,7 +131,7 @@ impl MetricStore {
     }
 
     /// Per pod, `agg(f)` over the range: `(pod id, value)` for pods with samples.
-    pub fn per_pod_over_time(
+    pub(crate) fn per_pod_over_time(
         &self,
         t: f64,
         range_s: f64,
@@ -164,7 +164,12 @@ impl MetricStore {
 
     /// The window's TTFT or ITL observations summed over pods (bucket
     /// increases between the first and last sample of each pod in range).
-    pub fn histogram_increase(&self, t: f64, range_s: f64, which: Which) -> Option<Histogram> {
+    pub(crate) fn histogram_increase(
+        &self,
+        t: f64,
+        range_s: f64,
+        which: Which,
+    ) -> Option<Histogram> {
         let pairs = self.pod_pairs(t, range_s);
         if pairs.is_empty() {
             return None;
@@ -200,7 +205,11 @@ impl MetricStore {
 }
 
 /// Build a core [`Histogram`] from per-bucket (non-cumulative) counts.
-pub fn histogram_from_counts(finite_bounds: &[f64], counts: &[u64], sum: f64) -> Option<Histogram> {
+pub(crate) fn histogram_from_counts(
+    finite_bounds: &[f64],
+    counts: &[u64],
+    sum: f64,
+) -> Option<Histogram> {
     let mut bounds = finite_bounds.to_vec();
     bounds.push(f64::INFINITY);
     let mut cum = Vec::with_capacity(counts.len());

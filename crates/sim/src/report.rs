@@ -30,12 +30,12 @@ use crate::error::SimError;
 use crate::run::RunOutcome;
 
 /// Oscillation window, seconds.
-pub const OSCILLATION_WINDOW_S: f64 = 300.0;
+pub(crate) const OSCILLATION_WINDOW_S: f64 = 300.0;
 
 /// The policy name of the lower bound's rows.
-pub const LOWER_BOUND: &str = "lower-bound";
+pub(crate) const LOWER_BOUND: &str = "lower-bound";
 /// The policy name of static provisioning (B11), chosen in hindsight.
-pub const STATIC: &str = "b11-static-peak";
+pub(crate) const STATIC: &str = "b11-static-peak";
 
 /// One policy's results.
 #[derive(Debug, Clone, Serialize)]
@@ -89,7 +89,7 @@ impl PolicyReport {
     /// The report of one run over a trace of `duration_s` seconds, with
     /// `gpus_per_replica` to turn GPU-hours into replicas and the trace's
     /// attainable ceiling.
-    pub fn from_outcome(
+    pub(crate) fn from_outcome(
         out: &RunOutcome,
         trace: &str,
         target: Option<f64>,
@@ -146,13 +146,13 @@ impl PolicyReport {
         }
     }
 
-    pub fn is_lower_bound(&self) -> bool {
+    pub(crate) fn is_lower_bound(&self) -> bool {
         self.policy == LOWER_BOUND
     }
 
     /// Static provisioning, chosen in hindsight: reported apart from the
     /// dynamic baselines.
-    pub fn is_static(&self) -> bool {
+    pub(crate) fn is_static(&self) -> bool {
         self.policy == STATIC
     }
 }
@@ -189,7 +189,7 @@ impl Frontier {
 
     /// The bound's GPU-hours at `attainment`, linear between points;
     /// outside the frontier, its nearest end point (and `true`).
-    pub fn gpu_hours_at(&self, attainment: f64) -> (f64, bool) {
+    pub(crate) fn gpu_hours_at(&self, attainment: f64) -> (f64, bool) {
         let first = self.points[0];
         let last = self.points[self.points.len() - 1];
         if attainment <= first.0 {
@@ -210,7 +210,7 @@ impl Frontier {
 
     /// Whether a run with `attainment` and `gpu_hours` reaches a point's
     /// attainment with fewer GPU-hours.
-    pub fn beaten_by(&self, attainment: f64, gpu_hours: f64) -> bool {
+    pub(crate) fn beaten_by(&self, attainment: f64, gpu_hours: f64) -> bool {
         self.points
             .iter()
             .any(|&(a, g)| attainment >= a && gpu_hours < g * (1.0 - 1e-9))
@@ -219,7 +219,7 @@ impl Frontier {
 
 /// Fill `gpu_hours_vs_lower_bound` and `beats_lower_bound` of every report
 /// from the lower-bound rows of its trace.
-pub fn relate_to_lower_bound(reports: &mut [PolicyReport]) {
+pub(crate) fn relate_to_lower_bound(reports: &mut [PolicyReport]) {
     let mut traces: Vec<String> = reports.iter().map(|r| r.trace.clone()).collect();
     traces.sort();
     traces.dedup();

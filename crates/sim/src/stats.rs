@@ -221,7 +221,7 @@ impl RunStats {
 
     /// Attainment of requests with a prompt under / at least
     /// [`LONG_PROMPT_TOKENS`] tokens (`None` for a class without requests).
-    pub fn attainment_by_prompt(&self) -> (Option<f64>, Option<f64>) {
+    pub(crate) fn attainment_by_prompt(&self) -> (Option<f64>, Option<f64>) {
         let short_arrivals = self.arrivals - self.long_arrivals;
         let short_met = self.met_both - self.long_met;
         let share = |met: u64, n: u64| (n > 0).then(|| met as f64 / n as f64);
@@ -268,7 +268,7 @@ pub enum Recorder {
 
 impl Recorder {
     #[inline]
-    pub fn on_arrival(&mut self, arrival: f64, input_tokens: u32) {
+    pub(crate) fn on_arrival(&mut self, arrival: f64, input_tokens: u32) {
         if let Recorder::Full(s) = self {
             s.arrivals += 1;
             s.long_arrivals += u64::from(input_tokens >= LONG_PROMPT_TOKENS);
@@ -278,7 +278,7 @@ impl Recorder {
     }
 
     #[inline]
-    pub fn on_drop(&mut self, arrival: f64) {
+    pub(crate) fn on_drop(&mut self, arrival: f64) {
         match self {
             Recorder::Full(s) => {
                 s.dropped += 1;
@@ -297,7 +297,7 @@ impl Recorder {
     /// finished: its TTFT and its TPOT (`None` for a single output token),
     /// and whether it was held at the router for lack of a ready replica.
     #[inline]
-    pub fn on_complete(
+    pub(crate) fn on_complete(
         &mut self,
         arrival: f64,
         input_tokens: u32,
@@ -336,7 +336,7 @@ impl Recorder {
     }
 
     #[inline]
-    pub fn on_itl(&mut self, gap: f64, tokens: u64) {
+    pub(crate) fn on_itl(&mut self, gap: f64, tokens: u64) {
         if let Recorder::Full(s) = self {
             s.itl.observe_n(gap, tokens);
         }

@@ -62,7 +62,7 @@ pub struct SuiteOptions {
 
 /// Days of the ServeGen series the suite replays unless told otherwise: two
 /// full day/night cycles (about 8 million requests per policy).
-pub const DEFAULT_SERVEGEN_DAYS: f64 = 2.0;
+pub(crate) const DEFAULT_SERVEGEN_DAYS: f64 = 2.0;
 
 /// The share of a window's requests (of what any count can serve) the
 /// calibration's busiest window must serve with the target replica count.
@@ -103,7 +103,7 @@ pub struct SuiteWorkload {
 }
 
 /// The suite's workload keys, in order.
-pub const SUITE_KEYS: &[&str] = &["code", "conv", "mooncake", "servegen"];
+pub(crate) const SUITE_KEYS: &[&str] = &["code", "conv", "mooncake", "servegen"];
 
 /// The suite's workloads.
 pub fn workloads() -> Vec<SuiteWorkload> {
@@ -171,7 +171,7 @@ pub struct SuiteTraceResult {
 
 /// The whole suite's results.
 #[derive(Debug, Clone)]
-pub struct SuiteResult {
+pub(crate) struct SuiteResult {
     pub traces: Vec<SuiteTraceResult>,
     /// Simulated requests over the summed wall-clock time of all runs (one core each).
     pub requests_per_core_s: f64,
@@ -514,7 +514,7 @@ pub fn compare(
 
 /// Run the suite; writes `results.json`, `results.csv`, `summary.md` and
 /// one chart per workload into `opts.out_dir`.
-pub fn run_suite(
+pub(crate) fn run_suite(
     opts: &SuiteOptions,
     on_done: &(dyn Fn(&str, usize, usize, &str) + Sync),
 ) -> Result<SuiteResult, SimError> {
@@ -803,7 +803,7 @@ fn table_row(out: &mut String, p: &PolicyReport, note: &str) {
 }
 
 /// The README section: one table per workload and the targets.
-pub fn summary_markdown(result: &SuiteResult) -> String {
+pub(crate) fn summary_markdown(result: &SuiteResult) -> String {
     let mut out = String::new();
     let mut beaten: Vec<String> = Vec::new();
     for t in &result.traces {

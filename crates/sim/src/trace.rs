@@ -96,7 +96,7 @@ impl Trace {
 }
 
 /// Detect the format of `path` from its first non-empty line.
-pub fn detect_format(path: &Path, text: &str) -> Result<TraceFormat, SimError> {
+pub(crate) fn detect_format(path: &Path, text: &str) -> Result<TraceFormat, SimError> {
     let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
     let first = first.trim_start_matches('\u{feff}').trim();
     if first.starts_with('{') {
@@ -744,7 +744,7 @@ impl Workload {
     }
 
     /// Expected number of requests (exact for request traces).
-    pub fn expected_requests(&self) -> f64 {
+    pub(crate) fn expected_requests(&self) -> f64 {
         match self {
             Workload::Requests { requests, .. } => requests.len() as f64,
             Workload::Rate { windows, .. } => windows.iter().map(|w| w.rate_rps * w.len_s).sum(),

@@ -245,7 +245,7 @@ impl ZeroTotals {
 
     /// Share of the requests that found a ready replica (not held) that
     /// met the SLO; a request dropped counts here as a miss.
-    pub fn warm_attainment(&self) -> f64 {
+    pub(crate) fn warm_attainment(&self) -> f64 {
         let n = self.arrivals.saturating_sub(self.cold_hits);
         if n == 0 {
             1.0
@@ -391,14 +391,14 @@ pub fn compare(
 }
 
 impl ZeroComparison {
-    pub fn totals_of(&self, policy: &str) -> Option<&ZeroTotals> {
+    pub(crate) fn totals_of(&self, policy: &str) -> Option<&ZeroTotals> {
         self.totals.iter().find(|t| t.policy == policy)
     }
 
     /// gpuscale's misses at `gpu_hours`, interpolated linearly between its
     /// runs (its own idle period and the fixed ones) on either side; `None`
     /// when no run lies on one side.
-    pub fn gpuscale_misses_at(&self, gpu_hours: f64) -> Option<f64> {
+    pub(crate) fn gpuscale_misses_at(&self, gpu_hours: f64) -> Option<f64> {
         let mut runs: Vec<(f64, f64)> = self
             .totals
             .iter()
@@ -520,7 +520,7 @@ impl ZeroComparison {
 /// `gpuscale sim --scale-to-zero`: the comparison on the shipped Azure
 /// traces under `--data-dir`, printed as a table (or JSON with `--report
 /// json`).
-pub fn run_command(args: &SimArgs, slo: Slo, jobs: usize) -> Result<(), SimError> {
+pub(crate) fn run_command(args: &SimArgs, slo: Slo, jobs: usize) -> Result<(), SimError> {
     let horizon_s = match &args.duration {
         Some(d) => parse_duration("--duration", d)?,
         None => 6.0 * 3600.0,

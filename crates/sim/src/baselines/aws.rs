@@ -64,7 +64,7 @@ impl AwsPredictiveTargetTracking {
     }
 
     /// Forecast of the mean load in hour `h` (hours since the start).
-    pub fn forecast_hour(history: &[f64], h: usize) -> Option<f64> {
+    pub(crate) fn forecast_hour(history: &[f64], h: usize) -> Option<f64> {
         if history.len() < 24 {
             return None;
         }

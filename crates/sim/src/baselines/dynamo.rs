@@ -67,7 +67,7 @@ impl Predictor {
     pub fn constant() -> Self {
         Predictor::Constant { last: None }
     }
-    pub fn kalman() -> Self {
+    pub(crate) fn kalman() -> Self {
         Predictor::Kalman(Kalman::new(1.0, 0.1, 10.0))
     }
 
@@ -378,7 +378,7 @@ pub enum LoadMode {
 }
 
 /// The load loop's default sensitivity (`load_scaling.py`).
-pub const DEFAULT_SENSITIVITY: f64 = 0.8;
+pub(crate) const DEFAULT_SENSITIVITY: f64 = 0.8;
 
 /// B8: Dynamo Gen-2 load-based scaling (aggregated).
 #[derive(Debug, Clone)]

@@ -25,7 +25,7 @@ use gpuscale_core::Timestamp;
 use gpuscale_policy::hpa::{Behavior, Hpa, Normalization, PodMetric};
 
 /// NVML duty cycle (percent) of a replica decoding a batch of `batch`.
-pub fn nvml_duty_pct(batch: f64) -> f64 {
+pub(crate) fn nvml_duty_pct(batch: f64) -> f64 {
     const POINTS: [(f64, f64); 6] = [
         (1.0, 85.1),
         (8.0, 86.2),

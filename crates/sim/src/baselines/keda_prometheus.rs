@@ -31,7 +31,7 @@ use crate::prometheus::MetricStore;
 
 /// Which engine gauge the trigger sums.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueueGauge {
+pub(crate) enum QueueGauge {
     /// `vllm:num_requests_waiting` (B1).
     Waiting,
     /// `vllm:num_requests_running` (B3).
@@ -175,7 +175,7 @@ impl Keda {
     }
 
     /// The HPA's `minReplicas`: `max(minReplicaCount, 1)`.
-    pub fn hpa_min(&self) -> u32 {
+    pub(crate) fn hpa_min(&self) -> u32 {
         self.min.max(1)
     }
 

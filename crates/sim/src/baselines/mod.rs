@@ -75,7 +75,7 @@ impl BaselineContext {
     /// Requests in one replica (running) at its capacity at the SLO, by
     /// Little's law: what profiling the fleet's model says a pod holds
     /// before its time per output token reaches the SLO.
-    pub fn concurrency_at_capacity(&self) -> f64 {
+    pub(crate) fn concurrency_at_capacity(&self) -> f64 {
         let per_request = self.perf.prefill_s(self.mean_input) + self.mean_output * self.slo.itl_s;
         (self.capacity_rps() * per_request).max(1.0)
     }
@@ -90,7 +90,7 @@ impl BaselineContext {
 }
 
 /// Every baseline name [`baseline`] accepts.
-pub const BASELINE_NAMES: &[&str] = &[
+pub(crate) const BASELINE_NAMES: &[&str] = &[
     "static",
     "hpa-gpu-util",
     "keda-waiting",
@@ -110,7 +110,7 @@ pub const BASELINE_NAMES: &[&str] = &[
 ];
 
 /// The anchor's default target of a baseline.
-pub fn default_target(name: &str, ctx: &BaselineContext) -> Option<f64> {
+pub(crate) fn default_target(name: &str, ctx: &BaselineContext) -> Option<f64> {
     Some(match name {
         "static" => 1.0,
         "hpa-gpu-util" => 80.0,
@@ -126,7 +126,7 @@ pub fn default_target(name: &str, ctx: &BaselineContext) -> Option<f64> {
 }
 
 /// The targets [`sweep`] runs for a baseline (its default among them).
-pub fn sweep_targets(name: &str, ctx: &BaselineContext) -> Vec<f64> {
+pub(crate) fn sweep_targets(name: &str, ctx: &BaselineContext) -> Vec<f64> {
     let cap = ctx.capacity_rps();
     match name {
         "static" => vec![0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0],
@@ -275,7 +275,7 @@ pub fn baseline(
 }
 
 /// A baseline at one point of its sweep.
-pub type SweepPoint = (f64, Box<dyn Autoscaler>);
+pub(crate) type SweepPoint = (f64, Box<dyn Autoscaler>);
 
 /// A baseline at each of its sweep targets: `(target, autoscaler)`.
 pub fn sweep(name: &str, ctx: &BaselineContext) -> Result<Vec<SweepPoint>, SimError> {
