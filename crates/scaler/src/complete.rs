@@ -38,7 +38,7 @@ use crate::config::EngineSelector;
 use crate::view::{EngineView, StateView};
 
 /// How the line an incomplete decision carries in its limits starts.
-pub const INCOMPLETE: &str = "incomplete: ";
+pub(crate) const INCOMPLETE: &str = "incomplete: ";
 
 /// What the incomplete-data line says when enough replicas reported for
 /// the decision to stand (scale-in allowed, within limits).
@@ -54,11 +54,11 @@ pub fn incomplete_line(decision: &Decision) -> Option<&str> {
 
 /// The share of expected replicas that must report for a decision to
 /// scale in (the default: all of them).
-pub const DEFAULT_MIN_REPORTING_SHARE: f64 = 1.0;
+pub(crate) const DEFAULT_MIN_REPORTING_SHARE: f64 = 1.0;
 
 /// The lowest share accepted: below half, the replicas heard from could be
 /// the minority side of a partition.
-pub const LOWEST_MIN_REPORTING_SHARE: f64 = 0.5;
+pub(crate) const LOWEST_MIN_REPORTING_SHARE: f64 = 0.5;
 
 /// What a workload heard from the replicas it expects.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

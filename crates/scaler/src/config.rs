@@ -69,7 +69,7 @@ use crate::error::ScalerError;
 /// snapshot (8 GPUs as 56 MIG devices, 64 engines with two 26-bucket
 /// histograms each) encodes to about 100 KiB; 1 MiB leaves a tenfold margin
 /// and bounds what one stream can make the scaler allocate.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+pub(crate) const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 /// Everything the scaler runs with, validated.
 #[derive(Debug, Clone)]
@@ -215,7 +215,7 @@ impl ScalerConfig {
 
     /// Checks the fields the configuration file sets (tick, window,
     /// workloads), so that their errors can name the file.
-    pub fn validate_file_fields(&self) -> Result<(), ScalerError> {
+    pub(crate) fn validate_file_fields(&self) -> Result<(), ScalerError> {
         for (field, value, lo, hi) in [
             (
                 "tick",
@@ -483,7 +483,7 @@ impl ScalerFile {
 }
 
 /// Most nodes `expectedNodes` may list.
-pub const MAX_EXPECTED_NODES: usize = 10_000;
+pub(crate) const MAX_EXPECTED_NODES: usize = 10_000;
 
 /// `expectedNodes`, checked: node names (DNS subdomains), each once.
 fn expected_nodes(nodes: &[String]) -> Result<BTreeSet<gpuscale_core::NodeName>, ScalerError> {

@@ -135,7 +135,7 @@ impl EncodeMetric for LatencyHistogram {
 /// The metrics this module and the public APIs keep; registered in the
 /// scaler's registry by [`ScalerMetrics::new`].
 #[derive(Debug)]
-pub struct ViewMetrics {
+pub(crate) struct ViewMetrics {
     ingest_queue_depth: Gauge,
     ingest_queue_capacity: Gauge,
     api_streams: Family<ApiLabels, Gauge>,

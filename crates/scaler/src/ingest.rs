@@ -71,7 +71,7 @@ use crate::stopped;
 use gpuscale_rt::Clock;
 
 /// Identifies one agent stream for the life of the scaler process.
-pub type StreamId = u64;
+pub(crate) type StreamId = u64;
 
 /// Why a stream was ended: the gRPC code, a bounded reason for metrics and
 /// the message for the agent.

@@ -88,7 +88,7 @@ use crate::state::{Command, State, StateConfig};
 /// Adds extra gRPC services (the public APIs) to the scaler's port: gets the
 /// handle and the scaler's own routes, returns them with its services added
 /// (`routes.add_service(...)`).
-pub type ServiceBuilder = Box<dyn FnOnce(&ScalerHandle, Routes) -> Routes + Send>;
+pub(crate) type ServiceBuilder = Box<dyn FnOnce(&ScalerHandle, Routes) -> Routes + Send>;
 
 /// A scaler to start: configuration, actuator, optional extra services.
 ///

@@ -75,7 +75,7 @@ pub fn assemble_target(
 
 /// [`assemble_target`] over a given set of engines (the view's, with
 /// missing replicas carried as last heard: see [`crate::complete`]).
-pub fn assemble_engines(
+pub(crate) fn assemble_engines(
     view: &StateView,
     engines: &[Arc<EngineView>],
     target: &TargetObservation,
@@ -89,7 +89,7 @@ pub fn assemble_engines(
 
 /// The pods of the workload: the target's replicas when the actuator knows
 /// them, else the engines `selector` matches.
-pub fn member_pods(
+pub(crate) fn member_pods(
     view: &StateView,
     selector: &EngineSelector,
     target: &TargetObservation,

@@ -26,7 +26,7 @@ use crate::config::{DeciderConfig, WorkloadDef};
 pub const ATTAINMENT_BUCKET_MS: i64 = 10_000;
 
 /// The windows attainment is reported over, with their metric label.
-pub const ATTAINMENT_WINDOWS: [(&str, i64); 2] = [("5m", 300_000), ("1h", 3_600_000)];
+pub(crate) const ATTAINMENT_WINDOWS: [(&str, i64); 2] = [("5m", 300_000), ("1h", 3_600_000)];
 
 /// The latency objectives of a workload decided by the full policy; `None`
 /// for a proportional workload (it has no latency objective).
@@ -39,7 +39,7 @@ pub fn objectives_of(def: &WorkloadDef) -> Option<SloObjectives> {
 
 /// Which latency objective.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum SloKind {
+pub(crate) enum SloKind {
     Ttft,
     /// Time per output token of each request.
     Tpot,

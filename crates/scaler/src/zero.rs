@@ -190,7 +190,7 @@ type GaugeF = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 /// `gpuscale_scaler_startup_seconds` and `gpuscale_scaler_activator_held_requests`.
 #[derive(Debug, Default)]
-pub struct ZeroMetrics {
+pub(crate) struct ZeroMetrics {
     startup: Family<StartupLabels, GaugeF>,
     held: Family<HeldLabels, Gauge>,
 }

@@ -34,7 +34,7 @@ const MAX_WORKLOADS: usize = 10_000;
 
 /// The `ActivatorService` implementation.
 #[derive(Debug, Clone)]
-pub struct ActivatorLink {
+pub(crate) struct ActivatorLink {
     context: ApiContext,
     activators: Activators,
 }

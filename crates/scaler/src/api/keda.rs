@@ -102,7 +102,7 @@ impl KedaScaler {
 }
 
 /// The workload a ScaledObject's trigger names (see the module docs).
-pub fn scaled_workload(r: &ScaledObjectRef) -> Result<WorkloadRef, Status> {
+pub(crate) fn scaled_workload(r: &ScaledObjectRef) -> Result<WorkloadRef, Status> {
     match r.scaler_metadata.get(WORKLOAD_METADATA_KEY) {
         Some(value) => {
             let value = value.trim();

@@ -135,7 +135,7 @@ impl ApiContext {
     }
 
     /// Authorise reads with `auth` (the default allows everyone).
-    pub fn with_auth(mut self, auth: Arc<Authenticator>) -> Self {
+    pub(crate) fn with_auth(mut self, auth: Arc<Authenticator>) -> Self {
         self.auth = auth;
         self
     }
@@ -189,7 +189,7 @@ impl ApiContext {
 }
 
 /// A server stream of `T`.
-pub type ApiStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub(crate) type ApiStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Why a stream's producer stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -138,7 +138,7 @@ pub fn recommendation(w: &WorkloadView) -> v1::Recommendation {
 }
 
 /// The last decision of a workload in full.
-pub fn decision_record(w: &WorkloadView) -> Option<v1::DecisionRecord> {
+pub(crate) fn decision_record(w: &WorkloadView) -> Option<v1::DecisionRecord> {
     let d = w.decision.as_ref()?;
     Some(v1::DecisionRecord {
         workload: Some(wire_ref(&w.workload)),

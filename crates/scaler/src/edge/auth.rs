@@ -46,15 +46,15 @@ use crate::metrics::ScalerMetrics;
 use gpuscale_rt::Clock;
 
 /// The audience agents' tokens must carry.
-pub const DEFAULT_AUDIENCE: &str = "gpuscale";
+pub(crate) const DEFAULT_AUDIENCE: &str = "gpuscale";
 /// The agents' ServiceAccount, `namespace/name`.
-pub const DEFAULT_AGENT_SERVICE_ACCOUNT: &str = "gpuscale-system/gpuscale-agent";
+pub(crate) const DEFAULT_AGENT_SERVICE_ACCOUNT: &str = "gpuscale-system/gpuscale-agent";
 /// TokenReview user extra: the node of the pod a bound token belongs to.
-pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+pub(crate) const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 /// TokenReview user extra: the pod a bound token belongs to.
-pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+pub(crate) const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 /// The group the static file gives its agents.
-pub const FILE_AGENT_GROUP: &str = "gpuscale:agents";
+pub(crate) const FILE_AGENT_GROUP: &str = "gpuscale:agents";
 
 /// A boxed future of the backends.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -115,7 +115,7 @@ impl AuthConfig {
     }
 
     /// The agents' ServiceAccount as a TokenReview names it.
-    pub fn agent_user(&self) -> String {
+    pub(crate) fn agent_user(&self) -> String {
         format!(
             "system:serviceaccount:{}:{}",
             self.agent_service_account.0, self.agent_service_account.1
@@ -124,7 +124,7 @@ impl AuthConfig {
 }
 
 /// Parses `namespace/name`.
-pub fn parse_service_account(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_service_account(s: &str) -> Result<(String, String), String> {
     match s.split_once('/') {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
             Ok((ns.to_string(), name.to_string()))
@@ -400,7 +400,7 @@ impl Authenticator {
     }
 
     /// Whether callers are checked at all.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.config.mode != AuthMode::None
     }
 
