@@ -56,6 +56,7 @@ pub(crate) const READY: &str = "Ready";
 pub(crate) const SCALING_ACTIVE: &str = "ScalingActive";
 pub(crate) const ABLE_TO_SCALE: &str = "AbleToScale";
 pub(crate) const ADVISORY: &str = "Advisory";
+pub(crate) const INFEASIBLE_REQUESTS: &str = "InfeasibleRequests";
 
 /// Everything a status is made of.
 #[derive(Debug, Clone)]
@@ -135,6 +136,44 @@ fn advisory_condition(
     }
 }
 
+/// `InfeasibleRequests`, for a decision of the SLO policy: True when the
+/// requests whose own prefill exceeds the TTFT objective are more than the
+/// objective's allowance (no replica count meets it).
+fn infeasible_condition(
+    prev: &[Condition],
+    decision: Option<&Decision>,
+    generation: i64,
+    now: Timestamp,
+) -> Option<Condition> {
+    let (share, material) = decision?.inputs.infeasible()?;
+    let pct = 100.0 * share;
+    Some(if material {
+        condition(
+            prev,
+            INFEASIBLE_REQUESTS,
+            "True",
+            "PrefillExceedsObjective",
+            &format!(
+                "{pct:.1}% of requests' own prefill exceeds the TTFT objective, more than its percentile allows: no replica count meets the objective, and the SLO feedback judges the other requests"
+            ),
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            prev,
+            INFEASIBLE_REQUESTS,
+            "False",
+            "WithinAllowance",
+            &format!(
+                "{pct:.1}% of requests' own prefill exceeds the TTFT objective, within what its percentile allows"
+            ),
+            generation,
+            now,
+        )
+    })
+}
+
 /// The status of an autoscaler being acted on.
 pub(crate) fn compose(
     prev: Option<&InferenceAutoscalerStatus>,
@@ -204,6 +243,8 @@ pub(crate) fn compose(
         ),
         advisory_condition(prev_conditions, i.advisory, g, now),
     ];
+    let mut conditions = conditions;
+    conditions.extend(infeasible_condition(prev_conditions, i.decision, g, now));
     let n = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
     InferenceAutoscalerStatus {
         observed_generation: Some(g),
@@ -572,6 +613,79 @@ mod tests {
             inputs: gpuscale_policy::DecisionInputs::None,
             scale_to_zero: None,
         }
+    }
+
+    fn with_infeasible(mut d: Decision, share: f64, sized: f64) -> Decision {
+        d.inputs = gpuscale_policy::DecisionInputs::Slo(Box::new(gpuscale_policy::SloInputs {
+            telemetry_age_s: Some(1.0),
+            current: d.current_replicas,
+            ready: d.current_replicas,
+            in_flight: 0,
+            arrival_rps: Some(5.0),
+            stable_arrival_rps: Some(5.0),
+            forecast_rps: None,
+            waiting: Some(0.0),
+            kv_cache_usage_ratio: None,
+            measured_ttft_s: None,
+            measured_tpot_s: None,
+            input_tokens: 30_000.0,
+            output_tokens: 100.0,
+            context_tokens: 30_000.0,
+            ttft_objective_s: 1.0,
+            infeasible_share: share,
+            ttft_quantile_feedback: sized,
+            ttft_quantile: 0.95,
+            batch_limit: 64,
+            model_factor: 1.0,
+            slo_demand_factor: 1.0,
+            min_replicas: 1,
+            max_replicas: 10,
+            schedules_open: vec![],
+            proposed: d.desired_replicas,
+            prediction_at_desired: None,
+        }));
+        d
+    }
+
+    /// The condition is there for the SLO policy's decisions only, True
+    /// exactly when the infeasible requests exceed the objective's
+    /// allowance, and keeps its transition time while it holds.
+    #[test]
+    fn infeasible_requests_are_a_condition_when_they_exceed_the_allowance() {
+        let at = Timestamp::from_millis(1_700_000_000_000);
+        let plain = compose(None, &inputs(&decided(at, 2, 2, vec![])), at);
+        assert!(
+            plain
+                .conditions
+                .iter()
+                .all(|c| c.type_ != INFEASIBLE_REQUESTS)
+        );
+        let find = |s: &InferenceAutoscalerStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == INFEASIBLE_REQUESTS)
+                .cloned()
+                .expect("the condition")
+        };
+        let within = with_infeasible(decided(at, 2, 2, vec![]), 0.02, 0.95);
+        let s1 = compose(None, &inputs(&within), at);
+        let c1 = find(&s1);
+        assert_eq!(
+            (c1.status.as_str(), c1.reason.as_str()),
+            ("False", "WithinAllowance")
+        );
+        assert!(c1.message.contains("2.0%"), "{}", c1.message);
+        let over = with_infeasible(decided(at, 2, 2, vec![]), 0.12, 0.836);
+        let s2 = compose(Some(&s1), &inputs(&over), at.plus_secs(10.0));
+        let c2 = find(&s2);
+        assert_eq!(
+            (c2.status.as_str(), c2.reason.as_str()),
+            ("True", "PrefillExceedsObjective")
+        );
+        assert!(c2.message.contains("12.0%"), "{}", c2.message);
+        assert_eq!(c2.last_transition_time, time(at.plus_secs(10.0)));
+        let s3 = compose(Some(&s2), &inputs(&over), at.plus_secs(20.0));
+        assert_eq!(find(&s3).last_transition_time, c2.last_transition_time);
     }
 
     fn inputs(decision: &Decision) -> StatusInputs<'_> {

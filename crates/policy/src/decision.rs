@@ -413,6 +413,18 @@ impl DecisionInputs {
         }
     }
 
+    /// The share of requests no replica count serves within the TTFT
+    /// objective, and whether it exceeds the objective's allowance (no
+    /// replica count meets the objective), for a decision of the SLO policy.
+    pub fn infeasible(&self) -> Option<(f64, bool)> {
+        self.slo().map(|i| {
+            (
+                i.infeasible_share,
+                i.infeasible_share > 1.0 - i.ttft_quantile,
+            )
+        })
+    }
+
     /// The SLO policy's inputs, if this decision came from it.
     pub fn slo(&self) -> Option<&SloInputs> {
         match self {
@@ -444,6 +456,18 @@ pub struct SloInputs {
     /// The TTFT objective of the typical request (the threshold plus its
     /// prompt's allowance where the objective is length-aware).
     pub ttft_objective_s: f64,
+    /// The share of requests whose own prefill exceeds their TTFT
+    /// objective: no replica count serves them.
+    #[serde(default)]
+    pub infeasible_share: f64,
+    /// The TTFT quantile the SLO feedback judged: the objective's, or its
+    /// quantile of the feasible requests when the infeasible ones exceed
+    /// its allowance.
+    #[serde(default)]
+    pub ttft_quantile_feedback: f64,
+    /// The objective's own TTFT quantile.
+    #[serde(default)]
+    pub ttft_quantile: f64,
     pub batch_limit: u32,
     pub model_factor: f64,
     pub slo_demand_factor: f64,

@@ -248,6 +248,14 @@ pub(crate) struct Context<'a> {
     /// The newest short-window arrival rate (fresh telemetry only).
     pub(crate) short_rps: Option<f64>,
     pub(crate) slo: SloAssessment,
+    /// The assessment the SLO feedback acts on: `slo`, with TTFT read at
+    /// the feasible quantile ([`sizing::feasible_quantile`]).
+    pub(crate) feedback_slo: SloAssessment,
+    /// The TTFT quantile `feedback_slo` reads.
+    pub(crate) feedback_quantile: f64,
+    /// The share of requests no replica count serves within the TTFT
+    /// objective ([`sizing::infeasible_share`]).
+    pub(crate) infeasible: f64,
     pub(crate) waiting_now: Option<f64>,
     pub(crate) stable_window_s: f64,
     pub(crate) panic_window_s: f64,
@@ -274,6 +282,14 @@ impl<'a> Context<'a> {
             sizing::batch_limit(model, cfg.itl.threshold_s, shape.context_tokens, margin);
         let ttft_objective_s =
             cfg.ttft.threshold_s + cfg.ttft_per_input_token_s * shape.input_tokens;
+        let infeasible = sizing::infeasible_share(
+            model,
+            shape,
+            cfg.ttft.threshold_s,
+            cfg.ttft_per_input_token_s,
+        );
+        // The quantile the SLO feedback reads measured TTFT at.
+        let ttft_quantile = sizing::feasible_quantile(cfg.ttft.quantile, infeasible);
         let targets = Targets {
             ttft_s: ttft_objective_s * (1.0 - margin),
             ttft_quantile: cfg.ttft.quantile,
@@ -293,11 +309,22 @@ impl<'a> Context<'a> {
         } else {
             None
         };
-        let slo = if fresh {
-            cfg.slo_objectives()
-                .assess(&obs.latency.slo_window(obs.load.mean_input_tokens))
+        let (slo, feedback_slo) = if fresh {
+            let window = obs.latency.slo_window(obs.load.mean_input_tokens);
+            let objectives = cfg.slo_objectives();
+            let slo = objectives.assess(&window);
+            // The feedback judges the requests a replica count can serve:
+            // measured TTFT at the feasible quantile.
+            let feedback = if ttft_quantile < cfg.ttft.quantile {
+                let mut feasible = objectives;
+                feasible.ttft.quantile = ttft_quantile;
+                feasible.assess(&window)
+            } else {
+                slo
+            };
+            (slo, feedback)
         } else {
-            SloAssessment::NONE
+            (SloAssessment::NONE, SloAssessment::NONE)
         };
         Context {
             now,
@@ -317,6 +344,9 @@ impl<'a> Context<'a> {
             sizer: Sizer::new(model, shape, batch_limit, &targets),
             stable_rps,
             slo,
+            feedback_slo,
+            feedback_quantile: ttft_quantile,
+            infeasible,
             waiting_now: waiting_of(obs, shape),
             stable_window_s,
             panic_window_s: panic_window_s(cfg),
@@ -489,6 +519,9 @@ impl Policy {
             output_tokens: ctx.shape.output_tokens,
             context_tokens: ctx.shape.context_tokens,
             ttft_objective_s: ctx.ttft_objective_s,
+            infeasible_share: ctx.infeasible,
+            ttft_quantile_feedback: ctx.feedback_quantile,
+            ttft_quantile: config.ttft.quantile,
             batch_limit: ctx.batch_limit,
             model_factor: refiner.factor(),
             slo_demand_factor: history.feedback.factor,

@@ -50,6 +50,69 @@ use serde::{Deserialize, Serialize};
 
 use crate::perf::PerfModel;
 
+/// The share of requests that no replica count serves within their TTFT
+/// objective (`threshold_s + per_token_s × prompt`): those whose own
+/// prefill on an idle replica, with its first decode step, already takes
+/// longer. Prompts are taken as exponential with the shape's mean, as the
+/// rest of the sizing takes them. The model's prefill and decode step are
+/// quadratic and linear in the prompt, so the excess
+/// `d(i) = prefill(i) + step(1, i) − threshold − per_token·i` is a
+/// quadratic in the prompt length `i` and the share is the exponential
+/// mass where it is positive, in closed form.
+pub fn infeasible_share(
+    model: &PerfModel,
+    shape: RequestShape,
+    threshold_s: f64,
+    per_token_s: f64,
+) -> f64 {
+    let m = shape.input_tokens;
+    if !(m.is_finite() && m > 0.0 && threshold_s.is_finite()) {
+        return 0.0;
+    }
+    // d(i) = c·i² + b·i + a.
+    let c = model.prefill_per_token_sq_s;
+    let b = model.prefill_per_token_s + model.decode_per_seq_token_s - per_token_s;
+    let a = model.prefill_base_s + model.decode_step_s(1.0, 0.0) - threshold_s;
+    let above = |r: f64| (-r.max(0.0) / m).exp(); // P(i > r)
+    let below = |r: f64| 1.0 - above(r); // P(i < r)
+    let share = if c <= 0.0 {
+        if b > 0.0 {
+            above(-a / b)
+        } else if b < 0.0 {
+            if a > 0.0 { below(-a / b) } else { 0.0 }
+        } else if a > 0.0 {
+            1.0
+        } else {
+            0.0
+        }
+    } else {
+        let disc = b * b - 4.0 * c * a;
+        if disc <= 0.0 {
+            1.0
+        } else {
+            let sq = disc.sqrt();
+            let (r1, r2) = ((-b - sq) / (2.0 * c), (-b + sq) / (2.0 * c));
+            // Positive outside [r1, r2].
+            (if r1 > 0.0 { below(r1) } else { 0.0 }) + above(r2)
+        }
+    };
+    share.clamp(0.0, 1.0)
+}
+
+/// The TTFT quantile the SLO feedback judges measured latency at, given the
+/// objective's `quantile` and the `infeasible` share of requests: the
+/// objective's own while the infeasible requests fit in its allowance
+/// (`1 − quantile`), else the objective's quantile of the *feasible*
+/// requests, `quantile × (1 − infeasible)` of all: the feedback never adds
+/// replicas for requests no replica count can serve.
+pub fn feasible_quantile(quantile: f64, infeasible: f64) -> f64 {
+    if infeasible <= 1.0 - quantile {
+        quantile
+    } else {
+        quantile * (1.0 - infeasible.clamp(0.0, 1.0))
+    }
+}
+
 /// Largest batch meeting `itl_slo_s × (1 − margin)` at `context_tokens`
 /// (decode steps only), within KV capacity and `max_batch`; at least 1.
 pub fn batch_limit(model: &PerfModel, itl_slo_s: f64, context_tokens: f64, margin: f64) -> u32 {
@@ -415,6 +478,25 @@ impl<'m> Sizer<'m> {
         }
     }
 
+    /// The fewest replicas past which more buy the model nothing it can
+    /// resolve at `arrival_rps`: the predicted TTFT and ITL within
+    /// `margin` of what an idle replica gives (the latency floor no
+    /// replica count lowers: one request's own prefill and decode steps).
+    /// Where the objectives are below that floor, replicas beyond this
+    /// count cannot bring latency closer to them.
+    pub fn floor_replicas(&self, arrival_rps: f64, ttft_quantile: f64, margin: f64) -> u32 {
+        if arrival_rps.is_nan() || arrival_rps <= 0.0 {
+            return 0;
+        }
+        let idle = self.predict(1, 0.0, ttft_quantile);
+        let slack = 1.0 + margin.max(0.0);
+        let near = |n: u32| {
+            let p = self.predict(n, arrival_rps, ttft_quantile);
+            p.ttft_s <= idle.ttft_s * slack && p.itl_s <= idle.itl_s * slack
+        };
+        self.search(near).unwrap_or(MAX_SEARCH_REPLICAS)
+    }
+
     /// Smallest `n` in `1..=MAX_SEARCH_REPLICAS` with `ok(n)`, for monotone `ok`.
     fn search(&self, ok: impl Fn(u32) -> bool) -> Option<u32> {
         let mut hi = 1u32;
@@ -589,6 +671,52 @@ mod tests {
             itl_s: 0.05,
             itl_quantile: 0.95,
         }
+    }
+
+    /// The infeasible share against a direct count over many exponential
+    /// prompts, for a flat objective and a length-aware one, and the
+    /// quantile the sizing then judges.
+    #[test]
+    fn the_infeasible_share_is_the_exponential_mass_whose_own_prefill_exceeds_its_objective() {
+        let m = perf::preset("h200-llama3-8b-bf16").unwrap();
+        let shape = RequestShape {
+            input_tokens: 8_000.0,
+            output_tokens: 100.0,
+            context_tokens: 8_000.0,
+        };
+        let counted = |threshold: f64, per_token: f64| -> f64 {
+            let n = 200_000;
+            let over = (0..n)
+                .filter(|k| {
+                    let u = (f64::from(*k) + 0.5) / f64::from(n);
+                    let i = -shape.input_tokens * (1.0 - u).ln();
+                    m.prefill_s(i) + m.decode_step_s(1.0, i) > threshold + per_token * i
+                })
+                .count();
+            over as f64 / f64::from(n)
+        };
+        for (threshold, per_token) in [
+            (0.5, 0.0),
+            (1.0, 0.0),
+            (0.2, 0.0),
+            (0.3, 20e-6),
+            (0.05, 30e-6),
+        ] {
+            let share = infeasible_share(&m, shape, threshold, per_token);
+            let direct = counted(threshold, per_token);
+            assert!(
+                (share - direct).abs() < 2e-3,
+                "threshold {threshold} per token {per_token}: {share} vs {direct}"
+            );
+        }
+        // Every prefill under the objective: none; the objective under an
+        // empty prompt's own time: all.
+        assert!(infeasible_share(&m, shape, 1e4, 0.0) < 1e-12);
+        assert_eq!(infeasible_share(&m, shape, 0.0, 0.0), 1.0);
+        // Within the allowance the objective's quantile; past it, the
+        // objective's quantile of the others.
+        assert_eq!(feasible_quantile(0.95, 0.04), 0.95);
+        assert!((feasible_quantile(0.95, 0.10) - 0.855).abs() < 1e-12);
     }
 
     #[test]

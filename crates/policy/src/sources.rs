@@ -28,6 +28,30 @@ pub(crate) fn hold(ctx: &Context<'_>) -> Option<Recommendation> {
     })
 }
 
+/// What the reasons say of requests no replica count serves (see
+/// [`crate::sizing::infeasible_share`]), where there are any to speak of
+/// (a tenth of a percent).
+fn infeasible_note(ctx: &Context<'_>) -> String {
+    if ctx.infeasible < 1e-3 {
+        return String::new();
+    }
+    let q = ctx.cfg.ttft.quantile;
+    if ctx.feedback_quantile < q {
+        format!(
+            "; {:.1}% of requests' own prefill exceeds the TTFT objective, more than its {:.1}% allowance: no count meets it, the SLO feedback judges the others at their p{}",
+            100.0 * ctx.infeasible,
+            100.0 * (1.0 - q),
+            pct(q)
+        )
+    } else {
+        format!(
+            "; {:.1}% of requests' own prefill exceeds the TTFT objective (within its {:.1}% allowance)",
+            100.0 * ctx.infeasible,
+            100.0 * (1.0 - q)
+        )
+    }
+}
+
 /// The stable window's mean arrival rate against the SLOs; without an
 /// arrival rate, the generated-token rate as a lower bound on demand.
 pub(crate) fn reactive(ctx: &Context<'_>) -> Option<Recommendation> {
@@ -38,7 +62,7 @@ pub(crate) fn reactive(ctx: &Context<'_>) -> Option<Recommendation> {
             source: Source::Reactive,
             replicas: Some(s.replicas),
             reason: format!(
-                "{rate:.2} req/s over {:.0} s needs {} (TTFT p{} {:.2} s, ITL p{} {:.1} ms at B*={}{})",
+                "{rate:.2} req/s over {:.0} s needs {} (TTFT p{} {:.2} s, ITL p{} {:.1} ms at B*={}{}{})",
                 ctx.stable_window_s,
                 s.replicas,
                 pct(cfg.ttft.quantile),
@@ -46,6 +70,7 @@ pub(crate) fn reactive(ctx: &Context<'_>) -> Option<Recommendation> {
                 pct(cfg.itl.quantile),
                 1e3 * s.prediction.itl_s,
                 ctx.batch_limit,
+                infeasible_note(ctx),
                 if s.attainable {
                     ""
                 } else {
@@ -170,7 +195,7 @@ pub(crate) fn panic(ctx: &Context<'_>, history: &mut History) -> Option<Recommen
 /// measured error.
 pub(crate) fn slo_feedback(ctx: &Context<'_>, history: &mut History) -> Option<Recommendation> {
     let cfg = ctx.cfg;
-    let slo = &ctx.slo;
+    let slo = &ctx.feedback_slo;
     let measured_ttft = slo.ttft.and_then(|o| o.measured_s);
     let measured_tpot = slo.tpot.and_then(|o| o.measured_s);
     let error = if ctx.fresh() {
@@ -203,7 +228,15 @@ pub(crate) fn slo_feedback(ctx: &Context<'_>, history: &mut History) -> Option<R
     let modelled = if bound.attainable {
         wanted.min(bound.replicas.max(1))
     } else {
-        wanted
+        // Objectives tightened below what any count meets in the model:
+        // replicas still buy latency down to its floor (one request's own
+        // prefill and decode steps), and nothing past it. Bounded by the
+        // count at which the model's latency is within the sizing's margin
+        // of that floor.
+        let floor =
+            ctx.sizer
+                .floor_replicas(rate, ctx.targets.ttft_quantile, cfg.batch_limit_margin);
+        wanted.min(floor.max(bound.replicas).max(1))
     };
     // The feedback exists because the model is wrong here, so it may not
     // grow the fleet by more than the model-free proportional law allows:

@@ -145,6 +145,7 @@ pub(crate) struct ViewMetrics {
     min_replicas: Family<WorkloadLabels, Gauge>,
     max_replicas: Family<WorkloadLabels, Gauge>,
     forecast_arrival: Family<WorkloadLabels, GaugeF>,
+    infeasible_share: Family<WorkloadLabels, GaugeF>,
     model_confidence: Family<WorkloadLabels, GaugeF>,
     ttft: Family<WorkloadLabels, LatencyHistogram>,
     tpot: Family<WorkloadLabels, LatencyHistogram>,
@@ -183,6 +184,7 @@ impl ViewMetrics {
             min_replicas: Family::default(),
             max_replicas: Family::default(),
             forecast_arrival: Family::default(),
+            infeasible_share: Family::default(),
             model_confidence: Family::default(),
             ttft: Family::default(),
             tpot: Family::default(),
@@ -243,6 +245,12 @@ impl ViewMetrics {
             "forecast_arrival_requests_per_second",
             "Arrival rate the forecaster expects one cold start ahead, requests per second (predictive policies)",
             m.forecast_arrival.clone(),
+        );
+        r.register_with_unit(
+            "infeasible_requests",
+            "Share of the workload's requests whose own prefill exceeds their TTFT objective: no replica count serves them, and the fleet is not sized for them (SLO policy)",
+            Unit::Other("ratio".into()),
+            m.infeasible_share.clone(),
         );
         r.register_with_unit(
             "model_confidence",
@@ -361,6 +369,7 @@ impl ViewMetrics {
             f.remove(&l);
         }
         self.forecast_arrival.remove(&l);
+        self.infeasible_share.remove(&l);
         self.model_confidence.remove(&l);
         self.ttft.remove(&l);
         self.tpot.remove(&l);
@@ -586,6 +595,11 @@ impl ViewExporter {
                 is_policy.then_some(d.model_confidence),
             );
             set_opt(&m.forecast_arrival, &labels, d.inputs.forecast_rps());
+            set_opt(
+                &m.infeasible_share,
+                &labels,
+                d.inputs.slo().map(|i| i.infeasible_share),
+            );
         }
         let status = wv
             .decision

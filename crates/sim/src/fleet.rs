@@ -104,7 +104,12 @@ pub struct FleetConfig {
 
 #[derive(Debug, Clone, Copy)]
 struct Req {
+    /// At the router (the client's clock: its TTFT counts from here).
     arrival: f64,
+    /// Sent to a replica (the engine's clock: its TTFT histogram counts
+    /// from here, as an engine times a request from when it receives it;
+    /// the same as `arrival` unless the request was held at the router).
+    dispatched: f64,
     first_token: f64,
     join_step: u64,
     input: u32,
@@ -570,6 +575,7 @@ impl Fleet {
             Some(s) => {
                 self.reqs[s as usize] = Req {
                     arrival: req.arrival_s,
+                    dispatched: req.arrival_s,
                     first_token: f64::NAN,
                     join_step: 0,
                     input: req.input_tokens,
@@ -581,6 +587,7 @@ impl Fleet {
             None => {
                 self.reqs.push(Req {
                     arrival: req.arrival_s,
+                    dispatched: req.arrival_s,
                     first_token: f64::NAN,
                     join_step: 0,
                     input: req.input_tokens,
@@ -616,7 +623,9 @@ impl Fleet {
             self.router_queue.push_back(slot);
             return;
         }
-        let input = self.reqs[slot as usize].input;
+        let q = &mut self.reqs[slot as usize];
+        q.dispatched = now;
+        let input = q.input;
         let r = &mut self.replicas[best as usize];
         r.counters.received += 1;
         r.waiting.push_back(slot);
@@ -783,7 +792,7 @@ impl Fleet {
                     let q = &mut self.reqs[slot as usize];
                     q.first_token = now;
                     q.join_step = steps;
-                    let ttft = now - q.arrival;
+                    let ttft = now - q.dispatched;
                     r.counters.prompt_tokens += u64::from(q.input);
                     r.counters.generation_tokens += 1;
                     r.counters.ttft_buckets[bucket(TTFT_BOUNDS_SECONDS, ttft)] += 1;
