@@ -637,21 +637,6 @@ async fn drains_do_not_outlive_an_autoscaler_deleted_while_no_scaler_runs() {
         .filter(|r| r.verb != Verb::Delete)
         .collect();
     rbac::assert_allowed(&log);
-
-    // Deleted while a scaler runs: it finishes the deletion at once and no
-    // longer acts on it.
-    cluster
-        .create_ias("llama", spec("llama", 3, 3, json!({})))
-        .await;
-    eventually("the finalizer added", Duration::from_secs(60), || {
-        finalizers(&cluster, "llama") == [gpuscale_kube::FINALIZER]
-    })
-    .await;
-    cluster.delete_ias("llama").await;
-    eventually("deleted", Duration::from_secs(10), || {
-        cluster.ias("llama").is_null()
-    })
-    .await;
     b.shutdown().await.unwrap();
 }
 
