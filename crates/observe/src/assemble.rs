@@ -151,6 +151,9 @@ fn build(members: Vec<Member<'_>>, current: Option<u32>) -> Observation {
     let mut kv_n = 0u32;
     let mut context_weighted = 0.0;
     let mut context_weight = 0.0;
+    // Prompt tokens and first tokens over the window, from engines that
+    // export both (`None` once one exports prompt tokens without TTFT).
+    let mut prefilled: Option<(f64, f64)> = Some((0.0, 0.0));
 
     for m in &members {
         let state = m.state;
@@ -208,6 +211,12 @@ fn build(members: Vec<Member<'_>>, current: Option<u32>) -> Observation {
             context_weighted += ctx * running;
             context_weight += running;
         }
+        if w.prompt_tokens_per_second.is_some() {
+            prefilled = match (prefilled, w.prefilled) {
+                (Some((tokens, firsts)), Some((t, f))) => Some((tokens + t, firsts + f)),
+                _ => None,
+            };
+        }
         merge(&mut latency.ttft_seconds, w.ttft_seconds.as_ref());
         merge(&mut latency.itl_seconds, w.itl_seconds.as_ref());
         merge(&mut latency.tpot_seconds, w.tpot_seconds.as_ref());
@@ -233,7 +242,18 @@ fn build(members: Vec<Member<'_>>, current: Option<u32>) -> Observation {
         load.mean_context_tokens = Some(context_weighted / context_weight);
     }
     let request_rate = load.arrival_rate_rps.or(finished_rate);
-    load.mean_input_tokens = ratio(load.prompt_tokens_per_second, request_rate);
+    // The mean prompt is the prompt tokens over the first tokens of the
+    // same points (see `EngineWindowStats::prefilled`). Over the requests
+    // that arrived instead, a window that starts with requests queued or
+    // mid-prefill (a replica that just came up with held requests, a
+    // backlog draining) counts their tokens without them: 17,313 tokens
+    // for the 2,000-token prompts of a model woken from zero.
+    load.mean_input_tokens = match prefilled {
+        // Every prompt has a token: none counted over first tokens means
+        // the counter is not kept, not empty prompts.
+        Some((tokens, firsts)) if firsts > 0.0 && tokens > 0.0 => Some(tokens / firsts),
+        _ => ratio(load.prompt_tokens_per_second, request_rate),
+    };
     load.mean_output_tokens = ratio(load.generation_tokens_per_second, finished_rate);
     replicas.current = current
         .unwrap_or(replicas.ready + replicas.unhealthy + replicas.loading + replicas.pending);
@@ -414,6 +434,41 @@ mod tests {
             Some(20)
         );
         assert_eq!(obs.replica_samples.len(), 3);
+    }
+
+    /// A replica that came up with five held requests: its window starts
+    /// with them queued (no prompt tokens yet), and in it one more arrives
+    /// and all six are prefilled. Over arrivals the mean prompt reads six
+    /// prompts' tokens over one request; over first tokens it is right.
+    /// An engine without a TTFT histogram falls back to arrivals for all.
+    #[test]
+    fn the_mean_prompt_is_prompt_tokens_over_first_tokens() {
+        let mut ttft = Histogram::ttft();
+        ttft.observe_n(0.3, 6);
+        let w = EngineWindowStats {
+            covered_seconds: 2.0,
+            prompt_tokens_per_second: Some(6.0 * 2_000.0 / 2.0),
+            requests_arrived_per_second: Some(0.5),
+            requests_finished_per_second: Some(0.0),
+            ttft_seconds: Some(ttft),
+            prefilled: Some((12_000.0, 6.0)),
+            ..EngineWindowStats::default()
+        };
+        let engines = vec![engine("a", "m", EngineState::Warm, 100, w.clone())];
+        let obs = assemble(inputs(&engines, "m"), None);
+        assert_eq!(obs.load.arrival_rate_rps, Some(0.5));
+        assert_eq!(obs.load.mean_input_tokens, Some(2_000.0));
+        let without = EngineWindowStats {
+            prefilled: None,
+            ..w.clone()
+        };
+        let engines = vec![
+            engine("a", "m", EngineState::Warm, 100, w),
+            engine("b", "m", EngineState::Warm, 100, without),
+        ];
+        let obs = assemble(inputs(&engines, "m"), None);
+        // 12 000 prompt tokens/s over 1 req/s.
+        assert_eq!(obs.load.mean_input_tokens, Some(12_000.0));
     }
 
     #[test]

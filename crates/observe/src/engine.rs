@@ -104,6 +104,7 @@ impl EngineTracker {
             requests_finished_per_second: window::rate(w, |p| p.finished),
             preemptions_per_second: window::rate(w, |p| p.preemptions),
             in_system_change_per_second: window::gauge_change(w, |p| p.in_system),
+            prefilled: prefilled(w),
             ttft_seconds: window::histogram_delta(w, |p| p.ttft.as_deref()),
             itl_seconds: window::histogram_delta(w, |p| p.itl.as_deref()),
             tpot_seconds: window::histogram_delta(w, |p| p.tpot.as_deref()),
@@ -125,6 +126,11 @@ pub struct EngineWindowStats {
     pub preemptions_per_second: Option<f64>,
     /// Change per second of waiting + running requests.
     pub in_system_change_per_second: Option<f64>,
+    /// Prompt tokens and first tokens (TTFT observations) over the points
+    /// that carry both: an engine counts a request's prompt tokens in the
+    /// step that emits its first token, so their ratio is the mean prompt
+    /// of the requests prefilled in the window.
+    pub prefilled: Option<(f64, f64)>,
     /// TTFT observations inside the window.
     pub ttft_seconds: Option<Histogram>,
     /// Inter-token latency observations inside the window.
@@ -143,6 +149,20 @@ impl EngineWindowStats {
             Some((finished + growth).max(0.0))
         })
     }
+}
+
+/// Prompt tokens and first tokens over the points of `w` that carry both
+/// the prompt counter and the TTFT histogram (resets counted as in
+/// [`window::increase`]).
+fn prefilled(w: &Window<EnginePoint>) -> Option<(f64, f64)> {
+    let both: Vec<(f64, f64)> = w
+        .points()
+        .filter_map(|(_, p)| Some((p.prompt?, p.ttft.as_ref()?.count() as f64)))
+        .collect();
+    Some((
+        window::increase(both.iter().map(|b| b.0))?,
+        window::increase(both.iter().map(|b| b.1))?,
+    ))
 }
 
 /// `acc + v`, where a missing `v` leaves `acc` as it is and a missing `acc`
@@ -200,5 +220,27 @@ mod tests {
         assert_eq!(s.arrival_rate(), Some(5.0));
         assert_eq!(s.ttft_seconds.map(|h| h.count()), Some(10));
         assert_eq!(s.tpot_seconds, None, "not exported: missing, not zero");
+    }
+
+    /// Prompt tokens and first tokens over the points carrying both: a
+    /// first point without the TTFT histogram is skipped for both, and an
+    /// engine restart (counters from zero) counts what follows it.
+    #[test]
+    fn prefilled_pairs_prompt_tokens_with_first_tokens_point_by_point() {
+        let t = Timestamp::from_millis;
+        let with = |prompt: f64, firsts: u64| {
+            let mut s = sample(0.0, &[(0.2, firsts)]);
+            s.prompt_tokens_total = Some(prompt);
+            s
+        };
+        let mut first = with(500.0, 0);
+        first.ttft_seconds = None;
+        let mut e = EngineTracker::new(first, t(0), DEFAULT_WINDOW_MS);
+        e.update(with(1_000.0, 1), t(1_000));
+        e.update(with(7_000.0, 4), t(2_000));
+        assert_eq!(e.stats().prefilled, Some((6_000.0, 3.0)));
+        // Restarted: counters from zero again.
+        e.update(with(2_000.0, 1), t(3_000));
+        assert_eq!(e.stats().prefilled, Some((8_000.0, 4.0)));
     }
 }
