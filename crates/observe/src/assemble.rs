@@ -167,18 +167,9 @@ fn build(members: Vec<Member<'_>>, current: Option<u32>) -> Observation {
         }
         let Some(e) = m.engine else {
             replica_samples.push(ReplicaObservation {
-                id: m.id.to_string(),
-                state,
                 protected: m.protected,
                 created_at: m.created_at,
-                requests_running: None,
-                requests_waiting: None,
-                kv_cache_usage_ratio: None,
-                mean_context_tokens: None,
-                itl_mean_seconds: None,
-                generation_tokens_per_second: None,
-                batch_limit: None,
-                gpu_fault: None,
+                ..ReplicaObservation::new(m.id, state)
             });
             continue;
         };

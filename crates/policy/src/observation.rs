@@ -99,6 +99,27 @@ pub struct ReplicaObservation {
     pub gpu_fault: Option<String>,
 }
 
+impl ReplicaObservation {
+    /// Replica `id` in `state`, with nothing else known (no telemetry, not
+    /// protected, no fault): the base a caller fills in with what it knows.
+    pub fn new(id: impl Into<String>, state: ReplicaState) -> Self {
+        Self {
+            id: id.into(),
+            state,
+            protected: false,
+            created_at: None,
+            requests_running: None,
+            requests_waiting: None,
+            kv_cache_usage_ratio: None,
+            mean_context_tokens: None,
+            itl_mean_seconds: None,
+            generation_tokens_per_second: None,
+            batch_limit: None,
+            gpu_fault: None,
+        }
+    }
+}
+
 /// Offered load and engine-side load, summed over the workload's replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct LoadObservation {

@@ -261,18 +261,10 @@ mod tests {
             },
             replica_samples: (0..current)
                 .map(|i| ReplicaObservation {
-                    id: format!("pod-{i}"),
-                    state: ReplicaState::Ready,
                     protected: i == 0,
-                    created_at: None,
                     requests_running: Some(20.0 - f64::from(i)),
                     requests_waiting: Some(0.0),
-                    kv_cache_usage_ratio: None,
-                    mean_context_tokens: None,
-                    itl_mean_seconds: None,
-                    generation_tokens_per_second: None,
-                    batch_limit: None,
-                    gpu_fault: None,
+                    ..ReplicaObservation::new(format!("pod-{i}"), ReplicaState::Ready)
                 })
                 .collect(),
             load: LoadObservation {

@@ -80,18 +80,11 @@ mod tests {
         protected: bool,
     ) -> ReplicaObservation {
         ReplicaObservation {
-            id: id.into(),
-            state,
             protected,
             created_at: Some(Timestamp::from_millis(0)),
             requests_running: running,
             requests_waiting: Some(0.0),
-            kv_cache_usage_ratio: None,
-            mean_context_tokens: None,
-            itl_mean_seconds: None,
-            generation_tokens_per_second: None,
-            batch_limit: None,
-            gpu_fault: None,
+            ..ReplicaObservation::new(id, state)
         }
     }
 

@@ -219,18 +219,10 @@ mod tests {
         o.load.requests_waiting = Some(0.0);
         o.load.arrival_rate_rps = Some(rps);
         o.replica_samples = vec![ReplicaObservation {
-            id: "r0".into(),
-            state: ReplicaState::Ready,
-            protected: false,
             created_at: Some(t(-600.0)),
             requests_running: Some(0.0),
             requests_waiting: Some(0.0),
-            kv_cache_usage_ratio: None,
-            mean_context_tokens: None,
-            itl_mean_seconds: None,
-            generation_tokens_per_second: None,
-            batch_limit: None,
-            gpu_fault: None,
+            ..ReplicaObservation::new("r0", ReplicaState::Ready)
         }];
         o
     }

@@ -378,18 +378,8 @@ mod tests {
 
     fn replica(id: &str, state: ReplicaState, created: f64) -> ReplicaObservation {
         ReplicaObservation {
-            id: id.into(),
-            state,
-            protected: false,
             created_at: Some(t(created)),
-            requests_running: None,
-            requests_waiting: None,
-            kv_cache_usage_ratio: None,
-            mean_context_tokens: None,
-            itl_mean_seconds: None,
-            generation_tokens_per_second: None,
-            batch_limit: None,
-            gpu_fault: None,
+            ..ReplicaObservation::new(id, state)
         }
     }
 
