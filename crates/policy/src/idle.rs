@@ -48,8 +48,9 @@ pub struct ScaleToZeroSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_seconds: Option<f64>,
     /// What one cold start costs the requests that wait for it, in
-    /// replica-seconds (default 240): the chosen idle period is the p90
-    /// start-up plus this.
+    /// replica-seconds (default 240): the chosen idle period is at most the
+    /// p90 start-up plus this (exactly that until 10 idle gaps are seen,
+    /// then the least-cost period over the gaps seen).
     #[serde(default = "default_penalty")]
     pub cold_start_penalty_seconds: f64,
     /// Bounds on the chosen idle period (default 30 and 3600 seconds).
