@@ -75,7 +75,7 @@ pub(crate) const DEFAULT_DRAIN_TIMEOUT_SECONDS: u32 = 300;
         name = "Startup p90",
         type_ = "number",
         json_path = ".status.startup.p90Seconds",
-        description = "the replicas' learned p90 start-up, seconds (minReplicas 0)"
+        description = "the replicas' learned p90 start-up, seconds"
     ),
     printcolumn(
         name = "First Ready",
@@ -181,8 +181,9 @@ pub struct InferenceAutoscalerStatus {
     /// `Ready`, `ScalingActive`, `AbleToScale`, `Advisory`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// The replicas' start-up as the scaler learned it, for a workload
-    /// with `minReplicas: 0`.
+    /// The replicas' start-up as the scaler learned it (every workload the
+    /// SLO policy decides; when the first replica is expected, for one
+    /// scaling from zero).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub startup: Option<StartupStatus>,
 }

@@ -271,8 +271,9 @@ pub(crate) fn compose(
     }
 }
 
-/// The learned start-up a decision carries (a workload that may scale to
-/// zero), seconds to a tenth.
+/// The learned start-up a decision carries (every decision of the SLO
+/// policy; with when the first replica is expected, for a workload that may
+/// scale to zero), seconds to a tenth.
 fn startup_status(d: &Decision) -> Option<StartupStatus> {
     let s = gpuscale_scaler::zero::WorkloadStartup::of(d)?;
     let tenth = |x: f64| (x * 10.0).round() / 10.0;
@@ -643,6 +644,11 @@ mod tests {
             schedules_open: vec![],
             proposed: d.desired_replicas,
             prediction_at_desired: None,
+            startup: Some(gpuscale_policy::startup::StartupSummary {
+                samples: 4,
+                p50_s: 71.04,
+                p90_s: 88.96,
+            }),
         }));
         d
     }
@@ -845,11 +851,24 @@ mod tests {
         let json = serde_json::to_value(&ready).unwrap();
         assert!(json["startup"]["firstReplicaExpectedTime"].is_null());
         assert!(json["startup"].get("firstReplicaExpectedTime").is_some());
-        // Any other workload's decision carries no start-up.
-        let other = compose(None, &inputs(&decided(at, 2, 2, vec![])), at);
-        assert_eq!(other.startup, None);
+        // Any other decision of the SLO policy: its learned start-up, and
+        // no first replica to expect (its replicas never all go).
+        let other = compose(
+            None,
+            &inputs(&with_infeasible(decided(at, 2, 2, vec![]), 0.0, 0.95)),
+            at,
+        );
+        let st = other.startup.clone().expect("startup of a policy decision");
+        assert_eq!(
+            (st.p50_seconds, st.p90_seconds, st.samples),
+            (71.0, 89.0, 4)
+        );
+        assert_eq!(st.first_replica_expected_time, None);
+        // A decider that learns no start-up publishes none.
+        let none = compose(None, &inputs(&decided(at, 2, 2, vec![])), at);
+        assert_eq!(none.startup, None);
         assert!(
-            serde_json::to_value(&other)
+            serde_json::to_value(&none)
                 .unwrap()
                 .get("startup")
                 .is_none()

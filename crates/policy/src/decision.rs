@@ -478,6 +478,11 @@ pub struct SloInputs {
     /// panic and cooldown: what the behaviour layer stabilized and limited.
     pub proposed: u32,
     pub prediction_at_desired: Option<Prediction>,
+    /// The replicas' start-up learned from this workload's pods (created
+    /// to ready; the prior until one is seen): what the predictive lead
+    /// time and in-flight replicas are planned with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup: Option<StartupSummary>,
 }
 
 /// The numbers behind a decision of the throughput-proportional decider.

@@ -532,6 +532,7 @@ impl Policy {
             prediction_at_desired: ctx
                 .stable_rps
                 .map(|r| ctx.sizer.predict(desired, r, config.ttft.quantile)),
+            startup: Some(history.startup.model().summary()),
         };
         Decision {
             at: now,

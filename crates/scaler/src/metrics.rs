@@ -472,6 +472,13 @@ impl ScalerMetrics {
         seconds: f64,
     ) {
         let labels = WorkloadLabels::from(workload);
+        // The learned start-up (a workload that may scale to zero publishes
+        // it per phase from its decider instead).
+        if decision.scale_to_zero.is_none()
+            && let Some(s) = decision.inputs.slo().and_then(|i| i.startup)
+        {
+            self.zero.publish_total(workload, &s);
+        }
         let action = match decision.action {
             gpuscale_policy::Action::Hold => "hold",
             gpuscale_policy::Action::ScaleUp => "scale_up",

@@ -69,13 +69,20 @@ pub struct WorkloadStartup {
 }
 
 impl WorkloadStartup {
-    /// What a decision of a workload that may scale to zero (one with
-    /// `scale_to_zero` inputs) says: the learned start-up, and when the
-    /// first replica is expected ready: scaling from zero now, at now plus
-    /// the p50 start-up; with none ready and one starting, at the earliest
-    /// starting replica's expected time. `None` for any other decision.
+    /// What a decision says of the learned start-up and when the first
+    /// replica is expected ready. A workload that may scale to zero (one
+    /// with `scale_to_zero` inputs): scaling from zero now, at now plus the
+    /// p50 start-up; with none ready and one starting, at the earliest
+    /// starting replica's expected time. Any other decision of the SLO
+    /// policy: its learned start-up, no first-replica time (its replicas
+    /// never all go). `None` for deciders that learn no start-up.
     pub fn of(d: &Decision) -> Option<Self> {
-        let z = d.scale_to_zero.as_ref()?;
+        let Some(z) = d.scale_to_zero.as_ref() else {
+            return d.inputs.slo().and_then(|i| i.startup).map(|summary| Self {
+                summary,
+                first_ready_expected: None,
+            });
+        };
         Some(Self {
             summary: z.startup,
             first_ready_expected: if d.current_replicas == 0 && d.desired_replicas > 0 {
@@ -210,6 +217,21 @@ impl ZeroMetrics {
             m.held.clone(),
         );
         m
+    }
+
+    /// The whole start-up's quantiles of a workload that never scales to
+    /// zero (its policy learns no per-phase model).
+    pub(crate) fn publish_total(&self, workload: &WorkloadRef, s: &StartupSummary) {
+        for (v, quantile) in [(s.p50_s, "0.5"), (s.p90_s, "0.9")] {
+            self.startup
+                .get_or_create(&StartupLabels {
+                    namespace: workload.namespace.clone(),
+                    workload: workload.name.clone(),
+                    phase: Phase::Total.as_str(),
+                    quantile,
+                })
+                .set(v);
+        }
     }
 
     fn publish(&self, workload: &WorkloadRef, model: &StartupModel, held: u32) {
@@ -501,5 +523,41 @@ mod tests {
         let now = clock.now();
         let kept = d.decide(now, &obs(now.secs_since(t(0.0)), ready(), Some(0.0)));
         assert_eq!(kept.desired_replicas, 1, "{:?}", kept.limits);
+    }
+
+    /// A workload that never scales to zero still has its learned start-up
+    /// in the decision and the metrics (the whole start-up's quantiles),
+    /// and in [`WorkloadStartup::of`] without a first replica to expect.
+    #[test]
+    fn the_slo_policys_start_up_is_exported_for_every_workload() {
+        use gpuscale_policy::{Policy, WorkloadSpec};
+        let mut spec = WorkloadSpec::new("chat", 20, "h200-llama3-8b-bf16");
+        spec.cold_start_seconds = 75.0;
+        let config = spec.validate().unwrap();
+        let model = config.perf_model(None).unwrap();
+        let mut policy = Policy::new(config, model);
+        let now = t(0.0);
+        let mut o = Observation::empty();
+        o.telemetry_at = Some(now);
+        o.replicas.current = 2;
+        o.replicas.ready = 2;
+        o.load.arrival_rate_rps = Some(10.0);
+        let d = policy.decide(now, &o);
+        let st = WorkloadStartup::of(&d).expect("the SLO policy learns a start-up");
+        assert_eq!((st.summary.samples, st.summary.p90_s), (0, 75.0));
+        assert_eq!(st.first_ready_expected, None);
+        let metrics = crate::ScalerMetrics::new();
+        metrics.decided(&WorkloadRef::new("ns", "chat"), &d, &o, 0.001);
+        let text = metrics.encode();
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with("gpuscale_scaler_startup_seconds{")
+                    && l.contains(r#"workload="chat""#)
+                    && l.contains(r#"phase="total""#)
+                    && l.contains(r#"quantile="0.9""#)
+            })
+            .unwrap_or_else(|| panic!("no total start-up p90 in:\n{text}"));
+        assert!(line.ends_with(" 75.0"), "{line}");
     }
 }
