@@ -164,6 +164,12 @@ pub struct EngineCounters {
     pub completed_output_tokens: u64,
     /// Seconds with an iteration in progress (the GPU duty cycle's source).
     pub busy_s: f64,
+    /// Request-seconds at the replica: the integral over time of its
+    /// requests queued, prefilling or decoding, each from dispatch to
+    /// completion or abort (over an interval, its increase is the
+    /// time-averaged concurrency a proxy in front of the engine reports,
+    /// as Knative's queue-proxy does).
+    pub concurrency_s: f64,
 }
 
 impl Default for EngineCounters {
@@ -184,6 +190,7 @@ impl Default for EngineCounters {
             completed_prompt_tokens: 0,
             completed_output_tokens: 0,
             busy_s: 0.0,
+            concurrency_s: 0.0,
         }
     }
 }
@@ -213,6 +220,7 @@ impl EngineCounters {
         self.completed_prompt_tokens += other.completed_prompt_tokens;
         self.completed_output_tokens += other.completed_output_tokens;
         self.busy_s += other.busy_s;
+        self.concurrency_s += other.concurrency_s;
     }
 }
 
@@ -239,6 +247,8 @@ pub struct Replica {
     phase: Phase,
     epoch: u32,
     busy_since: f64,
+    /// Σ dispatch time of the requests here (for `counters.concurrency_s`).
+    dispatched_sum: f64,
     pub counters: EngineCounters,
 }
 
@@ -469,6 +479,7 @@ impl Fleet {
             phase: Phase::Idle,
             epoch: 0,
             busy_since: f64::NAN,
+            dispatched_sum: 0.0,
             counters: EngineCounters::default(),
         });
         self.live_ids.push(id);
@@ -628,6 +639,7 @@ impl Fleet {
         let input = q.input;
         let r = &mut self.replicas[best as usize];
         r.counters.received += 1;
+        r.dispatched_sum += now;
         r.waiting.push_back(slot);
         r.waiting_prompt_tokens += u64::from(input);
         match r.phase {
@@ -823,6 +835,8 @@ impl Fleet {
             r.kv_reserved -= u64::from(q.input) + u64::from(q.output);
             r.ctx_base -= i64::from(q.input) + 1 - q.join_step as i64;
             let e2e = now - q.arrival;
+            r.dispatched_sum -= q.dispatched;
+            r.counters.concurrency_s += now - q.dispatched;
             r.counters.success += 1;
             r.counters.e2e_sum += e2e;
             r.counters.completed_prompt_tokens += u64::from(q.input);
@@ -861,6 +875,9 @@ impl Fleet {
             self.free.push(slot);
         }
         r.counters.aborted += aborted_arrivals.len() as u64;
+        let outstanding = aborted_arrivals.len() as f64;
+        r.counters.concurrency_s += outstanding * now - r.dispatched_sum;
+        r.dispatched_sum = 0.0;
         r.kv_reserved = 0;
         r.ctx_base = 0;
         if !r.busy_since.is_nan() {
@@ -1118,6 +1135,7 @@ impl Fleet {
         if !r.busy_since.is_nan() {
             counters.busy_s += now - r.busy_since;
         }
+        counters.concurrency_s += r.outstanding() as f64 * now - r.dispatched_sum;
         ReplicaSample {
             id,
             state: r.state,
@@ -1206,6 +1224,7 @@ impl Fleet {
                             phase: Phase::Idle,
                             epoch,
                             busy_since: f64::NAN,
+            dispatched_sum: 0.0,
                             counters: EngineCounters::default(),
                         };
                         self.live_ids.push(id);
@@ -1367,6 +1386,34 @@ mod tests {
         let stats = f.recorder.stats().expect("full recorder");
         assert_eq!(stats.dropped, held);
         assert_eq!(stats.completed + stats.dropped, 6);
+    }
+
+    /// Request-seconds: each request from dispatch to completion, counted
+    /// while it is outstanding too (the queue-proxy's averaged concurrency).
+    #[test]
+    fn request_seconds_integrate_the_requests_at_the_replica() {
+        let mut f = fleet();
+        let a = f.add_replica(0.0, true);
+        for _ in 0..3 {
+            f.arrive(&request(1.0));
+        }
+        f.advance_to(1.25);
+        let mid = f.sample_replica(a, 1.25);
+        assert!(mid.running + mid.waiting == 3, "{mid:?}");
+        assert!((mid.counters.concurrency_s - 0.75).abs() < 1e-9, "{mid:?}");
+        f.advance_to(100.0);
+        let done = f.sample_replica(a, 100.0);
+        assert_eq!((done.running, done.waiting, done.counters.success), (0, 0, 3));
+        // Dispatched on arrival, so each request's time at the replica is
+        // its end-to-end latency; nothing accrues once it is gone.
+        assert!(done.counters.concurrency_s > 0.75);
+        assert!(
+            (done.counters.concurrency_s - done.counters.e2e_sum).abs() < 1e-9,
+            "{done:?}"
+        );
+        f.advance_to(200.0);
+        let later = f.sample_replica(a, 200.0);
+        assert_eq!(later.counters.concurrency_s, done.counters.concurrency_s);
     }
 
     #[test]

@@ -170,14 +170,18 @@ fn b13_knative_kpa_divides_stable_concurrency_by_the_target_value() {
     // dspc = ceil(100/70) = 2 … with 140 it is ceil(2) = 2, with 141 → 3.
     let run = |conc: u32| {
         let mut k = KnativeKpa::new(100.0, 1, 50);
+        // The queue-proxies' request-seconds grow at their concurrency.
+        let at = |id: u32, n: u32, t: f64| {
+            let mut r = replica(id, 0, n, 0.0);
+            r.counters.concurrency_s = f64::from(n) * t;
+            r
+        };
         for t in 0..60 {
             let per_pod = conc / 2;
+            let t = f64::from(t) + 0.5;
             k.observe(sample(
-                f64::from(t) + 0.5,
-                vec![
-                    replica(0, 0, per_pod, 0.0),
-                    replica(1, 0, conc - per_pod, 0.0),
-                ],
+                t,
+                vec![at(0, per_pod, t), at(1, conc - per_pod, t)],
             ));
         }
         // A fresh autoscaler with 2 ready pods starts in panic at the current

@@ -9,7 +9,12 @@
 //! (linear averaging), scale to zero on with a 30 s grace, initial scale 1.
 //!
 //! Signal: total in-flight requests per queue-proxy (engine running +
-//! waiting) plus requests held at the activator (router). Pods are sampled
+//! waiting) plus requests held at the activator (router). A queue-proxy
+//! reports its concurrency averaged over the reporting period, weighted by
+//! time (a request half a second at the pod adds 0.5 to that second), not
+//! the count at the instant of the scrape, which misses requests shorter
+//! than the scrape interval: it is the increase of the replica's
+//! request-seconds since its last scrape over the time between. Pods are sampled
 //! as Knative does — all when `N ≤ 3`, else `ceil(N·X / (N + X − 1))`
 //! with `X = 1.96²·100/5² ≈ 15.4`, the oldest first — and the sample mean is
 //! extrapolated to all ready pods.
@@ -42,6 +47,8 @@ pub struct KnativeKpa {
     max_panic_pods: u32,
     started: bool,
     zero_since: Option<f64>,
+    /// Each replica's request-seconds and time at its last scrape.
+    last_scrape: std::collections::HashMap<u32, (f64, f64)>,
 }
 
 impl KnativeKpa {
@@ -58,6 +65,7 @@ impl KnativeKpa {
             max_panic_pods: 0,
             started: false,
             zero_since: None,
+            last_scrape: std::collections::HashMap::new(),
         }
     }
 
@@ -123,9 +131,20 @@ impl Autoscaler for KnativeKpa {
         true
     }
     fn observe(&mut self, sample: FleetSample) {
+        let last = std::mem::take(&mut self.last_scrape);
+        for r in &sample.replicas {
+            self.last_scrape
+                .insert(r.id, (r.counters.concurrency_s, sample.at));
+        }
+        // The time-averaged concurrency since the replica's last scrape (the
+        // count now at its first).
+        let averaged = |r: &crate::fleet::ReplicaSample| match last.get(&r.id) {
+            Some(&(c, at)) if sample.at > at => (r.counters.concurrency_s - c) / (sample.at - at),
+            _ => f64::from(r.running + r.waiting),
+        };
         let mut ready: Vec<(f64, f64)> = sample
             .ready()
-            .map(|r| (r.created_at, f64::from(r.running + r.waiting)))
+            .map(|r| (r.created_at, averaged(r)))
             .collect();
         // Older pods first.
         ready.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -218,5 +237,66 @@ mod tests {
         assert_eq!(sample_size(4), 4);
         assert_eq!(sample_size(20), 9);
         assert_eq!(sample_size(100), 14);
+    }
+
+    fn scrape(at: f64, request_seconds: f64) -> FleetSample {
+        let counters = crate::fleet::EngineCounters {
+            concurrency_s: request_seconds,
+            ..Default::default()
+        };
+        FleetSample {
+            at,
+            ingress_total: 0,
+            router_queue: 0,
+            replicas: vec![crate::fleet::ReplicaSample {
+                id: 0,
+                state: crate::fleet::Lifecycle::Ready,
+                created_at: 0.0,
+                ready_at: 0.0,
+                waiting: 0,
+                running: 0,
+                queued_prompt_tokens: 0,
+                kv_used_tokens: 0.0,
+                kv_usage_ratio: 0.0,
+                kv_reserved_tokens: 0,
+                mean_context_tokens: 0.0,
+                batch_limit: 64,
+                counters,
+            }],
+        }
+    }
+
+    /// A request shorter than the scrape interval is at the pod at no
+    /// scrape instant; the queue-proxy's time-averaged concurrency still
+    /// counts it, so the pod is kept a stable window (and the grace) after
+    /// it rather than going to zero.
+    #[test]
+    fn requests_between_scrapes_count_in_the_averaged_concurrency() {
+        let run = |short_request_at: Option<u32>| -> u32 {
+            let mut k = KnativeKpa::new(64.0, 0, 4);
+            let mut request_seconds = 0.0;
+            let mut last = 1;
+            for s in 0..=100u32 {
+                if Some(s) == short_request_at {
+                    request_seconds += 0.4;
+                }
+                k.observe(scrape(f64::from(s), request_seconds));
+                if s % 2 == 0 {
+                    let view = ClusterView {
+                        now: f64::from(s),
+                        spec_replicas: last,
+                        pending: 0,
+                        loading: 0,
+                        ready: last,
+                        draining: 0,
+                        pods: vec![],
+                    };
+                    last = k.decide(&view).replicas;
+                }
+            }
+            last
+        };
+        assert_eq!(run(None), 0, "idle for 100 s: scaled to zero");
+        assert_eq!(run(Some(50)), 1, "a 0.4 s request at 50 s keeps the pod");
     }
 }
