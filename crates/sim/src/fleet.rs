@@ -1224,7 +1224,7 @@ impl Fleet {
                             phase: Phase::Idle,
                             epoch,
                             busy_since: f64::NAN,
-            dispatched_sum: 0.0,
+                            dispatched_sum: 0.0,
                             counters: EngineCounters::default(),
                         };
                         self.live_ids.push(id);
@@ -1403,7 +1403,10 @@ mod tests {
         assert!((mid.counters.concurrency_s - 0.75).abs() < 1e-9, "{mid:?}");
         f.advance_to(100.0);
         let done = f.sample_replica(a, 100.0);
-        assert_eq!((done.running, done.waiting, done.counters.success), (0, 0, 3));
+        assert_eq!(
+            (done.running, done.waiting, done.counters.success),
+            (0, 0, 3)
+        );
         // Dispatched on arrival, so each request's time at the replica is
         // its end-to-end latency; nothing accrues once it is gone.
         assert!(done.counters.concurrency_s > 0.75);

@@ -179,10 +179,7 @@ fn b13_knative_kpa_divides_stable_concurrency_by_the_target_value() {
         for t in 0..60 {
             let per_pod = conc / 2;
             let t = f64::from(t) + 0.5;
-            k.observe(sample(
-                t,
-                vec![at(0, per_pod, t), at(1, conc - per_pod, t)],
-            ));
+            k.observe(sample(t, vec![at(0, per_pod, t), at(1, conc - per_pod, t)]));
         }
         // A fresh autoscaler with 2 ready pods starts in panic at the current
         // count; use 1 ready pod to start without it.
