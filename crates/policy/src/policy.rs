@@ -729,12 +729,11 @@ impl History {
         cfg: &WorkloadConfig,
         now: Timestamp,
         waiting_now: Option<f64>,
-        ready: u32,
+        slack: f64,
     ) -> Option<String> {
         let w = waiting_now?;
         let from = now.plus_secs(-panic_window_s(cfg));
         let reference = self.waiting.iter().find(|s| s.at >= from && s.at < now)?;
-        let slack = f64::from(ready.max(1));
         (w > reference.value * 1.2 + slack && w >= slack).then(|| {
             format!(
                 "queue grew from {:.0} to {w:.0} in {:.0} s",

@@ -203,6 +203,20 @@ pub struct Sizer<'m> {
     tpot_objective_s: f64,
 }
 
+impl Sizer<'_> {
+    /// One prefill of the typical prompt on a replica, seconds.
+    pub(crate) fn prefill_mean_s(&self) -> f64 {
+        self.prefill_mean_s
+    }
+
+    /// The stall a typical request's decode tolerates within `itl_s` per
+    /// token: its gaps times what each leaves over an idle replica's
+    /// decode step, seconds.
+    pub(crate) fn decode_budget_s(&self, itl_s: f64) -> f64 {
+        (self.shape.output_tokens - 1.0).max(1.0) * (itl_s - self.step(1.0)).max(0.0)
+    }
+}
+
 /// Output lengths summed exactly, gap count by gap count, in the per-request
 /// TPOT share; beyond it two quartile points stand for the geometric tail.
 /// The shortest outputs carry the share (one stall over one or two gaps);

@@ -138,11 +138,44 @@ pub(crate) fn burst(ctx: &Context<'_>, history: &History) -> Option<Recommendati
 /// stable window passes without a new trigger. A breach alone is the SLO
 /// feedback's to answer (a model error, or requests no replica count
 /// serves in time).
+/// The queue a panic reads as material on its own: the waiting requests
+/// whose prefill, spread over the ready replicas, takes more than the
+/// objectives' margin (`batchLimitMargin`, the slack the sizing keeps) of
+/// what they can absorb: the typical request's TTFT objective (a new
+/// request waits behind the queue) or the stall a typical decoding
+/// request's TPOT objective leaves (the queued prefills run between its
+/// decode steps); at least one request per replica. A smaller queue is the
+/// one continuous batching always has (requests waiting for the next step)
+/// unless the short-window rate needs more replicas than are ready
+/// ([`short_of_replicas`]): then it is the start of a backlog.
+pub(crate) fn queue_slack(ctx: &Context<'_>) -> f64 {
+    let ready = f64::from(ctx.ready.max(1));
+    let prefill_s = ctx.sizer.prefill_mean_s();
+    let absorbed_s = ctx
+        .ttft_objective_s
+        .min(ctx.sizer.decode_budget_s(ctx.cfg.itl.threshold_s));
+    let per_replica = if prefill_s > 0.0 && prefill_s.is_finite() {
+        (ctx.cfg.batch_limit_margin * absorbed_s / prefill_s).max(1.0)
+    } else {
+        1.0
+    };
+    ready * per_replica
+}
+
+/// Whether the short-window arrival rate needs more replicas than are ready.
+fn short_of_replicas(ctx: &Context<'_>) -> bool {
+    ctx.short_rps
+        .is_some_and(|r| ctx.sizer.replicas_needed(r, &ctx.targets).replicas > ctx.ready)
+}
+
 pub(crate) fn panic(ctx: &Context<'_>, history: &mut History) -> Option<Recommendation> {
     let cfg = ctx.cfg;
     let mut trigger: Option<String> = None;
     if ctx.fresh() && ctx.in_flight == 0 {
-        if let Some(grew) = history.queue_growth(cfg, ctx.now, ctx.waiting_now, ctx.ready) {
+        let ready = f64::from(ctx.ready.max(1));
+        if let Some(grew) = history.queue_growth(cfg, ctx.now, ctx.waiting_now, ready)
+            && (ctx.waiting_now.unwrap_or(0.0) >= queue_slack(ctx) || short_of_replicas(ctx))
+        {
             trigger = Some(grew);
         } else if saturated(ctx.obs, ctx.batch_limit, ctx.ready) {
             trigger = Some(format!(
