@@ -24,8 +24,8 @@
 //!    quantiles while nothing is in flight, applied to the stable rate: it
 //!    grows while the SLO is breached and returns to 1 within one cold start
 //!    plus one stable window of latency under the consolidation level,
-//!    bounded by what the model says meets objectives tightened by the
-//!    measured error); *predictive* (forecast peak over the horizon,
+//!    bounded by what the model, its latency scaled by its measured error
+//!    (measured over predicted), says meets the objectives); *predictive* (forecast peak over the horizon,
 //!    a floor; published only in `ForecastOnly`); *scheduled* (open rules'
 //!    desired count); *hold*.
 //! 5. **Combination**: the maximum of the acting recommendations, then the
@@ -70,6 +70,10 @@ pub use gpuscale_core::slo::MIN_SLO_SAMPLES;
 pub(crate) const PANIC_WINDOW_FRACTION: f64 = 0.1;
 /// Largest demand factor SLO feedback may learn.
 pub(crate) const MAX_FEEDBACK_FACTOR: f64 = 3.0;
+/// Largest model error (measured / predicted latency) the feedback's bound
+/// scales the model by: past it the tightened objectives are below any
+/// count's prediction anyway, and the floor bound takes over.
+pub(crate) const MAX_MODEL_ERROR: f64 = 100.0;
 /// Growth of the demand factor: `× (1 + 0.5·(e − 1))` per 30 s of a
 /// measured latency `e` times its objective.
 pub(crate) const FEEDBACK_GAIN_PER_S: f64 = 0.5 / 30.0;
@@ -86,13 +90,19 @@ pub(crate) const FEEDBACK_GAIN_PER_S: f64 = 0.5 / 30.0;
 /// ready and to fill the latency window, so latency under the objective for
 /// that long says the correction is no longer needed (if it still is, the
 /// next breach relearns it at the growth rate above). The worst error of
-/// the breach is kept with κ: the feedback never asks for more than the
-/// model says meets objectives tightened by that error.
+/// the breach is kept with κ, and so is the model's own error (measured
+/// over predicted latency, per objective): the feedback never asks for
+/// more than the model, its latency scaled to what was measured, says
+/// meets the objectives.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct DemandFeedback {
     pub(crate) factor: f64,
     /// Largest measured latency / objective since κ last stood at 1.
     pub(crate) peak_error: f64,
+    /// Largest measured / predicted TTFT and TPOT quantile since κ last
+    /// stood at 1 (0: none measured against a prediction).
+    pub(crate) peak_ttft_model_error: f64,
+    pub(crate) peak_tpot_model_error: f64,
     updated_at: Option<Timestamp>,
 }
 
@@ -100,8 +110,22 @@ impl DemandFeedback {
     const NEUTRAL: DemandFeedback = DemandFeedback {
         factor: 1.0,
         peak_error: 1.0,
+        peak_ttft_model_error: 0.0,
+        peak_tpot_model_error: 0.0,
         updated_at: None,
     };
+
+    /// Records the model's error in a breach: measured over predicted
+    /// latency at the fleet that produced the measurement.
+    pub(crate) fn model_error(&mut self, ttft: Option<f64>, tpot: Option<f64>) {
+        let keep = |peak: &mut f64, v: Option<f64>| {
+            if let Some(v) = v.filter(|v| v.is_finite() && *v > 0.0) {
+                *peak = peak.max(v.min(MAX_MODEL_ERROR));
+            }
+        };
+        keep(&mut self.peak_ttft_model_error, ttft);
+        keep(&mut self.peak_tpot_model_error, tpot);
+    }
 
     pub(crate) fn update(&mut self, now: Timestamp, error: f64, relax_below: f64, relax_s: f64) {
         let dt = match self.updated_at {
@@ -120,6 +144,8 @@ impl DemandFeedback {
         self.factor = self.factor.clamp(1.0, MAX_FEEDBACK_FACTOR);
         if self.factor <= 1.0 {
             self.peak_error = 1.0;
+            self.peak_ttft_model_error = 0.0;
+            self.peak_tpot_model_error = 0.0;
         }
     }
 }

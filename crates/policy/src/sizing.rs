@@ -450,13 +450,51 @@ impl<'m> Sizer<'m> {
                 p.tpot_over_share
             }
         } else {
-            let x = p.arrival_rps / f64::from(p.replicas);
-            let rho = p.prefill_utilization;
-            let g = p.mean_batch / (x * self.shape.output_tokens);
-            let wait = x * self.prefill_second_moment_s2 / (2.0 * (1.0 - rho));
-            self.tpot_over_share_at(x, p.mean_batch, g, wait, targets.itl_s)
+            self.share_over(p, targets.itl_s)
         };
         share <= 1.0 - targets.itl_quantile
+    }
+
+    /// The per-request TPOT share over `objective_s` of the loaded replicas
+    /// `p` describes.
+    fn share_over(&self, p: &Prediction, objective_s: f64) -> f64 {
+        let x = p.arrival_rps / f64::from(p.replicas.max(1));
+        let rho = p.prefill_utilization;
+        let g = p.mean_batch / (x * self.shape.output_tokens);
+        let wait = x * self.prefill_second_moment_s2 / (2.0 * (1.0 - rho));
+        self.tpot_over_share_at(x, p.mean_batch, g, wait, objective_s)
+    }
+
+    /// The `q`-quantile of per-request TPOT the model predicts for `p`
+    /// (seconds): where its share over a threshold falls to `1 − q`, found
+    /// by bisection between an idle replica's decode step and 1,000× it.
+    /// `None` for an idle or overloaded fleet (no finite prediction).
+    pub(crate) fn tpot_quantile_s(&self, p: &Prediction, q: f64) -> Option<f64> {
+        if p.replicas == 0
+            || p.arrival_rps.is_nan()
+            || p.arrival_rps <= 0.0
+            || !p.itl_s.is_finite()
+            || !(0.0..1.0).contains(&q)
+        {
+            return None;
+        }
+        let allowed = 1.0 - q;
+        let (mut lo, mut hi) = (self.step(1.0), self.step(1.0) * 1000.0);
+        if self.share_over(p, hi) > allowed {
+            return None;
+        }
+        for _ in 0..40 {
+            let mid = 0.5 * (lo + hi);
+            if self.share_over(p, mid) > allowed {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+            if hi - lo <= 1e-4 * hi {
+                break;
+            }
+        }
+        Some(hi)
     }
 
     /// The fewest replicas meeting `targets` at `arrival_rps`.
@@ -685,6 +723,41 @@ mod tests {
             itl_s: 0.05,
             itl_quantile: 0.95,
         }
+    }
+
+    /// The predicted TPOT quantile is where the model's share over a
+    /// threshold is the quantile's allowance: the share there is `1 − q`,
+    /// the quantile rises with the load, and the sizing's own objective
+    /// holds exactly when the quantile is within it.
+    #[test]
+    fn the_tpot_quantile_inverts_the_share_over_a_threshold() {
+        let m = perf::preset("h200-llama3-8b-bf16").unwrap();
+        let shape = RequestShape {
+            input_tokens: 1_000.0,
+            output_tokens: 200.0,
+            context_tokens: 1_100.0,
+        };
+        let t = targets();
+        let s = Sizer::new(&m, shape, 512, &t);
+        let mut last = 0.0;
+        for rate in [20.0, 60.0, 100.0, 140.0] {
+            let p = s.predict(8, rate, 0.95);
+            let q = s.tpot_quantile_s(&p, 0.95).expect("a finite quantile");
+            let share = s.share_over(&p, q);
+            assert!(
+                (share - 0.05).abs() < 2e-3,
+                "share {share} at {q} s, {rate} req/s"
+            );
+            assert!(q > last, "{q} after {last} at {rate} req/s");
+            last = q;
+            assert_eq!(
+                q <= t.itl_s,
+                p.tpot_over_share <= 0.05,
+                "{q} at {rate} req/s"
+            );
+        }
+        assert_eq!(s.tpot_quantile_s(&s.predict(0, 10.0, 0.95), 0.95), None);
+        assert_eq!(s.tpot_quantile_s(&s.predict(8, 0.0, 0.95), 0.95), None);
     }
 
     /// The infeasible share against a direct count over many exponential

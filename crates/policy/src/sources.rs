@@ -239,6 +239,22 @@ pub(crate) fn slo_feedback(ctx: &Context<'_>, history: &mut History) -> Option<R
     if ctx.fresh() && ctx.in_flight == 0 && (measured_ttft.is_some() || measured_tpot.is_some()) {
         let relax_s = ctx.lead_s + ctx.stable_window_s;
         history.feedback.update(ctx.now, error, ctx.strict, relax_s);
+        if error > 1.0
+            && let Some(rate) = ctx.stable_rps
+            && ctx.ready > 0
+        {
+            // The model's own error at the fleet that was measured.
+            let predicted = ctx.sizer.predict(ctx.ready, rate, cfg.ttft.quantile);
+            let ttft = measured_ttft
+                .filter(|_| predicted.ttft_s.is_finite() && predicted.ttft_s > 0.0)
+                .map(|m| m / predicted.ttft_s);
+            let tpot = measured_tpot.and_then(|m| {
+                ctx.sizer
+                    .tpot_quantile_s(&predicted, cfg.itl.quantile)
+                    .map(|p| m / p)
+            });
+            history.feedback.model_error(ttft, tpot);
+        }
     }
     let kappa = history.feedback.factor;
     let rate = ctx.stable_rps?;
@@ -249,12 +265,29 @@ pub(crate) fn slo_feedback(ctx: &Context<'_>, history: &mut History) -> Option<R
         .sizer
         .replicas_needed(rate * kappa, &ctx.targets)
         .replicas;
-    // What the model says meets objectives tightened by the worst measured
-    // error: more replicas than that buy nothing the model can see.
+    // What the model says meets the objectives once its latency is scaled
+    // to what was measured (each objective divided by the worst measured /
+    // predicted ratio of the breach; by the measured / objective ratio
+    // where nothing was measured against a prediction): more replicas than
+    // that buy nothing the calibrated model can see. Tightening by the
+    // measured / objective ratio alone bound nothing where the model's
+    // latency is wrong in shape (a predicted TPOT p95 half the measured one
+    // moves little when the objective is tightened by 1.4×).
     let peak = history.feedback.peak_error;
+    let by = |model_error: f64| {
+        if model_error > 0.0 {
+            model_error.max(1.0)
+        } else {
+            peak
+        }
+    };
+    let (ttft_by, tpot_by) = (
+        by(history.feedback.peak_ttft_model_error),
+        by(history.feedback.peak_tpot_model_error),
+    );
     let tightened = Targets {
-        ttft_s: ctx.targets.ttft_s / peak,
-        itl_s: ctx.targets.itl_s / peak,
+        ttft_s: ctx.targets.ttft_s / ttft_by,
+        itl_s: ctx.targets.itl_s / tpot_by,
         ..ctx.targets
     };
     let bound = ctx.sizer.replicas_needed(rate, &tightened);
@@ -306,7 +339,9 @@ pub(crate) fn slo_feedback(ctx: &Context<'_>, history: &mut History) -> Option<R
                     ctx.ready
                 )
             } else if n < wanted {
-                format!(", bounded to {n} (the model's count for objectives ÷ {peak:.2})")
+                format!(
+                    ", bounded to {n} (the model's count with its TTFT × {ttft_by:.2} and TPOT × {tpot_by:.2}, as measured)"
+                )
             } else {
                 String::new()
             }
