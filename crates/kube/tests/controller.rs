@@ -637,6 +637,28 @@ async fn drains_do_not_outlive_an_autoscaler_deleted_while_no_scaler_runs() {
         .filter(|r| r.verb != Verb::Delete)
         .collect();
     rbac::assert_allowed(&log);
+
+    // Re-created and deleted while a scaler runs: the scaler that finished
+    // the earlier deletion acts on the new object, then finishes its
+    // deletion at once. This phase runs on the real clock: with tokio's
+    // clock paused, the watch the scaler opened at start-up left these
+    // events unread in its socket while the clock auto-advanced (the
+    // reconcile follows as soon as time runs for real; the controller's
+    // watch, status writer and sweep never stop), so the paused clock
+    // would time out here without anything in the controller being wrong.
+    tokio::time::resume();
+    cluster
+        .create_ias("llama", spec("llama", 3, 3, json!({})))
+        .await;
+    eventually("the finalizer added", Duration::from_secs(60), || {
+        finalizers(&cluster, "llama") == [gpuscale_kube::FINALIZER]
+    })
+    .await;
+    cluster.delete_ias("llama").await;
+    eventually("deleted", Duration::from_secs(10), || {
+        cluster.ias("llama").is_null()
+    })
+    .await;
     b.shutdown().await.unwrap();
 }
 
