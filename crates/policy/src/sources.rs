@@ -224,8 +224,8 @@ pub(crate) fn panic(ctx: &Context<'_>, history: &mut History) -> Option<Recommen
 /// state (nothing in flight), applied to the stable rate, with anti-windup
 /// (see `DemandFeedback`): it returns to 1 within one cold start plus one
 /// stable window of latency under the consolidation level, and never asks
-/// for more than the model's count for objectives tightened by the worst
-/// measured error.
+/// for more than the model's count once its latency is scaled by the worst
+/// measured / predicted ratio of the breach.
 pub(crate) fn slo_feedback(ctx: &Context<'_>, history: &mut History) -> Option<Recommendation> {
     let cfg = ctx.cfg;
     let slo = &ctx.feedback_slo;
