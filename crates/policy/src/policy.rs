@@ -25,8 +25,7 @@
 //!    grows while the SLO is breached and returns to 1 within one cold start
 //!    plus one stable window of latency under the consolidation level,
 //!    bounded by what the model, its latency scaled by its measured error
-//!    (measured over predicted), says meets the objectives; while it holds,
-//!    every source sizes with that calibrated model); *predictive* (forecast peak over the horizon,
+//!    (measured over predicted), says meets the objectives); *predictive* (forecast peak over the horizon,
 //!    a floor; published only in `ForecastOnly`); *scheduled* (open rules'
 //!    desired count); *hold*.
 //! 5. **Combination**: the maximum of the acting recommendations, then the
@@ -266,8 +265,6 @@ pub(crate) struct Context<'a> {
     pub(crate) batch_limit: u32,
     /// The objectives less the batch-limit margin: what sizing aims at.
     pub(crate) targets: Targets,
-    /// The model errors (TTFT, TPOT) `targets` are already divided by.
-    pub(crate) calibration: (f64, f64),
     /// The fraction of the objectives the consolidation check plans for.
     pub(crate) strict: f64,
     pub(crate) strict_targets: Targets,
@@ -319,45 +316,10 @@ impl<'a> Context<'a> {
         );
         // The quantile the SLO feedback reads measured TTFT at.
         let ttft_quantile = sizing::feasible_quantile(cfg.ttft.quantile, infeasible);
-        // While the SLO feedback holds a correction (κ > 1), every sizing
-        // path judges the model with its latency scaled by the model's
-        // measured error (measured over predicted, learned in steady
-        // traffic): the calibrated model is the one the replicas are sized
-        // with, not only the feedback's bound.
-        let calibrated = history.feedback.factor > 1.0;
-        let by = |model_error: f64| {
-            if calibrated {
-                model_error.max(1.0)
-            } else {
-                1.0
-            }
-        };
-        // Never below what an idle replica does with the sizing's margin:
-        // past that no count meets the targets and the sizing would fall
-        // back to its utilisation bound, fewer replicas rather than more.
-        let ttft_target = ttft_objective_s * (1.0 - margin);
-        let itl_target = cfg.itl.threshold_s * (1.0 - margin);
-        let idle_step = model.decode_step_s(1.0, shape.context_tokens);
-        let idle_ttft = model.prefill_s(shape.input_tokens) + idle_step;
-        let within = |target: f64, floor: f64, error: f64| {
-            by(error).min((target / (floor * (1.0 + margin))).max(1.0))
-        };
-        let calibration = (
-            within(
-                ttft_target,
-                idle_ttft,
-                history.feedback.peak_ttft_model_error,
-            ),
-            within(
-                itl_target,
-                idle_step,
-                history.feedback.peak_tpot_model_error,
-            ),
-        );
         let targets = Targets {
-            ttft_s: ttft_target / calibration.0,
+            ttft_s: ttft_objective_s * (1.0 - margin),
             ttft_quantile: cfg.ttft.quantile,
-            itl_s: itl_target / calibration.1,
+            itl_s: cfg.itl.threshold_s * (1.0 - margin),
             itl_quantile: cfg.itl.quantile,
         };
         let strict = (1.0 - margin - cfg.consolidation_margin).max(0.05);
@@ -403,7 +365,6 @@ impl<'a> Context<'a> {
             ttft_objective_s,
             batch_limit,
             targets,
-            calibration,
             strict,
             strict_targets,
             sizer: Sizer::new(model, shape, batch_limit, &targets),

@@ -239,18 +239,7 @@ pub(crate) fn slo_feedback(ctx: &Context<'_>, history: &mut History) -> Option<R
     if ctx.fresh() && ctx.in_flight == 0 && (measured_ttft.is_some() || measured_tpot.is_some()) {
         let relax_s = ctx.lead_s + ctx.stable_window_s;
         history.feedback.update(ctx.now, error, ctx.strict, relax_s);
-        // The model's error is learned in steady traffic only: in a burst
-        // (the short-window rate's quantile past the stable rate by the
-        // burst margin) the measurement is the burst's transient, which a
-        // steady-state model does not predict and the burst recommendation
-        // answers.
-        let steady = ctx.stable_rps.is_some_and(|rate| {
-            history
-                .burst_rate(cfg, ctx.now, cfg.ttft.quantile.max(cfg.itl.quantile))
-                .is_none_or(|b| b <= rate * (1.0 + BURST_MIN_EXCESS))
-        });
         if error > 1.0
-            && steady
             && let Some(rate) = ctx.stable_rps
             && ctx.ready > 0
         {
@@ -296,10 +285,9 @@ pub(crate) fn slo_feedback(ctx: &Context<'_>, history: &mut History) -> Option<R
         by(history.feedback.peak_ttft_model_error),
         by(history.feedback.peak_tpot_model_error),
     );
-    // `ctx.targets` may already be divided by the errors (see `Context`).
     let tightened = Targets {
-        ttft_s: ctx.targets.ttft_s * ctx.calibration.0 / ttft_by,
-        itl_s: ctx.targets.itl_s * ctx.calibration.1 / tpot_by,
+        ttft_s: ctx.targets.ttft_s / ttft_by,
+        itl_s: ctx.targets.itl_s / tpot_by,
         ..ctx.targets
     };
     let bound = ctx.sizer.replicas_needed(rate, &tightened);

@@ -509,15 +509,4 @@ fn slo_feedback_is_bounded_by_the_model_scaled_to_what_was_measured() {
         "{settled} -> {replicas}: {}",
         d.summary()
     );
-    // While the correction holds, the reactive sizing itself judges the
-    // calibrated model: at the same 40 req/s it asks for more than the
-    // settled count.
-    let reactive = d
-        .recommendations
-        .iter()
-        .filter(|r| r.source == Source::Reactive)
-        .filter_map(|r| r.replicas)
-        .max()
-        .expect("a reactive recommendation");
-    assert!(reactive > settled, "reactive {reactive}: {}", d.summary());
 }
