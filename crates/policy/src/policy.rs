@@ -25,8 +25,9 @@
 //!    grows while the SLO is breached and returns to 1 within one cold start
 //!    plus one stable window of latency under the consolidation level,
 //!    bounded by what the model, its latency scaled by its measured error
-//!    (measured over predicted), says meets the objectives); *predictive* (forecast peak over the horizon,
-//!    a floor; published only in `ForecastOnly`); *scheduled* (open rules'
+//!    (measured over predicted), says meets the objectives); *predictive*
+//!    (forecast peak over the horizon, a floor; published only in
+//!    `ForecastOnly`); *scheduled* (open rules'
 //!    desired count); *hold*.
 //! 5. **Combination**: the maximum of the acting recommendations, then the
 //!    bounds (schedules raise min or change max), the per-direction

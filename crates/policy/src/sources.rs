@@ -132,12 +132,6 @@ pub(crate) fn burst(ctx: &Context<'_>, history: &History) -> Option<Recommendati
     })
 }
 
-/// Panic: load the replicas cannot keep up with (a queue that grows or
-/// saturated replicas while nothing is in flight). Sized for the
-/// short-window rate plus the queue's drain, ratcheted; it lasts until one
-/// stable window passes without a new trigger. A breach alone is the SLO
-/// feedback's to answer (a model error, or requests no replica count
-/// serves in time).
 /// The queue a panic reads as material on its own: the waiting requests
 /// whose prefill, spread over the ready replicas, takes more than the
 /// objectives' margin (`batchLimitMargin`, the slack the sizing keeps) of
@@ -168,6 +162,12 @@ fn short_of_replicas(ctx: &Context<'_>) -> bool {
         .is_some_and(|r| ctx.sizer.replicas_needed(r, &ctx.targets).replicas > ctx.ready)
 }
 
+/// Panic: load the replicas cannot keep up with (a queue that grows or
+/// saturated replicas while nothing is in flight). Sized for the
+/// short-window rate plus the queue's drain, ratcheted; it lasts until one
+/// stable window passes without a new trigger. A breach alone is the SLO
+/// feedback's to answer (a model error, or requests no replica count
+/// serves in time).
 pub(crate) fn panic(ctx: &Context<'_>, history: &mut History) -> Option<Recommendation> {
     let cfg = ctx.cfg;
     let mut trigger: Option<String> = None;

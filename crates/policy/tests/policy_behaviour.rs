@@ -29,6 +29,18 @@ fn obs(now: Timestamp, replicas: u32, rate: f64) -> Observation {
     o
 }
 
+/// Two minutes of decisions at 40 req/s, the fleet following them: the
+/// settled replica count.
+fn settle(p: &mut Policy, t0: Timestamp) -> u32 {
+    let mut replicas = 0;
+    for k in 0..60 {
+        let now = t0.plus_secs(f64::from(k) * 2.0);
+        let d = p.decide(now, &obs(now, replicas.max(1), 40.0));
+        replicas = d.desired_replicas;
+    }
+    replicas
+}
+
 fn ttft(value: f64) -> Histogram {
     let mut h = Histogram::ttft();
     h.observe_n(value, 200);
@@ -39,14 +51,8 @@ fn ttft(value: f64) -> Histogram {
 fn slo_feedback_raises_demand_while_latency_breaches_in_steady_state() {
     let mut p = policy(|_| {});
     let t0 = Timestamp::from_millis(1_750_000_000_000);
-    let mut replicas = 0;
-    // Settle at 40 req/s.
-    for k in 0..60 {
-        let now = t0.plus_secs(f64::from(k) * 2.0);
-        let d = p.decide(now, &obs(now, replicas.max(1), 40.0));
-        replicas = d.desired_replicas;
-    }
-    let settled = replicas;
+    let settled = settle(&mut p, t0);
+    let mut replicas = settled;
     // The measured p95 TTFT is 1.5× the SLO for two minutes, fleet all ready.
     let mut last = None;
     for k in 60..120 {
@@ -363,13 +369,7 @@ fn the_request_shape_is_a_mean_over_requests_not_over_windows() {
 fn slo_feedback_grows_the_fleet_by_at_most_the_measured_error() {
     let mut p = policy(|_| {});
     let t0 = Timestamp::from_millis(1_750_000_000_000);
-    let mut replicas = 0;
-    for k in 0..60 {
-        let now = t0.plus_secs(f64::from(k) * 2.0);
-        let d = p.decide(now, &obs(now, replicas.max(1), 40.0));
-        replicas = d.desired_replicas;
-    }
-    let settled = replicas;
+    let settled = settle(&mut p, t0);
     // Measured TTFT about 2× the objective with the fleet all ready
     // (2.44× as the histogram's p95 reads it): whatever the factor says,
     // one decision grows the fleet to at most ready × the measured error.
@@ -471,13 +471,8 @@ fn the_predictive_horizon_is_the_learned_p90_start_up_not_the_configured_cold_st
 fn slo_feedback_is_bounded_by_the_model_scaled_to_what_was_measured() {
     let mut p = policy(|_| {});
     let t0 = Timestamp::from_millis(1_750_000_000_000);
-    let mut replicas = 0;
-    for k in 0..60 {
-        let now = t0.plus_secs(f64::from(k) * 2.0);
-        let d = p.decide(now, &obs(now, replicas.max(1), 40.0));
-        replicas = d.desired_replicas;
-    }
-    let settled = replicas;
+    let settled = settle(&mut p, t0);
+    let mut replicas = settled;
     // Measured per-request TPOT p95 1.4× the 50 ms objective, the fleet all
     // ready and following the feedback, for three minutes.
     let mut tpot = gpuscale_core::Histogram::tpot();

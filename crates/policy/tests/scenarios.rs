@@ -412,18 +412,11 @@ fn observation(
         obs.replica_samples = reps
             .iter()
             .map(|r| ReplicaObservation {
-                id: r.id.clone(),
-                state: state_of(&r.state),
                 protected: r.protected,
                 created_at: Some(Timestamp::EPOCH),
                 requests_running: r.running,
                 requests_waiting: r.waiting,
-                kv_cache_usage_ratio: None,
-                mean_context_tokens: None,
-                itl_mean_seconds: None,
-                generation_tokens_per_second: None,
-                batch_limit: None,
-                gpu_fault: None,
+                ..ReplicaObservation::new(r.id.clone(), state_of(&r.state))
             })
             .collect();
     }
