@@ -14,8 +14,8 @@
 //! time (a request half a second at the pod adds 0.5 to that second), not
 //! the count at the instant of the scrape, which misses requests shorter
 //! than the scrape interval: it is the increase of the replica's
-//! request-seconds since its last scrape over the time between. Pods are sampled
-//! as Knative does — all when `N ≤ 3`, else `ceil(N·X / (N + X − 1))`
+//! request-seconds since its last scrape over the time between. Pods are
+//! sampled as Knative does — all when `N ≤ 3`, else `ceil(N·X / (N + X − 1))`
 //! with `X = 1.96²·100/5² ≈ 15.4`, the oldest first — and the sample mean is
 //! extrapolated to all ready pods.
 //!
