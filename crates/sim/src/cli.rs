@@ -78,8 +78,10 @@ pub struct SimArgs {
     /// Time per output token of each request (the `itl` objective, e.g. 50ms).
     #[arg(long, default_value = "50ms", value_name = "DURATION")]
     pub itl_slo: String,
-    /// Percentile the SLOs are stated at (for gpuscale's spec).
-    #[arg(long, default_value_t = 95.0, value_name = "P")]
+    /// Percentile the SLOs are stated at, for gpuscale's spec (with --suite
+    /// or --matrix, for every workload's); every policy is judged by the
+    /// share of requests that met the objectives.
+    #[arg(long, default_value_t = crate::suite::DEFAULT_SUITE_PERCENTILE, value_name = "P")]
     pub slo_percentile: f64,
     /// Multiply the arrival rate, keeping the duration.
     #[arg(long, default_value_t = 1.0, value_name = "X")]
@@ -397,13 +399,7 @@ fn slo_of(args: &SimArgs) -> Result<Slo, SimError> {
             "a duration > 0",
         ));
     }
-    if !(args.slo_percentile > 0.0 && args.slo_percentile < 100.0) {
-        return Err(SimError::config(
-            "--slo-percentile",
-            args.slo_percentile,
-            "a percentile strictly between 0 and 100",
-        ));
-    }
+    check_percentile(args.slo_percentile)?;
     Ok(slo)
 }
 
@@ -625,6 +621,18 @@ pub(crate) fn load_spec(path: &PathBuf) -> Result<WorkloadSpec, SimError> {
     Ok(spec)
 }
 
+fn check_percentile(p: f64) -> Result<(), SimError> {
+    if p > 0.0 && p < 100.0 {
+        Ok(())
+    } else {
+        Err(SimError::config(
+            "--slo-percentile",
+            p,
+            "a percentile strictly between 0 and 100",
+        ))
+    }
+}
+
 fn run_suite_command(args: &SimArgs, jobs: usize) -> Result<(), SimError> {
     let only = args
         .suite_only
@@ -645,6 +653,7 @@ fn run_suite_command(args: &SimArgs, jobs: usize) -> Result<(), SimError> {
             ));
         }
     }
+    check_percentile(args.slo_percentile)?;
     if let Some(d) = args.suite_days
         && !(d.is_finite() && d > 0.0)
     {
@@ -665,6 +674,7 @@ fn run_suite_command(args: &SimArgs, jobs: usize) -> Result<(), SimError> {
         seed: args.seed,
         servegen_days: Some(args.suite_days.unwrap_or(default_days)),
         only,
+        percentile: args.slo_percentile,
     };
     if args.matrix {
         let result = crate::matrix::run_matrix(&opts, &|cell, d, t, label| {

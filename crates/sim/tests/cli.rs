@@ -172,6 +172,18 @@ fn bad_flags_are_usage_errors_naming_the_flag_and_what_is_allowed() {
         (vec!["--trace", t, "--profile", "no-such-gpu"], "--profile"),
         (vec!["--trace", t, "--jobs", "0"], "--jobs"),
         (vec!["--trace", t, "--arrivals", "uniform"], "--arrivals"),
+        (
+            vec!["--trace", t, "--slo-percentile", "100"],
+            "--slo-percentile",
+        ),
+        (
+            vec!["--matrix", "--slo-percentile", "0"],
+            "--slo-percentile",
+        ),
+        (
+            vec!["--suite", "--slo-percentile", "NaN"],
+            "--slo-percentile",
+        ),
     ] {
         let e = run(args(&flags)).expect_err(flag);
         assert!(e.is_usage(), "{flag}: {e}");
