@@ -58,7 +58,7 @@ use crate::observation::{Observation, ReplicaState};
 use crate::perf::PerfModel;
 use crate::refine::ModelRefiner;
 use crate::schedule::ScheduleEvaluator;
-use crate::sizing::{self, RequestShape, Sizer, Targets};
+use crate::sizing::{self, Floor, RequestShape, Sizer, Targets};
 use crate::sources;
 use crate::spec::PredictiveMode;
 use crate::startup::{StartupModel, StartupTracker};
@@ -104,6 +104,10 @@ pub(crate) struct DemandFeedback {
     /// stood at 1 (0: none measured against a prediction).
     pub(crate) peak_ttft_model_error: f64,
     pub(crate) peak_tpot_model_error: f64,
+    /// The objectives measured over their thresholds since κ last stood
+    /// at 1: the bound judges only these (an objective that held needs
+    /// nothing from the feedback).
+    pub(crate) breached: Floor,
     updated_at: Option<Timestamp>,
 }
 
@@ -113,8 +117,15 @@ impl DemandFeedback {
         peak_error: 1.0,
         peak_ttft_model_error: 0.0,
         peak_tpot_model_error: 0.0,
+        breached: Floor::NONE,
         updated_at: None,
     };
+
+    /// Records which objectives are over their thresholds now.
+    pub(crate) fn breach(&mut self, ttft: bool, tpot: bool) {
+        self.breached.ttft |= ttft;
+        self.breached.tpot |= tpot;
+    }
 
     /// Records the model's error in a breach: measured over predicted
     /// latency at the fleet that produced the measurement.
@@ -147,6 +158,7 @@ impl DemandFeedback {
             self.peak_error = 1.0;
             self.peak_ttft_model_error = 0.0;
             self.peak_tpot_model_error = 0.0;
+            self.breached = Floor::NONE;
         }
     }
 }
@@ -839,4 +851,34 @@ pub(crate) fn fmt_s(v: Option<f64>) -> String {
 pub(crate) fn fmt_ms(v: Option<f64>) -> String {
     v.map(|x| format!("{:.1} ms", 1e3 * x))
         .unwrap_or_else(|| "n/a".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The objectives a breach was measured on are kept with κ (the bound
+    /// judges only those) and forgotten with it once it is back at 1.
+    #[test]
+    fn the_feedback_remembers_which_objectives_were_over_until_it_relaxes() {
+        let t0 = Timestamp::from_millis(1_000_000);
+        let mut f = DemandFeedback::NEUTRAL;
+        f.update(t0, 2.0, 0.75, 150.0);
+        f.breach(true, false);
+        f.update(t0.plus_secs(30.0), 2.0, 0.75, 150.0);
+        f.breach(false, false);
+        assert!(f.factor > 1.0);
+        assert_eq!(f.breached, Floor::TTFT);
+        f.breach(false, true);
+        assert_eq!(f.breached, Floor::BOTH);
+        // Under the relax level for the whole relax time: back to 1, and
+        // the breach is forgotten.
+        let mut t = t0.plus_secs(30.0);
+        for _ in 0..10 {
+            t = t.plus_secs(30.0);
+            f.update(t, 0.5, 0.75, 150.0);
+        }
+        assert_eq!(f.factor, 1.0);
+        assert_eq!(f.breached, Floor::NONE);
+    }
 }

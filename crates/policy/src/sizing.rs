@@ -180,6 +180,32 @@ impl Prediction {
     }
 }
 
+/// The objectives [`Sizer::floor_replicas`] judges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Floor {
+    pub ttft: bool,
+    pub tpot: bool,
+}
+
+impl Floor {
+    pub const TTFT: Floor = Floor {
+        ttft: true,
+        tpot: false,
+    };
+    pub const TPOT: Floor = Floor {
+        ttft: false,
+        tpot: true,
+    };
+    pub const BOTH: Floor = Floor {
+        ttft: true,
+        tpot: true,
+    };
+    pub const NONE: Floor = Floor {
+        ttft: false,
+        tpot: false,
+    };
+}
+
 /// The sizing of one arrival rate.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Sizing {
@@ -252,6 +278,16 @@ fn compound_exp_poisson_tail(mu: f64, mean: f64, s: f64) -> f64 {
         total += pois * below;
     }
     total.clamp(0.0, 1.0)
+}
+
+/// The lowest quantile an unattainable objective is sized at
+/// ([`Sizer::replicas_needed`]): the median.
+pub const MIN_FALLBACK_QUANTILE: f64 = 0.5;
+
+/// `q` lowered the share `f` of the way to [`MIN_FALLBACK_QUANTILE`].
+fn lower_quantile(q: f64, f: f64) -> f64 {
+    let floor = MIN_FALLBACK_QUANTILE.min(q);
+    q - f * (q - floor)
 }
 
 /// Largest replica count the search considers.
@@ -515,12 +551,22 @@ impl<'m> Sizer<'m> {
                 prediction: self.predict(n, arrival_rps, q),
             },
             None => {
-                // Unattainable: size for 70% prefill and slot utilisation.
+                // Unattainable at the stated quantiles (the slowest requests'
+                // own prefill or decode is over the objective at any count):
+                // size at the highest quantile some count meets, so the
+                // requests that can be served are served as the objectives
+                // ask and no replica is bought for those that cannot; at
+                // least 70% prefill and slot utilisation. Sizing for
+                // utilisation alone gave a stricter objective fewer replicas
+                // than a looser one.
                 let ok = |n: u32| {
                     let p = self.predict(n, arrival_rps, q);
                     p.prefill_utilization <= 0.7 && p.slot_utilization <= 0.7 && p.itl_s.is_finite()
                 };
-                let n = self.search(ok).unwrap_or(MAX_SEARCH_REPLICAS);
+                let util_n = self.search(ok).unwrap_or(MAX_SEARCH_REPLICAS);
+                let n = self
+                    .attainable_quantile_replicas(arrival_rps, targets)
+                    .map_or(util_n, |n| n.max(util_n));
                 Sizing {
                     replicas: n,
                     attainable: false,
@@ -530,13 +576,49 @@ impl<'m> Sizer<'m> {
         }
     }
 
+    /// The count meeting `targets` at the highest quantiles (at most the
+    /// stated ones, at least [`MIN_FALLBACK_QUANTILE`]) some count meets:
+    /// both quantiles lowered together, by bisection to a thousandth.
+    fn attainable_quantile_replicas(&self, arrival_rps: f64, targets: &Targets) -> Option<u32> {
+        let at = |f: f64| -> Option<u32> {
+            let t = Targets {
+                ttft_quantile: lower_quantile(targets.ttft_quantile, f),
+                itl_quantile: lower_quantile(targets.itl_quantile, f),
+                ..*targets
+            };
+            let s = Sizer::new(self.model, self.shape, self.batch_limit, &t);
+            s.search(|n| s.meets(&s.predict(n, arrival_rps, t.ttft_quantile), &t))
+        };
+        // `f` in [0, 1]: the share of the way from the stated quantiles
+        // down to the fallback floor.
+        at(1.0)?;
+        let (mut lo, mut hi) = (0.0_f64, 1.0_f64); // at(hi) is attainable
+        while hi - lo > 1e-3 {
+            let mid = 0.5 * (lo + hi);
+            if at(mid).is_some() {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        at(hi)
+    }
+
     /// The fewest replicas past which more buy the model nothing it can
-    /// resolve at `arrival_rps`: the predicted TTFT and ITL within
-    /// `margin` of what an idle replica gives (the latency floor no
-    /// replica count lowers: one request's own prefill and decode steps).
-    /// Where the objectives are below that floor, replicas beyond this
-    /// count cannot bring latency closer to them.
-    pub fn floor_replicas(&self, arrival_rps: f64, ttft_quantile: f64, margin: f64) -> u32 {
+    /// resolve at `arrival_rps` on the objectives `floor` names: their
+    /// predicted latency (TTFT, ITL) within `margin` of what an idle replica
+    /// gives (the latency floor no replica count lowers: one request's own
+    /// prefill and decode steps). Where an objective is below that floor,
+    /// replicas beyond this count cannot bring its latency closer to it.
+    /// An objective that is not named is not judged: a TTFT made of long
+    /// prompts' own prefill is no reason to push the ITL to its floor.
+    pub fn floor_replicas(
+        &self,
+        arrival_rps: f64,
+        ttft_quantile: f64,
+        margin: f64,
+        floor: Floor,
+    ) -> u32 {
         if arrival_rps.is_nan() || arrival_rps <= 0.0 {
             return 0;
         }
@@ -544,7 +626,8 @@ impl<'m> Sizer<'m> {
         let slack = 1.0 + margin.max(0.0);
         let near = |n: u32| {
             let p = self.predict(n, arrival_rps, ttft_quantile);
-            p.ttft_s <= idle.ttft_s * slack && p.itl_s <= idle.itl_s * slack
+            (!floor.ttft || p.ttft_s <= idle.ttft_s * slack)
+                && (!floor.tpot || p.itl_s <= idle.itl_s * slack)
         };
         self.search(near).unwrap_or(MAX_SEARCH_REPLICAS)
     }
@@ -758,6 +841,61 @@ mod tests {
         }
         assert_eq!(s.tpot_quantile_s(&s.predict(0, 10.0, 0.95), 0.95), None);
         assert_eq!(s.tpot_quantile_s(&s.predict(8, 0.0, 0.95), 0.95), None);
+    }
+
+    /// An objective no count meets at its stated quantile (the slowest
+    /// prompts' own prefill is over it) is sized at the highest quantile
+    /// some count meets, not at 70% utilisation: a stricter quantile never
+    /// gets fewer replicas than a looser attainable one.
+    #[test]
+    fn an_unattainable_quantile_is_sized_at_the_highest_attainable_one() {
+        let m = perf::preset("h200-llama3-8b-bf16").unwrap();
+        let shape = RequestShape {
+            input_tokens: 15_000.0,
+            output_tokens: 150.0,
+            context_tokens: 15_000.0,
+        };
+        let rate = 4.0;
+        let at = |q: f64, ttft_s: f64| {
+            let t = Targets {
+                ttft_s,
+                ttft_quantile: q,
+                itl_s: 0.045,
+                itl_quantile: q,
+            };
+            let s = Sizer::new(&m, shape, 64, &t);
+            (s.replicas_needed(rate, &t), s.predict(1, 0.0, q).ttft_s)
+        };
+        // A TTFT objective just over the p95 prompt's own prefill.
+        let (_, idle95) = at(0.95, 60.0);
+        let objective = idle95 * 1.2;
+        let p95 = at(0.95, objective).0;
+        assert!(p95.attainable);
+        let (p99, idle99) = at(0.99, objective);
+        assert!(idle99 > objective, "the p99 prompt's prefill is over it");
+        assert!(!p99.attainable);
+        assert!(
+            p99.replicas >= p95.replicas,
+            "p99 {} < p95 {}",
+            p99.replicas,
+            p95.replicas
+        );
+        // 70% utilisation alone (the old fallback) is fewer here.
+        let t = Targets {
+            ttft_s: objective,
+            ttft_quantile: 0.99,
+            itl_s: 0.045,
+            itl_quantile: 0.99,
+        };
+        let s = Sizer::new(&m, shape, 64, &t);
+        let util = s
+            .search(|k| s.predict(k, rate, 0.99).prefill_utilization <= 0.7)
+            .unwrap();
+        assert!(util < p99.replicas, "{util} >= {}", p99.replicas);
+        // Nothing attainable even at the median: utilisation decides.
+        let none = at(0.99, 1e-3).0;
+        assert!(!none.attainable);
+        assert!(s.predict(none.replicas, rate, 0.99).prefill_utilization <= 0.7);
     }
 
     /// The infeasible share against a direct count over many exponential

@@ -239,16 +239,24 @@ pub(crate) fn slo_feedback(ctx: &Context<'_>, history: &mut History) -> Option<R
     if ctx.fresh() && ctx.in_flight == 0 && (measured_ttft.is_some() || measured_tpot.is_some()) {
         let relax_s = ctx.lead_s + ctx.stable_window_s;
         history.feedback.update(ctx.now, error, ctx.strict, relax_s);
+        let over = |o: Option<gpuscale_core::slo::ObjectiveAssessment>| {
+            o.and_then(|o| o.ratio()).is_some_and(|r| r > 1.0)
+        };
+        let (ttft_over, tpot_over) = (over(slo.ttft), over(slo.tpot));
+        if error > 1.0 {
+            history.feedback.breach(ttft_over, tpot_over);
+        }
         if error > 1.0
             && let Some(rate) = ctx.stable_rps
             && ctx.ready > 0
         {
-            // The model's own error at the fleet that was measured.
+            // The model's own error at the fleet that was measured, on the
+            // objectives that are over (one that holds bounds nothing).
             let predicted = ctx.sizer.predict(ctx.ready, rate, cfg.ttft.quantile);
             let ttft = measured_ttft
-                .filter(|_| predicted.ttft_s.is_finite() && predicted.ttft_s > 0.0)
+                .filter(|_| ttft_over && predicted.ttft_s.is_finite() && predicted.ttft_s > 0.0)
                 .map(|m| m / predicted.ttft_s);
-            let tpot = measured_tpot.and_then(|m| {
+            let tpot = measured_tpot.filter(|_| tpot_over).and_then(|m| {
                 ctx.sizer
                     .tpot_quantile_s(&predicted, cfg.itl.quantile)
                     .map(|p| m / p)
@@ -274,16 +282,19 @@ pub(crate) fn slo_feedback(ctx: &Context<'_>, history: &mut History) -> Option<R
     // latency is wrong in shape (a predicted TPOT p95 half the measured one
     // moves little when the objective is tightened by 1.4×).
     let peak = history.feedback.peak_error;
-    let by = |model_error: f64| {
-        if model_error > 0.0 {
+    let breached = history.feedback.breached;
+    let by = |over: bool, model_error: f64| {
+        if !over {
+            1.0
+        } else if model_error > 0.0 {
             model_error.max(1.0)
         } else {
             peak
         }
     };
     let (ttft_by, tpot_by) = (
-        by(history.feedback.peak_ttft_model_error),
-        by(history.feedback.peak_tpot_model_error),
+        by(breached.ttft, history.feedback.peak_ttft_model_error),
+        by(breached.tpot, history.feedback.peak_tpot_model_error),
     );
     let tightened = Targets {
         ttft_s: ctx.targets.ttft_s / ttft_by,
@@ -297,11 +308,14 @@ pub(crate) fn slo_feedback(ctx: &Context<'_>, history: &mut History) -> Option<R
         // Objectives tightened below what any count meets in the model:
         // replicas still buy latency down to its floor (one request's own
         // prefill and decode steps), and nothing past it. Bounded by the
-        // count at which the model's latency is within the sizing's margin
-        // of that floor.
-        let floor =
-            ctx.sizer
-                .floor_replicas(rate, ctx.targets.ttft_quantile, cfg.batch_limit_margin);
+        // count at which the model's latency on the breached objectives is
+        // within the sizing's margin of that floor.
+        let floor = ctx.sizer.floor_replicas(
+            rate,
+            ctx.targets.ttft_quantile,
+            cfg.batch_limit_margin,
+            breached,
+        );
         wanted.min(floor.max(bound.replicas).max(1))
     };
     // The feedback exists because the model is wrong here, so it may not
