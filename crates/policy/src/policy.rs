@@ -334,11 +334,13 @@ impl<'a> Context<'a> {
             ttft_quantile: cfg.ttft.quantile,
             itl_s: cfg.itl.threshold_s * (1.0 - margin),
             itl_quantile: cfg.itl.quantile,
+            ttft_per_input_token_s: cfg.ttft_per_input_token_s * (1.0 - margin),
         };
         let strict = (1.0 - margin - cfg.consolidation_margin).max(0.05);
         let strict_targets = Targets {
             ttft_s: ttft_objective_s * strict,
             itl_s: cfg.itl.threshold_s * strict,
+            ttft_per_input_token_s: cfg.ttft_per_input_token_s * strict,
             ..targets
         };
         let fresh = freshness.fresh;

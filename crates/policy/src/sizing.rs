@@ -144,10 +144,16 @@ impl Default for RequestShape {
 /// Latency targets (objectives already reduced by any margin) and quantiles.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Targets {
+    /// TTFT target of the typical (mean) prompt.
     pub ttft_s: f64,
     pub ttft_quantile: f64,
     pub itl_s: f64,
     pub itl_quantile: f64,
+    /// A length-aware TTFT objective's allowance per prompt token (reduced
+    /// by the same margin as `ttft_s`): a prompt longer than the mean by
+    /// `d` tokens is allowed `ttft_per_input_token_s · d` more.
+    #[serde(default)]
+    pub ttft_per_input_token_s: f64,
 }
 
 /// What the model predicts for `replicas` replicas at `arrival_rps`.
@@ -227,6 +233,9 @@ pub struct Sizer<'m> {
     z_itl: f64,
     /// The TPOT objective the per-request share is judged against.
     tpot_objective_s: f64,
+    /// How much longer than the mean the prompt whose prefill the TTFT
+    /// quantile is predicted at is, tokens.
+    ttft_quantile_extra_tokens: f64,
 }
 
 impl Sizer<'_> {
@@ -320,7 +329,16 @@ impl<'m> Sizer<'m> {
             prefill_quantile_s: model.prefill_s(i * q_factor.max(1.0)),
             z_itl: normal_quantile(targets.itl_quantile),
             tpot_objective_s: targets.itl_s,
+            ttft_quantile_extra_tokens: i * (q_factor.max(1.0) - 1.0),
         }
+    }
+
+    /// The TTFT target the predicted TTFT quantile is judged against: that
+    /// of the prompt the quantile is predicted at (a length-aware objective
+    /// allows the long prompt that makes up the quantile its own prompt's
+    /// share, not the mean prompt's).
+    pub fn ttft_target_s(&self, targets: &Targets) -> f64 {
+        targets.ttft_s + targets.ttft_per_input_token_s * self.ttft_quantile_extra_tokens
     }
 
     pub fn batch_limit(&self) -> u32 {
@@ -474,7 +492,7 @@ impl<'m> Sizer<'m> {
     /// `targets.itl_s` (objectives tightened by the SLO feedback tighten it
     /// too; [`Prediction::meets`] judges it at the sizer's own objective).
     pub fn meets(&self, p: &Prediction, targets: &Targets) -> bool {
-        if p.itl_s > targets.itl_s || p.ttft_s > targets.ttft_s {
+        if p.itl_s > targets.itl_s || p.ttft_s > self.ttft_target_s(targets) {
             return false;
         }
         let share = if targets.itl_s == self.tpot_objective_s {
@@ -805,6 +823,7 @@ mod tests {
             ttft_quantile: 0.95,
             itl_s: 0.05,
             itl_quantile: 0.95,
+            ttft_per_input_token_s: 0.0,
         }
     }
 
@@ -843,6 +862,61 @@ mod tests {
         assert_eq!(s.tpot_quantile_s(&s.predict(8, 0.0, 0.95), 0.95), None);
     }
 
+    /// A length-aware TTFT objective judges the predicted TTFT quantile
+    /// against the threshold of the prompt that quantile is predicted at
+    /// (longer than the mean), not the mean prompt's: a flat objective is
+    /// judged as before, and more allowance per token never needs more
+    /// replicas.
+    #[test]
+    fn a_length_aware_ttft_quantile_is_judged_at_its_own_prompt() {
+        let m = perf::preset("h200-llama3-8b-bf16").unwrap();
+        let shape = RequestShape {
+            input_tokens: 15_000.0,
+            output_tokens: 150.0,
+            context_tokens: 15_000.0,
+        };
+        let with = |per_token: f64| Targets {
+            ttft_s: 1.0 + per_token * 15_000.0,
+            ttft_quantile: 0.95,
+            itl_s: 0.045,
+            itl_quantile: 0.95,
+            ttft_per_input_token_s: per_token,
+        };
+        let flat = with(0.0);
+        let s = Sizer::new(&m, shape, 64, &flat);
+        assert_eq!(s.ttft_target_s(&flat), flat.ttft_s);
+        let aware = with(50e-6);
+        let target = s.ttft_target_s(&aware);
+        // The p95 prompt of exponential prompts around 15,000 tokens is
+        // about twice the mean: its threshold is the mean's plus the
+        // allowance for the extra ~15,000 tokens.
+        assert!(target > aware.ttft_s + 50e-6 * 10_000.0, "{target}");
+        assert!(target < aware.ttft_s + 50e-6 * 20_000.0, "{target}");
+        // A nearly idle fleet: the quantile prompt's own prefill is over
+        // the mean prompt's threshold and within its own.
+        let p = s.predict(200, 4.0, 0.95);
+        assert!(
+            p.ttft_s > aware.ttft_s && p.ttft_s <= target,
+            "{} {} {target}",
+            p.ttft_s,
+            aware.ttft_s
+        );
+        assert!(s.meets(&p, &aware));
+        assert!(!s.meets(
+            &p,
+            &Targets {
+                ttft_per_input_token_s: 0.0,
+                ..aware
+            }
+        ));
+        let mut last = u32::MAX;
+        for per_token in [60e-6, 90e-6, 120e-6, 200e-6] {
+            let n = s.replicas_needed(4.0, &with(per_token)).replicas;
+            assert!(n <= last, "{n} after {last} at {per_token}");
+            last = n;
+        }
+    }
+
     /// An objective no count meets at its stated quantile (the slowest
     /// prompts' own prefill is over it) is sized at the highest quantile
     /// some count meets, not at 70% utilisation: a stricter quantile never
@@ -862,6 +936,7 @@ mod tests {
                 ttft_quantile: q,
                 itl_s: 0.045,
                 itl_quantile: q,
+                ttft_per_input_token_s: 0.0,
             };
             let s = Sizer::new(&m, shape, 64, &t);
             (s.replicas_needed(rate, &t), s.predict(1, 0.0, q).ttft_s)
@@ -886,6 +961,7 @@ mod tests {
             ttft_quantile: 0.99,
             itl_s: 0.045,
             itl_quantile: 0.99,
+            ttft_per_input_token_s: 0.0,
         };
         let s = Sizer::new(&m, shape, 64, &t);
         let util = s

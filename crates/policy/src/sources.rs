@@ -298,6 +298,7 @@ pub(crate) fn slo_feedback(ctx: &Context<'_>, history: &mut History) -> Option<R
     );
     let tightened = Targets {
         ttft_s: ctx.targets.ttft_s / ttft_by,
+        ttft_per_input_token_s: ctx.targets.ttft_per_input_token_s / ttft_by,
         itl_s: ctx.targets.itl_s / tpot_by,
         ..ctx.targets
     };
