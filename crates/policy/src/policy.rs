@@ -356,13 +356,21 @@ impl<'a> Context<'a> {
             let slo = objectives.assess(&window);
             // The feedback judges the requests a replica count can serve:
             // measured TTFT at the feasible quantile.
-            let feedback = if ttft_quantile < cfg.ttft.quantile {
-                let mut feasible = objectives;
-                feasible.ttft.quantile = ttft_quantile;
-                feasible.assess(&window)
+            // A length-aware TTFT objective is judged at the prompt of the
+            // request the quantile measures (longer than the mean, as the
+            // sizing predicts it), not at the mean prompt: the measured
+            // quantile is a long prompt's TTFT, allowed its own prompt's
+            // share. The published status keeps the mean prompt's.
+            let feedback_window = if cfg.ttft_per_input_token_s > 0.0 {
+                let factor = sizing::quantile_prompt_factor(ttft_quantile);
+                obs.latency
+                    .slo_window(obs.load.mean_input_tokens.map(|m| m * factor))
             } else {
-                slo
+                window
             };
+            let mut feasible = objectives;
+            feasible.ttft.quantile = ttft_quantile;
+            let feedback = feasible.assess(&feedback_window);
             (slo, feedback)
         } else {
             (SloAssessment::NONE, SloAssessment::NONE)

@@ -99,6 +99,16 @@ pub fn infeasible_share(
     share.clamp(0.0, 1.0)
 }
 
+/// The prompt the TTFT `quantile` is predicted at, as a multiple of the
+/// mean prompt (at least 1): `(1 + ln(1/(1 − q)))/2`, halfway between the
+/// mean and the `q`-quantile of exponential prompts (the quantile of a sum
+/// of the prefill and the waits is not the sum of their quantiles). Twice
+/// the mean at p95.
+pub fn quantile_prompt_factor(quantile: f64) -> f64 {
+    let q = quantile.clamp(0.0, 0.999_999);
+    ((1.0 + (1.0 / (1.0 - q)).ln()) / 2.0).max(1.0)
+}
+
 /// The TTFT quantile the SLO feedback judges measured latency at, given the
 /// objective's `quantile` and the `infeasible` share of requests: the
 /// objective's own while the infeasible requests fit in its allowance
@@ -315,7 +325,7 @@ impl<'m> Sizer<'m> {
         let p_mean = model.prefill_s(i);
         // Prompt lengths roughly exponential: E[p²] ≈ 2 p̄².
         let p_second = 2.0 * p_mean * p_mean;
-        let q_factor = (1.0 + (1.0 / (1.0 - targets.ttft_quantile)).ln()) / 2.0;
+        let q_factor = quantile_prompt_factor(targets.ttft_quantile);
         Self {
             model,
             shape: RequestShape {

@@ -505,3 +505,41 @@ fn slo_feedback_is_bounded_by_the_model_scaled_to_what_was_measured() {
         d.summary()
     );
 }
+
+/// A length-aware TTFT objective: the measured p95 is a long prompt's TTFT
+/// and is judged at that prompt's threshold (the prompt the sizing
+/// predicts the quantile at, twice the mean at p95), not the mean
+/// prompt's. 2.4 s is over the mean prompt's 2.0 s and within the p95
+/// prompt's 3.0 s: the feedback stays at 1 while the published status
+/// still reports the objective at the mean prompt as breached.
+#[test]
+fn a_length_aware_ttft_is_fed_back_at_the_prompt_its_quantile_measures() {
+    let run = |measured: f64| {
+        let mut p = policy(|s| {
+            s.slo.ttft.threshold_seconds = 1.0;
+            s.slo.ttft.per_input_token_seconds = 0.001;
+        });
+        let t0 = Timestamp::from_millis(1_750_000_000_000);
+        let mut replicas = settle(&mut p, t0);
+        let mut last = None;
+        for k in 60..120 {
+            let now = t0.plus_secs(f64::from(k) * 2.0);
+            let mut o = obs(now, replicas, 40.0);
+            o.latency.ttft_seconds = Some(ttft(measured));
+            let d = p.decide(now, &o);
+            replicas = d.desired_replicas;
+            last = Some(d);
+        }
+        last.expect("decisions made")
+    };
+    let within = run(2.4);
+    let status = within.slo.ttft.expect("a TTFT assessment");
+    assert!((status.threshold_s - 2.0).abs() < 0.05, "{status:?}");
+    assert!(status.ratio().expect("measured") > 1.1, "{status:?}");
+    let inputs = within.inputs.slo().expect("policy inputs");
+    assert_eq!(inputs.slo_demand_factor, 1.0, "{}", within.summary());
+    // Over the p95 prompt's threshold too: the feedback acts.
+    let over = run(4.5);
+    let inputs = over.inputs.slo().expect("policy inputs");
+    assert!(inputs.slo_demand_factor > 1.2, "{}", over.summary());
+}
