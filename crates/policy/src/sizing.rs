@@ -208,10 +208,6 @@ impl Floor {
         ttft: true,
         tpot: false,
     };
-    pub const TPOT: Floor = Floor {
-        ttft: false,
-        tpot: true,
-    };
     pub const BOTH: Floor = Floor {
         ttft: true,
         tpot: true,
